@@ -1,0 +1,178 @@
+"""One factory for every open_clip model the pipeline touches: teacher, students, demo teacher.
+
+`load_model` resolves a model name plus a `pretrained` value (an open_clip tag, an `hf-hub:` id,
+a `local-dir:` folder, a local checkpoint file, or "" for random weights) and returns the model
+with its own tokenizer and preprocessing, and an identity record that is written into every
+output so that features from different teachers are never mixed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+
+from pipeline import shards
+from pipeline.errors import PipelineError
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+# What `dsmd teacher` writes and `pretrained: demo` resolves to, inside teacher.out_dir.
+DEMO_CHECKPOINT = "open_clip_pytorch_model.bin"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+IDENTITY_FILE = "teacher_identity.json"
+
+_registered = False
+
+
+class ModelError(PipelineError):
+    """A model name or checkpoint that cannot be resolved; the message says which and why."""
+
+
+def register_model_configs() -> None:
+    """Make the in-repo configs (demo teacher, students, test models) known to open_clip."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    preprocess: Callable  # eval transform: PIL image -> tensor
+    train_preprocess: Callable  # training transform (random resized crop etc.)
+    tokenizer: Callable  # list[str] -> LongTensor
+    identity: dict
+    embed_dim: int
+    image_size: int
+
+
+def resolve_pretrained(pretrained: str, demo_dir: str | Path | None = None) -> str:
+    """Map `pretrained` to what open_clip takes: `demo` -> the demo teacher's checkpoint file."""
+    if pretrained == "demo":
+        if demo_dir is None:
+            raise ModelError("pretrained 'demo' needs the teacher's out_dir")
+        path = Path(demo_dir) / DEMO_CHECKPOINT
+        if not path.exists():
+            raise ModelError(f"demo teacher checkpoint {path} not found: run `dsmd teacher` first")
+        return str(path)
+    return pretrained
+
+
+def _preprocess_description(model: torch.nn.Module) -> dict:
+    cfg = getattr(getattr(model, "visual", None), "preprocess_cfg", None) or {}
+    size = cfg.get("size")
+    return {
+        "image_size": list(size) if isinstance(size, (tuple, list)) else size,
+        "mean": list(cfg.get("mean", ())),
+        "std": list(cfg.get("std", ())),
+        "interpolation": cfg.get("interpolation"),
+        "resize_mode": cfg.get("resize_mode"),
+    }
+
+
+def model_identity(model_name: str, pretrained: str, model: torch.nn.Module, embed_dim: int) -> dict:
+    """What makes two sets of embeddings comparable: recorded in every Parquet file."""
+    weights: dict[str, Any]
+    if pretrained and os.path.isfile(pretrained):
+        weights = {"checkpoint_sha256": shards.sha256_file(pretrained)}
+    elif pretrained.startswith("local-dir:") or model_name.startswith("local-dir:"):
+        folder = Path((model_name if model_name.startswith("local-dir:") else pretrained)[len("local-dir:"):])
+        ckpt = next((p for p in sorted(folder.iterdir()) if p.suffix in (".bin", ".safetensors", ".pth")), None)
+        weights = {"checkpoint_sha256": shards.sha256_file(ckpt) if ckpt else None}
+    else:
+        weights = {"pretrained_tag": pretrained or None}
+    return {
+        "model": model_name,
+        "pretrained": pretrained or None,
+        **weights,
+        "preprocess": _preprocess_description(model),
+        "embed_dim": embed_dim,
+        "open_clip_version": open_clip.__version__,
+    }
+
+
+def _embed_dim(model: torch.nn.Module) -> int:
+    visual = model.visual
+    if hasattr(visual, "output_dim"):
+        return int(visual.output_dim)
+    with torch.no_grad():
+        size = visual.image_size if hasattr(visual, "image_size") else 224
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return int(model.encode_image(torch.zeros(1, 3, size, size)).shape[-1])
+
+
+def load_model(model_name: str, pretrained: str = "", device: str | torch.device = "cpu") -> LoadedModel:
+    """Create an open_clip model with weights from `pretrained` (already resolved, see resolve_pretrained)."""
+    register_model_configs()
+    pretrained = pretrained or ""
+    if pretrained.startswith("local-dir:") or pretrained.startswith("hf-hub:"):
+        # open_clip takes these schemas as the model name; the config comes with them
+        model_name, pretrained = pretrained, ""
+    schema_name = model_name.startswith(("hf-hub:", "local-dir:"))
+    if not schema_name and model_name.replace("/", "-") not in open_clip.list_models():
+        raise ModelError(
+            f"unknown open_clip model {model_name!r}; in-repo configs: "
+            f"{sorted(p.stem for p in MODEL_CONFIG_DIR.glob('*.json'))}, or any of open_clip.list_models()"
+        )
+    if pretrained and not schema_name and not os.path.isfile(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in tags:
+            raise ModelError(
+                f"pretrained {pretrained!r} for {model_name!r} is neither a file nor a known tag {tags}"
+            )
+    try:
+        model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained or None, device=device, weights_only=True
+        )
+    except (RuntimeError, FileNotFoundError, ValueError, OSError) as exc:
+        raise ModelError(f"could not create {model_name!r} with pretrained={pretrained!r}: {exc}") from exc
+    tokenizer = open_clip.get_tokenizer(model_name)
+    model.eval()
+    embed_dim = _embed_dim(model)
+    size = model.visual.preprocess_cfg.get("size", 224) if hasattr(model.visual, "preprocess_cfg") else 224
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    return LoadedModel(
+        model=model,
+        preprocess=preprocess,
+        train_preprocess=train_preprocess,
+        tokenizer=tokenizer,
+        identity=model_identity(model_name, pretrained, model, embed_dim),
+        embed_dim=embed_dim,
+        image_size=size,
+    )
+
+
+def model_config(model_name: str) -> dict:
+    register_model_configs()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ModelError(f"no open_clip config named {model_name!r}")
+    return cfg
+
+
+def save_open_clip_dir(model: torch.nn.Module, model_name: str, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write weights + `open_clip_config.json` so that both `open_clip.create_model(model_name,
+    pretrained=<dir>/open_clip_pytorch_model.bin)` and `create_model('local-dir:<dir>')` load it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tmp = out_dir / f".{DEMO_CHECKPOINT}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, out_dir / DEMO_CHECKPOINT)
+    config = {
+        "model_name": model_name,
+        "model_cfg": model_config(model_name),
+        "preprocess_cfg": dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
+        **(extra or {}),
+    }
+    shards.atomic_write_json(config, out_dir / OPEN_CLIP_CONFIG)
+    return out_dir / DEMO_CHECKPOINT
+
+
+def load_identity_file(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

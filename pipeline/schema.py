@@ -1,0 +1,159 @@
+"""The one place that names every Parquet column, dtype, file name and metadata key.
+
+Writers build their tables with the schema functions here; readers use the constants and the
+`embeddings_to_numpy` / `read_metadata` helpers. Nothing else in the project spells a column name.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+# ---- file layout ------------------------------------------------------------------------------
+# features/<split>/images-<shard>.parquet, texts-<shard>.parquet, _manifest.json
+IMAGES_PREFIX = "images"
+TEXTS_PREFIX = "texts"
+SPLIT_MANIFEST = "_manifest.json"
+PARTS_DIR = "_parts"  # per-input-shard results before dense ids are assigned (resume unit)
+# negatives/<split>/<direction>.parquet, _manifest.json
+NEIGHBOR_DIRECTIONS = ("i2t", "t2i", "i2i", "t2t")
+
+# ---- columns ----------------------------------------------------------------------------------
+IMAGE_ID = "image_id"  # int64, dense 0..N-1 within a split
+TEXT_ID = "text_id"  # int64, dense 0..M-1 within a split
+KEY = "key"  # string, the sample's key in the source WebDataset
+SOURCE_SHARD = "source_shard"  # string, the input shard the sample came from
+IMAGE_BYTES = "image_bytes"  # binary, the encoded image exactly as stored in the source
+IMAGE_FORMAT = "image_format"  # string, the source extension (jpg, png, webp)
+CAPTION = "caption"  # string
+CAPTION_INDEX = "caption_index"  # int32, position of the caption within its sample
+TEACHER_IMAGE_EMB = "teacher_image_emb"  # fixed_size_list<float16|float32>[D], L2-normalised
+TEACHER_TEXT_EMB = "teacher_text_emb"  # fixed_size_list<float16|float32>[D], L2-normalised
+TEACHER_VIEW_EMB = "teacher_view_emb"  # list<fixed_size_list<..>[D]>, one per augmented view
+VIEW_PARAMS = "view_params"  # list<struct<VIEW_PARAM_FIELDS>>, one per augmented view
+NEIGHBOR_IDS = "neighbor_ids"  # list<int64>, best first
+NEIGHBOR_SCORES = "neighbor_scores"  # list<float32>, teacher cosine, best first
+
+# Augmentation view: crop box as fractions of the source image, then optional horizontal flip.
+# Fractions keep a view meaningful at any model resolution (teacher and student may differ).
+VIEW_PARAM_FIELDS = (
+    ("crop_top", pa.float32()),
+    ("crop_left", pa.float32()),
+    ("crop_height", pa.float32()),
+    ("crop_width", pa.float32()),
+    ("hflip", pa.bool_()),
+)
+
+# ---- key-value metadata (bytes keys, JSON-encoded or plain string values) ---------------------
+META_SCHEMA_VERSION = b"dsmd.schema_version"
+META_KIND = b"dsmd.kind"  # images | texts | neighbors
+META_SPLIT = b"dsmd.split"
+META_TEACHER = b"dsmd.teacher"  # JSON: teacher identity (see pipeline.models.teacher_identity)
+META_MANIFEST_SHA256 = b"dsmd.manifest_sha256"
+META_EMBEDDING_DIM = b"dsmd.embedding_dim"
+META_EMBEDDING_DTYPE = b"dsmd.embedding_dtype"
+META_VIEWS = b"dsmd.views"
+META_DIRECTION = b"dsmd.direction"  # i2t | t2i | i2i | t2t
+META_FEATURES_FINGERPRINT = b"dsmd.features_fingerprint"  # sha256 of the features _manifest.json
+META_MINE_PARAMS = b"dsmd.mine_params"  # JSON
+
+EMBEDDING_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def embedding_type(dim: int, dtype: str) -> pa.DataType:
+    if dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"embedding dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {dtype!r}")
+    return pa.list_(EMBEDDING_DTYPES[dtype], dim)
+
+
+def view_params_type() -> pa.DataType:
+    return pa.struct([pa.field(name, t) for name, t in VIEW_PARAM_FIELDS])
+
+
+def images_schema(dim: int, dtype: str = "float16", views: int = 0, metadata: dict | None = None) -> pa.Schema:
+    fields = [
+        pa.field(IMAGE_ID, pa.int64(), nullable=False),
+        pa.field(KEY, pa.string(), nullable=False),
+        pa.field(SOURCE_SHARD, pa.string(), nullable=False),
+        pa.field(IMAGE_FORMAT, pa.string(), nullable=False),
+        pa.field(IMAGE_BYTES, pa.binary(), nullable=False),
+        pa.field(TEACHER_IMAGE_EMB, embedding_type(dim, dtype), nullable=False),
+    ]
+    if views:
+        fields.append(pa.field(TEACHER_VIEW_EMB, pa.list_(embedding_type(dim, dtype)), nullable=False))
+        fields.append(pa.field(VIEW_PARAMS, pa.list_(view_params_type()), nullable=False))
+    return pa.schema(fields, metadata=encode_metadata(metadata or {}))
+
+
+def texts_schema(dim: int, dtype: str = "float16", metadata: dict | None = None) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field(TEXT_ID, pa.int64(), nullable=False),
+            pa.field(IMAGE_ID, pa.int64(), nullable=False),
+            pa.field(CAPTION_INDEX, pa.int32(), nullable=False),
+            pa.field(CAPTION, pa.string(), nullable=False),
+            pa.field(TEACHER_TEXT_EMB, embedding_type(dim, dtype), nullable=False),
+        ],
+        metadata=encode_metadata(metadata or {}),
+    )
+
+
+def neighbors_schema(direction: str, metadata: dict | None = None) -> pa.Schema:
+    """i2t / i2i are keyed by image_id, t2i / t2t by text_id."""
+    if direction not in NEIGHBOR_DIRECTIONS:
+        raise ValueError(f"direction must be one of {NEIGHBOR_DIRECTIONS}, got {direction!r}")
+    key = IMAGE_ID if direction[0] == "i" else TEXT_ID
+    return pa.schema(
+        [
+            pa.field(key, pa.int64(), nullable=False),
+            pa.field(NEIGHBOR_IDS, pa.list_(pa.int64()), nullable=False),
+            pa.field(NEIGHBOR_SCORES, pa.list_(pa.float32()), nullable=False),
+        ],
+        metadata=encode_metadata({**(metadata or {}), META_DIRECTION: direction}),
+    )
+
+
+def neighbor_key_column(direction: str) -> str:
+    return IMAGE_ID if direction[0] == "i" else TEXT_ID
+
+
+def encode_metadata(metadata: dict) -> dict[bytes, bytes]:
+    out = {META_SCHEMA_VERSION: SCHEMA_VERSION.encode()}
+    for k, v in metadata.items():
+        key = k if isinstance(k, bytes) else k.encode()
+        if isinstance(v, bytes):
+            out[key] = v
+        elif isinstance(v, str):
+            out[key] = v.encode()
+        else:
+            out[key] = json.dumps(v, sort_keys=True).encode()
+    return out
+
+
+def read_metadata(schema: pa.Schema, key: bytes, default: Any = None, as_json: bool = False) -> Any:
+    raw = (schema.metadata or {}).get(key)
+    if raw is None:
+        return default
+    text = raw.decode()
+    return json.loads(text) if as_json else text
+
+
+def embeddings_to_numpy(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
+    """A fixed_size_list embedding column -> (N, D) array, without a Python loop."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    dim = column.type.list_size
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, dim).astype(dtype, copy=False)
+
+
+def numpy_to_embeddings(array: np.ndarray, dtype: str) -> pa.Array:
+    """(N, D) float array -> fixed_size_list column of the requested storage dtype."""
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    array = np.ascontiguousarray(array, dtype=np_dtype)
+    n, dim = array.shape
+    return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1), type=EMBEDDING_DTYPES[dtype]), dim)

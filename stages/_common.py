@@ -1,0 +1,29 @@
+"""What every stage CLI shares: the --params option and turning PipelineError into a clean exit."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import typer
+
+from pipeline.errors import PipelineError
+
+PARAMS_HELP = "params file (YAML); the stage reads its own section. A missing default params.yaml means built-in defaults."
+SET_HELP = "override any param of this stage's section, e.g. --set optim.lr=0.001 (repeatable)"
+
+
+def params_option() -> Path:
+    return typer.Option(Path("params.yaml"), "--params", help=PARAMS_HELP)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Bad input ends with `error: <message>` and exit status 2, not a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("root").setLevel(logging.ERROR)  # open_clip's "no pretrained weights" chatter
+    try:
+        yield
+    except PipelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
