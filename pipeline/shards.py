@@ -180,3 +180,40 @@ def read_neighbors(negatives_dir: str | Path, split: str, direction: str) -> tup
     ids[rows, cols] = flat_ids
     scores[rows, cols] = flat_scores
     return ids, scores
+
+
+def write_split(
+    features_dir: str | Path,
+    split: str,
+    image_tables: list[pa.Table],
+    text_tables: list[pa.Table],
+    info: dict,
+) -> dict:
+    """Write a split's images/texts files (one pair per entry, in id order) and, last, its
+    `_manifest.json`: the split counts as extracted only once that file exists.
+
+    `info` carries split-level facts (teacher identity, manifest sha256, embedding dim/dtype,
+    views, skip report, source shards); counts, files and checksums are added here."""
+    if len(image_tables) != len(text_tables):
+        raise ValueError("image_tables and text_tables must pair up")
+    base = split_dir(features_dir, split)
+    base.mkdir(parents=True, exist_ok=True)
+    marker = base / schema.SPLIT_MANIFEST
+    if marker.exists():
+        marker.unlink()  # the split is being rewritten: it is incomplete until the new manifest lands
+    files: dict[str, list] = {schema.IMAGES_PREFIX: [], schema.TEXTS_PREFIX: []}
+    for index, (images, texts) in enumerate(zip(image_tables, text_tables)):
+        for prefix, table in ((schema.IMAGES_PREFIX, images), (schema.TEXTS_PREFIX, texts)):
+            name = f"{prefix}-{index:06d}.parquet"
+            path = atomic_write_table(table, base / name)
+            files[prefix].append({"path": name, "rows": table.num_rows, "sha256": sha256_file(path)})
+    manifest = {
+        **info,
+        "split": split,
+        "schema_version": schema.SCHEMA_VERSION,
+        "num_images": sum(f["rows"] for f in files[schema.IMAGES_PREFIX]),
+        "num_texts": sum(f["rows"] for f in files[schema.TEXTS_PREFIX]),
+        "files": files,
+    }
+    atomic_write_json(manifest, marker)
+    return manifest

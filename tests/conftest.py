@@ -1,0 +1,19 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the test suite may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DIR = REPO_ROOT.parent / "shared"
+FLICKR8K_DIR = SHARED_DIR / "data" / "flickr8k-sample"
+
+
+@pytest.fixture
+def flickr8k_dir() -> Path:
+    if not FLICKR8K_DIR.exists():
+        pytest.skip("../shared/data/flickr8k-sample is not present beside the checkout")
+    return FLICKR8K_DIR

@@ -1,0 +1,80 @@
+"""Small, valid feature and negative directories for tests of the stages after `extract`."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipeline import schema, shards
+
+
+def _png(rng: np.random.Generator, size: int = 24) -> bytes:
+    pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_fake_features(
+    features_dir: str | Path,
+    split: str = "train",
+    n_images: int = 64,
+    captions_per_image: int = 2,
+    dim: int = 32,
+    views: int = 0,
+    seed: int = 0,
+    dtype: str = "float16",
+) -> dict:
+    """A split whose teacher text embeddings sit near their image's embedding (so retrieval is
+    learnable), with real PNG bytes and captions that name the image."""
+    rng = np.random.default_rng(seed)
+    image_emb = unit(rng, n_images, dim)
+    text_to_image = np.repeat(np.arange(n_images), captions_per_image)
+    text_emb = image_emb[text_to_image] + 0.3 * unit(rng, len(text_to_image), dim)
+    text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
+    identity = {"model": "fake-teacher", "pretrained": None, "embed_dim": dim}
+    meta = {schema.META_TEACHER: identity, schema.META_SPLIT: split, schema.META_MANIFEST_SHA256: "fake"}
+    columns = {
+        schema.IMAGE_ID: pa.array(np.arange(n_images), pa.int64()),
+        schema.KEY: pa.array([f"img{i:05d}" for i in range(n_images)]),
+        schema.SOURCE_SHARD: pa.array(["fake-000000.tar"] * n_images),
+        schema.IMAGE_FORMAT: pa.array(["png"] * n_images),
+        schema.IMAGE_BYTES: pa.array([_png(rng) for _ in range(n_images)], pa.binary()),
+        schema.TEACHER_IMAGE_EMB: schema.numpy_to_embeddings(image_emb, dtype),
+    }
+    if views:
+        view_emb = image_emb[:, None, :] + 0.1 * unit(rng, n_images * views, dim).reshape(n_images, views, dim)
+        view_emb /= np.linalg.norm(view_emb, axis=2, keepdims=True)
+        columns[schema.TEACHER_VIEW_EMB] = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, n_images * views + 1, views), pa.int32()),
+            schema.numpy_to_embeddings(view_emb.reshape(-1, dim), dtype),
+        )
+        params = [
+            {"crop_top": 0.1, "crop_left": 0.0, "crop_height": 0.8, "crop_width": 0.9, "hflip": bool(v % 2)}
+            for _ in range(n_images) for v in range(views)
+        ]
+        columns[schema.VIEW_PARAMS] = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, n_images * views + 1, views), pa.int32()),
+            pa.array(params, schema.view_params_type()),
+        )
+    images = pa.Table.from_pydict(columns, schema=schema.images_schema(dim, dtype, views, {**meta, schema.META_KIND: "images"}))
+    texts = pa.Table.from_pydict(
+        {
+            schema.TEXT_ID: pa.array(np.arange(len(text_to_image)), pa.int64()),
+            schema.IMAGE_ID: pa.array(text_to_image, pa.int64()),
+            schema.CAPTION_INDEX: pa.array(np.tile(np.arange(captions_per_image), n_images), pa.int32()),
+            schema.CAPTION: pa.array([f"a picture number {i} variant {c}" for i in range(n_images) for c in range(captions_per_image)]),
+            schema.TEACHER_TEXT_EMB: schema.numpy_to_embeddings(text_emb, dtype),
+        },
+        schema=schema.texts_schema(dim, dtype, {**meta, schema.META_KIND: "texts"}),
+    )
+    info = {"teacher": identity, "manifest_sha256": "fake", "embedding_dim": dim, "embedding_dtype": dtype, "views": views}
+    return shards.write_split(features_dir, split, [images], [texts], info)
