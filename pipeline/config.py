@@ -122,6 +122,8 @@ class BalancerConfig:
     temperature: float = 1.0
     # fixed weights (mode: fixed), by loss name: feature, similarity, contrastive, hard_negative, task
     weights: dict[str, float] = field(default_factory=dict)
+    # mode dynamic: cap on each weight; 0 = none (faithful). m_i = max L / L_i is unbounded as a term nears 0
+    max_weight: float = 0.0
 
 
 @dataclass
@@ -174,6 +176,8 @@ class EvaluateConfig:
     batch_size: int = 256
     latency_repeats: int = 20
     throughput_batch: int = 64
+    throughput_repeats: int = 5  # timed batches of throughput_batch per model (big teachers are slow on CPU)
+    allow_missing: bool = False  # skip (with a warning) a student whose dir is missing instead of failing
     device: str = "auto"
     threads: int = 0
     metrics_file: str = "outputs/metrics.json"

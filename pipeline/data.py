@@ -1,0 +1,420 @@
+"""Training data: the cached shards (or the corpus) as a map-style dataset, and the batch samplers.
+
+The dataset is indexed by `(epoch, image_id)` keys, so everything random about a sample is a pure
+function of `(seed, epoch, image_id)`: which of its captions is used this epoch, and which stored
+augmentation view (or the plain image) is re-applied. Samplers are pure functions of
+`(seed, epoch)` too, which is what lets a resumed or multi-rank run see exactly the batches an
+uninterrupted single-process run sees. Teacher embeddings and mined negatives are looked up by
+image / text id, never by batch position.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import schema, shards
+from pipeline.augment import CorruptImageError, apply_view, decode_image
+from pipeline.config import ConfigError
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+BATCHING_MODES = ("random", "hard-negative-aware")
+
+# Keys of one sample / one collated batch (in-memory only; Parquet columns live in pipeline.schema).
+IMAGE = "image"  # (3, H, W) float, the student's preprocessing
+TEXT = "text"  # (context_length,) int64 tokens, the student's tokenizer
+IMAGE_ID = "image_ids"
+TEXT_ID = "text_ids"
+VIEW_INDEX = "view_index"  # -1 = the plain image, else the stored view re-applied
+TEACHER_IMAGE = "teacher_image"  # (D,) the teacher embedding of exactly what the student sees
+TEACHER_TEXT = "teacher_text"
+MINED_TEACHER_IMAGE = "mined_teacher_image"  # (H, D) teacher embeddings of mined negative images
+MINED_TEACHER_TEXT = "mined_teacher_text"  # (H, D) teacher embeddings of mined negative captions
+MINED_IMAGE_IDS = "mined_image_ids"  # (H,) their image ids, -1 = padding
+MINED_TEXT_IMAGE_IDS = "mined_text_image_ids"  # (H,) the image each mined caption belongs to, -1 = padding
+
+
+class DataError(PipelineError):
+    """Training data that cannot be used as configured; the message names the file or option."""
+
+
+@dataclass
+class TrainingData:
+    """One split in memory, indexed by dense image id / text id. Image bytes stay encoded
+    (decoded lazily per sample); teacher embeddings are kept in their storage dtype."""
+
+    source: str  # the directory or manifest it came from, for messages
+    image_bytes: list[bytes]
+    captions: list[str]
+    text_to_image: np.ndarray  # (M,) int64
+    teacher_image: Optional[np.ndarray] = None  # (N, D)
+    teacher_text: Optional[np.ndarray] = None  # (M, D)
+    teacher_views: Optional[np.ndarray] = None  # (N, K, D)
+    view_params: Optional[list[list[dict]]] = None  # N lists of K view dicts (pipeline.augment)
+    skipped: dict = field(default_factory=dict)  # reason -> count, from the source
+    # derived: the captions of image i are texts_by_image[text_offsets[i]:text_offsets[i + 1]]
+    texts_by_image: np.ndarray = field(init=False)
+    text_offsets: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.text_to_image = np.asarray(self.text_to_image, dtype=np.int64)
+        n = len(self.image_bytes)
+        if len(self.text_to_image) and (self.text_to_image.min() < 0 or self.text_to_image.max() >= n):
+            raise DataError(f"{self.source}: captions refer to image ids outside 0..{n - 1}")
+        self.texts_by_image = np.argsort(self.text_to_image, kind="stable")
+        counts = np.bincount(self.text_to_image, minlength=n)
+        self.text_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_bytes)
+
+    @property
+    def num_views(self) -> int:
+        return 0 if self.teacher_views is None else int(self.teacher_views.shape[1])
+
+    @property
+    def embedding_dim(self) -> Optional[int]:
+        return None if self.teacher_image is None else int(self.teacher_image.shape[1])
+
+    def captions_of(self, image_id: int) -> np.ndarray:
+        return self.texts_by_image[self.text_offsets[image_id] : self.text_offsets[image_id + 1]]
+
+    def trainable_image_ids(self) -> np.ndarray:
+        """Images with at least one caption (an image without one cannot form a pair)."""
+        return np.flatnonzero(np.diff(self.text_offsets) > 0).astype(np.int64)
+
+
+def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = True, with_views: bool = True) -> TrainingData:
+    """Read a features split: image bytes, captions, and (with_teacher) the teacher embeddings and
+    (with_views, when stored) the augmentation views. Only the columns needed are read."""
+    manifest = shards.load_split_manifest(features_dir, split)
+    stored_views = int(manifest.get("views", 0) or 0)
+    with_views = with_teacher and with_views and stored_views > 0
+    image_columns = [schema.IMAGE_ID, schema.IMAGE_BYTES]
+    if with_teacher:
+        image_columns.append(schema.TEACHER_IMAGE_EMB)
+    if with_views:
+        image_columns += [schema.TEACHER_VIEW_EMB, schema.VIEW_PARAMS]
+    text_columns = [schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION] + ([schema.TEACHER_TEXT_EMB] if with_teacher else [])
+    images = shards.read_images(features_dir, split, columns=image_columns)
+    texts = shards.read_texts(features_dir, split, columns=text_columns)
+    where = shards.split_dir(features_dir, split)
+    image_ids = images[schema.IMAGE_ID].to_numpy()
+    text_ids = texts[schema.TEXT_ID].to_numpy()
+    if not (np.array_equal(image_ids, np.arange(len(image_ids))) and np.array_equal(text_ids, np.arange(len(text_ids)))):
+        raise DataError(f"{where}: ids are not dense and ordered; re-run `dsmd extract`")
+    data = TrainingData(
+        source=str(where),
+        image_bytes=images[schema.IMAGE_BYTES].to_pylist(),
+        captions=texts[schema.CAPTION].to_pylist(),
+        text_to_image=texts[schema.IMAGE_ID].to_numpy(),
+        skipped=dict(manifest.get("skips", {}) or {}),
+    )
+    if with_teacher:
+        storage = np.float16 if manifest.get("embedding_dtype", "float16") == "float16" else np.float32
+        data.teacher_image = schema.embeddings_to_numpy(images[schema.TEACHER_IMAGE_EMB], storage)
+        data.teacher_text = schema.embeddings_to_numpy(texts[schema.TEACHER_TEXT_EMB], storage)
+        dim = int(manifest.get("embedding_dim", data.teacher_image.shape[1]))
+        if data.teacher_image.shape[1] != dim or data.teacher_text.shape[1] != dim:
+            raise DataError(f"{where}: embedding width differs from _manifest.json embedding_dim {dim}")
+    if with_views:
+        view_col = images[schema.TEACHER_VIEW_EMB].combine_chunks()
+        lengths = np.diff(view_col.offsets.to_numpy())
+        if not np.all(lengths == stored_views):
+            raise DataError(f"{where}: expected {stored_views} views per image, found {sorted(set(lengths.tolist()))}")
+        flat = schema.embeddings_to_numpy(view_col.flatten(), data.teacher_image.dtype)
+        data.teacher_views = flat.reshape(len(image_ids), stored_views, -1)
+        data.view_params = images[schema.VIEW_PARAMS].to_pylist()
+    return data
+
+
+def load_corpus_data(manifest_path: str | Path, split: str) -> TrainingData:
+    """A corpus split (WebDataset shards of a manifest) with all captions and no teacher embeddings;
+    undecodable images are counted as `corrupt_image` and skipped, never silently."""
+    from pipeline import corpus, manifest as manifest_mod  # only the corpus source needs them
+
+    manifest = manifest_mod.load_manifest(manifest_path)
+    entry = manifest.split(split)
+    report = corpus.SkipReport()
+    image_bytes: list[bytes] = []
+    captions: list[str] = []
+    text_to_image: list[int] = []
+    for sample in corpus.iter_samples(entry.shards, manifest.fields, report):
+        try:
+            decode_image(sample.image_bytes)
+        except CorruptImageError as exc:
+            report.skip("corrupt_image", f"{sample.shard}:{sample.key}: {exc}")
+            continue
+        if not sample.captions:
+            report.skip("no_caption", f"{sample.shard}:{sample.key}")
+            continue
+        captions.extend(sample.captions)
+        text_to_image.extend([len(image_bytes)] * len(sample.captions))
+        image_bytes.append(sample.image_bytes)
+    if not image_bytes:
+        raise DataError(f"{manifest_path}: split {split!r} has no usable samples")
+    return TrainingData(
+        source=f"{manifest_path}:{split}",
+        image_bytes=image_bytes,
+        captions=captions,
+        text_to_image=np.asarray(text_to_image, dtype=np.int64),
+        skipped=_report_counts(report),
+    )
+
+
+def _report_counts(report) -> dict:
+    for name in ("counts", "as_dict", "to_dict"):
+        value = getattr(report, name, None)
+        if value is not None:
+            return dict(value() if callable(value) else value)
+    return {}
+
+
+@dataclass
+class MinedNegatives:
+    """The first `count` mined neighbours of every image: captions (i2t) and images (i2i)."""
+
+    image_to_texts: np.ndarray  # (N, count) text ids, -1 = padding
+    image_to_images: np.ndarray  # (N, count) image ids, -1 = padding
+
+
+def read_i2i(negatives_dir: str | Path, split: str, data: TrainingData, features_dir: str | Path | None = None) -> np.ndarray:
+    return _read_direction(negatives_dir, split, "i2i", data.num_images, data.num_images, features_dir)
+
+
+def load_negatives(negatives_dir: str | Path, split: str, data: TrainingData, count: int, features_dir: str | Path | None = None) -> MinedNegatives:
+    """Mined negatives for the hard-negative loss, checked against the features they were mined from."""
+    i2t = _read_direction(negatives_dir, split, "i2t", data.num_images, len(data.captions), features_dir)
+    i2i = _read_direction(negatives_dir, split, "i2i", data.num_images, data.num_images, features_dir)
+    return MinedNegatives(image_to_texts=_first_columns(i2t, count), image_to_images=_first_columns(i2i, count))
+
+
+def _first_columns(ids: np.ndarray, count: int) -> np.ndarray:
+    out = np.full((len(ids), count), -1, dtype=np.int64)
+    width = min(count, ids.shape[1])
+    out[:, :width] = ids[:, :width]
+    return out
+
+
+def _read_direction(negatives_dir, split, direction, num_keys, num_targets, features_dir) -> np.ndarray:
+    path = shards.neighbors_path(negatives_dir, split, direction)
+    ids, _ = shards.read_neighbors(negatives_dir, split, direction)
+    if features_dir is not None:
+        mined_from = schema.read_metadata(pq.read_schema(path), schema.META_FEATURES_FINGERPRINT)
+        current = shards.features_fingerprint(features_dir, split)
+        if mined_from is not None and mined_from != current:
+            raise DataError(
+                f"{path} was mined from another extraction of split {split!r} (features fingerprint "
+                f"{mined_from[:12]} != {current[:12]}); re-run `dsmd mine`"
+            )
+    if len(ids) != num_keys:
+        raise DataError(f"{path}: {len(ids)} rows, but the features split has {num_keys} keys; re-run `dsmd mine`")
+    if ids.size and ids.max() >= num_targets:
+        raise DataError(f"{path}: neighbour id {int(ids.max())} is outside the split (0..{num_targets - 1}); re-run `dsmd mine`")
+    return ids
+
+
+def sample_rng(seed: int, epoch: int, image_id: int) -> np.random.Generator:
+    """The generator behind every per-sample choice: a pure function of (seed, epoch, image_id)."""
+    return np.random.default_rng((seed, epoch, image_id))
+
+
+class TrainingDataset(torch.utils.data.Dataset):
+    """Map-style over `(epoch, image_id)` keys: one caption of the image (drawn per epoch), the
+    image decoded, with a stored view re-applied when one is drawn, then the student's preprocessing;
+    the matching teacher embeddings and mined negatives when the data has them."""
+
+    def __init__(
+        self,
+        data: TrainingData,
+        preprocess: Callable,
+        tokenizer: Callable,
+        seed: int = 0,
+        use_views: bool = True,
+        negatives: Optional[MinedNegatives] = None,
+    ) -> None:
+        self.data = data
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.use_views = use_views and data.num_views > 0
+        self.negatives = negatives
+
+    def __len__(self) -> int:
+        return self.data.num_images
+
+    def choose(self, epoch: int, image_id: int) -> tuple[int, int]:
+        """(text_id, view_index) used for `image_id` in `epoch`; view_index -1 is the plain image."""
+        rng = sample_rng(self.seed, epoch, image_id)
+        texts = self.data.captions_of(image_id)
+        if len(texts) == 0:
+            raise DataError(f"{self.data.source}: image {image_id} has no caption")
+        text_id = int(texts[rng.integers(len(texts))])
+        view = int(rng.integers(self.data.num_views + 1)) - 1 if self.use_views else -1
+        return text_id, view
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, image_id = int(key[0]), int(key[1])
+        text_id, view = self.choose(epoch, image_id)
+        try:
+            image = decode_image(self.data.image_bytes[image_id])
+        except CorruptImageError as exc:
+            raise DataError(f"{self.data.source}: image {image_id}: {exc}") from None
+        if view >= 0:
+            image = apply_view(image, self.data.view_params[image_id][view])
+        item = {
+            IMAGE: self.preprocess(image),
+            TEXT: self.tokenizer([self.data.captions[text_id]])[0],
+            IMAGE_ID: image_id,
+            TEXT_ID: text_id,
+            VIEW_INDEX: view,
+        }
+        if self.data.teacher_image is not None:
+            teacher_image = self.data.teacher_views[image_id, view] if view >= 0 else self.data.teacher_image[image_id]
+            item[TEACHER_IMAGE] = torch.from_numpy(teacher_image.astype(np.float32))
+            item[TEACHER_TEXT] = torch.from_numpy(self.data.teacher_text[text_id].astype(np.float32))
+        if self.negatives is not None:
+            item.update(self._mined(image_id))
+        return item
+
+    def _mined(self, image_id: int) -> dict:
+        """Teacher embeddings of this image's mined negatives, looked up by id (padding: id -1, zeros)."""
+        text_ids = self.negatives.image_to_texts[image_id]
+        image_ids = self.negatives.image_to_images[image_id]
+        dim = self.data.teacher_image.shape[1]
+        mined_text = np.zeros((len(text_ids), dim), dtype=np.float32)
+        mined_image = np.zeros((len(image_ids), dim), dtype=np.float32)
+        text_ok, image_ok = text_ids >= 0, image_ids >= 0
+        mined_text[text_ok] = self.data.teacher_text[text_ids[text_ok]]
+        mined_image[image_ok] = self.data.teacher_image[image_ids[image_ok]]
+        owners = np.where(text_ok, self.data.text_to_image[np.maximum(text_ids, 0)], -1)
+        return {
+            MINED_TEACHER_TEXT: torch.from_numpy(mined_text),
+            MINED_TEACHER_IMAGE: torch.from_numpy(mined_image),
+            MINED_TEXT_IMAGE_IDS: torch.from_numpy(owners.astype(np.int64)),
+            MINED_IMAGE_IDS: torch.from_numpy(image_ids.astype(np.int64)),
+        }
+
+
+# ---- batch orders -------------------------------------------------------------------------------
+
+def random_order(image_ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """A seeded permutation of the trainable image ids, new every epoch."""
+    return np.random.default_rng((seed, epoch, 0)).permutation(image_ids)
+
+
+def hard_negative_order(image_ids: np.ndarray, i2i: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """Every trainable image once, with mined neighbours next to each other: take a random unused
+    image, then its i2i neighbours not yet used this epoch, repeat. Cut into batches, this puts
+    hard negatives into the same batch (in-batch negatives become hard)."""
+    rng = np.random.default_rng((seed, epoch, 1))
+    eligible = np.zeros(len(i2i), dtype=bool)
+    eligible[image_ids] = True
+    used = np.zeros(len(i2i), dtype=bool)
+    order: list[int] = []
+    for anchor in rng.permutation(image_ids).tolist():
+        if used[anchor]:
+            continue
+        used[anchor] = True
+        order.append(anchor)
+        for neighbour in i2i[anchor].tolist():
+            if neighbour >= 0 and eligible[neighbour] and not used[neighbour]:
+                used[neighbour] = True
+                order.append(neighbour)
+    return np.asarray(order, dtype=np.int64)
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches of `(epoch, image_id)` keys for steps [start_step, total_steps).
+
+    Step s uses global batch s % batches_per_epoch of epoch s // batches_per_epoch (incomplete
+    last batches are dropped, so every step sees a full global batch). The global batch is split
+    into `world_size` contiguous rank slices, each into `accum_steps` micro-batches."""
+
+    def __init__(
+        self,
+        image_ids: np.ndarray,
+        batch_size: int,
+        total_steps: int,
+        seed: int = 0,
+        batching: str = "random",
+        i2i: Optional[np.ndarray] = None,
+        start_step: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        accum_steps: int = 1,
+    ) -> None:
+        if batching not in BATCHING_MODES:
+            raise ConfigError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
+        if batching == "hard-negative-aware" and i2i is None:
+            raise ConfigError("batching: hard-negative-aware needs the mined i2i neighbours (negatives_dir)")
+        if batch_size % (world_size * accum_steps):
+            raise ConfigError(
+                f"optim.batch_size {batch_size} must divide evenly over {world_size} rank(s) x "
+                f"{accum_steps} accumulation step(s)"
+            )
+        if len(image_ids) < batch_size:
+            raise ConfigError(f"optim.batch_size {batch_size} is larger than the {len(image_ids)} trainable images")
+        self.image_ids = np.asarray(image_ids, dtype=np.int64)
+        self.batch_size = batch_size
+        self.total_steps = total_steps
+        self.seed = seed
+        self.batching = batching
+        self.i2i = i2i
+        self.start_step = start_step
+        self.rank = rank
+        self.world_size = world_size
+        self.accum_steps = accum_steps
+        self.batches_per_epoch = len(self.image_ids) // batch_size
+        self._cached_epoch: tuple[int, np.ndarray] | None = None
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // (self.world_size * self.accum_steps)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if self._cached_epoch is None or self._cached_epoch[0] != epoch:
+            if self.batching == "random":
+                order = random_order(self.image_ids, self.seed, epoch)
+            else:
+                order = hard_negative_order(self.image_ids, self.i2i, self.seed, epoch)
+            self._cached_epoch = (epoch, order)
+        return self._cached_epoch[1]
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch index within the epoch) of optimizer step `step` (0-based)."""
+        return divmod(step, self.batches_per_epoch)
+
+    def global_batch(self, step: int) -> np.ndarray:
+        epoch, index = self.position(step)
+        return self.epoch_order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+
+    def micro_batches(self, step: int) -> list[list[tuple[int, int]]]:
+        epoch, _ = self.position(step)
+        per_rank = self.batch_size // self.world_size
+        local = self.global_batch(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
+        size = self.micro_batch_size
+        return [[(epoch, int(i)) for i in local[j * size : (j + 1) * size]] for j in range(self.accum_steps)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start_step, self.total_steps):
+            yield from self.micro_batches(step)
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step) * self.accum_steps
+
+
+def total_steps(num_images: int, batch_size: int, epochs: float, max_steps: int) -> int:
+    """`max_steps` when > 0, else ceil(epochs * images / batch_size)."""
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(epochs * num_images / batch_size))

@@ -1,0 +1,626 @@
+"""`dsmd evaluate`: retrieval quality and encoder cost of the teacher against the students.
+
+Quality follows the standard multi-caption protocol (Flickr30k / COCO): image -> text is a hit at K
+if any of the image's captions is among the K best-scoring texts; text -> image if its own image is.
+Scores are cosine similarities of L2-normalised embeddings, computed by chunks of query rows so that
+COCO's 5k x 25k matrix never exists at once.
+
+The teacher's quality comes from its cached embeddings (no teacher forward); the students encode
+the stored image bytes and captions with their own preprocessing and tokenizer. Cost (parameters,
+batch-1 latency, large-batch throughput) is measured for teacher and students in the same process,
+with the same thread count, interleaving the models so that machine noise hits all of them alike.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline import runtime, schema, shards
+from pipeline.augment import CorruptImageError, decode_image
+from pipeline.config import ConfigError, EvaluateConfig
+from pipeline.errors import PipelineError
+from pipeline.models import DEMO_CHECKPOINT, OPEN_CLIP_CONFIG, LoadedModel, ModelError, load_model
+
+log = logging.getLogger(__name__)
+
+# Written by `dsmd train` beside each student's weights: one JSON object per logged step.
+TRAIN_LOG_FILE = "train_log.jsonl"
+QUALITY_PLOT = "quality_vs_time.png"
+QUALITY_DATA = "quality_vs_time.json"
+CURVES_PLOT = "training_curves.png"
+CURVES_DATA = "training_curves.json"
+TEACHER = "teacher"
+# Caption used to time the text encoders; tokenizers pad to the context length, so its content
+# does not change the cost.
+TIMING_CAPTION = "a small red cube to the left of a large blue sphere on a wooden table"
+
+
+class EvaluationError(PipelineError):
+    """A student, teacher or option that evaluation cannot use; the message names it."""
+
+
+# ---- retrieval metrics -----------------------------------------------------------------------
+
+def _chunk_scores(queries: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
+    """(c, D) x (K, D) -> (c, K) dot products: the only place scores are computed (one chunk)."""
+    return queries @ database.T
+
+
+def _as_tensor(array, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
+
+
+def retrieval_ranks(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    text_to_image: np.ndarray,
+    chunk_size: int = 1024,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """1-based rank of the first correct item for every image (i2t) and every text (t2i).
+
+    With S = image_emb @ text_emb^T (computed `chunk_size` query rows at a time, never whole):
+      i2t_rank[i] = 1 + #{t : S[i, t] > max_{p : text_to_image[p] = i} S[i, p]}
+      t2i_rank[t] = 1 + #{j : S[j, t] > S[text_to_image[t], t]}
+    Ties are counted in the query's favour: only strictly greater scores push a correct item down,
+    so the result does not depend on sort order. An image without any caption gets rank 0 (no query).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    image_emb = np.asarray(image_emb)
+    text_emb = np.asarray(text_emb)
+    text_to_image = np.asarray(text_to_image)
+    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(f"embeddings must be (N, D) and (M, D), got {image_emb.shape} and {text_emb.shape}")
+    n_images, n_texts = len(image_emb), len(text_emb)
+    if text_to_image.shape != (n_texts,):
+        raise ValueError(f"text_to_image must have shape ({n_texts},), got {text_to_image.shape}")
+    if n_texts and (text_to_image.min() < 0 or text_to_image.max() >= n_images):
+        raise ValueError(f"text_to_image has ids outside 0..{n_images - 1}")
+    if not (np.isfinite(image_emb).all() and np.isfinite(text_emb).all()):
+        raise ValueError("embeddings contain NaN or infinite values")
+
+    device = torch.device(device)
+    images = _as_tensor(image_emb, torch.float32, device)
+    texts = _as_tensor(text_emb, torch.float32, device)
+    owner = _as_tensor(text_to_image, torch.int64, device)
+    # texts sorted by their image: the captions of an image chunk are one contiguous slice
+    texts_by_image = torch.argsort(owner, stable=True)
+    owners_sorted = owner[texts_by_image]
+
+    i2t = torch.zeros(n_images, dtype=torch.int64)
+    for start in range(0, n_images, chunk_size):
+        stop = min(n_images, start + chunk_size)
+        scores = _chunk_scores(images[start:stop], texts)  # (c, M)
+        lo = int(torch.searchsorted(owners_sorted, start))
+        hi = int(torch.searchsorted(owners_sorted, stop))
+        positives = texts_by_image[lo:hi]
+        rows = owner[positives] - start
+        best = torch.full((stop - start,), -math.inf, device=device)
+        best.scatter_reduce_(0, rows, scores[rows, positives], reduce="amax")
+        ranks = (scores >= best[:, None]).sum(dim=1) + 1
+        has_caption = torch.isfinite(best)
+        i2t[start:stop] = torch.where(has_caption, ranks, torch.zeros_like(ranks)).cpu()
+
+    t2i = torch.zeros(n_texts, dtype=torch.int64)
+    for start in range(0, n_texts, chunk_size):
+        stop = min(n_texts, start + chunk_size)
+        scores = _chunk_scores(texts[start:stop], images)  # (c, N)
+        positive = scores.gather(1, owner[start:stop, None])
+        t2i[start:stop] = ((scores > positive).sum(dim=1) + 1).cpu()
+    return i2t.numpy(), t2i.numpy()
+
+
+def metrics_from_ranks(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """R@K = 100 * mean(rank <= K) each way; rsum = sum of all R@K; mean and median of the ranks.
+    Images with rank 0 (no caption) are left out of i2t."""
+    ks = _check_ks(ks)
+    i2t = np.asarray(i2t_ranks)
+    missing = int((i2t == 0).sum())
+    i2t = i2t[i2t > 0]
+    t2i = np.asarray(t2i_ranks)
+    if len(i2t) == 0 or len(t2i) == 0:
+        raise ValueError("no queries: need at least one image with a caption and one text")
+    out: dict[str, float] = {}
+    for direction, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for k in ks:
+            out[f"{direction}_r{k}"] = float(100.0 * np.mean(ranks <= k))
+    out["rsum"] = float(sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks))
+    for direction, ranks in (("i2t", i2t), ("t2i", t2i)):
+        out[f"{direction}_mean_rank"] = float(np.mean(ranks))
+        out[f"{direction}_median_rank"] = float(np.median(ranks))
+    if missing:
+        log.warning("%d image(s) have no caption and are left out of image-to-text retrieval", missing)
+        out["images_without_captions"] = missing
+    return out
+
+
+def retrieval_metrics(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    text_to_image: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Multi-caption retrieval metrics: `i2t_r{k}`, `t2i_r{k}` (percent), `rsum`, and
+    `{i2t,t2i}_{mean,median}_rank` (1-based rank of the first correct item, ties in the query's
+    favour; see `retrieval_ranks`). Embeddings are expected L2-normalised (scores = cosine)."""
+    i2t, t2i = retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size, device)
+    return metrics_from_ranks(i2t, t2i, ks)
+
+
+def _check_ks(ks: Iterable[int]) -> list[int]:
+    ks = [int(k) for k in ks]
+    if not ks or any(k < 1 for k in ks):
+        raise ConfigError(f"evaluate.ks must be a non-empty list of positive integers, got {ks}")
+    return ks
+
+
+# ---- student embeddings of a split -----------------------------------------------------------
+
+def _ordered_ids(column, what: str, features_dir, split: str) -> None:
+    ids = column.to_numpy()
+    if not np.array_equal(ids, np.arange(len(ids))):
+        raise shards.ShardError(
+            f"{shards.split_dir(features_dir, split)}: {what} ids are not dense and ordered; re-run `dsmd extract`"
+        )
+
+
+def encode_split(
+    loaded: LoadedModel,
+    features_dir: str | Path,
+    split: str,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image_emb (N, D), text_emb (M, D), text_to_image (M,)) of a features split, encoded by
+    `loaded` from the stored image bytes (its own eval `preprocess`) and captions (its own
+    tokenizer); embeddings L2-normalised float32, in image_id / text_id order."""
+    if batch_size < 1:
+        raise ConfigError(f"evaluate.batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    model = loaded.model.to(device).eval()
+    images = shards.read_images(features_dir, split, columns=[schema.IMAGE_ID, schema.IMAGE_BYTES])
+    texts = shards.read_texts(features_dir, split, columns=[schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION])
+    _ordered_ids(images[schema.IMAGE_ID], "image", features_dir, split)
+    _ordered_ids(texts[schema.TEXT_ID], "text", features_dir, split)
+
+    image_chunks, text_chunks = [], []
+    with torch.inference_mode(), runtime.autocast(device):
+        with tqdm(total=images.num_rows, desc=f"encode {split} images", unit="img", disable=None) as bar:
+            for start in range(0, images.num_rows, batch_size):
+                batch = images.slice(start, batch_size)
+                pixels = []
+                for image_id, data in zip(batch[schema.IMAGE_ID].to_pylist(), batch[schema.IMAGE_BYTES].to_pylist()):
+                    try:
+                        pixels.append(loaded.preprocess(decode_image(data)))
+                    except CorruptImageError as exc:
+                        raise shards.ShardError(
+                            f"{shards.split_dir(features_dir, split)}: image_id {image_id}: {exc}"
+                        ) from None
+                emb = model.encode_image(torch.stack(pixels).to(device))
+                image_chunks.append(F.normalize(emb.float(), dim=-1).cpu())
+                bar.update(len(pixels))
+        with tqdm(total=texts.num_rows, desc=f"encode {split} texts", unit="txt", disable=None) as bar:
+            for start in range(0, texts.num_rows, batch_size):
+                captions = texts.slice(start, batch_size)[schema.CAPTION].to_pylist()
+                emb = model.encode_text(loaded.tokenizer(captions).to(device))
+                text_chunks.append(F.normalize(emb.float(), dim=-1).cpu())
+                bar.update(len(captions))
+    image_emb = torch.cat(image_chunks).numpy().astype(np.float32, copy=False)
+    text_emb = torch.cat(text_chunks).numpy().astype(np.float32, copy=False)
+    text_to_image = texts[schema.IMAGE_ID].to_numpy().astype(np.int64)
+    return image_emb, text_emb, text_to_image
+
+
+# ---- encoder cost ----------------------------------------------------------------------------
+
+def parameter_counts(model: torch.nn.Module) -> dict:
+    """Image tower = `model.visual`; text tower = everything else except the logit scale/bias."""
+    total = sum(p.numel() for p in model.parameters())
+    image = sum(p.numel() for p in model.visual.parameters())
+    head = sum(p.numel() for name, p in model.named_parameters() if name in ("logit_scale", "logit_bias"))
+    return {"params_image": int(image), "params_text": int(total - image - head), "params_total": int(total)}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def compare_encoder_costs(
+    models: dict[str, LoadedModel],
+    device: str | torch.device = "cpu",
+    latency_repeats: int = 20,
+    throughput_batch: int = 64,
+    throughput_repeats: int = 5,
+    warmup: int = 2,
+) -> dict[str, dict]:
+    """`encoder_cost` of several models measured together: every repeat times every model in turn
+    (in a rotating order), so drift in machine load affects all of them alike.
+
+    Per model: parameter counts; `image_latency_ms` / `text_latency_ms` = median wall time of one
+    `encode_image` / `encode_text` call at batch 1; `image_throughput` / `text_throughput` =
+    throughput_batch / median time of a call at that batch (items per second), and
+    `image_ms_per_image` / `text_ms_per_text` = 1000 / throughput."""
+    if latency_repeats < 1 or throughput_repeats < 1 or throughput_batch < 1:
+        raise ConfigError(
+            "evaluate.latency_repeats, throughput_repeats and throughput_batch must be >= 1, got "
+            f"{latency_repeats}, {throughput_repeats}, {throughput_batch}"
+        )
+    device = torch.device(device)
+    names = list(models)
+    ops: dict[str, dict[str, Callable[[], object]]] = {}
+    for name, loaded in models.items():
+        model = loaded.model.to(device).eval()
+        size = loaded.image_size
+        image_1 = torch.randn(1, 3, size, size, device=device)
+        image_b = torch.randn(throughput_batch, 3, size, size, device=device)
+        text_1 = loaded.tokenizer([TIMING_CAPTION]).to(device)
+        text_b = loaded.tokenizer([TIMING_CAPTION] * throughput_batch).to(device)
+        ops[name] = {
+            "image_1": lambda m=model, x=image_1: m.encode_image(x),
+            "text_1": lambda m=model, x=text_1: m.encode_text(x),
+            "image_b": lambda m=model, x=image_b: m.encode_image(x),
+            "text_b": lambda m=model, x=text_b: m.encode_text(x),
+        }
+    times: dict[str, dict[str, list[float]]] = {n: {op: [] for op in ops[n]} for n in names}
+    rounds = max(latency_repeats, throughput_repeats)
+    with torch.inference_mode(), runtime.autocast(device):
+        for name in names:
+            for fn in ops[name].values():
+                for _ in range(warmup):
+                    fn()
+        for r in tqdm(range(rounds), desc="timing encoders", unit="round", disable=None):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                for op in ("image_1", "text_1"):
+                    if r < latency_repeats:
+                        times[name][op].append(_seconds(ops[name][op], device))
+                for op in ("image_b", "text_b"):
+                    if r < throughput_repeats:
+                        times[name][op].append(_seconds(ops[name][op], device))
+    costs = {}
+    for name in names:
+        t = {op: statistics.median(values) for op, values in times[name].items()}
+        image_throughput = throughput_batch / t["image_b"]
+        text_throughput = throughput_batch / t["text_b"]
+        costs[name] = {
+            **parameter_counts(models[name].model),
+            "image_size": int(models[name].image_size),
+            "image_latency_ms": 1000.0 * t["image_1"],
+            "text_latency_ms": 1000.0 * t["text_1"],
+            "image_throughput": image_throughput,
+            "text_throughput": text_throughput,
+            "image_ms_per_image": 1000.0 / image_throughput,
+            "text_ms_per_text": 1000.0 / text_throughput,
+            "throughput_batch": int(throughput_batch),
+        }
+    return costs
+
+
+def encoder_cost(
+    loaded: LoadedModel,
+    device: str | torch.device = "cpu",
+    latency_repeats: int = 20,
+    throughput_batch: int = 64,
+    throughput_repeats: int = 5,
+) -> dict:
+    """Parameters, batch-1 latency (ms) and throughput (items/s) of one model; see compare_encoder_costs."""
+    return compare_encoder_costs(
+        {"model": loaded}, device, latency_repeats, throughput_batch, throughput_repeats
+    )["model"]
+
+
+# ---- loading teacher and students -------------------------------------------------------------
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EvaluationError(f"{path}: cannot read {what} ({exc})") from None
+    if not isinstance(data, dict):
+        raise EvaluationError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+def load_student(student_dir: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """A student written by `save_open_clip_dir`: `open_clip_config.json` names the model config,
+    `open_clip_pytorch_model.bin` holds the weights (loaded with weights_only=True)."""
+    student_dir = Path(student_dir)
+    config_path, weights = student_dir / OPEN_CLIP_CONFIG, student_dir / DEMO_CHECKPOINT
+    for path in (config_path, weights):
+        if not path.exists():
+            raise EvaluationError(f"student {student_dir}: {path.name} not found (train the student first)")
+    model_name = _read_json(config_path, "the student's open_clip config").get("model_name")
+    if not model_name:
+        raise EvaluationError(f"{config_path}: no 'model_name'")
+    try:
+        return load_model(model_name, str(weights), device)
+    except ModelError as known_name_failed:
+        # a config not registered here (trained elsewhere): open_clip reads it from the folder itself
+        try:
+            return load_model(f"local-dir:{student_dir}", "", device)
+        except ModelError:
+            raise EvaluationError(f"student {student_dir}: {known_name_failed}") from None
+
+
+def load_students(students: dict[str, str], allow_missing: bool, device) -> dict[str, tuple[Path, LoadedModel]]:
+    """name -> (dir, model). A missing dir (or one without weights) is an error naming it, or a
+    logged skip with `allow_missing`."""
+    loaded = {}
+    for name, folder in students.items():
+        folder = Path(folder)
+        missing = not folder.is_dir() or not (folder / OPEN_CLIP_CONFIG).exists() or not (folder / DEMO_CHECKPOINT).exists()
+        if missing:
+            message = f"student {name!r}: {folder} has no trained student ({OPEN_CLIP_CONFIG} + {DEMO_CHECKPOINT})"
+            if allow_missing:
+                log.warning("%s; skipped (--allow-missing)", message)
+                continue
+            raise EvaluationError(f"{message}; train it first, or pass --allow-missing to skip it")
+        loaded[name] = (folder, load_student(folder, device))
+    return loaded
+
+
+def load_teacher_architecture(split_manifest: dict, teacher_dir: str | Path, device) -> LoadedModel:
+    """The teacher's architecture, for timing only (random weights cost the same as trained ones and
+    need no download): the features' recorded teacher model name if open_clip knows it, else the
+    `open_clip_config.json` in teacher_dir."""
+    identity = split_manifest.get("teacher") or {}
+    name = identity.get("model")
+    tried = []
+    if name and not str(name).startswith(("hf-hub:", "local-dir:")):
+        try:
+            return load_model(name, "", device)
+        except ModelError as exc:
+            tried.append(f"features teacher identity model {name!r}: {exc}")
+    config_path = Path(teacher_dir) / OPEN_CLIP_CONFIG
+    if config_path.exists():
+        dir_name = _read_json(config_path, "the teacher's open_clip config").get("model_name")
+        try:
+            return load_model(dir_name, "", device) if dir_name else load_model(f"local-dir:{teacher_dir}", "", device)
+        except ModelError:
+            try:
+                return load_model(f"local-dir:{teacher_dir}", "", device)
+            except ModelError as exc:
+                tried.append(f"{config_path}: {exc}")
+    else:
+        tried.append(f"{config_path} not found")
+    raise EvaluationError("cannot build the teacher architecture for timing: " + "; ".join(tried))
+
+
+# ---- training logs and plots ------------------------------------------------------------------
+
+def read_train_log(path: str | Path) -> list[dict]:
+    """The JSON lines of a `train_log.jsonl`; lines that are not JSON objects with a `step` are
+    skipped and counted in a warning."""
+    path = Path(path)
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            records.append(record)
+        else:
+            bad += 1
+    if bad:
+        log.warning("%s: skipped %d malformed line(s)", path, bad)
+    return records
+
+
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return shards.atomic_write_bytes(buffer.getvalue(), path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_quality_vs_time(points: list[dict], path: str | Path) -> Path:
+    """RSUM against image-encoding ms per image (at the throughput batch), one labelled point per model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for point in points:
+        marker = "*" if point["model"] == TEACHER else "o"
+        ax.scatter(point["image_ms_per_image"], point["rsum"], s=120 if marker == "*" else 60, marker=marker)
+        ax.annotate(point["model"], (point["image_ms_per_image"], point["rsum"]), textcoords="offset points", xytext=(6, 6))
+    ax.set_xlabel("image encoding time (ms per image, throughput batch)")
+    ax.set_ylabel("RSUM")
+    ax.set_title("retrieval quality against image-encoding time")
+    ax.grid(alpha=0.3)
+    return _save_figure(fig, Path(path))
+
+
+def plot_training_curves(logs: dict[str, list[dict]], path: str | Path) -> Path:
+    """Left: loss_total and every loss_<term> against step (log scale); right: balancer weights."""
+    plt = _pyplot()
+    fig, (loss_ax, weight_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for student, records in logs.items():
+        keys = sorted({k for r in records for k in r if k.startswith(("loss_", "weight_"))})
+        for key in keys:
+            steps = [r["step"] for r in records if isinstance(r.get(key), (int, float))]
+            values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+            ax = loss_ax if key.startswith("loss_") else weight_ax
+            style = "-" if key == "loss_total" else "--" if key.startswith("loss_") else "-"
+            ax.plot(steps, values, style, label=f"{student}: {key.split('_', 1)[1]}")
+    loss_ax.set_yscale("log", nonpositive="mask")
+    loss_ax.set_title("losses")
+    weight_ax.set_title("balancer weights")
+    for ax in (loss_ax, weight_ax):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    if not logs:
+        fig.suptitle(f"no {TRAIN_LOG_FILE} found beside the students")
+    return _save_figure(fig, Path(path))
+
+
+# ---- the stage -------------------------------------------------------------------------------
+
+def _resolve_device(name: str) -> torch.device:
+    try:
+        return runtime.resolve_device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"evaluate.device: {exc}") from None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Quality of the teacher (cached embeddings) and each student on `cfg.split`, the encoders'
+    cost measured side by side, and per student:
+      quality_ratio = student rsum / teacher rsum
+      image_time_ratio = student image ms per image / teacher's (at the throughput batch)
+      image_latency_ratio, text_latency_ratio = the same at batch 1; text_time_ratio = per text.
+    Writes `cfg.metrics_file` (JSON, for `dvc metrics`) and the plots in `cfg.plots_dir`."""
+    ks = _check_ks(cfg.ks)
+    if cfg.chunk_size < 1:
+        raise ConfigError(f"evaluate.chunk_size must be >= 1, got {cfg.chunk_size}")
+    runtime.set_threads(cfg.threads)
+    device = _resolve_device(cfg.device)
+    split_manifest = shards.load_split_manifest(cfg.features_dir, cfg.split)
+    students = load_students(cfg.students, cfg.allow_missing, device)
+
+    teacher_image, teacher_text, text_to_image = shards.load_embeddings(cfg.features_dir, cfg.split)
+    log.info("split %s: %d images, %d texts", cfg.split, len(teacher_image), len(teacher_text))
+    teacher = retrieval_metrics(teacher_image, teacher_text, text_to_image, ks, cfg.chunk_size, device)
+    student_metrics = {}
+    for name, (_, loaded) in students.items():
+        image_emb, text_emb, student_text_to_image = encode_split(loaded, cfg.features_dir, cfg.split, cfg.batch_size, device)
+        if not np.array_equal(student_text_to_image, text_to_image):
+            raise shards.ShardError(f"{shards.split_dir(cfg.features_dir, cfg.split)}: texts changed while reading")
+        student_metrics[name] = retrieval_metrics(image_emb, text_emb, text_to_image, ks, cfg.chunk_size, device)
+
+    timed = {TEACHER: load_teacher_architecture(split_manifest, cfg.teacher_dir, device)}
+    timed.update({f"student:{name}": loaded for name, (_, loaded) in students.items()})
+    costs = compare_encoder_costs(
+        timed, device, cfg.latency_repeats, cfg.throughput_batch, cfg.throughput_repeats
+    )
+    teacher_cost = costs[TEACHER]
+    metrics = {
+        "split": cfg.split,
+        "num_images": int(len(teacher_image)),
+        "num_texts": int(len(teacher_text)),
+        "device": str(device),
+        "device_name": _device_name(device),
+        "threads": int(torch.get_num_threads()),
+        "teacher": {**teacher, "model": timed[TEACHER].identity["model"], "cost": teacher_cost},
+        "students": {},
+    }
+    for name, quality in student_metrics.items():
+        cost = costs[f"student:{name}"]
+        metrics["students"][name] = {
+            **quality,
+            "model": students[name][1].identity["model"],
+            "quality_ratio": quality["rsum"] / teacher["rsum"] if teacher["rsum"] else float("nan"),
+            "image_time_ratio": cost["image_ms_per_image"] / teacher_cost["image_ms_per_image"],
+            "image_latency_ratio": cost["image_latency_ms"] / teacher_cost["image_latency_ms"],
+            "text_time_ratio": cost["text_ms_per_text"] / teacher_cost["text_ms_per_text"],
+            "text_latency_ratio": cost["text_latency_ms"] / teacher_cost["text_latency_ms"],
+            "cost": cost,
+        }
+    shards.atomic_write_json(metrics, cfg.metrics_file)
+    write_plots(metrics, {name: folder for name, (folder, _) in students.items()}, cfg.plots_dir)
+    return metrics
+
+
+def write_plots(metrics: dict, student_dirs: dict[str, Path], plots_dir: str | Path) -> list[Path]:
+    """quality_vs_time.png (+ .json data) and training_curves.png (+ .json data) in `plots_dir`."""
+    plots_dir = Path(plots_dir)
+    points = [{"model": TEACHER, "rsum": metrics["teacher"]["rsum"], "image_ms_per_image": metrics["teacher"]["cost"]["image_ms_per_image"]}]
+    points += [
+        {"model": name, "rsum": m["rsum"], "image_ms_per_image": m["cost"]["image_ms_per_image"]}
+        for name, m in metrics["students"].items()
+    ]
+    logs = {}
+    for name, folder in student_dirs.items():
+        path = Path(folder) / TRAIN_LOG_FILE
+        if path.exists():
+            logs[name] = read_train_log(path)
+        else:
+            log.warning("student %r: no %s, left out of the training curves", name, path)
+    curve_rows = [{"student": name, **record} for name, records in logs.items() for record in records]
+    return [
+        plot_quality_vs_time(points, plots_dir / QUALITY_PLOT),
+        shards.atomic_write_json(points, plots_dir / QUALITY_DATA),
+        plot_training_curves(logs, plots_dir / CURVES_PLOT),
+        shards.atomic_write_json(curve_rows, plots_dir / CURVES_DATA),
+    ]
+
+
+def parse_student_options(items: list[str] | None) -> dict[str, str] | None:
+    """`--student NAME=DIR` (repeatable) -> {name: dir}; None when not given (params decide)."""
+    if not items:
+        return None
+    students: dict[str, str] = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise ConfigError(f"--student expects NAME=DIR, got {item!r}")
+        if name.strip() in students:
+            raise ConfigError(f"--student {name.strip()!r} given twice")
+        students[name.strip()] = folder.strip()
+    return students
+
+
+def format_table(metrics: dict) -> str:
+    """Teacher against students: R@K both ways, RSUM, quality ratio, image time ratio."""
+    recall_keys = [k for k in metrics["teacher"] if k.startswith(("i2t_r", "t2i_r")) and k[5:].isdigit()]
+    header = ["model"] + [k.replace("_r", " R@") for k in recall_keys] + ["RSUM", "quality", "img ms", "img time"]
+    rows = [[TEACHER] + [f"{metrics['teacher'][k]:.1f}" for k in recall_keys]
+            + [f"{metrics['teacher']['rsum']:.1f}", "1.000", f"{metrics['teacher']['cost']['image_ms_per_image']:.3f}", "1.000"]]
+    for name, m in metrics["students"].items():
+        rows.append([name] + [f"{m[k]:.1f}" for k in recall_keys]
+                    + [f"{m['rsum']:.1f}", f"{m['quality_ratio']:.3f}", f"{m['cost']['image_ms_per_image']:.3f}",
+                       f"{m['image_time_ratio']:.3f}"])
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header] + rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(
+        f"split {metrics['split']}: {metrics['num_images']} images, {metrics['num_texts']} texts; "
+        f"timed on {metrics['device']} ({metrics['device_name']}), {metrics['threads']} threads"
+    )
+    return "\n".join(lines)

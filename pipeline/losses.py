@@ -1,0 +1,379 @@
+"""The DSMD losses (four scales of the same output embeddings), the teacher queue and the CLIP loss.
+
+Notation: s_v, s_t are the student's image and text embeddings (already projected to the teacher's
+width D), t_v, t_t the teacher's cached ones; all L2-normalised (B, D) tensors. `image_ids` (B,) int64
+names each sample's image so that pairs of the same image (one sample per caption puts an image
+several times in a batch or in the queue) are never treated as negatives. Teacher inputs are
+constants: they are detached here, so gradient reaches the student only.
+
+Style follows open_clip's `loss.py`: each loss is a small nn.Module whose docstring gives its formula.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+LOSS_NAMES = ("feature", "similarity", "contrastive", "hard_negative", "task")
+
+# owner id of an empty queue entry / a padded mined negative
+INVALID_ID = -1
+
+
+def _teacher(teacher: Tensor, like: Tensor) -> Tensor:
+    """Teacher embeddings as constants in the student's dtype (the cache may hold float16)."""
+    return teacher.detach().to(device=like.device, dtype=like.dtype)
+
+
+def _distributed_world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate `x` from every rank along dim 0, keeping autograd (torch.distributed.nn.all_gather,
+    as open_clip's `gather_features(gather_with_grad=True)`); the identity when not distributed.
+
+    Every rank must pass the same shape. The backward sums the gradients the ranks computed for this
+    rank's shard, so when every rank computes the same global loss the local gradient is
+    world_size x dL/dx, which DDP's gradient averaging turns back into dL/dtheta.
+    """
+    if _distributed_world_size() <= 1:
+        return x
+    import torch.distributed.nn  # noqa: F401  (registers torch.distributed.nn.all_gather)
+
+    return torch.cat(torch.distributed.nn.all_gather(x), dim=0)
+
+
+def gather_no_grad(x: Tensor) -> Tensor:
+    """Concatenate `x` from every rank along dim 0 without autograd; ranks may pass different
+    lengths along dim 0 (rows are padded to the longest for the collective, then stripped)."""
+    world_size = _distributed_world_size()
+    if world_size <= 1:
+        return x
+    x = x.detach().contiguous()
+    length = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    lengths = [torch.zeros_like(length) for _ in range(world_size)]
+    dist.all_gather(lengths, length)
+    lengths = [int(n) for n in lengths]
+    longest = max(lengths)
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    gathered = [torch.zeros_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, lengths)], dim=0)
+
+
+class FeatureDistillLoss(nn.Module):
+    """Element-level distillation (L1 over all B x D elements):
+
+        L_feat = mean_{i,d} |s_v[i,d] - t_v[i,d]| + mean_{i,d} |s_t[i,d] - t_t[i,d]|
+    """
+
+    def forward(self, student_image: Tensor, student_text: Tensor, teacher_image: Tensor, teacher_text: Tensor) -> Tensor:
+        image_term = (student_image - _teacher(teacher_image, student_image)).abs().mean()
+        text_term = (student_text - _teacher(teacher_text, student_text)).abs().mean()
+        return image_term + text_term
+
+
+class SimilarityDistillLoss(nn.Module):
+    """Sample-direction distillation (0 when every student embedding points like its teacher's, 1 when opposite):
+
+        L_sim = [1 - (1 + mean_i cos(s_v_i, t_v_i)) / 2] + [1 - (1 + mean_i cos(s_t_i, t_t_i)) / 2]
+    """
+
+    def forward(self, student_image: Tensor, student_text: Tensor, teacher_image: Tensor, teacher_text: Tensor) -> Tensor:
+        image_cos = F.cosine_similarity(student_image, _teacher(teacher_image, student_image), dim=-1).mean()
+        text_cos = F.cosine_similarity(student_text, _teacher(teacher_text, student_text), dim=-1).mean()
+        return (1 - (1 + image_cos) / 2) + (1 - (1 + text_cos) / 2)
+
+
+class TeacherQueue(nn.Module):
+    """FIFO of the K most recent teacher embeddings (image and text) with the image id owning each.
+
+    All state is in registered buffers (`image`, `text` (K, D) float32; `owner_ids` (K,) int64 with
+    -1 = empty; `ptr`, the next slot to write, which once full is the oldest entry; `num_valid`), so
+    `state_dict()` / `load_state_dict()` resume it exactly and `.to(device)` moves it.
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ValueError(f"TeacherQueue needs size >= 1 and dim >= 1, got size={size}, dim={dim}")
+        self.size = size
+        self.dim = dim
+        self.register_buffer("image", torch.zeros(size, dim))
+        self.register_buffer("text", torch.zeros(size, dim))
+        self.register_buffer("owner_ids", torch.full((size,), INVALID_ID, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("num_valid", torch.zeros((), dtype=torch.long))
+
+    def _check(self, teacher_image: Tensor, teacher_text: Tensor, image_ids: Tensor) -> None:
+        rows = image_ids.shape[0]
+        if teacher_image.shape != (rows, self.dim) or teacher_text.shape != (rows, self.dim):
+            raise ValueError(
+                f"TeacherQueue(dim={self.dim}): expected ({rows}, {self.dim}) teacher embeddings, got "
+                f"image {tuple(teacher_image.shape)} and text {tuple(teacher_text.shape)}"
+            )
+
+    @torch.no_grad()
+    def enqueue(self, teacher_image: Tensor, teacher_text: Tensor, image_ids: Tensor) -> None:
+        """Append rows in order, overwriting the oldest entries; rows with image id -1 are skipped.
+        More than K rows: only the last K remain (as if enqueued one by one)."""
+        self._check(teacher_image, teacher_text, image_ids)
+        keep = image_ids != INVALID_ID
+        teacher_image, teacher_text, image_ids = teacher_image[keep], teacher_text[keep], image_ids[keep]
+        rows = image_ids.shape[0]
+        if rows == 0:
+            return
+        if rows > self.size:
+            # the earlier rows would be overwritten within this call anyway; the write
+            # position advances as if all of them had been written
+            start = (int(self.ptr) + rows - self.size) % self.size
+            teacher_image, teacher_text, image_ids = (
+                teacher_image[-self.size:], teacher_text[-self.size:], image_ids[-self.size:]
+            )
+            self.ptr.fill_(start)
+            rows = self.size
+        slots = (int(self.ptr) + torch.arange(rows, device=self.owner_ids.device)) % self.size
+        self.image[slots] = teacher_image.detach().to(self.image)
+        self.text[slots] = teacher_text.detach().to(self.text)
+        self.owner_ids[slots] = image_ids.to(self.owner_ids)
+        self.ptr.fill_((int(self.ptr) + rows) % self.size)
+        self.num_valid.fill_(min(self.size, int(self.num_valid) + rows))
+
+    @torch.no_grad()
+    def prefill(self, teacher_image: Tensor, teacher_text: Tensor, image_ids: Tensor) -> None:
+        """Empty the queue, then enqueue these rows (typically a random sample of the cached teacher
+        embeddings, so the first steps already see real negatives rather than random vectors)."""
+        self._check(teacher_image, teacher_text, image_ids)
+        self.image.zero_()
+        self.text.zero_()
+        self.owner_ids.fill_(INVALID_ID)
+        self.ptr.zero_()
+        self.num_valid.zero_()
+        self.enqueue(teacher_image, teacher_text, image_ids)
+
+
+class ContrastiveDistillLoss(nn.Module):
+    """Global-structure distillation: InfoNCE of each student embedding against its teacher
+    embedding (positive) and the queue of teacher embeddings (negatives), per modality:
+
+        logits_i = [s_i . t_i, s_i . Q_1, ..., s_i . Q_K] / tau,   L = mean_i CE(logits_i, 0)
+        L_con = L(s_v, t_v, Q_v) + L(s_t, t_t, Q_t)
+
+    Queue entries owned by the sample's own image, and empty entries, get logit -inf (they take no
+    part in the softmax). With an empty queue the loss is 0.
+    """
+
+    def __init__(self, temperature: float = 0.05):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"contrastive temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def _modality(self, student: Tensor, teacher: Tensor, queue_emb: Tensor, negative_mask: Tensor) -> Tensor:
+        positive = (student * teacher).sum(dim=-1, keepdim=True)
+        negatives = (student @ queue_emb.to(student.dtype).T).masked_fill(negative_mask, float("-inf"))
+        logits = torch.cat([positive, negatives], dim=1) / self.temperature
+        targets = torch.zeros(student.shape[0], dtype=torch.long, device=student.device)
+        return F.cross_entropy(logits, targets)
+
+    def forward(
+        self,
+        student_image: Tensor,
+        student_text: Tensor,
+        teacher_image: Tensor,
+        teacher_text: Tensor,
+        image_ids: Tensor,
+        queue: TeacherQueue,
+    ) -> Tensor:
+        owner_ids = queue.owner_ids.to(image_ids.device)
+        # (B, K): same image as the sample, or an empty slot
+        negative_mask = (owner_ids[None, :] == image_ids[:, None]) | (owner_ids[None, :] == INVALID_ID)
+        image_term = self._modality(student_image, _teacher(teacher_image, student_image), queue.image, negative_mask)
+        text_term = self._modality(student_text, _teacher(teacher_text, student_text), queue.text, negative_mask)
+        return image_term + text_term
+
+
+class HardNegativeDistillLoss(nn.Module):
+    """Local-ranking distillation: VSE++ max-violation triplet loss between student anchors a and
+    teacher embeddings b, with S = a b^T and m the margin:
+
+        T(a, b) = reduce_i ( max_j [m + S_ij - S_ii]_+  +  max_j [m + S_ji - S_ii]_+ )
+        L_hn    = T(s_v, t_v) + T(s_t, t_t) + T(s_v, t_t) + T(s_t, t_v)
+
+    Row direction (anchor a_i against teacher negatives): j runs over the other in-batch b_j plus the
+    sample's mined teacher negatives (image negatives for t_v, text negatives for t_t). Column
+    direction (teacher b_i against student negatives a_j): in-batch only. Negatives whose owner image
+    id equals the anchor's image id, and mined padding (id -1), are ignored; an anchor without any
+    negative contributes 0.
+
+    `reduction="mean"` (default) averages over the batch; `"sum"` is the authors' (and VSE++'s)
+    choice, which makes the loss -- and so any fixed weight on it -- grow with the batch size.
+    """
+
+    def __init__(self, margin: float = 0.2, reduction: str = "mean"):
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.margin = margin
+        self.reduction = reduction
+
+    def triplet(
+        self,
+        anchor: Tensor,
+        positive: Tensor,
+        image_ids: Tensor,
+        mined: Optional[Tensor] = None,
+        mined_ids: Optional[Tensor] = None,
+    ) -> Tensor:
+        """T(anchor, positive) for one pair of modalities; `mined` (B, H, D) with owner ids (B, H)."""
+        scores = anchor @ positive.T  # S_ij = a_i . b_j
+        positive_scores = scores.diagonal()
+        same_image = image_ids[:, None] == image_ids[None, :]  # includes the diagonal
+        # [m + S_ij - S_ii]_+ : row i, anchor a_i against teacher negatives b_j
+        row_cost = (self.margin + scores - positive_scores[:, None]).clamp(min=0).masked_fill(same_image, 0)
+        row_hardest = row_cost.max(dim=1).values
+        if mined is not None and mined.shape[1] > 0:
+            if mined_ids is None:
+                raise ValueError("mined teacher negatives given without their owner image ids")
+            mined_scores = torch.einsum("bd,bhd->bh", anchor, mined.to(anchor.dtype))
+            ignore = (mined_ids == INVALID_ID) | (mined_ids == image_ids[:, None])
+            mined_cost = (self.margin + mined_scores - positive_scores[:, None]).clamp(min=0).masked_fill(ignore, 0)
+            row_hardest = torch.maximum(row_hardest, mined_cost.max(dim=1).values)
+        # [m + S_ji - S_ii]_+ : column i, teacher b_i against student negatives a_j
+        column_cost = (self.margin + scores - positive_scores[None, :]).clamp(min=0).masked_fill(same_image, 0)
+        column_hardest = column_cost.max(dim=0).values
+        per_sample = row_hardest + column_hardest
+        return per_sample.mean() if self.reduction == "mean" else per_sample.sum()
+
+    def forward(
+        self,
+        student_image: Tensor,
+        student_text: Tensor,
+        teacher_image: Tensor,
+        teacher_text: Tensor,
+        image_ids: Tensor,
+        mined_teacher_image: Optional[Tensor] = None,
+        mined_teacher_text: Optional[Tensor] = None,
+        mined_image_ids: Optional[Tensor] = None,
+        mined_text_image_ids: Optional[Tensor] = None,
+    ) -> Tensor:
+        teacher_image = _teacher(teacher_image, student_image)
+        teacher_text = _teacher(teacher_text, student_text)
+        if mined_teacher_image is not None:
+            mined_teacher_image = mined_teacher_image.detach()
+        if mined_teacher_text is not None:
+            mined_teacher_text = mined_teacher_text.detach()
+        return (
+            self.triplet(student_image, teacher_image, image_ids, mined_teacher_image, mined_image_ids)
+            + self.triplet(student_text, teacher_text, image_ids, mined_teacher_text, mined_text_image_ids)
+            + self.triplet(student_image, teacher_text, image_ids, mined_teacher_text, mined_text_image_ids)
+            + self.triplet(student_text, teacher_image, image_ids, mined_teacher_image, mined_image_ids)
+        )
+
+
+class ClipLoss(nn.Module):
+    """The task loss: symmetric cross-entropy over the student's own image-text similarities,
+
+        logits = logit_scale * s_v s_t^T,   L_task = (CE(logits, diag) + CE(logits^T, diag)) / 2
+
+    With world_size > 1 the features of every rank are gathered with gradient (open_clip's
+    `gather_features(local_loss=False, gather_with_grad=True)`), so each rank computes the loss over
+    the global batch. Optional `image_ids` mask the off-diagonal pairs of the same image (logit -inf),
+    which are not negatives; without them (or with distinct ids) this equals open_clip's ClipLoss.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.rank = rank
+        self.world_size = world_size
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float,
+                image_ids: Optional[Tensor] = None) -> Tensor:
+        if self.world_size > 1:
+            image_features = gather_with_grad(image_features)
+            text_features = gather_with_grad(text_features)
+            if image_ids is not None:
+                image_ids = gather_no_grad(image_ids)
+        logits_per_image = logit_scale * image_features @ text_features.T
+        if image_ids is not None:
+            same_image = image_ids[:, None] == image_ids[None, :]
+            same_image.fill_diagonal_(False)
+            logits_per_image = logits_per_image.masked_fill(same_image, float("-inf"))
+        labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+
+
+class DSMDLoss(nn.Module):
+    """The enabled DSMD terms (flags of `pipeline.config.DistillConfig`) and the teacher queue.
+
+    `forward(batch)` returns the raw, unweighted terms as `{name: loss}` in `LOSS_NAMES` order (the
+    balancer weighs them). The queue changes only through `enqueue()`, which the caller runs once
+    per optimizer step after `optimizer.step()` (so every micro-batch of an accumulated step sees
+    the same queue); under torch.distributed it enqueues the teacher embeddings of all ranks, so
+    every rank holds the same queue and a checkpoint saved by rank 0 resumes all of them.
+
+    Batch keys: student_image, student_text, teacher_image, teacher_text, image_ids, logit_scale
+    (task), and optionally mined_teacher_image, mined_teacher_text (B, H, D), mined_image_ids,
+    mined_text_image_ids (B, H).
+    """
+
+    def __init__(self, config, dim: int, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.enabled = tuple(name for name in LOSS_NAMES if getattr(config, name))
+        if not self.enabled:
+            raise ValueError(f"train.distill: every loss term is switched off; enable at least one of {LOSS_NAMES}")
+        self.feature = FeatureDistillLoss() if config.feature else None
+        self.similarity = SimilarityDistillLoss() if config.similarity else None
+        self.contrastive = ContrastiveDistillLoss(config.temperature) if config.contrastive else None
+        self.queue = TeacherQueue(config.queue_size, dim) if config.contrastive else None
+        self.hard_negative = HardNegativeDistillLoss(config.margin) if config.hard_negative else None
+        self.task = ClipLoss(rank=rank, world_size=world_size) if config.task else None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The enabled terms, in LOSS_NAMES order (the names to give the LossBalancer)."""
+        return self.enabled
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        s_v, s_t = batch["student_image"], batch["student_text"]
+        t_v, t_t = batch["teacher_image"], batch["teacher_text"]
+        image_ids = batch["image_ids"]
+        losses: dict[str, Tensor] = {}
+        if self.feature is not None:
+            losses["feature"] = self.feature(s_v, s_t, t_v, t_t)
+        if self.similarity is not None:
+            losses["similarity"] = self.similarity(s_v, s_t, t_v, t_t)
+        if self.contrastive is not None:
+            losses["contrastive"] = self.contrastive(s_v, s_t, t_v, t_t, image_ids, self.queue)
+        if self.hard_negative is not None:
+            losses["hard_negative"] = self.hard_negative(
+                s_v, s_t, t_v, t_t, image_ids,
+                mined_teacher_image=batch.get("mined_teacher_image"),
+                mined_teacher_text=batch.get("mined_teacher_text"),
+                mined_image_ids=batch.get("mined_image_ids"),
+                mined_text_image_ids=batch.get("mined_text_image_ids"),
+            )
+        if self.task is not None:
+            losses["task"] = self.task(s_v, s_t, batch["logit_scale"], image_ids=image_ids)
+        return losses
+
+    @torch.no_grad()
+    def enqueue(self, teacher_image: Tensor, teacher_text: Tensor, image_ids: Tensor) -> None:
+        """Push a step's teacher embeddings (all ranks' under torch.distributed); no-op without the queue."""
+        if self.queue is None:
+            return
+        self.queue.enqueue(gather_no_grad(teacher_image), gather_no_grad(teacher_text), gather_no_grad(image_ids))
+
+    @torch.no_grad()
+    def prefill(self, teacher_image: Tensor, teacher_text: Tensor, image_ids: Tensor) -> None:
+        """Fill the queue from the cache before training (pass the same rows on every rank)."""
+        if self.queue is not None:
+            self.queue.prefill(teacher_image, teacher_text, image_ids)

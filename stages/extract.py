@@ -1,0 +1,54 @@
+"""`dsmd extract`: the teacher's embeddings of every image and caption of the corpus, to Parquet."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.config import stage_config
+from pipeline.extract import extract
+from stages._common import SET_HELP, params_option, user_errors
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def main(
+    params: Path = params_option(),
+    manifest: Optional[str] = typer.Option(None, help="corpus manifest (YAML) to read [extract.manifest]"),
+    out_dir: Optional[str] = typer.Option(None, help="features directory; one sub-folder per split [extract.out_dir]"),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="split to extract, repeatable [extract.splits]"),
+    batch_size: Optional[int] = typer.Option(None, help="teacher batch size [extract.batch_size]"),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers decoding images [extract.num_workers]"),
+    views: Optional[int] = typer.Option(None, help="also embed K augmented views of each image, storing their crop/flip parameters [extract.views]"),
+    embedding_dtype: Optional[str] = typer.Option(None, help="storage dtype of the embeddings: float16 or float32 [extract.embedding_dtype]"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N [extract.device]"),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 autocast on CUDA), fp32, bf16 or fp16 [extract.precision]"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads, 0 = torch default [extract.threads]"),
+    teacher_model: Optional[str] = typer.Option(None, help="open_clip model name of the teacher [teacher.model]"),
+    teacher_pretrained: Optional[str] = typer.Option(None, help="teacher weights: demo, an open_clip tag, hf-hub:..., a checkpoint path, or '' [teacher.pretrained]"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="discard existing outputs of these splits instead of resuming"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Run the teacher once over each split and write images/texts Parquet shards.
+
+    Resumable: finished input shards are kept and skipped on a re-run. Under `torchrun --nproc_per_node N`
+    each rank embeds its share of the input shards; the result equals a single-process run."""
+    with user_errors():
+        cfg = stage_config(params, "extract", {
+            "manifest": manifest, "out_dir": out_dir, "splits": split or None, "batch_size": batch_size,
+            "num_workers": num_workers, "views": views, "embedding_dtype": embedding_dtype, "device": device,
+            "precision": precision, "threads": threads,
+        }, set_)
+        teacher_cfg = stage_config(params, "teacher", {"model": teacher_model, "pretrained": teacher_pretrained})
+        results = extract(cfg, teacher_cfg, overwrite=overwrite)
+        for split_name, manifest_info in results.items():
+            if manifest_info:
+                skipped = sum(manifest_info.get("skipped", {}).get("counts", {}).values())
+                typer.echo(f"{split_name}: {manifest_info['num_images']} images, {manifest_info['num_texts']} texts, "
+                           f"{skipped} skipped -> {Path(cfg.out_dir) / split_name}")
+
+
+if __name__ == "__main__":
+    app()

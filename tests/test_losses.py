@@ -1,0 +1,437 @@
+"""The DSMD losses against hand-computed values and explicit Python loops on tiny tensors."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import open_clip.loss
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from pipeline.config import DistillConfig
+from pipeline.losses import (
+    LOSS_NAMES,
+    ClipLoss,
+    ContrastiveDistillLoss,
+    DSMDLoss,
+    FeatureDistillLoss,
+    HardNegativeDistillLoss,
+    SimilarityDistillLoss,
+    TeacherQueue,
+    gather_with_grad,
+)
+
+
+def unit(*shape, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=generator, dtype=torch.float64), dim=-1)
+
+
+def batch(b=5, d=4, seed=0):
+    return [unit(b, d, seed=seed + k) for k in range(4)]  # s_v, s_t, t_v, t_t
+
+
+# ---- feature and similarity --------------------------------------------------------------------
+def test_feature_loss_exact_value():
+    s_v = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t_v = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # |diff| = [[1, 1], [0, 0]] -> mean 0.5
+    s_t = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    t_t = torch.tensor([[0.8, 0.6], [1.0, 0.0]])  # |diff| = [[.2, .2], [0, 0]] -> mean 0.1
+    assert FeatureDistillLoss()(s_v, s_t, t_v, t_t).item() == pytest.approx(0.6)
+
+
+def test_feature_loss_matches_loop():
+    s_v, s_t, t_v, t_t = batch(3, 4)
+    expected = sum(abs(s_v[i, d] - t_v[i, d]) for i in range(3) for d in range(4)) / 12
+    expected += sum(abs(s_t[i, d] - t_t[i, d]) for i in range(3) for d in range(4)) / 12
+    assert FeatureDistillLoss()(s_v, s_t, t_v, t_t).item() == pytest.approx(expected.item())
+
+
+def test_similarity_loss_exact_value():
+    s_v = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t_v = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # cos = 0, 1 -> mean .5 -> 1 - 1.5/2 = .25
+    s_t = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    t_t = -s_t  # cos = -1 -> 1 - 0/2 = 1
+    assert SimilarityDistillLoss()(s_v, s_t, t_v, t_t).item() == pytest.approx(1.25)
+    assert SimilarityDistillLoss()(s_v, s_t, s_v, s_t).item() == pytest.approx(0.0, abs=1e-7)
+
+
+# ---- the teacher queue -------------------------------------------------------------------------
+def rows(ids, dim=2):
+    """Embeddings whose first coordinate encodes the id, so positions can be read back."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    image = torch.zeros(len(ids), dim)
+    image[:, 0] = ids.float()
+    return image, -image, ids
+
+
+def test_queue_fifo_order_and_wrap_around():
+    queue = TeacherQueue(size=4, dim=2)
+    assert int(queue.num_valid) == 0 and (queue.owner_ids == -1).all()
+    queue.enqueue(*rows([10, 11, 12]))
+    assert queue.owner_ids.tolist() == [10, 11, 12, -1]
+    assert int(queue.ptr) == 3 and int(queue.num_valid) == 3
+    queue.enqueue(*rows([13, 14, 15]))  # wraps: the oldest entries (10, 11) are overwritten first
+    assert queue.owner_ids.tolist() == [14, 15, 12, 13]
+    assert queue.image[:, 0].tolist() == [14, 15, 12, 13]
+    assert queue.text[:, 0].tolist() == [-14, -15, -12, -13]
+    assert int(queue.ptr) == 2 and int(queue.num_valid) == 4
+
+
+def test_queue_skips_invalid_rows_and_keeps_last_k_of_a_long_batch():
+    queue = TeacherQueue(size=4, dim=2)
+    queue.enqueue(*rows([1, -1, 2]))
+    assert queue.owner_ids.tolist() == [1, 2, -1, -1] and int(queue.num_valid) == 2
+    queue.enqueue(*rows([3, 4, 5, 6, 7]))  # more than K: same result as enqueueing one by one
+    one_by_one = TeacherQueue(size=4, dim=2)
+    for i in [1, 2, 3, 4, 5, 6, 7]:
+        one_by_one.enqueue(*rows([i]))
+    assert queue.owner_ids.tolist() == one_by_one.owner_ids.tolist() == [7, 4, 5, 6]
+    assert int(queue.ptr) == int(one_by_one.ptr) == 1
+    assert torch.equal(queue.image, one_by_one.image)
+
+
+def test_queue_prefill_replaces_contents():
+    queue = TeacherQueue(size=4, dim=2)
+    queue.enqueue(*rows([1, 2, 3]))
+    queue.prefill(*rows([20, 21]))
+    assert queue.owner_ids.tolist() == [20, 21, -1, -1]
+    assert queue.image[:, 0].tolist() == [20, 21, 0, 0]
+    assert int(queue.ptr) == 2 and int(queue.num_valid) == 2
+
+
+def test_queue_state_dict_round_trip(tmp_path):
+    queue = TeacherQueue(size=5, dim=3)
+    queue.enqueue(unit(7, 3), unit(7, 3, seed=1), torch.arange(7))
+    torch.save(queue.state_dict(), tmp_path / "queue.pt")
+    resumed = TeacherQueue(size=5, dim=3)
+    resumed.load_state_dict(torch.load(tmp_path / "queue.pt", weights_only=True))
+    for name, value in queue.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    new_rows = (unit(2, 3, seed=5), unit(2, 3, seed=6), torch.tensor([40, 41]))
+    queue.enqueue(*new_rows)
+    resumed.enqueue(*new_rows)
+    assert torch.equal(queue.owner_ids, resumed.owner_ids) and torch.equal(queue.image, resumed.image)
+
+
+# ---- contrastive distillation ------------------------------------------------------------------
+def contrastive_loop(s_v, s_t, t_v, t_t, image_ids, queue, tau):
+    total = 0.0
+    for student, teacher, bank in ((s_v, t_v, queue.image), (s_t, t_t, queue.text)):
+        per_sample = []
+        for i in range(student.shape[0]):
+            logits = [float(student[i] @ teacher[i]) / tau]
+            for k in range(queue.size):
+                owner = int(queue.owner_ids[k])
+                if owner == -1 or owner == int(image_ids[i]):
+                    continue
+                logits.append(float(student[i] @ bank[k].double()) / tau)
+            top = max(logits)
+            per_sample.append(-(logits[0] - top - math.log(sum(math.exp(x - top) for x in logits))))
+        total += sum(per_sample) / len(per_sample)
+    return total
+
+
+def filled_queue():
+    queue = TeacherQueue(size=6, dim=4)
+    # owners: two entries of image 1 (a batch image), one of image 7, two others, one slot left empty
+    queue.enqueue(unit(5, 4, seed=10).float(), unit(5, 4, seed=11).float(), torch.tensor([1, 7, 8, 1, 9]))
+    return queue
+
+
+def test_contrastive_matches_loop_with_masking():
+    s_v, s_t, t_v, t_t = batch(3, 4)
+    image_ids = torch.tensor([1, 2, 7])
+    queue = filled_queue()
+    tau = 0.1
+    got = ContrastiveDistillLoss(tau)(s_v, s_t, t_v, t_t, image_ids, queue).item()
+    assert got == pytest.approx(contrastive_loop(s_v, s_t, t_v, t_t, image_ids, queue, tau), rel=1e-5)
+
+
+def test_contrastive_masked_entries_do_not_change_the_value():
+    s_v, s_t, t_v, t_t = batch(3, 4)
+    image_ids = torch.tensor([1, 2, 3])
+    loss = ContrastiveDistillLoss(0.05)
+    queue = filled_queue()
+    before = loss(s_v, s_t, t_v, t_t, image_ids, queue).item()
+    # slots 0 and 3 belong to image 1, but image 1 is sample 0's own image only: rewrite sample 0's
+    # view by making every sample image 1 -> those slots are masked for all of them
+    same_ids = torch.tensor([1, 1, 1])
+    masked_before = loss(s_v, s_t, t_v, t_t, same_ids, queue).item()
+    queue.image[[0, 3]] = unit(2, 4, seed=99).float()
+    queue.text[[0, 3]] = unit(2, 4, seed=98).float()
+    queue.image[5] = unit(1, 4, seed=97).float()  # the empty slot
+    queue.text[5] = unit(1, 4, seed=96).float()
+    assert loss(s_v, s_t, t_v, t_t, same_ids, queue).item() == pytest.approx(masked_before, rel=1e-6)
+    # ...while for the distinct ids they were (partly) real negatives, so the value moved
+    assert loss(s_v, s_t, t_v, t_t, image_ids, queue).item() != pytest.approx(before, rel=1e-6)
+
+
+def test_contrastive_empty_queue_is_zero_and_hard_queue_raises_loss():
+    s_v, s_t, t_v, t_t = batch(3, 4)
+    image_ids = torch.tensor([0, 1, 2])
+    loss = ContrastiveDistillLoss(0.05)
+    queue = TeacherQueue(size=4, dim=4)
+    assert loss(s_v, s_t, t_v, t_t, image_ids, queue).item() == pytest.approx(0.0, abs=1e-12)
+    easy = loss(s_v, s_t, t_v, t_t, image_ids, queue.prefill(-s_v.float(), -s_t.float(), torch.tensor([5, 6, 7])) or queue).item()
+    queue.prefill(s_v.float(), s_t.float(), torch.tensor([5, 6, 7]))  # negatives equal to the students
+    hard = loss(s_v, s_t, t_v, t_t, image_ids, queue).item()
+    assert hard > easy
+
+
+# ---- hard-negative distillation ----------------------------------------------------------------
+def triplet_loop(a, b, ids, margin, mined=None, mined_ids=None):
+    """Explicit VSE++ max-violation loop; returns per-anchor costs."""
+    n = a.shape[0]
+    costs = []
+    for i in range(n):
+        pos = float(a[i] @ b[i])
+        row = [0.0]
+        for j in range(n):
+            if int(ids[j]) != int(ids[i]):
+                row.append(max(0.0, margin + float(a[i] @ b[j]) - pos))
+        if mined is not None:
+            for h in range(mined.shape[1]):
+                if int(mined_ids[i, h]) not in (-1, int(ids[i])):
+                    row.append(max(0.0, margin + float(a[i] @ mined[i, h]) - pos))
+        column = [0.0]
+        for j in range(n):
+            if int(ids[j]) != int(ids[i]):
+                column.append(max(0.0, margin + float(a[j] @ b[i]) - pos))
+        costs.append(max(row) + max(column))
+    return costs
+
+
+def test_triplet_hand_computed():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+    # S = [[1, .8], [0, .6]]; rows: [.2+.8-1]+ = 0, [.2+0-.6]+ = 0; columns: [.2+0-1]+ = 0, [.2+.8-.6]+ = .4
+    ids = torch.tensor([0, 1])
+    assert HardNegativeDistillLoss(0.2, "sum").triplet(a, b, ids).item() == pytest.approx(0.4)
+    assert HardNegativeDistillLoss(0.2, "mean").triplet(a, b, ids).item() == pytest.approx(0.2)
+    # both samples of the same image: no negatives at all
+    assert HardNegativeDistillLoss(0.2, "sum").triplet(a, b, torch.tensor([3, 3])).item() == 0.0
+    # a mined negative for anchor 1 harder than anything in the batch: [.2 + .8 - .6]+ = .4 more
+    mined = torch.tensor([[[0.0, 1.0]], [[0.6, 0.8]]])
+    mined_ids = torch.tensor([[-1], [5]])
+    assert HardNegativeDistillLoss(0.2, "sum").triplet(a, b, ids, mined, mined_ids).item() == pytest.approx(0.8)
+    # anchor 0's mined entry (which would violate by .2 + 0 - 1 -> 0 anyway) is padding; anchor 1's
+    # mined entry is ignored when it is padding or belongs to anchor 1's own image
+    for ignored in (-1, 1):
+        masked_ids = torch.tensor([[-1], [ignored]])
+        assert HardNegativeDistillLoss(0.2, "sum").triplet(a, b, ids, mined, masked_ids).item() == pytest.approx(0.4)
+
+
+def hn_inputs(seed=0):
+    s_v, s_t, t_v, t_t = batch(6, 4, seed=seed)
+    image_ids = torch.tensor([0, 1, 1, 2, 3, 3])  # images 1 and 3 twice (two captions each)
+    mined_image = unit(6, 3, 4, seed=seed + 20)
+    mined_text = unit(6, 3, 4, seed=seed + 21)
+    mined_image_ids = torch.tensor([[1, 10, -1], [11, 0, 12], [1, -1, -1], [13, 14, 15], [16, 3, 17], [18, 19, 2]])
+    mined_text_ids = torch.tensor([[20, 21, 22], [1, 23, -1], [24, 25, 26], [-1, -1, -1], [3, 27, 28], [29, 0, 30]])
+    return (s_v, s_t, t_v, t_t, image_ids), (mined_image, mined_text, mined_image_ids, mined_text_ids)
+
+
+@pytest.mark.parametrize("use_mined", [False, True])
+def test_hard_negative_matches_loop(use_mined):
+    (s_v, s_t, t_v, t_t, ids), (m_v, m_t, m_v_ids, m_t_ids) = hn_inputs()
+    margin = 0.3
+    if not use_mined:
+        m_v = m_t = m_v_ids = m_t_ids = None
+    expected = []
+    for anchor, positive, mined, mined_ids in (
+        (s_v, t_v, m_v, m_v_ids), (s_t, t_t, m_t, m_t_ids), (s_v, t_t, m_t, m_t_ids), (s_t, t_v, m_v, m_v_ids)
+    ):
+        expected.append(triplet_loop(anchor, positive, ids, margin, mined, mined_ids))
+    total_sum = sum(sum(costs) for costs in expected)
+    summed = HardNegativeDistillLoss(margin, "sum")(s_v, s_t, t_v, t_t, ids, m_v, m_t, m_v_ids, m_t_ids)
+    averaged = HardNegativeDistillLoss(margin, "mean")(s_v, s_t, t_v, t_t, ids, m_v, m_t, m_v_ids, m_t_ids)
+    assert summed.item() == pytest.approx(total_sum, rel=1e-9)
+    assert averaged.item() == pytest.approx(total_sum / 6, rel=1e-9)
+    assert total_sum > 0
+
+
+def test_hard_negative_mined_harder_than_batch_raises_loss():
+    (s_v, s_t, t_v, t_t, ids), _ = hn_inputs(seed=3)
+    loss = HardNegativeDistillLoss(0.2)
+    base = loss(s_v, s_t, t_v, t_t, ids).item()
+    # each sample's mined negative is its own student embedding's direction: the hardest possible
+    mined_image, mined_text = s_v[:, None, :].clone(), s_t[:, None, :].clone()
+    mined_ids = torch.full((6, 1), 100)
+    harder = loss(s_v, s_t, t_v, t_t, ids, mined_image, mined_text, mined_ids, mined_ids).item()
+    assert harder > base
+    padded = loss(s_v, s_t, t_v, t_t, ids, mined_image, mined_text, torch.full((6, 1), -1), torch.full((6, 1), -1)).item()
+    assert padded == pytest.approx(base)
+
+
+def test_same_image_pairs_are_not_negatives():
+    s_v, s_t, t_v, t_t = batch(4, 4, seed=7)
+    loss = HardNegativeDistillLoss(0.2)
+    # duplicates of the same image: making the duplicate's teacher embedding identical to the
+    # anchor's (a violation of size m if it were a negative) must not change the loss
+    ids = torch.tensor([0, 0, 1, 2])
+    t_v2, t_t2 = t_v.clone(), t_t.clone()
+    t_v2[1], t_t2[1] = s_v[0], s_t[0]
+    t_v2[0], t_t2[0] = s_v[0], s_t[0]
+    with_dup = loss(s_v, s_t, t_v2, t_t2, ids).item()
+    distinct = loss(s_v, s_t, t_v2, t_t2, torch.tensor([0, 3, 1, 2])).item()
+    assert distinct > with_dup
+
+
+# ---- the task loss -----------------------------------------------------------------------------
+def test_clip_loss_equals_open_clip():
+    image, text = unit(8, 16, seed=1).float(), unit(8, 16, seed=2).float()
+    logit_scale = torch.tensor(14.3)
+    reference = open_clip.loss.ClipLoss()(image, text, logit_scale)
+    assert ClipLoss()(image, text, logit_scale).item() == pytest.approx(reference.item(), rel=1e-6)
+    distinct_ids = torch.arange(8)
+    assert ClipLoss()(image, text, logit_scale, image_ids=distinct_ids).item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_clip_loss_masks_other_captions_of_the_same_image():
+    image, text = unit(4, 8, seed=3).float(), unit(4, 8, seed=4).float()
+    ids = torch.tensor([0, 0, 1, 2])
+    logits = 10 * image @ text.T
+    logits[0, 1] = logits[1, 0] = float("-inf")
+    labels = torch.arange(4)
+    expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    assert ClipLoss()(image, text, 10.0, image_ids=ids).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert gather_with_grad(image) is image  # not distributed: identity
+
+
+# ---- DSMDLoss ----------------------------------------------------------------------------------
+def dsmd_batch(dim=8, seed=0, requires_grad=True):
+    s_v, s_t, t_v, t_t = [x.float() for x in batch(6, dim, seed=seed)]
+    (_, _, _, _, ids), (m_v, m_t, m_v_ids, m_t_ids) = hn_inputs(seed)
+    return {
+        "student_image": s_v.requires_grad_(requires_grad),
+        "student_text": s_t.requires_grad_(requires_grad),
+        "teacher_image": t_v.requires_grad_(requires_grad),
+        "teacher_text": t_t.requires_grad_(requires_grad),
+        "image_ids": ids,
+        "logit_scale": torch.tensor(10.0),
+        "mined_teacher_image": unit(6, 3, dim, seed=seed + 30).float().requires_grad_(requires_grad),
+        "mined_teacher_text": unit(6, 3, dim, seed=seed + 31).float().requires_grad_(requires_grad),
+        "mined_image_ids": m_v_ids,
+        "mined_text_image_ids": m_t_ids,
+    }
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(),
+        dict(task=False),
+        dict(contrastive=False, hard_negative=False),
+        dict(feature=False, similarity=False, contrastive=False, hard_negative=False),
+    ],
+)
+def test_dsmd_loss_returns_exactly_the_enabled_terms(flags):
+    config = DistillConfig(queue_size=8, temperature=0.1, margin=0.25, **flags)
+    dsmd = DSMDLoss(config, dim=8)
+    b = dsmd_batch()
+    dsmd.prefill(unit(8, 8, seed=50).float(), unit(8, 8, seed=51).float(), torch.arange(8) + 100)
+    losses = dsmd(b)
+    enabled = [name for name in LOSS_NAMES if flags.get(name, True)]
+    assert list(losses) == enabled == list(dsmd.names)
+    assert (dsmd.queue is None) == (not config.contrastive)
+    args = (b["student_image"], b["student_text"], b["teacher_image"], b["teacher_text"])
+    reference = {
+        "feature": lambda: FeatureDistillLoss()(*args),
+        "similarity": lambda: SimilarityDistillLoss()(*args),
+        "contrastive": lambda: ContrastiveDistillLoss(0.1)(*args, b["image_ids"], dsmd.queue),
+        "hard_negative": lambda: HardNegativeDistillLoss(0.25)(
+            *args, b["image_ids"], b["mined_teacher_image"], b["mined_teacher_text"],
+            b["mined_image_ids"], b["mined_text_image_ids"]),
+        "task": lambda: ClipLoss()(b["student_image"], b["student_text"], 10.0, image_ids=b["image_ids"]),
+    }
+    for name, value in losses.items():
+        assert value.item() == pytest.approx(reference[name]().item(), rel=1e-6), name
+
+
+def test_dsmd_loss_all_off_is_an_error():
+    off = dict(feature=False, similarity=False, contrastive=False, hard_negative=False, task=False)
+    with pytest.raises(ValueError, match="switched off"):
+        DSMDLoss(DistillConfig(**off), dim=8)
+
+
+def test_gradient_reaches_students_not_teachers():
+    dsmd = DSMDLoss(DistillConfig(queue_size=8), dim=8)
+    dsmd.prefill(unit(8, 8, seed=50).float(), unit(8, 8, seed=51).float(), torch.arange(8) + 100)
+    b = dsmd_batch()
+    losses = dsmd(b)
+    for name, value in losses.items():
+        grads = torch.autograd.grad(
+            value, [b["student_image"], b["student_text"]], allow_unused=True, retain_graph=True
+        )
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+    sum(losses.values()).backward()
+    for key in ("teacher_image", "teacher_text", "mined_teacher_image", "mined_teacher_text"):
+        assert b[key].grad is None, key
+    assert not dsmd.queue.image.requires_grad
+
+
+def test_dsmd_enqueue_is_explicit():
+    dsmd = DSMDLoss(DistillConfig(queue_size=8), dim=8)
+    b = dsmd_batch(requires_grad=False)
+    dsmd(b)
+    assert int(dsmd.queue.num_valid) == 0  # forward never touches the queue
+    dsmd.enqueue(b["teacher_image"], b["teacher_text"], b["image_ids"])
+    assert int(dsmd.queue.num_valid) == 6
+    assert dsmd.queue.owner_ids[:6].tolist() == b["image_ids"].tolist()
+    assert torch.equal(dsmd.queue.image[:6], b["teacher_image"])
+
+
+# ---- two ranks (gloo on the CPU) ---------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_rank_worker(rank, port, result_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        image, text = unit(8, 6, seed=1).float(), unit(8, 6, seed=2).float()
+        ids = torch.tensor([0, 1, 2, 2, 3, 4, 5, 6])
+        local = slice(rank * 4, rank * 4 + 4)
+        local_image = image[local].clone().requires_grad_(True)
+        loss = ClipLoss(rank=rank, world_size=2)(local_image, text[local], 5.0, image_ids=ids[local])
+        loss.backward()
+        dsmd = DSMDLoss(DistillConfig(queue_size=16, hard_negative=False), dim=6)
+        n = 3 if rank == 0 else 2  # unequal last batches
+        dsmd.enqueue(unit(n, 6, seed=10 + rank).float(), unit(n, 6, seed=20 + rank).float(),
+                     torch.arange(n) + 10 * rank)
+        torch.save(
+            {"loss": loss.detach(), "grad": local_image.grad, "owner_ids": dsmd.queue.owner_ids,
+             "queue_image": dsmd.queue.image},
+            os.path.join(result_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_gather_the_global_batch(tmp_path):
+    mp.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    image, text = unit(8, 6, seed=1).float(), unit(8, 6, seed=2).float()
+    ids = torch.tensor([0, 1, 2, 2, 3, 4, 5, 6])
+    full_image = image.clone().requires_grad_(True)
+    reference = ClipLoss()(full_image, text, 5.0, image_ids=ids)
+    reference.backward()
+    for rank, result in enumerate(results):
+        assert result["loss"].item() == pytest.approx(reference.item(), rel=1e-5)
+        # every rank computes the global loss; all_gather's backward sums the ranks' gradients, so
+        # each shard gets world_size x dL/dx (DDP's averaging then gives dL/dtheta)
+        torch.testing.assert_close(result["grad"], 2 * full_image.grad[rank * 4: rank * 4 + 4], rtol=1e-4, atol=1e-6)
+    # both ranks hold the same queue: rank 0's 3 rows, then rank 1's 2
+    assert results[0]["owner_ids"].tolist()[:6] == [0, 1, 2, 10, 11, -1]
+    assert torch.equal(results[0]["owner_ids"], results[1]["owner_ids"])
+    assert torch.equal(results[0]["queue_image"], results[1]["queue_image"])
