@@ -38,6 +38,8 @@ class CorpusConfig:
     min_captions: int = 2
     max_captions: int = 5
     image_format: str = "png"  # png | jpg
+    # processes writing shards in parallel (output is identical for any value); 0 = one per CPU core
+    workers: int = 0
 
 
 @dataclass
@@ -106,6 +108,10 @@ class MineConfig:
     hnsw_m: int = 32
     ef_search: int = 128
     pq_m: int = 16
+    # IVF-PQ codes only rank: it searches refine_factor * depth candidates, then re-scores them exactly
+    refine_factor: int = 4
+    # IVF k-means trains on a seeded sample of this many vectors per list (bounds training time)
+    train_points_per_list: int = 64
     query_chunk: int = 4096
     threads: int = 0  # FAISS OpenMP threads; 0 = FAISS default
     # false-negative filters (sentence-transformers' mine_hard_negatives knobs)

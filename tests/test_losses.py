@@ -89,8 +89,8 @@ def test_queue_skips_invalid_rows_and_keeps_last_k_of_a_long_batch():
     one_by_one = TeacherQueue(size=4, dim=2)
     for i in [1, 2, 3, 4, 5, 6, 7]:
         one_by_one.enqueue(*rows([i]))
-    assert queue.owner_ids.tolist() == one_by_one.owner_ids.tolist() == [7, 4, 5, 6]
-    assert int(queue.ptr) == int(one_by_one.ptr) == 1
+    assert queue.owner_ids.tolist() == one_by_one.owner_ids.tolist() == [5, 6, 7, 4]
+    assert int(queue.ptr) == int(one_by_one.ptr) == 3
     assert torch.equal(queue.image, one_by_one.image)
 
 
@@ -153,21 +153,18 @@ def test_contrastive_matches_loop_with_masking():
 
 def test_contrastive_masked_entries_do_not_change_the_value():
     s_v, s_t, t_v, t_t = batch(3, 4)
-    image_ids = torch.tensor([1, 2, 3])
     loss = ContrastiveDistillLoss(0.05)
+    own_image = torch.tensor([1, 1, 1])  # queue slots 0 and 3 belong to image 1; slot 5 is empty
+    other_images = torch.tensor([2, 3, 4])
     queue = filled_queue()
-    before = loss(s_v, s_t, t_v, t_t, image_ids, queue).item()
-    # slots 0 and 3 belong to image 1, but image 1 is sample 0's own image only: rewrite sample 0's
-    # view by making every sample image 1 -> those slots are masked for all of them
-    same_ids = torch.tensor([1, 1, 1])
-    masked_before = loss(s_v, s_t, t_v, t_t, same_ids, queue).item()
-    queue.image[[0, 3]] = unit(2, 4, seed=99).float()
-    queue.text[[0, 3]] = unit(2, 4, seed=98).float()
-    queue.image[5] = unit(1, 4, seed=97).float()  # the empty slot
-    queue.text[5] = unit(1, 4, seed=96).float()
-    assert loss(s_v, s_t, t_v, t_t, same_ids, queue).item() == pytest.approx(masked_before, rel=1e-6)
-    # ...while for the distinct ids they were (partly) real negatives, so the value moved
-    assert loss(s_v, s_t, t_v, t_t, image_ids, queue).item() != pytest.approx(before, rel=1e-6)
+    masked_before = loss(s_v, s_t, t_v, t_t, own_image, queue).item()
+    unmasked_before = loss(s_v, s_t, t_v, t_t, other_images, queue).item()
+    for slot in (0, 3, 5):
+        queue.image[slot] = s_v[0].float()  # as hard as a negative can be
+        queue.text[slot] = s_t[0].float()
+    assert loss(s_v, s_t, t_v, t_t, own_image, queue).item() == pytest.approx(masked_before, rel=1e-6)
+    # for samples of other images slots 0 and 3 are real negatives, so the value moves
+    assert loss(s_v, s_t, t_v, t_t, other_images, queue).item() > unmasked_before + 1e-3
 
 
 def test_contrastive_empty_queue_is_zero_and_hard_queue_raises_loss():
@@ -176,10 +173,11 @@ def test_contrastive_empty_queue_is_zero_and_hard_queue_raises_loss():
     loss = ContrastiveDistillLoss(0.05)
     queue = TeacherQueue(size=4, dim=4)
     assert loss(s_v, s_t, t_v, t_t, image_ids, queue).item() == pytest.approx(0.0, abs=1e-12)
-    easy = loss(s_v, s_t, t_v, t_t, image_ids, queue.prefill(-s_v.float(), -s_t.float(), torch.tensor([5, 6, 7])) or queue).item()
+    queue.prefill(-s_v.float(), -s_t.float(), torch.tensor([5, 6, 7]))  # negatives opposite the students
+    easy = loss(s_v, s_t, t_v, t_t, image_ids, queue).item()
     queue.prefill(s_v.float(), s_t.float(), torch.tensor([5, 6, 7]))  # negatives equal to the students
     hard = loss(s_v, s_t, t_v, t_t, image_ids, queue).item()
-    assert hard > easy
+    assert 0 < easy < hard
 
 
 # ---- hard-negative distillation ----------------------------------------------------------------
