@@ -12,6 +12,7 @@ with the same thread count, interleaving the models so that machine noise hits a
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
@@ -40,7 +41,7 @@ TRAIN_LOG_FILE = "train_log.jsonl"
 QUALITY_PLOT = "quality_vs_time.png"
 QUALITY_DATA = "quality_vs_time.json"
 CURVES_PLOT = "training_curves.png"
-CURVES_DATA = "training_curves.json"
+CURVES_DATA = "training_{student}.csv"  # one per student, for `dvc plots` (x: step, y: loss_total)
 TEACHER = "teacher"
 # Caption used to time the text encoders; tokenizers pad to the context length, so its content
 # does not change the cost.
@@ -110,7 +111,7 @@ def retrieval_ranks(
         rows = owner[positives] - start
         best = torch.full((stop - start,), -math.inf, device=device)
         best.scatter_reduce_(0, rows, scores[rows, positives], reduce="amax")
-        ranks = (scores >= best[:, None]).sum(dim=1) + 1
+        ranks = (scores > best[:, None]).sum(dim=1) + 1
         has_caption = torch.isfinite(best)
         i2t[start:stop] = torch.where(has_caption, ranks, torch.zeros_like(ranks)).cpu()
 
@@ -455,11 +456,19 @@ def plot_quality_vs_time(points: list[dict], path: str | Path) -> Path:
     """RSUM against image-encoding ms per image (at the throughput batch), one labelled point per model."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for point in points:
+    for index, point in enumerate(points):
         marker = "*" if point["model"] == TEACHER else "o"
         ax.scatter(point["image_ms_per_image"], point["rsum"], s=120 if marker == "*" else 60, marker=marker)
-        ax.annotate(point["model"], (point["image_ms_per_image"], point["rsum"]), textcoords="offset points", xytext=(6, 6))
-    ax.set_xlabel("image encoding time (ms per image, throughput batch)")
+        # staggered label offsets: students of similar cost would otherwise print on top of each other
+        ax.annotate(point["model"], (point["image_ms_per_image"], point["rsum"]), textcoords="offset points",
+                    xytext=(6, (6, -14, 18)[index % 3]))
+    ax.set_xscale("log")  # students are meant to be several times cheaper than the teacher
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # labelled ticks even within one decade
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("image encoding time (ms per image, throughput batch, log scale)")
     ax.set_ylabel("RSUM")
     ax.set_title("retrieval quality against image-encoding time")
     ax.grid(alpha=0.3)
@@ -470,14 +479,20 @@ def plot_training_curves(logs: dict[str, list[dict]], path: str | Path) -> Path:
     """Left: loss_total and every loss_<term> against step (log scale); right: balancer weights."""
     plt = _pyplot()
     fig, (loss_ax, weight_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for student, records in logs.items():
+    # colour = loss term (the same in both panels), line style = student
+    terms = sorted({k.split("_", 1)[1] for records in logs.values() for r in records for k in r
+                    if k.startswith(("loss_", "weight_"))})
+    colours = {term: f"C{i % 10}" for i, term in enumerate(terms)}
+    styles = ["-", "--", ":", "-."]
+    for index, (student, records) in enumerate(logs.items()):
         keys = sorted({k for r in records for k in r if k.startswith(("loss_", "weight_"))})
         for key in keys:
             steps = [r["step"] for r in records if isinstance(r.get(key), (int, float))]
             values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+            term = key.split("_", 1)[1]
             ax = loss_ax if key.startswith("loss_") else weight_ax
-            style = "-" if key == "loss_total" else "--" if key.startswith("loss_") else "-"
-            ax.plot(steps, values, style, label=f"{student}: {key.split('_', 1)[1]}")
+            ax.plot(steps, values, styles[index % len(styles)], color=colours[term],
+                    linewidth=2.2 if term == "total" else 1.2, label=f"{student}: {term}")
     loss_ax.set_yscale("log", nonpositive="mask")
     loss_ax.set_title("losses")
     weight_ax.set_title("balancer weights")
@@ -567,7 +582,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def write_plots(metrics: dict, student_dirs: dict[str, Path], plots_dir: str | Path) -> list[Path]:
-    """quality_vs_time.png (+ .json data) and training_curves.png (+ .json data) in `plots_dir`."""
+    """quality_vs_time.png (+ its .json data), training_curves.png and training_<student>.csv in `plots_dir`."""
     plots_dir = Path(plots_dir)
     points = [{"model": TEACHER, "rsum": metrics["teacher"]["rsum"], "image_ms_per_image": metrics["teacher"]["cost"]["image_ms_per_image"]}]
     points += [
@@ -581,13 +596,27 @@ def write_plots(metrics: dict, student_dirs: dict[str, Path], plots_dir: str | P
             logs[name] = read_train_log(path)
         else:
             log.warning("student %r: no %s, left out of the training curves", name, path)
-    curve_rows = [{"student": name, **record} for name, records in logs.items() for record in records]
-    return [
+    written = [
         plot_quality_vs_time(points, plots_dir / QUALITY_PLOT),
         shards.atomic_write_json(points, plots_dir / QUALITY_DATA),
         plot_training_curves(logs, plots_dir / CURVES_PLOT),
-        shards.atomic_write_json(curve_rows, plots_dir / CURVES_DATA),
     ]
+    # every student gets its CSV (header only without a log): dvc.yaml declares them as outputs
+    for name in student_dirs:
+        written.append(write_curve_csv(logs.get(name, []), plots_dir / CURVES_DATA.format(student=name)))
+    return written
+
+
+def write_curve_csv(records: list[dict], path: str | Path) -> Path:
+    """Training-log records as CSV: `step` first, then every other key in first-seen order."""
+    columns = ["step", "loss_total"]
+    for record in records:
+        columns += [key for key in record if key not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    return shards.atomic_write_text(buffer.getvalue(), path)
 
 
 def parse_student_options(items: list[str] | None) -> dict[str, str] | None:

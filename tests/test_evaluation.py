@@ -1,3 +1,4 @@
+import csv
 import json
 import math
 
@@ -205,7 +206,7 @@ def test_encoder_cost_is_positive_and_counts_parameters():
 def test_compare_encoder_costs_ranks_a_bigger_model_as_slower():
     small = load_model("dsmd-test-student", "")
     big = load_model("dsmd-tiny-student", "")  # 2 layers x 128 wide vs 1 x 16: far more work per image
-    costs = evaluation.compare_encoder_costs({"small": small, "big": big}, "cpu", 3, 16, 2)
+    costs = evaluation.compare_encoder_costs({"small": small, "big": big}, "cpu", 3, 16, 3)
     assert costs["big"]["params_total"] > costs["small"]["params_total"]
     assert costs["big"]["image_ms_per_image"] > costs["small"]["image_ms_per_image"]
 
@@ -275,8 +276,12 @@ def test_evaluate_writes_consistent_metrics_and_valid_plots(tmp_path):
             assert image.format == "PNG"
     points = json.loads((plots / evaluation.QUALITY_DATA).read_text())
     assert [p["model"] for p in points] == ["teacher", "dsmd", "baseline"]
-    curves = json.loads((plots / evaluation.CURVES_DATA).read_text())
-    assert len(curves) == 5 and {c["student"] for c in curves} == {"dsmd"}  # bad line skipped, baseline has no log
+    with open(plots / "training_dsmd.csv") as fh:
+        curves = list(csv.DictReader(fh))
+    assert [int(row["step"]) for row in curves] == [1, 2, 3, 4, 5]  # the bad line is skipped
+    assert [float(row["loss_total"]) for row in curves] == pytest.approx([4.0 / s for s in range(1, 6)])
+    assert "weight_feature" in curves[0]
+    assert (plots / "training_baseline.csv").read_text().strip() == "step,loss_total"  # no log: header only
 
 
 def test_teacher_architecture_from_teacher_dir_when_identity_is_unknown(tmp_path):
