@@ -1,0 +1,86 @@
+"""The whole pipeline through DVC and the CLIs, with tiny configs, in a temporary project.
+
+Runs `dvc repro` on the repository's own dvc.yaml (corpus -> teacher -> extract -> mine -> train x2 ->
+evaluate), checks the metrics file, then changes a `train.*` param and checks that only the training
+stages and evaluation run again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_PARAMS = {
+    "corpus": {"out_dir": "data/synthetic", "train_images": 192, "val_images": 32, "test_images": 48,
+               "image_size": 32, "samples_per_shard": 64},
+    "teacher": {"model": "dsmd-test-teacher", "pretrained": "demo", "out_dir": "outputs/teacher",
+                "manifest": "data/synthetic/manifest.yaml",
+                "optim": {"max_steps": 8, "batch_size": 32, "warmup_steps": 1, "threads": 1, "lr": 0.002}},
+    "extract": {"manifest": "data/synthetic/manifest.yaml", "out_dir": "outputs/features", "batch_size": 64,
+                "num_workers": 0, "threads": 1},
+    "mine": {"features_dir": "outputs/features", "out_dir": "outputs/negatives", "k": 4, "threads": 1},
+    "train": {"model": "dsmd-test-student", "features_dir": "outputs/features", "negatives_dir": "outputs/negatives",
+              "out_dir": "outputs/students/dsmd", "batching": "hard-negative-aware",
+              "optim": {"max_steps": 6, "batch_size": 32, "warmup_steps": 1, "threads": 1, "lr": 0.002},
+              "distill": {"queue_size": 64, "hard_negatives": 2}},
+    "evaluate": {"features_dir": "outputs/features", "teacher_dir": "outputs/teacher", "latency_repeats": 2,
+                 "throughput_batch": 16, "throughput_repeats": 1, "threads": 1,
+                 "metrics_file": "outputs/metrics.json", "plots_dir": "outputs/plots"},
+}
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "dvc", *args], cwd)
+
+
+@pytest.mark.slow
+def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.copytree(REPO / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    assert _dvc("init", "--no-scm", "-q", cwd=project).returncode == 0
+
+    first = _dvc("repro", cwd=project)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    metrics = json.loads((project / "outputs" / "metrics.json").read_text())
+    teacher_rsum = metrics["teacher"]["rsum"]
+    assert 0 < teacher_rsum <= 600
+    for name in ("dsmd", "baseline"):
+        student = metrics["students"][name]
+        assert 0 <= student["rsum"] <= 600
+        assert student["quality_ratio"] == pytest.approx(student["rsum"] / teacher_rsum, rel=1e-6)
+        assert student["image_time_ratio"] > 0
+    for plot in ("quality_vs_time.png", "training_curves.png"):
+        assert (project / "outputs" / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the student is an open_clip checkpoint with its config beside it
+    assert (project / "outputs" / "students" / "dsmd" / "open_clip_config.json").exists()
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["optim"]["lr"] = 0.001
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    status = _dvc("status", "--json", cwd=project)
+    assert status.returncode == 0, status.stderr
+    assert set(json.loads(status.stdout)) == {"train_dsmd", "train_baseline"}
+
+    second = _dvc("repro", cwd=project)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    ran = set(re.findall(r"Running stage '([^']+)'", second.stdout))
+    assert ran == {"train_dsmd", "train_baseline", "evaluate"}, second.stdout
