@@ -12,9 +12,9 @@ import json
 import logging
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from webdataset import gopen
+from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.manifest import FieldMapping
@@ -162,17 +162,23 @@ def _make_sample(
     return Sample(key=key, shard=shard, image_bytes=members[image_format], image_format=image_format, captions=captions)
 
 
-def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular member of a tar stream, read sequentially (works on pipes)."""
+def _tar_members(stream) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(name, read) of each regular member of a tar stream, in order (works on pipes). `read()`
+    must be called before advancing: a sample is known complete as soon as the next member's
+    header names another key, before that member's data is read."""
     with tarfile.open(fileobj=stream, mode="r|*") as archive:
         for info in archive:
             if not info.isreg():
                 continue
-            handle = archive.extractfile(info)
-            data = handle.read() if handle is not None else b""
-            if len(data) != info.size:  # tarfile hands back short reads at a truncated end
-                raise tarfile.ReadError(f"member {info.name} truncated ({len(data)} of {info.size} bytes)")
-            yield info.name, data
+
+            def read(info: tarfile.TarInfo = info) -> bytes:
+                handle = archive.extractfile(info)
+                data = handle.read() if handle is not None else b""
+                if len(data) != info.size:  # tarfile hands back short reads at a truncated end
+                    raise tarfile.ReadError(f"member {info.name} truncated ({len(data)} of {info.size} bytes)")
+                return data
+
+            yield info.name, read
             archive.members = []  # streaming: do not keep every TarInfo of a large shard
         # tarfile takes a clean end of data at a member boundary for the end of the archive; a whole
         # tar ends with a zero block, so a stream that stops before one was truncated.
@@ -208,8 +214,8 @@ def iter_shard(url: str, fields: FieldMapping, report: SkipReport) -> Iterator[S
 
     stream = None
     try:
-        stream = gopen.gopen(url, "rb")
-        for name, data in _tar_members(stream):
+        stream = gopen(url, "rb")
+        for name, read in _tar_members(stream):
             prefix, suffix = base_plus_ext(name)
             if prefix is None:
                 continue  # a member without an extension belongs to no sample
@@ -222,6 +228,7 @@ def iter_shard(url: str, fields: FieldMapping, report: SkipReport) -> Iterator[S
                 if sample is not None:
                     yield sample
                 current_key, current = prefix, {}
+            data = read()
             if suffix not in current:  # a repeated member name: keep the first copy
                 current[suffix] = data
         sample = finish()

@@ -184,7 +184,7 @@ def _parse_split(path: Path, name: str, data: Any) -> SplitSpec:
             expanded.extend(expand_pattern(p))
         except Exception as exc:  # braceexpand.UnbalancedBracesError and friends
             raise _fail(path, f"{where}.shards: cannot expand {p!r}: {exc}") from None
-    base_dir = path.parent
+    base_dir = Path(os.path.abspath(path)).parent
     shards = [resolve_shard(s, base_dir) for s in expanded]
     duplicates = sorted({s for s in shards if shards.count(s) > 1})
     if duplicates:

@@ -1,0 +1,624 @@
+"""The synthetic captioned-scenes corpus behind `dsmd corpus`.
+
+Each image shows 1 to 3 coloured shapes on a plain or lightly textured light background. Every
+caption is determined by the scene: it names each object's size, colour and shape, the spatial
+relation `objects[0] <relation> objects[1]` when there are two or more objects, and the object's
+region of the picture when there is one. Captions are 2-5 paraphrases drawn from a small grammar with
+synonyms ("a small red circle left of a large blue square", "there is a big azure box, and a little
+crimson disc is on its left", ...).
+
+With probability `near_duplicate_fraction` a scene copies the previous scene of its shard and
+changes exactly one thing: one object's colour, shape or size, the relation (the two objects swap
+places), the two objects' colours, or (single object) its region. Such pairs make retrieval
+non-trivial and give the FAISS miner meaningful hard negatives.
+
+Output (img2dataset layout): `{out_dir}/{split}-{NNNNNN}.tar` with `{key}.png|jpg`, `{key}.txt`
+(captions, one a line) and `{key}.json` (key, captions, scene, near-duplicate source), plus
+`{out_dir}/manifest.yaml`. Same config and seed -> byte-identical shards: each shard has its own
+random generator seeded by (seed, split, shard index), and tar headers are fixed (mtime 0, uid/gid
+0, mode 0644).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, CorpusConfig
+from pipeline.manifest import write_manifest
+from pipeline.shards import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1  # bump when the output for a given config changes
+SPLITS = ("train", "val", "test")
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+MANIFEST_NAME = "manifest.yaml"
+CONFIG_RECORD = "corpus_config.json"  # hash of the config the shards in out_dir were generated with
+CORPUS_NAME = "synthetic-shapes"
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG"}
+SUPERSAMPLE = 2  # shapes are drawn at 2x and box-filtered down: cheap anti-aliasing
+
+# ---- vocabulary --------------------------------------------------------------------------------
+# canonical name -> (RGB, caption words); every word set is disjoint from the others
+COLOURS: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {
+    "red": ((210, 35, 35), ("red", "crimson", "scarlet")),
+    "orange": ((240, 135, 20), ("orange", "tangerine", "amber")),
+    "yellow": ((235, 200, 0), ("yellow", "golden", "lemon")),
+    "green": ((35, 150, 50), ("green", "emerald", "grass-green")),
+    "cyan": ((0, 185, 200), ("cyan", "turquoise", "aqua")),
+    "blue": ((35, 70, 215), ("blue", "azure", "cobalt")),
+    "purple": ((130, 45, 175), ("purple", "violet", "plum")),
+    "pink": ((240, 105, 175), ("pink", "rosy", "bubblegum")),
+    "brown": ((125, 75, 35), ("brown", "chocolate", "chestnut")),
+    "black": ((25, 25, 25), ("black", "ebony", "jet-black")),
+}
+SHAPES: dict[str, tuple[str, ...]] = {
+    "circle": ("circle", "disc", "round shape"),
+    "square": ("square", "box", "block"),
+    "triangle": ("triangle", "triangular shape"),
+    "star": ("star", "five-pointed star"),
+    "cross": ("cross", "plus sign"),
+    "diamond": ("diamond", "rhombus", "lozenge"),
+    "hexagon": ("hexagon", "six-sided shape"),
+}
+SIZES: dict[str, tuple[str, ...]] = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
+SIZE_RADIUS = {"small": 0.10, "large": 0.17}  # circumradius as a fraction of the image side
+# relation of objects[0] to objects[1]
+RELATIONS: dict[str, tuple[str, ...]] = {
+    "left": ("left of", "to the left of", "on the left of"),
+    "right": ("right of", "to the right of", "on the right of"),
+    "above": ("above", "over", "higher than"),
+    "below": ("below", "under", "beneath"),
+}
+INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+# "there is B, and A is <side>": where A is, seen from B
+SIDE_PHRASES = {
+    "left": ("on its left", "to its left"),
+    "right": ("on its right", "to its right"),
+    "above": ("above it", "over it"),
+    "below": ("below it", "under it"),
+}
+# 3 x 3 grid of the picture, by (row, column)
+REGION_NAMES = (
+    ("top left", "top", "top right"),
+    ("left", "center", "right"),
+    ("bottom left", "bottom", "bottom right"),
+)
+REGION_PHRASES: dict[str, tuple[str, ...]] = {
+    "top left": ("in the top left corner", "in the upper left", "at the top left"),
+    "top": ("at the top", "near the top edge", "in the upper middle"),
+    "top right": ("in the top right corner", "in the upper right", "at the top right"),
+    "left": ("on the left side", "at the left edge", "on the left"),
+    "center": ("in the center", "in the middle", "at the centre"),
+    "right": ("on the right side", "at the right edge", "on the right"),
+    "bottom left": ("in the bottom left corner", "in the lower left", "at the bottom left"),
+    "bottom": ("at the bottom", "near the bottom edge", "in the lower middle"),
+    "bottom right": ("in the bottom right corner", "in the lower right", "at the bottom right"),
+}
+ONE_OBJECT_TEMPLATES = (
+    "{O} {R}",
+    "there is {O} {R}",
+    "{R}, {O}",
+    "a picture of {O} {R}",
+    "{O} sitting {R}",
+    "one {size} {colour} {shape}, {R}",
+)
+TWO_OBJECT_TEMPLATES = (
+    "{A} {rel} {B}",
+    "{B} {inv} {A}",
+    "there is {B}, and {A} is {side}",
+    "{A} and {B}, the {colourA} {shapeA} {rel} the {colourB} {shapeB}",
+    "a picture of {A} {rel} {B}",
+    "{B} with {A} {side}",
+)
+THIRD_OBJECT_SUFFIXES = (", and {C}", ", along with {C}", "; there is also {C}")
+MAX_CAPTIONS = min(len(ONE_OBJECT_TEMPLATES), len(TWO_OBJECT_TEMPLATES))
+
+OBJECT_COUNT_PROBS = (0.25, 0.45, 0.30)  # 1, 2 or 3 objects
+BACKGROUND_TONES = ((236, 234, 228), (226, 230, 234), (240, 233, 220), (228, 234, 224), (244, 244, 244))
+TEXTURES = ("plain", "noise", "gradient")
+GAP = 0.05  # minimum free space between two objects, as a fraction of the image side
+NOT_CONTENT_FIELDS = ("out_dir", "workers")  # config fields that do not change the shards' bytes
+MUTATIONS = ("colour", "shape", "size", "relation", "swap_colours", "position")
+
+
+# ---- scenes ------------------------------------------------------------------------------------
+@dataclass
+class SceneObject:
+    shape: str
+    colour: str
+    size: str  # small | large
+    x: float  # centre, in pixels of the final image
+    y: float
+
+
+@dataclass
+class Scene:
+    objects: list[SceneObject]
+    relation: str | None  # objects[0] relative to objects[1]; None for one object
+    background: dict[str, Any]  # {"tone": [r, g, b], "texture": plain|noise|gradient, "texture_seed": int}
+
+    def to_dict(self) -> dict[str, Any]:
+        # written out rather than dataclasses.asdict: this runs once per image and asdict is slow
+        return {
+            "objects": [
+                {"shape": o.shape, "colour": o.colour, "size": o.size, "x": o.x, "y": o.y} for o in self.objects
+            ],
+            "relation": self.relation,
+            "background": dict(self.background),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Scene":
+        return cls(
+            objects=[SceneObject(**o) for o in data["objects"]],
+            relation=data["relation"],
+            background=dict(data["background"]),
+        )
+
+
+def radius(obj: SceneObject, image_size: int) -> float:
+    return SIZE_RADIUS[obj.size] * image_size
+
+
+def region(obj: SceneObject, image_size: int) -> str:
+    """Which cell of the 3 x 3 grid the object's centre falls in."""
+    col = min(2, int(obj.x * 3 / image_size))
+    row = min(2, int(obj.y * 3 / image_size))
+    return REGION_NAMES[row][col]
+
+
+def _relation_holds(a: SceneObject, b: SceneObject, relation: str, image_size: int) -> bool:
+    """a is clearly `relation` of b: separated along that axis by both radii plus a gap, and the
+    offset along the other axis at most half as large (so "left of" is not "above")."""
+    dx, dy = b.x - a.x, b.y - a.y
+    along = {"left": dx, "right": -dx, "above": dy, "below": -dy}[relation]
+    across = abs(dy) if relation in ("left", "right") else abs(dx)
+    need = radius(a, image_size) + radius(b, image_size) + GAP * image_size
+    return along >= need and across <= 0.5 * along
+
+
+def layout_ok(scene: Scene, image_size: int) -> bool:
+    """Objects inside the picture, not touching, all distinct, and the relation true."""
+    objs = scene.objects
+    for o in objs:
+        r = radius(o, image_size)
+        if not (r + 1 <= o.x <= image_size - r - 1 and r + 1 <= o.y <= image_size - r - 1):
+            return False
+    for i in range(len(objs)):
+        for j in range(i + 1, len(objs)):
+            a, b = objs[i], objs[j]
+            if (a.colour, a.shape) == (b.colour, b.shape):
+                return False  # "the red circle" must name one object
+            dist = float(np.hypot(a.x - b.x, a.y - b.y))
+            if dist < radius(a, image_size) + radius(b, image_size) + GAP * image_size:
+                return False
+    if len(objs) >= 2:
+        return scene.relation is not None and _relation_holds(objs[0], objs[1], scene.relation, image_size)
+    return scene.relation is None
+
+
+def _place(rng: np.random.Generator, scene: Scene, index: int, image_size: int, tries: int = 8) -> bool:
+    """Give objects[index] a position valid with objects[:index], drawing 64 candidates at a time."""
+    obj = scene.objects[index]
+    r = radius(obj, image_size)
+    lo, hi = r + 1, image_size - r - 1
+    placed = scene.objects[: index + 1]
+    trial = Scene(placed, scene.relation if index >= 1 else None, scene.background)
+    for _ in range(tries):
+        cand = rng.uniform(lo, hi, size=(64, 2))
+        ok = np.ones(64, dtype=bool)
+        for other in scene.objects[:index]:
+            dist = np.hypot(cand[:, 0] - other.x, cand[:, 1] - other.y)
+            ok &= dist >= r + radius(other, image_size) + GAP * image_size
+        if index == 1:  # vectorised relation check against objects[0]
+            a = scene.objects[0]
+            dx, dy = cand[:, 0] - a.x, cand[:, 1] - a.y
+            along = {"left": dx, "right": -dx, "above": dy, "below": -dy}[scene.relation]
+            across = np.abs(dy) if scene.relation in ("left", "right") else np.abs(dx)
+            ok &= (along >= r + radius(a, image_size) + GAP * image_size) & (across <= 0.5 * along)
+        for k in np.flatnonzero(ok):
+            # rounded so the JSON scene holds exactly the coordinates that were checked and drawn
+            obj.x, obj.y = round(float(cand[k, 0]), 2), round(float(cand[k, 1]), 2)
+            if layout_ok(trial, image_size):
+                return True
+    return False
+
+
+def random_scene(rng: np.random.Generator, image_size: int) -> Scene:
+    """A fresh scene: 1-3 distinct objects, a relation between the first two, a background."""
+    colour_names, shape_names = list(COLOURS), list(SHAPES)
+    background = {
+        "tone": list(BACKGROUND_TONES[rng.integers(len(BACKGROUND_TONES))]),
+        "texture": TEXTURES[rng.integers(len(TEXTURES))],
+        "texture_seed": int(rng.integers(2**31)),
+    }
+    while True:
+        n_objects = int(rng.choice(3, p=OBJECT_COUNT_PROBS)) + 1
+        objects: list[SceneObject] = []
+        while len(objects) < n_objects:
+            obj = SceneObject(
+                shape=shape_names[rng.integers(len(shape_names))],
+                colour=colour_names[rng.integers(len(colour_names))],
+                size=("small", "large")[rng.integers(2)],
+                x=0.0,
+                y=0.0,
+            )
+            if all((obj.colour, obj.shape) != (o.colour, o.shape) for o in objects):
+                objects.append(obj)
+        relation = tuple(RELATIONS)[rng.integers(len(RELATIONS))] if n_objects >= 2 else None
+        scene = Scene(objects, relation, background)
+        if all(_place(rng, scene, i, image_size) for i in range(n_objects)):
+            return scene
+        # rare (three large objects that do not fit): draw another scene
+
+
+def mutate(rng: np.random.Generator, scene: Scene, image_size: int) -> tuple[Scene, str] | None:
+    """A near-duplicate: a copy of `scene` with exactly one change, and the change's name
+    (one of MUTATIONS); None when no change keeps the layout valid."""
+    n = len(scene.objects)
+    kinds = ["colour", "shape", "size"] + (["relation", "swap_colours"] if n >= 2 else ["position"])
+    for _ in range(12):
+        kind = kinds[rng.integers(len(kinds))]
+        new = copy.deepcopy(scene)
+        i = int(rng.integers(n))
+        if kind == "colour":
+            options = [c for c in COLOURS if c != new.objects[i].colour]
+            new.objects[i].colour = options[rng.integers(len(options))]
+        elif kind == "shape":
+            options = [s for s in SHAPES if s != new.objects[i].shape]
+            new.objects[i].shape = options[rng.integers(len(options))]
+        elif kind == "size":
+            new.objects[i].size = "small" if new.objects[i].size == "large" else "large"
+        elif kind == "relation":  # the two related objects trade places
+            a, b = new.objects[0], new.objects[1]
+            a.x, a.y, b.x, b.y = b.x, b.y, a.x, a.y
+            new.relation = INVERSE[new.relation]
+        elif kind == "swap_colours":
+            a, b = new.objects[0], new.objects[1]
+            if a.colour == b.colour:
+                continue
+            a.colour, b.colour = b.colour, a.colour
+        elif kind == "position":
+            old_region = region(new.objects[0], image_size)
+            if not _place(rng, new, 0, image_size) or region(new.objects[0], image_size) == old_region:
+                continue
+        if layout_ok(new, image_size):
+            return new, kind
+    return None
+
+
+# ---- captions ----------------------------------------------------------------------------------
+def _pick(rng: np.random.Generator, words: tuple[str, ...]) -> str:
+    return words[rng.integers(len(words))]
+
+
+def _with_article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _object_words(rng: np.random.Generator, obj: SceneObject) -> tuple[str, str, str]:
+    return _pick(rng, SIZES[obj.size]), _pick(rng, COLOURS[obj.colour][1]), _pick(rng, SHAPES[obj.shape])
+
+
+def _object_phrase(rng: np.random.Generator, obj: SceneObject) -> str:
+    return _with_article(" ".join(_object_words(rng, obj)))
+
+
+def caption(rng: np.random.Generator, scene: Scene, template: int, image_size: int) -> str:
+    """Caption number `template` of the scene's grammar, synonyms drawn from `rng`."""
+    objs = scene.objects
+    if len(objs) == 1:
+        size, colour, shape = _object_words(rng, objs[0])
+        return ONE_OBJECT_TEMPLATES[template].format(
+            O=_with_article(f"{size} {colour} {shape}"),
+            R=_pick(rng, REGION_PHRASES[region(objs[0], image_size)]),
+            size=size,
+            colour=colour,
+            shape=shape,
+        )
+    a, b = objs[0], objs[1]
+    text = TWO_OBJECT_TEMPLATES[template].format(
+        A=_object_phrase(rng, a),
+        B=_object_phrase(rng, b),
+        rel=_pick(rng, RELATIONS[scene.relation]),
+        inv=_pick(rng, RELATIONS[INVERSE[scene.relation]]),
+        side=_pick(rng, SIDE_PHRASES[scene.relation]),
+        colourA=_pick(rng, COLOURS[a.colour][1]),
+        shapeA=_pick(rng, SHAPES[a.shape]),
+        colourB=_pick(rng, COLOURS[b.colour][1]),
+        shapeB=_pick(rng, SHAPES[b.shape]),
+    )
+    for extra in objs[2:]:
+        text += _pick(rng, THIRD_OBJECT_SUFFIXES).format(C=_object_phrase(rng, extra))
+    return text
+
+
+def captions_for(rng: np.random.Generator, scene: Scene, image_size: int, min_captions: int, max_captions: int) -> list[str]:
+    """min..max distinct paraphrases, each from a different template."""
+    count = int(rng.integers(min_captions, max_captions + 1))
+    n_templates = len(ONE_OBJECT_TEMPLATES) if len(scene.objects) == 1 else len(TWO_OBJECT_TEMPLATES)
+    templates = rng.choice(n_templates, size=count, replace=False)
+    return [caption(rng, scene, int(t), image_size) for t in templates]
+
+
+# ---- rendering ---------------------------------------------------------------------------------
+def _unit_polygon(shape: str) -> np.ndarray | None:
+    """Vertices on the unit circumcircle (y down); None for the circle (drawn as an ellipse)."""
+    if shape == "circle":
+        return None
+    if shape == "square":
+        s = 1 / np.sqrt(2)
+        return np.array([[-s, -s], [s, -s], [s, s], [-s, s]])
+    if shape == "triangle":
+        angles = np.deg2rad([-90, 30, 150])
+        return np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    if shape == "diamond":
+        return np.array([[0, -1], [0.7, 0], [0, 1], [-0.7, 0]])
+    if shape == "hexagon":
+        angles = np.deg2rad(np.arange(6) * 60)
+        return np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    if shape == "star":
+        angles = np.deg2rad(-90 + np.arange(10) * 36)
+        radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+        return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+    if shape == "cross":
+        w = 0.33
+        return np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1],
+                         [-w, w], [-1, w], [-1, -w], [-w, -w]])
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+UNIT_POLYGONS = {shape: _unit_polygon(shape) for shape in SHAPES}
+
+
+def _background(scene: Scene, image_size: int) -> np.ndarray:
+    bg = scene.background
+    tone = np.asarray(bg["tone"], dtype=np.float32)
+    if bg["texture"] == "plain":
+        pixels = np.broadcast_to(tone, (image_size, image_size, 3))
+    elif bg["texture"] == "noise":
+        noise = np.random.default_rng(bg["texture_seed"]).normal(0.0, 5.0, size=(image_size, image_size, 1))
+        pixels = tone + noise
+    else:  # gradient: a faint linear ramp in a direction given by the texture seed
+        angle = (bg["texture_seed"] % 360) * np.pi / 180
+        ramp = np.linspace(-1.0, 1.0, image_size, dtype=np.float32)
+        field = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]
+        pixels = tone + 12.0 * field[:, :, None]
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def render(scene: Scene, image_size: int) -> Image.Image:
+    """The scene as an RGB image (shapes drawn at SUPERSAMPLE x and reduced: anti-aliased edges)."""
+    big = image_size * SUPERSAMPLE
+    image = Image.fromarray(_background(scene, image_size), "RGB").resize((big, big), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        rgb = COLOURS[obj.colour][0]
+        cx, cy, r = obj.x * SUPERSAMPLE, obj.y * SUPERSAMPLE, radius(obj, image_size) * SUPERSAMPLE
+        polygon = UNIT_POLYGONS[obj.shape]
+        if polygon is None:
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
+        else:
+            points = polygon * r + np.array([cx, cy])
+            draw.polygon([tuple(p) for p in points.tolist()], fill=rgb)
+    return image.reduce(SUPERSAMPLE) if big != image_size else image
+
+
+def encode(image: Image.Image, image_format: str) -> bytes:
+    """Deterministic encoding (no timestamps or metadata): PNG or baseline JPEG quality 90."""
+    buf = io.BytesIO()
+    if image_format == "png":
+        image.save(buf, format="PNG", compress_level=3)  # smallest and fast on these images
+    else:
+        image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+# ---- shards ------------------------------------------------------------------------------------
+def _tar_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    archive.addfile(info, io.BytesIO(data))
+
+
+def sample_key(split: str, index: int) -> str:
+    return f"{split}-{index:07d}"
+
+
+def shard_name(split: str, shard_index: int) -> str:
+    return f"{split}-{shard_index:06d}.tar"
+
+
+def split_sizes(cfg: CorpusConfig) -> dict[str, int]:
+    return {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}
+
+
+def shard_plan(cfg: CorpusConfig) -> list[tuple[str, int, int, int]]:
+    """(split, shard index, first sample index, sample count) for every shard."""
+    plan = []
+    for split, n in split_sizes(cfg).items():
+        for shard_index, start in enumerate(range(0, n, cfg.samples_per_shard)):
+            plan.append((split, shard_index, start, min(cfg.samples_per_shard, n - start)))
+    return plan
+
+
+def build_shard(cfg: CorpusConfig, split: str, shard_index: int, start: int, count: int) -> bytes:
+    """The bytes of one tar shard; a pure function of (cfg minus out_dir, split, shard_index)."""
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, SPLIT_CODES[split], shard_index]))
+    buf = io.BytesIO()
+    previous: tuple[str, Scene] | None = None
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for index in range(start, start + count):
+            key = sample_key(split, index)
+            scene, source, change = None, None, None
+            if previous is not None and rng.random() < cfg.near_duplicate_fraction:
+                mutated = mutate(rng, previous[1], cfg.image_size)
+                if mutated is not None:
+                    (scene, change), source = mutated, previous[0]
+            if scene is None:
+                scene = random_scene(rng, cfg.image_size)
+            captions = captions_for(rng, scene, cfg.image_size, cfg.min_captions, cfg.max_captions)
+            record = {
+                "key": key,
+                "captions": captions,
+                "scene": scene.to_dict(),
+                "near_duplicate_of": source,
+                "change": change,
+            }
+            _tar_member(archive, f"{key}.{cfg.image_format}", encode(render(scene, cfg.image_size), cfg.image_format))
+            _tar_member(archive, f"{key}.txt", ("\n".join(captions) + "\n").encode())
+            _tar_member(archive, f"{key}.json", json.dumps(record, sort_keys=True).encode())
+            previous = (key, scene)
+    return buf.getvalue()
+
+
+def write_shard(cfg: CorpusConfig, split: str, shard_index: int, start: int, count: int) -> int:
+    """Build one shard and write it atomically into cfg.out_dir; returns its sample count."""
+    atomic_write_bytes(build_shard(cfg, split, shard_index, start, count), Path(cfg.out_dir) / shard_name(split, shard_index))
+    return count
+
+
+# ---- the corpus --------------------------------------------------------------------------------
+def validate_config(cfg: CorpusConfig) -> None:
+    problems = []
+    for split, n in split_sizes(cfg).items():
+        if n < 0:
+            problems.append(f"corpus.{split}_images must be >= 0, got {n}")
+    if sum(split_sizes(cfg).values()) <= 0:
+        problems.append("corpus: train_images + val_images + test_images must be > 0")
+    if cfg.image_size < 16:
+        problems.append(f"corpus.image_size must be >= 16, got {cfg.image_size}")
+    if cfg.samples_per_shard < 1:
+        problems.append(f"corpus.samples_per_shard must be >= 1, got {cfg.samples_per_shard}")
+    if not 0.0 <= cfg.near_duplicate_fraction <= 1.0:
+        problems.append(f"corpus.near_duplicate_fraction must be in [0, 1], got {cfg.near_duplicate_fraction}")
+    if not 1 <= cfg.min_captions <= cfg.max_captions <= MAX_CAPTIONS:
+        problems.append(
+            f"corpus: need 1 <= min_captions <= max_captions <= {MAX_CAPTIONS}, "
+            f"got {cfg.min_captions} and {cfg.max_captions}"
+        )
+    if cfg.workers < 0:
+        problems.append(f"corpus.workers must be >= 0 (0 = one per CPU core), got {cfg.workers}")
+    if cfg.image_format not in IMAGE_FORMATS:
+        problems.append(f"corpus.image_format must be one of {sorted(IMAGE_FORMATS)}, got {cfg.image_format!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def config_hash(cfg: CorpusConfig) -> str:
+    """sha256 of everything that determines the shards' bytes (not out_dir)."""
+    data = dataclasses.asdict(cfg)
+    for not_content in NOT_CONTENT_FIELDS:
+        data.pop(not_content)
+    data["generator_version"] = GENERATOR_VERSION
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _shard_pattern(split: str, n_shards: int) -> str:
+    if n_shards == 1:
+        return shard_name(split, 0)
+    return f"{split}-{{{0:06d}..{n_shards - 1:06d}}}.tar"
+
+
+def manifest_comment(cfg: CorpusConfig) -> str:
+    return (
+        "Synthetic captioned-scenes corpus, written by `dsmd corpus` (pipeline/synthetic.py); regenerate, do not edit.\n"
+        f"corpus config sha256: {config_hash(cfg)}\n"
+        "Shard paths are relative to this file's directory."
+    )
+
+
+def manifest_data(cfg: CorpusConfig, shard_prefix: str = "") -> dict[str, Any]:
+    """The manifest `dsmd corpus` writes for `cfg`; `shard_prefix` is prepended to shard paths."""
+    n_shards: dict[str, int] = {}
+    for split, _, _, _ in shard_plan(cfg):
+        n_shards[split] = n_shards.get(split, 0) + 1
+    splits = {
+        split: {"shards": shard_prefix + _shard_pattern(split, n_shards[split]), "num_samples": n}
+        for split, n in split_sizes(cfg).items()
+        if n > 0
+    }
+    return {
+        "name": CORPUS_NAME,
+        "description": (
+            f"{cfg.image_size} px {cfg.image_format} scenes of 1-3 coloured shapes, "
+            f"{cfg.min_captions}-{cfg.max_captions} captions each, "
+            f"{cfg.near_duplicate_fraction:.0%} near-duplicates, seed {cfg.seed}"
+        ),
+        "fields": {"image": [cfg.image_format], "captions": {"source": "txt"}},
+        "splits": splits,
+    }
+
+
+_SHARD_FILE_RE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+
+
+def generate_corpus(cfg: CorpusConfig) -> Path:
+    """Write the corpus's shards and manifest into cfg.out_dir; returns the manifest path.
+
+    Resumable: shards already written for the same config (recorded hash in corpus_config.json)
+    are kept; with a different or unknown config every shard is removed and regenerated.
+    """
+    validate_config(cfg)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digest = config_hash(cfg)
+    record_path = out_dir / CONFIG_RECORD
+    manifest_path = out_dir / MANIFEST_NAME
+
+    recorded = None
+    if record_path.exists():
+        try:
+            recorded = json.loads(record_path.read_text()).get("config_sha256")
+        except (ValueError, AttributeError):
+            recorded = None
+    if recorded != digest:
+        # Shards of another (or unknown) config must not be mixed with new ones: start clean,
+        # and record the new config first so that an interrupted run can resume.
+        stale = [p for p in out_dir.iterdir() if _SHARD_FILE_RE.match(p.name)]
+        if stale:
+            log.info("corpus config changed: removing %d shard(s) in %s", len(stale), out_dir)
+        for p in stale + ([manifest_path] if manifest_path.exists() else []):
+            p.unlink()
+        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_CONTENT_FIELDS}
+        atomic_write_json({"config_sha256": digest, "generator_version": GENERATOR_VERSION, "config": config}, record_path)
+
+    plan = shard_plan(cfg)
+    wanted = {shard_name(split, i) for split, i, _, _ in plan}
+    for p in out_dir.iterdir():  # shards beyond the plan (cannot happen with a matching hash, but be safe)
+        if _SHARD_FILE_RE.match(p.name) and p.name not in wanted:
+            p.unlink()
+    todo = [item for item in plan if not (out_dir / shard_name(item[0], item[1])).exists()]
+    if len(todo) < len(plan):
+        log.info("corpus: %d of %d shard(s) already written for this config", len(plan) - len(todo), len(plan))
+    workers = min(cfg.workers or os.cpu_count() or 1, len(todo))
+    with tqdm(total=sum(item[3] for item in todo), unit="img", desc="corpus", disable=None) as progress:
+        if workers <= 1:
+            for item in todo:
+                progress.update(write_shard(cfg, *item))
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for done in as_completed([pool.submit(write_shard, cfg, *item) for item in todo]):
+                    progress.update(done.result())
+    write_manifest(manifest_data(cfg), manifest_path, comment=manifest_comment(cfg))
+    return manifest_path
