@@ -1,0 +1,634 @@
+"""`dsmd mine`: hard negatives from the cached teacher embeddings, by FAISS search.
+
+Four directions per split, written to `negatives/<split>/<direction>.parquet`:
+
+- i2t: for every image, the k texts most similar to it that are not its captions;
+- t2i: for every text, the k images most similar to it that are not its image;
+- i2i / t2t: the intra-modal neighbours (the intra-modal triplet terms, hard-negative batching).
+
+Scores are inner products of the float32, re-L2-normalised teacher embeddings, i.e. cosines:
+`s(q, c) = <q / |q|, c / |c|>`. Only the extract shards are read: never the teacher, never the corpus.
+
+Excluded from a query's candidates (positives and false negatives), with `norm(.)` = `normalise_caption`:
+
+- i2t: texts t with `norm(t)` equal to `norm` of any caption of the query image (its own captions included);
+- t2i: images owning a caption c with `norm(c) == norm(query)` (the query's own image included);
+- i2i: the query itself and every image sharing a normalised caption with it;
+- t2t: the query, every caption of the query's image, and every text with the same normalised caption.
+
+Then, in this order, the knobs of sentence-transformers' `mine_hard_negatives`:
+
+- `range_min`: the first `range_min` ranked candidates left after the exclusions are skipped;
+- `max_score`: candidates with `s > max_score` are dropped;
+- `margin`: candidates with `s > positive_score - margin` are dropped, where `positive_score` is
+  i2t: `max_{t in captions(q)} s(q, t)`; t2i: `s(q, image(q))`; t2t: `max_{t' in siblings(q)} s(q, t')`
+  (the query's other captions; 1.0 when it has none); i2i: 1.0 (the query itself: image-image and
+  image-text cosines live on different scales in CLIP space, so a cross-modal positive would drop
+  nearly every intra-modal candidate).
+
+Defaults are `range_min: 0, max_score: None, margin: None` (off): the synthetic corpus makes
+near-duplicate scenes that differ in one attribute or relation *on purpose*; they are the hard
+negatives the hard-negative loss needs, and a score filter would throw exactly them away. Only
+identical (normalised) captions are treated as false negatives by default.
+
+Search: exact `IndexFlatIP` when the database has fewer than `exact_threshold` vectors, otherwise
+IVF-Flat (`auto`); `index` overrides (flat | ivf | hnsw | ivfpq). Queries go in chunks of
+`query_chunk`, each searched for `K0 = k + range_min + slack` candidates (slack = the 99th percentile
+of the per-query count of structural exclusions). Rows left with fewer than k after filtering are
+searched again 2x deeper (4x when they found under half of k); when an approximate index runs out of
+candidates for a row, that row falls back to exact search. A search call holds at most
+`query_chunk * max(K0, 1024)` candidates (deeper re-searches take fewer rows per call): memory
+never grows with N x N. A row ends shorter than k only when the whole database is exhausted. An
+approximate run measures its recall@k against exact mining of a sample of queries (`recall_sample`).
+IVF-PQ codes only rank candidates: `refine_factor * K` of them are re-scored with the exact vectors.
+
+Re-runs: `_manifest.json` is written last with the features fingerprint and the mine params; a
+re-run with the same fingerprint, params and output files returns at once ("up to date").
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import faiss
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from pipeline import schema, shards
+from pipeline.config import MineConfig
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+INDEX_KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
+APPROXIMATE_KINDS = ("ivf", "hnsw", "ivfpq")
+# fields of MineConfig that change no output: they are left out of the params a re-run compares
+_NON_RESULT_FIELDS = ("features_dir", "out_dir", "splits", "threads", "query_chunk")
+_RESCORE_BLOCK_FLOATS = 1 << 23  # 32 MB of float32 per block when re-scoring IVF-PQ candidates
+# re-searches keep the full query_chunk rows per call up to this depth, then take fewer rows per call:
+# a search call holds at most query_chunk * max(K0, this) candidates (12 bytes each)
+_DEEP_SLOTS_PER_QUERY = 1024
+
+
+class MineError(PipelineError):
+    """Bad mining input or options; the message names the option or the features directory."""
+
+
+# ---- captions ---------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _punctuation_table() -> dict[int, None]:
+    """str.translate table deleting every Unicode punctuation code point (categories P*); built once."""
+    return {cp: None for cp in range(0x110000) if unicodedata.category(chr(cp)).startswith("P")}
+
+
+def normalise_caption(text: str) -> str:
+    """NFKC, case-folded, punctuation deleted, runs of white space collapsed to one space, trimmed:
+    `"A  dog, running!"` and `"a dog running"` normalise alike."""
+    folded = unicodedata.normalize("NFKC", text).casefold().translate(_punctuation_table())
+    return " ".join(folded.split())
+
+
+@dataclass
+class CaptionGroups:
+    """Texts grouped by normalised caption, and which images own which groups.
+
+    `pair_keys` is the sorted set of `image_id * num_groups + group` over all texts, so "does image i
+    own a caption of group g" is one binary search."""
+
+    text_group: np.ndarray  # (M,) int64 group of each text
+    text_image: np.ndarray  # (M,) int64 image of each text
+    num_groups: int
+    pair_keys: np.ndarray  # sorted unique image * num_groups + group
+    pair_images: np.ndarray  # image of each pair, ascending
+    pair_groups: np.ndarray  # group of each pair
+    image_pair_offsets: np.ndarray  # (N+1,): pairs of image i are pair_*[offsets[i]:offsets[i+1]]
+    group_text_count: np.ndarray  # texts per group
+    group_image_count: np.ndarray  # images owning the group
+    image_caption_count: np.ndarray  # captions per image
+
+
+def group_captions(captions: list[str], text_image: np.ndarray, num_images: int) -> CaptionGroups:
+    group_of: dict[str, int] = {}
+    text_group = np.fromiter(
+        (group_of.setdefault(normalise_caption(c), len(group_of)) for c in captions),
+        dtype=np.int64, count=len(captions),
+    )
+    num_groups = max(len(group_of), 1)
+    text_image = np.asarray(text_image, dtype=np.int64)
+    pair_keys = np.unique(text_image * num_groups + text_group)
+    pair_images, pair_groups = np.divmod(pair_keys, num_groups)
+    return CaptionGroups(
+        text_group=text_group,
+        text_image=text_image,
+        num_groups=num_groups,
+        pair_keys=pair_keys,
+        pair_images=pair_images,
+        pair_groups=pair_groups,
+        image_pair_offsets=np.searchsorted(pair_images, np.arange(num_images + 1)),
+        group_text_count=np.bincount(text_group, minlength=num_groups),
+        group_image_count=np.bincount(pair_groups, minlength=num_groups),
+        image_caption_count=np.bincount(text_image, minlength=num_images),
+    )
+
+
+def _isin_sorted(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    if len(sorted_keys) == 0:
+        return np.zeros(values.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, values), len(sorted_keys) - 1)
+    return sorted_keys[pos] == values
+
+
+def _images_share_caption(groups: CaptionGroups, query_images: np.ndarray, cand_images: np.ndarray) -> np.ndarray:
+    """(R, K) bool: candidate image owns a normalised caption that the row's query image owns too."""
+    flat_cand = cand_images.reshape(-1)
+    flat_query = np.broadcast_to(query_images[:, None], cand_images.shape).reshape(-1)
+    starts = groups.image_pair_offsets[flat_cand]
+    lengths = groups.image_pair_offsets[flat_cand + 1] - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(cand_images.shape, dtype=bool)
+    owner = np.repeat(np.arange(len(flat_cand)), lengths)
+    pair = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
+    hit = _isin_sorted(flat_query[owner] * groups.num_groups + groups.pair_groups[pair], groups.pair_keys)
+    return (np.bincount(owner[hit], minlength=len(flat_cand)) > 0).reshape(cand_images.shape)
+
+
+# ---- index ------------------------------------------------------------------------------------
+
+def resolve_index_kind(kind: str, database_size: int, exact_threshold: int) -> str:
+    """`auto` -> exact `flat` below `exact_threshold` database vectors, else IVF-Flat."""
+    if kind not in INDEX_KINDS:
+        raise MineError(f"mine.index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+    if kind != "auto":
+        return kind
+    return "flat" if database_size < exact_threshold else "ivf"
+
+
+def _nlist(cfg: MineConfig, n: int) -> int:
+    wanted = cfg.nlist if cfg.nlist > 0 else int(round(4 * math.sqrt(n)))
+    # k-means needs enough points per centroid (FAISS warns below 39); clamp rather than fail
+    cap = max(1, n // 39)
+    if wanted > cap:
+        log.warning("mine.nlist %d is too many lists for %d vectors; using %d", wanted, n, cap)
+    return max(1, min(wanted, cap))
+
+
+def build_index(vectors: np.ndarray, kind: str, cfg: MineConfig) -> faiss.Index:
+    """An inner-product FAISS index over `vectors` (float32, L2-normalised): `flat` (exact
+    IndexFlatIP), `ivf` (IVF-Flat, nlist lists, nprobe probed), `hnsw` (HNSW-Flat, hnsw_m links,
+    ef_search) or `ivfpq` (IVF with pq_m x 8-bit product codes; mining re-scores its candidates
+    exactly). IVF quantisers train on a seeded sample of `train_points_per_list * nlist` vectors."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, ip)
+        index.hnsw.efSearch = cfg.ef_search
+    elif kind in ("ivf", "ivfpq"):
+        nlist = _nlist(cfg, n)
+        quantizer = faiss.IndexFlatIP(dim)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, ip)
+            n_train = min(n, max(cfg.train_points_per_list * nlist, 39 * nlist))
+        else:
+            if cfg.pq_m <= 0 or dim % cfg.pq_m:
+                raise MineError(f"mine.pq_m must divide the embedding dimension {dim}, got {cfg.pq_m}")
+            if n < 256:
+                raise MineError(f"mine.index ivfpq needs at least 256 vectors to train its codebooks, the database has {n}")
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, cfg.pq_m, 8, ip)
+            n_train = min(n, max(cfg.train_points_per_list * nlist, 39 * 256))
+        index.referenced_objects = [quantizer]  # keep the quantizer alive beside the SWIG object
+        index.cp.seed = cfg.seed
+        rng = np.random.default_rng(cfg.seed)
+        sample = vectors if n_train >= n else vectors[np.sort(rng.choice(n, n_train, replace=False))]
+        index.train(sample)
+        index.nprobe = min(cfg.nprobe, nlist)
+    else:
+        raise MineError(f"mine.index must be one of {', '.join(INDEX_KINDS[1:])} here, got {kind!r}")
+    index.add(vectors)
+    return index
+
+
+def _search_block(searcher, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The one place that runs a search (tests watch it to check the memory bound)."""
+    return searcher.search(queries, k)
+
+
+def search_chunked(index, queries: np.ndarray, k: int, chunk: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (n, k) float32, ids (n, k) int64) of `index.search`, `chunk` queries per call; a
+    missing neighbour is id -1. Memory beyond the outputs is O(chunk * k)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    n = len(queries)
+    scores = np.empty((n, k), dtype=np.float32)
+    ids = np.empty((n, k), dtype=np.int64)
+    with tqdm(total=n, unit="q", desc="search", disable=None if progress else True) as bar:
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            scores[start:stop], ids[start:stop] = _search_block(index, queries[start:stop], k)
+            bar.update(stop - start)
+    return scores, ids
+
+
+class _ExactSearcher:
+    """Brute-force inner-product search without copying the database (`faiss.knn`)."""
+
+    exact = True
+
+    def __init__(self, database: np.ndarray):
+        self.database = database
+        self.ntotal = len(database)
+
+    def search(self, queries: np.ndarray, k: int):
+        return faiss.knn(np.ascontiguousarray(queries), self.database, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+class _IndexSearcher:
+    """A built index; HNSW searches at least k deep, IVF-PQ candidates are re-scored exactly."""
+
+    def __init__(self, index: faiss.Index, kind: str, database: np.ndarray, cfg: MineConfig):
+        self.index, self.kind, self.database = index, kind, database
+        self.exact = kind == "flat"
+        self.ntotal = index.ntotal
+        self.ef_search, self.refine_factor = cfg.ef_search, max(1, cfg.refine_factor)
+
+    def search(self, queries: np.ndarray, k: int):
+        queries = np.ascontiguousarray(queries)
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = max(self.ef_search, k)
+        if self.kind != "ivfpq":
+            return self.index.search(queries, k)
+        depth = min(k * self.refine_factor, self.ntotal)
+        _, ids = self.index.search(queries, depth)
+        scores = np.full(ids.shape, -np.inf, dtype=np.float32)
+        rows = max(1, _RESCORE_BLOCK_FLOATS // max(1, depth * queries.shape[1]))
+        for start in range(0, len(queries), rows):
+            block = ids[start:start + rows]
+            exact = np.einsum("rkd,rd->rk", self.database[np.maximum(block, 0)], queries[start:start + rows])
+            scores[start:start + rows] = np.where(block >= 0, exact, -np.inf)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        top_scores = np.take_along_axis(scores, order, axis=1)
+        top_ids = np.where(np.isfinite(top_scores), np.take_along_axis(ids, order, axis=1), -1)
+        if top_ids.shape[1] < k:  # depth was capped by the database size
+            pad = k - top_ids.shape[1]
+            top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1)
+            top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        return top_scores, top_ids
+
+
+# ---- one direction ----------------------------------------------------------------------------
+
+@dataclass
+class Direction:
+    """Queries, database and false-negative rules of one mining direction."""
+
+    name: str
+    queries: np.ndarray  # (n, d) float32
+    database: np.ndarray  # (m, d) float32
+    excluded: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (query ids (R,), cand ids (R, K)) -> bool (R, K)
+    exclusion_bound: np.ndarray  # (n,) upper bound on the candidates `excluded` can remove per query
+    positive_score: Optional[np.ndarray] = None  # (n,) for `margin`; NaN = no positive
+
+
+def make_directions(image_emb: np.ndarray, text_emb: np.ndarray, groups: CaptionGroups, need_positives: bool) -> dict[str, Direction]:
+    g = groups
+    n_groups = g.num_groups
+
+    def i2t(q, c):
+        return _isin_sorted(q[:, None] * n_groups + g.text_group[c], g.pair_keys)
+
+    def t2i(q, c):
+        return _isin_sorted(c * n_groups + g.text_group[q][:, None], g.pair_keys)
+
+    def i2i(q, c):
+        return (c == q[:, None]) | _images_share_caption(g, q, c)
+
+    def t2t(q, c):
+        return (g.text_image[c] == g.text_image[q][:, None]) | (g.text_group[c] == g.text_group[q][:, None])
+
+    n_images = len(image_emb)
+    texts_of_groups = np.bincount(g.pair_images, weights=g.group_text_count[g.pair_groups], minlength=n_images)
+    images_of_groups = np.bincount(g.pair_images, weights=g.group_image_count[g.pair_groups], minlength=n_images)
+    bounds = {
+        "i2t": texts_of_groups,
+        "t2i": g.group_image_count[g.text_group],
+        "i2i": 1 + images_of_groups,
+        "t2t": g.image_caption_count[g.text_image] + g.group_text_count[g.text_group],
+    }
+    positives = _positive_scores(image_emb, text_emb, g) if need_positives else {}
+    specs = {"i2t": (image_emb, text_emb, i2t), "t2i": (text_emb, image_emb, t2i),
+             "i2i": (image_emb, image_emb, i2i), "t2t": (text_emb, text_emb, t2t)}
+    return {
+        name: Direction(name, queries, database, rule, np.asarray(bounds[name], dtype=np.int64), positives.get(name))
+        for name, (queries, database, rule) in specs.items()
+    }
+
+
+def _rowwise_dot(a: np.ndarray, a_rows: np.ndarray, b: np.ndarray, b_rows: np.ndarray, block: int = 65536) -> np.ndarray:
+    out = np.empty(len(a_rows), dtype=np.float32)
+    for start in range(0, len(a_rows), block):
+        sl = slice(start, start + block)
+        out[sl] = np.einsum("ij,ij->i", a[a_rows[sl]], b[b_rows[sl]])
+    return out
+
+
+def _positive_scores(image_emb: np.ndarray, text_emb: np.ndarray, g: CaptionGroups) -> dict[str, np.ndarray]:
+    """The positive each `margin` is measured from (see the module docstring)."""
+    n_images, n_texts = len(image_emb), len(text_emb)
+    text_ids = np.arange(n_texts)
+    own_image = _rowwise_dot(text_emb, text_ids, image_emb, g.text_image)
+    best_caption = np.full(n_images, np.nan, dtype=np.float32)
+    np.fmax.at(best_caption, g.text_image, own_image)
+    # sibling pairs (t, t') of the same image, t != t': sum of c * (c - 1) over images
+    order = np.argsort(g.text_image, kind="stable")
+    counts = g.image_caption_count
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    per_text = counts[g.text_image[order]]  # partners of each text (itself included)
+    first = np.repeat(order, per_text)
+    offset_in_image = np.arange(int(per_text.sum())) - np.repeat(np.cumsum(per_text) - per_text, per_text)
+    second = order[np.repeat(starts[g.text_image[order]], per_text) + offset_in_image]
+    keep = first != second
+    best_sibling = np.ones(n_texts, dtype=np.float32)  # no sibling: the query itself, cosine 1
+    if keep.any():
+        sibling = np.full(n_texts, np.nan, dtype=np.float32)
+        np.fmax.at(sibling, first[keep], _rowwise_dot(text_emb, first[keep], text_emb, second[keep]))
+        best_sibling = np.where(np.isnan(sibling), 1.0, sibling).astype(np.float32)
+    return {"i2t": best_caption, "t2i": own_image, "i2i": np.ones(n_images, dtype=np.float32), "t2t": best_sibling}
+
+
+def _select(direction: Direction, query_ids: np.ndarray, scores: np.ndarray, ids: np.ndarray, cfg: MineConfig):
+    """Filter one block of ranked candidates -> (ids (R, k), scores (R, k), counts (R,)), best first."""
+    k = cfg.k
+    valid = ids >= 0
+    keep = valid & ~direction.excluded(query_ids, np.where(valid, ids, 0))
+    if cfg.range_min > 0:
+        keep &= np.cumsum(keep, axis=1) > cfg.range_min
+    if cfg.max_score is not None:
+        keep &= scores <= cfg.max_score
+    if cfg.margin is not None and direction.positive_score is not None:
+        positive = direction.positive_score[query_ids]
+        limit = np.where(np.isnan(positive), np.inf, positive - cfg.margin)
+        keep &= scores <= limit[:, None]
+    rank = np.cumsum(keep, axis=1)
+    take = keep & (rank <= k)
+    rows, cols = np.nonzero(take)
+    out_ids = np.full((len(ids), k), -1, dtype=np.int64)
+    out_scores = np.full((len(ids), k), np.nan, dtype=np.float32)
+    out_ids[rows, rank[rows, cols] - 1] = ids[rows, cols]
+    out_scores[rows, rank[rows, cols] - 1] = scores[rows, cols]
+    return out_ids, out_scores, take.sum(axis=1)
+
+
+def initial_depth(direction: Direction, cfg: MineConfig) -> int:
+    """K0 = k + range_min + the 99th percentile of the per-query exclusion bound (capped at the database)."""
+    slack = int(np.ceil(np.quantile(direction.exclusion_bound, 0.99))) if len(direction.exclusion_bound) else 0
+    return int(min(len(direction.database), cfg.k + cfg.range_min + slack))
+
+
+def mine_direction(direction: Direction, searcher, exact_searcher, cfg: MineConfig,
+                   rows: Optional[np.ndarray] = None, progress: bool = False) -> dict:
+    """Mine `rows` (default: every query) of one direction.
+
+    Returns ids (R, k) int64 (-1 pads), scores (R, k) float32, counts (R,), short_rows (rows that
+    ended with fewer than k: the database was exhausted), retried_rows and the depth K0."""
+    rows = np.arange(len(direction.queries)) if rows is None else np.asarray(rows, dtype=np.int64)
+    k, ntotal = cfg.k, len(direction.database)
+    depth0 = max(1, initial_depth(direction, cfg))
+    budget = cfg.query_chunk * max(depth0, _DEEP_SLOTS_PER_QUERY)  # candidate slots per search call
+    out_ids = np.full((len(rows), k), -1, dtype=np.int64)
+    out_scores = np.full((len(rows), k), np.nan, dtype=np.float32)
+    counts = np.zeros(len(rows), dtype=np.int64)
+    queue = [(np.arange(len(rows)), depth0, searcher)]
+    first_pass, retried = True, 0
+    bar = tqdm(total=len(rows), unit="q", desc=direction.name, disable=None if progress else True)
+    while queue:
+        positions, depth, current = queue.pop(0)
+        per_call = max(1, min(cfg.query_chunk, budget // depth))
+        retry, retry_far, fallback = [], [], []
+        for start in range(0, len(positions), per_call):
+            block = positions[start:start + per_call]
+            query_ids = rows[block]
+            scores, ids = _search_block(current, direction.queries[query_ids], depth)
+            out_ids[block], out_scores[block], counts[block] = _select(direction, query_ids, scores, ids, cfg)
+            if first_pass:
+                bar.update(len(block))
+            short = counts[block] < k
+            if short.any():
+                exhausted = (ids < 0).any(axis=1) | (depth >= ntotal)
+                # rows that found under half of k are far off: grow their depth 4x instead of 2x
+                far = counts[block] < (k + 1) // 2
+                retry.append(block[short & ~exhausted & ~far])
+                retry_far.append(block[short & ~exhausted & far])
+                if not current.exact:  # the approximate index has no more for these rows
+                    fallback.append(block[short & exhausted])
+        first_pass = False
+        for pending, next_depth, next_searcher in ((retry, 2 * depth, current), (retry_far, 4 * depth, current),
+                                                   (fallback, 2 * depth, exact_searcher)):
+            pending_rows = np.concatenate(pending) if pending else np.empty(0, np.int64)
+            if len(pending_rows):
+                queue.append((pending_rows, min(next_depth, ntotal), next_searcher))
+                retried += len(pending_rows)
+    bar.close()
+    return {"ids": out_ids, "scores": out_scores, "counts": counts, "short_rows": int((counts < k).sum()),
+            "retried_rows": retried, "depth": depth0}
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean over rows of |approx ∩ exact| / |exact| (-1 pads ignored; rows with no exact neighbour skipped)."""
+    exact_valid = exact_ids >= 0
+    hits = ((exact_ids[:, :, None] == approx_ids[:, None, :]) & exact_valid[:, :, None]).any(axis=2).sum(axis=1)
+    sizes = exact_valid.sum(axis=1)
+    mask = sizes > 0
+    return float((hits[mask] / sizes[mask]).mean()) if mask.any() else 1.0
+
+
+# ---- a split ----------------------------------------------------------------------------------
+
+def mine_params(cfg: MineConfig) -> dict:
+    """The config fields that decide the output (paths, threads and chunking do not)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NON_RESULT_FIELDS}
+
+
+def _validate(cfg: MineConfig) -> None:
+    if cfg.k < 1:
+        raise MineError(f"mine.k must be at least 1, got {cfg.k}")
+    if cfg.query_chunk < 1:
+        raise MineError(f"mine.query_chunk must be at least 1, got {cfg.query_chunk}")
+    if cfg.range_min < 0:
+        raise MineError(f"mine.range_min must be >= 0, got {cfg.range_min}")
+    if cfg.index not in INDEX_KINDS:
+        raise MineError(f"mine.index must be one of {', '.join(INDEX_KINDS)}, got {cfg.index!r}")
+    if cfg.threads < 0:
+        raise MineError(f"mine.threads must be >= 0 (0 = FAISS default), got {cfg.threads}")
+    for name in ("nprobe", "hnsw_m", "ef_search", "pq_m", "refine_factor", "train_points_per_list"):
+        if getattr(cfg, name) < 1:
+            raise MineError(f"mine.{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("nlist", "exact_threshold", "recall_sample"):
+        if getattr(cfg, name) < 0:
+            raise MineError(f"mine.{name} must be >= 0, got {getattr(cfg, name)}")
+    if not cfg.splits:
+        raise MineError("mine.splits is empty: name at least one split")
+
+
+def _normalised(emb: np.ndarray, what: str, where: Path) -> np.ndarray:
+    """Re-normalise in float32 (float16 storage leaves norms ~1e-3 off 1), so scores are cosines."""
+    if not np.isfinite(emb).all():
+        bad = int((~np.isfinite(emb).all(axis=1)).sum())
+        raise MineError(f"{where}: {bad} {what} embeddings contain NaN or inf; re-run `dsmd extract`")
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise MineError(f"{where}: {int((norms == 0).sum())} {what} embeddings are all zeros; re-run `dsmd extract`")
+    return np.ascontiguousarray(emb / norms, dtype=np.float32)  # a copy: float32 shards load read-only
+
+
+def _neighbors_table(direction: str, ids: np.ndarray, scores: np.ndarray, counts: np.ndarray, metadata: dict) -> pa.Table:
+    mask = np.arange(ids.shape[1])[None, :] < counts[:, None]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32), pa.int32())
+    return pa.Table.from_arrays(
+        [
+            pa.array(np.arange(len(ids)), pa.int64()),
+            pa.ListArray.from_arrays(offsets, pa.array(ids[mask], pa.int64())),
+            pa.ListArray.from_arrays(offsets, pa.array(scores[mask], pa.float32())),
+        ],
+        schema=schema.neighbors_schema(direction, metadata),
+    )
+
+
+def _up_to_date(out: Path, fingerprint: str, params: dict) -> Optional[dict]:
+    marker = out / schema.SPLIT_MANIFEST
+    if not marker.exists():
+        return None
+    try:
+        manifest = json.loads(marker.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+    if manifest.get("features_fingerprint") != fingerprint or manifest.get("mine_params") != params:
+        return None
+    for entry in manifest.get("files", {}).values():
+        path = out / entry["path"]
+        if not path.exists() or path.stat().st_size != entry.get("bytes"):
+            return None
+    return manifest
+
+
+def mine_split(cfg: MineConfig, split: str, progress: bool = True) -> dict:
+    """Mine one split; returns its `_manifest.json` content plus `status` (mined | up to date)."""
+    features_dir = Path(cfg.features_dir)
+    out = Path(cfg.out_dir) / split
+    fingerprint = shards.features_fingerprint(features_dir, split)
+    params = mine_params(cfg)
+    current = _up_to_date(out, fingerprint, params)
+    if current is not None:
+        log.info("%s: negatives up to date (%s)", split, out)
+        return {**current, "status": "up to date"}
+
+    started = time.perf_counter()
+    where = shards.split_dir(features_dir, split)
+    image_emb, text_emb, text_image = shards.load_embeddings(features_dir, split)
+    if len(image_emb) == 0 or len(text_emb) == 0:
+        raise MineError(f"{where}: split {split!r} has {len(image_emb)} images and {len(text_emb)} texts; nothing to mine")
+    if text_image.min() < 0 or text_image.max() >= len(image_emb):
+        raise MineError(f"{where}: a text's image_id is outside 0..{len(image_emb) - 1}; re-run `dsmd extract`")
+    image_emb = _normalised(image_emb, "image", where)
+    text_emb = _normalised(text_emb, "text", where)
+    texts = shards.read_texts(features_dir, split, columns=[schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION])
+    groups = group_captions(texts[schema.CAPTION].to_pylist(), text_image, len(image_emb))
+    directions = make_directions(image_emb, text_emb, groups, need_positives=cfg.margin is not None)
+    load_seconds = time.perf_counter() - started
+
+    # one index per database: images serve t2i and i2i, texts serve i2t and t2t
+    databases = {"images": image_emb, "texts": text_emb}
+    indexes, index_info = {}, {}
+    for name, vectors in databases.items():
+        kind = resolve_index_kind(cfg.index, len(vectors), cfg.exact_threshold)
+        t0 = time.perf_counter()
+        index = build_index(vectors, kind, cfg)
+        index_info[name] = {"kind": kind, "ntotal": int(index.ntotal), "build_seconds": round(time.perf_counter() - t0, 3)}
+        if kind in ("ivf", "ivfpq"):
+            index_info[name].update(nlist=int(index.nlist), nprobe=int(index.nprobe))
+        log.info("%s: %s index over %d %s built in %.1fs", split, kind, index.ntotal, name, index_info[name]["build_seconds"])
+        indexes[name] = (_IndexSearcher(index, kind, vectors, cfg), _ExactSearcher(vectors))
+
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / schema.SPLIT_MANIFEST
+    if marker.exists():
+        marker.unlink()  # from here on the split's negatives are incomplete until the new manifest lands
+    features_manifest = shards.load_split_manifest(features_dir, split)
+    metadata = {
+        schema.META_KIND: "neighbors",
+        schema.META_SPLIT: split,
+        schema.META_FEATURES_FINGERPRINT: fingerprint,
+        schema.META_MINE_PARAMS: params,
+    }
+    if "teacher" in features_manifest:
+        metadata[schema.META_TEACHER] = features_manifest["teacher"]
+    database_of = {"i2t": "texts", "t2i": "images", "i2i": "images", "t2t": "texts"}
+    rng = np.random.default_rng(cfg.seed)
+    report, files = {}, {}
+    for name in schema.NEIGHBOR_DIRECTIONS:
+        direction = directions[name]
+        searcher, exact_searcher = indexes[database_of[name]]
+        t0 = time.perf_counter()
+        result = mine_direction(direction, searcher, exact_searcher, cfg, progress=progress)
+        seconds = time.perf_counter() - t0
+        info = {
+            "index": index_info[database_of[name]]["kind"], "queries": len(direction.queries),
+            "database": len(direction.database), "depth": result["depth"], "short_rows": result["short_rows"],
+            "retried_rows": result["retried_rows"], "seconds": round(seconds, 3),
+        }
+        if not searcher.exact and cfg.recall_sample > 0:
+            sample = np.sort(rng.choice(len(direction.queries), min(cfg.recall_sample, len(direction.queries)), replace=False))
+            reference = mine_direction(direction, exact_searcher, exact_searcher, cfg, rows=sample)
+            info["recall_at_k"] = round(recall_at_k(result["ids"][sample], reference["ids"]), 4)
+            info["recall_sample"] = len(sample)
+            log.info("%s %s: recall@%d %.4f against exact search on %d queries", split, name, cfg.k,
+                     info["recall_at_k"], len(sample))
+        if result["short_rows"]:
+            log.info("%s %s: %d rows have fewer than k=%d negatives (database exhausted after filtering)",
+                     split, name, result["short_rows"], cfg.k)
+        table = _neighbors_table(name, result["ids"], result["scores"], result["counts"], metadata)
+        path = shards.atomic_write_table(table, shards.neighbors_path(cfg.out_dir, split, name))
+        files[name] = {"path": path.name, "rows": table.num_rows, "bytes": path.stat().st_size,
+                       "sha256": shards.sha256_file(path)}
+        report[name] = info
+    manifest = {
+        "split": split,
+        "schema_version": schema.SCHEMA_VERSION,
+        "features_dir": str(features_dir),
+        "features_fingerprint": fingerprint,
+        "mine_params": params,
+        "num_images": len(image_emb),
+        "num_texts": len(text_emb),
+        "caption_groups": groups.num_groups,
+        "indexes": index_info,
+        "directions": report,
+        "files": files,
+        "load_seconds": round(load_seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    shards.atomic_write_json(manifest, marker)
+    return {**manifest, "status": "mined"}
+
+
+def mine(cfg: MineConfig, progress: bool = True) -> dict:
+    """Mine every split of `cfg.splits`; returns {split: summary} (each its `_manifest.json` plus
+    `status`). FAISS threads are set to `cfg.threads` (0 = FAISS default) for the call only."""
+    _validate(cfg)
+    previous_threads = faiss.omp_get_max_threads()
+    if cfg.threads > 0:
+        faiss.omp_set_num_threads(cfg.threads)
+    try:
+        return {split: mine_split(cfg, split, progress=progress) for split in cfg.splits}
+    finally:
+        faiss.omp_set_num_threads(previous_threads)

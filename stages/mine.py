@@ -1,0 +1,52 @@
+"""`dsmd mine`: FAISS-mined hard negatives (i2t, t2i, i2i, t2t) from the cached teacher embeddings, to Parquet."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.config import stage_config
+from pipeline.mining import mine
+from stages._common import SET_HELP, params_option, user_errors
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def main(
+    params: Path = params_option(),
+    features_dir: Optional[str] = typer.Option(None, help="features directory written by `dsmd extract` [mine.features_dir]"),
+    out_dir: Optional[str] = typer.Option(None, help="negatives directory; one sub-folder per split [mine.out_dir]"),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="split to mine, repeatable [mine.splits]"),
+    k: Optional[int] = typer.Option(None, "--k", help="hard negatives kept per query and direction [mine.k]"),
+    index: Optional[str] = typer.Option(None, help="auto (exact below mine.exact_threshold vectors, else IVF-Flat), flat, ivf, hnsw or ivfpq [mine.index]"),
+    threads: Optional[int] = typer.Option(None, help="FAISS OpenMP threads, 0 = FAISS default [mine.threads]"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Mine the k hardest negatives of every image and text (i2t, t2i, i2i, t2t), positives and
+    duplicate captions excluded. A re-run on unchanged features and params does nothing."""
+    with user_errors():
+        cfg = stage_config(params, "mine", {
+            "features_dir": features_dir, "out_dir": out_dir, "splits": split or None, "k": k,
+            "index": index, "threads": threads,
+        }, set_)
+        results = mine(cfg)
+        for split_name, summary in results.items():
+            if summary["status"] == "up to date":
+                typer.echo(f"{split_name}: up to date -> {Path(cfg.out_dir) / split_name}")
+                continue
+            parts = []
+            for direction, info in summary["directions"].items():
+                part = f"{direction} {info['index']}"
+                if "recall_at_k" in info:
+                    part += f" recall@{cfg.k}={info['recall_at_k']:.3f}"
+                if info["short_rows"]:
+                    part += f" {info['short_rows']} short"
+                parts.append(part)
+            typer.echo(f"{split_name}: {summary['num_images']} images, {summary['num_texts']} texts, k={cfg.k}; "
+                       f"{'; '.join(parts)}; {summary['seconds']:.1f}s -> {Path(cfg.out_dir) / split_name}")
+
+
+if __name__ == "__main__":
+    app()

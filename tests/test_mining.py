@@ -1,0 +1,378 @@
+"""`dsmd mine`: exact search against a brute-force reference, exclusions, approximate recall,
+bounded memory, resume, the Parquet output and the CLI."""
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import mining, schema, shards
+from pipeline.config import MineConfig
+from tests.fakes import write_fake_features
+
+DIRECTIONS = schema.NEIGHBOR_DIRECTIONS
+PHRASES = [f"a {c} {s} next to a {o}" for c in ("red", "blue", "green") for s in ("cube", "ball") for o in ("tree", "car", "cat", "box", "lamp")]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _variant(text: str, rng: np.random.Generator) -> str:
+    """The same caption after case, white-space and punctuation noise."""
+    choice = rng.integers(4)
+    if choice == 1:
+        return text.upper() + "."
+    if choice == 2:
+        return "  " + text.replace(" ", "   ").title() + "!"
+    if choice == 3:
+        return text.replace("next to", "next, to") + " ?"
+    return text
+
+
+def write_features(features_dir, split, image_emb, text_emb, text_image, captions, dtype="float32") -> None:
+    n, dim = image_emb.shape
+    meta = {schema.META_SPLIT: split}
+    images = pa.Table.from_pydict({
+        schema.IMAGE_ID: pa.array(np.arange(n), pa.int64()),
+        schema.KEY: [f"k{i}" for i in range(n)],
+        schema.SOURCE_SHARD: ["s.tar"] * n,
+        schema.IMAGE_FORMAT: ["png"] * n,
+        schema.IMAGE_BYTES: pa.array([b""] * n, pa.binary()),
+        schema.TEACHER_IMAGE_EMB: schema.numpy_to_embeddings(image_emb, dtype),
+    }, schema=schema.images_schema(dim, dtype, 0, meta))
+    caption_index = np.zeros(len(text_image), dtype=np.int32)
+    for t in range(1, len(text_image)):
+        caption_index[t] = caption_index[t - 1] + 1 if text_image[t] == text_image[t - 1] else 0
+    texts = pa.Table.from_pydict({
+        schema.TEXT_ID: pa.array(np.arange(len(text_image)), pa.int64()),
+        schema.IMAGE_ID: pa.array(text_image, pa.int64()),
+        schema.CAPTION_INDEX: pa.array(caption_index, pa.int32()),
+        schema.CAPTION: captions,
+        schema.TEACHER_TEXT_EMB: schema.numpy_to_embeddings(text_emb, dtype),
+    }, schema=schema.texts_schema(dim, dtype, meta))
+    shards.write_split(features_dir, split, [images], [texts], {"teacher": {"model": "test"}, "embedding_dim": dim})
+
+
+def duplicate_heavy_split(features_dir, split="train", n_images=80, dim=16, seed=0) -> None:
+    """Captions drawn from a small pool of phrases (with case/punctuation/space variants), so many
+    images share a caption; a caption's embedding sits close to its phrase's, so duplicates are
+    the nearest candidates and the exclusions matter."""
+    rng = np.random.default_rng(seed)
+    phrase_emb = _unit(rng.standard_normal((len(PHRASES), dim)))
+    text_image, captions, text_rows = [], [], []
+    for image in range(n_images):
+        for phrase in rng.choice(len(PHRASES), size=rng.integers(1, 4), replace=False):
+            text_image.append(image)
+            captions.append(_variant(PHRASES[phrase], rng))
+            text_rows.append(phrase_emb[phrase] + 0.15 * rng.standard_normal(dim))
+    text_image = np.array(text_image)
+    text_emb = _unit(np.array(text_rows))
+    image_emb = _unit(np.stack([text_emb[text_image == i].mean(0) for i in range(n_images)]) + 0.2 * rng.standard_normal((n_images, dim)))
+    write_features(features_dir, split, image_emb, text_emb, text_image, captions)
+
+
+def _inputs(features_dir, split="train"):
+    image_emb, text_emb, text_image = shards.load_embeddings(features_dir, split)
+    captions = shards.read_texts(features_dir, split, columns=[schema.CAPTION])[schema.CAPTION].to_pylist()
+    return _unit(image_emb), _unit(text_emb), text_image, captions
+
+
+def reference_negatives(features_dir, cfg: MineConfig, split="train") -> dict:
+    """Brute force: the full similarity matrix, the exclusion rules spelled out with Python sets."""
+    image_emb, text_emb, text_image, captions = _inputs(features_dir, split)
+    norm = [mining.normalise_caption(c) for c in captions]
+    n_images, n_texts = len(image_emb), len(text_emb)
+    groups_of_image = [set() for _ in range(n_images)]
+    texts_of_image = [[] for _ in range(n_images)]
+    for t, (image, caption) in enumerate(zip(text_image, norm)):
+        groups_of_image[image].add(caption)
+        texts_of_image[image].append(t)
+    sim = {"i2t": image_emb @ text_emb.T, "t2i": text_emb @ image_emb.T, "i2i": image_emb @ image_emb.T, "t2t": text_emb @ text_emb.T}
+    excluded = {
+        "i2t": lambda q, c: norm[c] in groups_of_image[q],
+        "t2i": lambda q, c: norm[q] in groups_of_image[c],
+        "i2i": lambda q, c: q == c or bool(groups_of_image[q] & groups_of_image[c]),
+        "t2t": lambda q, c: text_image[q] == text_image[c] or norm[q] == norm[c],
+    }
+    positive = {
+        "i2t": lambda q: max(sim["i2t"][q, t] for t in texts_of_image[q]) if texts_of_image[q] else np.nan,
+        "t2i": lambda q: sim["t2i"][q, text_image[q]],
+        "i2i": lambda q: 1.0,
+        "t2t": lambda q: max([sim["t2t"][q, t] for t in texts_of_image[text_image[q]] if t != q], default=1.0),
+    }
+    out = {}
+    for name in DIRECTIONS:
+        rows = []
+        for q in range(len(sim[name])):
+            order = np.argsort(-sim[name][q], kind="stable")
+            kept = [c for c in order if not excluded[name](q, c)][cfg.range_min:]
+            if cfg.max_score is not None:
+                kept = [c for c in kept if sim[name][q, c] <= cfg.max_score]
+            if cfg.margin is not None and not np.isnan(positive[name](q)):
+                kept = [c for c in kept if sim[name][q, c] <= positive[name](q) - cfg.margin]
+            rows.append((kept[: cfg.k], sim[name][q, kept[: cfg.k]]))
+        out[name] = rows
+    return out
+
+
+def _directions(features_dir, cfg, split="train"):
+    image_emb, text_emb, text_image, captions = _inputs(features_dir, split)
+    groups = mining.group_captions(captions, text_image, len(image_emb))
+    return mining.make_directions(image_emb, text_emb, groups, need_positives=False).values()
+
+
+def _as_lists(out_dir, split, direction):
+    table = pq.read_table(shards.neighbors_path(out_dir, split, direction))
+    return table[schema.NEIGHBOR_IDS].to_pylist(), table[schema.NEIGHBOR_SCORES].to_pylist()
+
+
+def test_normalise_caption():
+    assert mining.normalise_caption("  A Dog,\tRUNNING!  ") == "a dog running"
+    assert mining.normalise_caption("don't stop") == mining.normalise_caption("Dont   stop.")
+    assert mining.normalise_caption("a dog running") != mining.normalise_caption("a dog sitting")
+    assert mining.normalise_caption("Ｆｕｌｌ－width") == "fullwidth"
+
+
+@pytest.mark.parametrize("filters", [
+    {},
+    {"range_min": 2, "max_score": 0.6},
+    {"margin": 0.05},
+    {"max_score": 0.1, "range_min": 1, "margin": 0.02},  # most candidates filtered: deep re-searches
+])
+def test_exact_matches_brute_force(tmp_path, filters):
+    duplicate_heavy_split(tmp_path / "features")
+    cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=6, index="flat",
+                     query_chunk=7, **filters)
+    summary = mining.mine(cfg, progress=False)["train"]
+    reference = reference_negatives(tmp_path / "features", cfg)
+    for name in DIRECTIONS:
+        ids, scores = _as_lists(cfg.out_dir, "train", name)
+        expected = reference[name]
+        assert [row for row in ids] == [list(map(int, e[0])) for e in expected], name
+        for got, (_, want) in zip(scores, expected):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+        short = sum(len(e[0]) < cfg.k for e in expected)
+        assert summary["directions"][name]["short_rows"] == short
+
+
+def test_rows_are_short_only_when_the_database_is_exhausted(tmp_path):
+    duplicate_heavy_split(tmp_path / "features", n_images=9)
+    cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=12, index="flat", query_chunk=2)
+    summary = mining.mine(cfg, progress=False)["train"]
+    reference = reference_negatives(tmp_path / "features", cfg)
+    ids, _ = _as_lists(cfg.out_dir, "train", "i2i")
+    # 9 images: every i2i row is short, and holds every image that is not excluded
+    assert [len(r) for r in ids] == [len(e[0]) for e in reference["i2i"]]
+    assert all(len(r) < 9 for r in ids) and summary["directions"]["i2i"]["short_rows"] == 9
+
+
+def test_approximate_rows_fall_back_to_exact_search_before_coming_up_short(tmp_path, monkeypatch):
+    duplicate_heavy_split(tmp_path / "features", n_images=200, seed=5)
+    searchers = []
+    real = mining._search_block
+    monkeypatch.setattr(mining, "_search_block", lambda s, q, k: searchers.append(s.exact) or real(s, q, k))
+    # one probed list of many: IVF alone runs out of candidates once max_score drops the nearest ones
+    cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=6, index="ivf",
+                     nlist=5, nprobe=1, max_score=0.0, query_chunk=32, recall_sample=0)
+    summary = mining.mine(cfg, progress=False)["train"]
+    reference = reference_negatives(tmp_path / "features", cfg)
+    for name in DIRECTIONS:
+        ids, scores = _as_lists(cfg.out_dir, "train", name)
+        assert [len(r) for r in ids] == [len(e[0]) for e in reference[name]], name
+        assert all(max(r, default=-1) <= 0.0 for r in scores)
+    assert sum(d["retried_rows"] for d in summary["directions"].values()) > 0
+    assert True in searchers  # recall_sample is 0: only the fallback searches exactly
+
+
+def test_search_chunked_equals_one_brute_force_search():
+    rng = np.random.default_rng(0)
+    database, queries = _unit(rng.standard_normal((300, 8))), _unit(rng.standard_normal((50, 8)))
+    index = mining.build_index(database, "flat", MineConfig())
+    scores, ids = mining.search_chunked(index, queries, 7, chunk=9)
+    sim = queries @ database.T
+    np.testing.assert_array_equal(ids, np.argsort(-sim, axis=1)[:, :7])
+    np.testing.assert_allclose(scores, np.take_along_axis(sim, ids, axis=1), atol=1e-6)
+
+
+@pytest.mark.parametrize("index", ["hnsw", "ivf"])
+def test_positives_and_duplicate_captions_never_appear(tmp_path, index):
+    duplicate_heavy_split(tmp_path / "features", n_images=300, seed=3)
+    cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=8, index=index, query_chunk=64)
+    mining.mine(cfg, progress=False)
+    image_emb, text_emb, text_image, captions = _inputs(tmp_path / "features")
+    norm = np.array([mining.normalise_caption(c) for c in captions])
+    groups_of_image = [set(norm[text_image == i]) for i in range(len(image_emb))]
+    violations = {name: 0 for name in DIRECTIONS}
+    for q, row in enumerate(_as_lists(cfg.out_dir, "train", "i2t")[0]):
+        violations["i2t"] += sum(norm[c] in groups_of_image[q] for c in row)
+    for q, row in enumerate(_as_lists(cfg.out_dir, "train", "t2i")[0]):
+        violations["t2i"] += sum(c == text_image[q] or norm[q] in groups_of_image[c] for c in row)
+    for q, row in enumerate(_as_lists(cfg.out_dir, "train", "i2i")[0]):
+        violations["i2i"] += sum(c == q or bool(groups_of_image[q] & groups_of_image[c]) for c in row)
+    for q, row in enumerate(_as_lists(cfg.out_dir, "train", "t2t")[0]):
+        violations["t2t"] += sum(c == q or text_image[c] == text_image[q] or norm[c] == norm[q] for c in row)
+    assert violations == {name: 0 for name in DIRECTIONS}
+    # the rules had work to do: the unfiltered nearest text of most texts is a duplicate caption
+    nearest = np.argsort(-(text_emb @ text_emb.T), axis=1)[:, 1]
+    assert (norm[nearest] == norm).mean() > 0.5
+    assert all(len(r) == cfg.k for r in _as_lists(cfg.out_dir, "train", "i2t")[0])
+
+
+def clustered_split(features_dir, n_images=2000, dim=32, clusters=40, seed=0) -> None:
+    rng = np.random.default_rng(seed)
+    centers = _unit(rng.standard_normal((clusters, dim)))
+    image_emb = _unit(centers[rng.integers(clusters, size=n_images)] + 0.12 * rng.standard_normal((n_images, dim)))
+    text_image = np.arange(n_images)
+    text_emb = _unit(image_emb + 0.08 * rng.standard_normal((n_images, dim)))
+    write_features(features_dir, "train", image_emb, text_emb, text_image, [f"caption {i}" for i in range(n_images)])
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw", "ivfpq"])
+def test_approximate_index_keeps_recall(tmp_path, index):
+    clustered_split(tmp_path / "features")
+    common = dict(features_dir=str(tmp_path / "features"), k=10, query_chunk=256, recall_sample=300, pq_m=8)
+    exact = mining.mine(MineConfig(out_dir=str(tmp_path / "exact"), index="flat", **common), progress=False)["train"]
+    approx = mining.mine(MineConfig(out_dir=str(tmp_path / index), index=index, **common), progress=False)["train"]
+    assert all(exact["indexes"][db]["kind"] == "flat" for db in ("images", "texts"))
+    assert all(approx["indexes"][db]["kind"] == index for db in ("images", "texts"))
+    for name in DIRECTIONS:
+        want, _ = shards.read_neighbors(tmp_path / "exact", "train", name)
+        got, got_scores = shards.read_neighbors(tmp_path / index, "train", name)
+        recall = mining.recall_at_k(got, want)
+        assert recall >= 0.95, (name, recall)
+        assert approx["directions"][name]["recall_at_k"] >= 0.95
+        assert abs(approx["directions"][name]["recall_at_k"] - recall) < 0.05  # the sample estimates the whole
+        assert "recall_at_k" not in exact["directions"][name]
+        # scores are exact cosines even where the index ranks with compressed codes
+        image_emb, text_emb, _, _ = _inputs(tmp_path / "features")
+        q_emb, db_emb = {"i2t": (image_emb, text_emb), "t2i": (text_emb, image_emb),
+                         "i2i": (image_emb, image_emb), "t2t": (text_emb, text_emb)}[name]
+        np.testing.assert_allclose(got_scores[:50], np.einsum("rd,rkd->rk", q_emb[:50], db_emb[got[:50]]), atol=1e-5)
+
+
+def test_auto_picks_exact_below_threshold_and_approximate_above(tmp_path):
+    clustered_split(tmp_path / "features", n_images=600)
+    base = dict(features_dir=str(tmp_path / "features"), k=5, recall_sample=50)
+    small = mining.mine(MineConfig(out_dir=str(tmp_path / "a"), exact_threshold=601, **base), progress=False)["train"]
+    large = mining.mine(MineConfig(out_dir=str(tmp_path / "b"), exact_threshold=600, **base), progress=False)["train"]
+    assert small["indexes"]["images"]["kind"] == "flat" and large["indexes"]["images"]["kind"] == "ivf"
+    manifest = json.loads((tmp_path / "b" / "train" / schema.SPLIT_MANIFEST).read_text())
+    assert manifest["directions"]["i2i"]["recall_sample"] == 50 and 0 <= manifest["directions"]["i2i"]["recall_at_k"] <= 1
+
+
+def test_search_calls_never_exceed_query_chunk(tmp_path, monkeypatch):
+    write_fake_features(tmp_path / "features", n_images=400, captions_per_image=2, dim=16, dtype="float32")
+    calls = []
+    real = mining._search_block
+
+    def watched(searcher, queries, k):
+        calls.append((len(queries), k))
+        return real(searcher, queries, k)
+
+    monkeypatch.setattr(mining, "_search_block", watched)
+    cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=8, index="flat",
+                     query_chunk=16, max_score=0.4)  # max_score forces deeper re-searches of some rows
+    mining.mine(cfg, progress=False)
+    assert max(rows for rows, _ in calls) <= cfg.query_chunk
+    assert max(k for _, k in calls) > 4 * cfg.k  # re-searches went deep, within the per-call budget
+    budget = cfg.query_chunk * max(max(mining.initial_depth(d, cfg) for d in _directions(tmp_path / "features", cfg)),
+                                   mining._DEEP_SLOTS_PER_QUERY)
+    assert all(rows * k <= budget or rows == 1 for rows, k in calls)
+
+
+def test_chunking_bounds_memory(tmp_path):
+    write_fake_features(tmp_path / "features", n_images=1000, captions_per_image=2, dim=16, dtype="float32")
+    base = dict(features_dir=str(tmp_path / "features"), k=8, index="flat")
+    mining.mine(MineConfig(out_dir=str(tmp_path / "warm-up"), **base), progress=False)  # one-time imports, tables
+    tracemalloc.start()
+    mining.mine(MineConfig(out_dir=str(tmp_path / "neg"), query_chunk=32, **base), progress=False)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # numpy allocations are traced: one 2000 x 2000 (t2t) or 1000 x 2000 (i2t) float32 similarity
+    # matrix would be 16 MB or 8 MB; chunked search stays at a fraction of one
+    n_texts = 2000
+    assert peak < n_texts * n_texts * 4 / 4, peak
+
+
+def test_rerun_is_a_no_op_and_changed_inputs_recompute(tmp_path):
+    features = tmp_path / "features"
+    write_fake_features(features, n_images=50, captions_per_image=2, dim=16)
+    cfg = MineConfig(features_dir=str(features), out_dir=str(tmp_path / "neg"), k=4, query_chunk=8)
+    first = mining.mine(cfg, progress=False)["train"]
+    assert first["status"] == "mined"
+    out = tmp_path / "neg" / "train"
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert set(stamps) == {schema.SPLIT_MANIFEST} | {f"{d}.parquet" for d in DIRECTIONS}
+
+    again = mining.mine(MineConfig(**{**cfg.__dict__, "threads": 1, "query_chunk": 3}), progress=False)["train"]
+    assert again["status"] == "up to date"
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+    assert mining.mine(MineConfig(**{**cfg.__dict__, "k": 5}), progress=False)["train"]["status"] == "mined"
+    assert shards.read_neighbors(tmp_path / "neg", "train", "i2t")[0].shape[1] == 5
+
+    write_fake_features(features, n_images=50, captions_per_image=2, dim=16, seed=1)  # a new extraction
+    cfg5 = MineConfig(**{**cfg.__dict__, "k": 5})
+    redo = mining.mine(cfg5, progress=False)["train"]
+    assert redo["status"] == "mined" and redo["features_fingerprint"] == shards.features_fingerprint(features, "train")
+    file_schema = pq.read_schema(out / "t2t.parquet")
+    assert schema.read_metadata(file_schema, schema.META_FEATURES_FINGERPRINT) == redo["features_fingerprint"]
+
+    (out / "i2i.parquet").unlink()  # a damaged output is redone, not trusted
+    assert mining.mine(cfg5, progress=False)["train"]["status"] == "mined"
+    assert (out / "i2i.parquet").exists()
+
+
+def test_output_schema_and_order(tmp_path):
+    write_fake_features(tmp_path / "features", n_images=40, captions_per_image=3, dim=16)
+    cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=5, range_min=1)
+    mining.mine(cfg, progress=False)
+    for name in DIRECTIONS:
+        table = pq.read_table(shards.neighbors_path(cfg.out_dir, "train", name))
+        key = schema.neighbor_key_column(name)
+        assert table.schema.field(key).type == pa.int64()
+        assert table.schema.field(schema.NEIGHBOR_IDS).type == pa.list_(pa.int64())
+        assert table.schema.field(schema.NEIGHBOR_SCORES).type == pa.list_(pa.float32())
+        assert table[key].to_pylist() == list(range(40 if name[0] == "i" else 120))
+        assert schema.read_metadata(table.schema, schema.META_DIRECTION) == name
+        assert schema.read_metadata(table.schema, schema.META_MINE_PARAMS, as_json=True) == mining.mine_params(cfg)
+        for row in table[schema.NEIGHBOR_SCORES].to_pylist():
+            assert len(row) == 5 and all(a >= b for a, b in zip(row, row[1:]))
+
+
+def test_bad_options_give_clear_errors(tmp_path):
+    write_fake_features(tmp_path / "features", n_images=300, captions_per_image=1, dim=24)
+    base = dict(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"))
+    with pytest.raises(mining.MineError, match="pq_m"):
+        mining.mine(MineConfig(index="ivfpq", pq_m=7, **base), progress=False)
+    with pytest.raises(mining.MineError, match="mine.index"):
+        mining.mine(MineConfig(index="annoy", **base), progress=False)
+    with pytest.raises(mining.MineError, match="mine.k"):
+        mining.mine(MineConfig(k=0, **base), progress=False)
+    with pytest.raises(shards.ShardError, match="dsmd extract"):
+        mining.mine(MineConfig(**{**base, "splits": ["val"]}), progress=False)
+
+
+def test_cli(tmp_path):
+    from stages.mine import app
+
+    write_fake_features(tmp_path / "features", n_images=30, captions_per_image=2, dim=16)
+    args = ["--params", str(tmp_path / "none.yaml"), "--features-dir", str(tmp_path / "features"),
+            "--out-dir", str(tmp_path / "neg"), "--split", "train", "--k", "3", "--index", "hnsw", "--threads", "1"]
+    (tmp_path / "none.yaml").write_text("mine:\n  recall_sample: 20\n")
+    runner = CliRunner()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "recall@3" in result.output
+    assert shards.read_neighbors(tmp_path / "neg", "train", "t2i")[0].shape == (60, 3)
+    assert "up to date" in runner.invoke(app, args).output
+    bad = runner.invoke(app, args[:-4] + ["--index", "annoy"])
+    assert bad.exit_code == 2 and "error:" in bad.output and "mine.index" in bad.output
+    missing = runner.invoke(app, args + ["--split", "test"])
+    assert missing.exit_code == 2 and "dsmd extract" in missing.output
