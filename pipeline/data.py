@@ -117,7 +117,7 @@ def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = 
         image_bytes=images[schema.IMAGE_BYTES].to_pylist(),
         captions=texts[schema.CAPTION].to_pylist(),
         text_to_image=texts[schema.IMAGE_ID].to_numpy(),
-        skipped=dict(manifest.get("skips", {}) or {}),
+        skipped=dict(manifest.get("skipped", {}) or {}),
     )
     if with_teacher:
         storage = np.float16 if manifest.get("embedding_dtype", "float16") == "float16" else np.float32
@@ -152,14 +152,16 @@ def load_corpus_data(manifest_path: str | Path, split: str) -> TrainingData:
         try:
             decode_image(sample.image_bytes)
         except CorruptImageError as exc:
-            report.skip("corrupt_image", f"{sample.shard}:{sample.key}: {exc}")
+            log.debug("%s:%s: %s", sample.shard, sample.key, exc)
+            report.add(corpus.CORRUPT_IMAGE, sample.shard, sample.key)
             continue
         if not sample.captions:
-            report.skip("no_caption", f"{sample.shard}:{sample.key}")
+            report.add(corpus.EMPTY_CAPTION, sample.shard, sample.key)
             continue
         captions.extend(sample.captions)
         text_to_image.extend([len(image_bytes)] * len(sample.captions))
         image_bytes.append(sample.image_bytes)
+    report.log(log)
     if not image_bytes:
         raise DataError(f"{manifest_path}: split {split!r} has no usable samples")
     return TrainingData(
@@ -167,16 +169,8 @@ def load_corpus_data(manifest_path: str | Path, split: str) -> TrainingData:
         image_bytes=image_bytes,
         captions=captions,
         text_to_image=np.asarray(text_to_image, dtype=np.int64),
-        skipped=_report_counts(report),
+        skipped=report.to_dict(),
     )
-
-
-def _report_counts(report) -> dict:
-    for name in ("counts", "as_dict", "to_dict"):
-        value = getattr(report, name, None)
-        if value is not None:
-            return dict(value() if callable(value) else value)
-    return {}
 
 
 @dataclass
@@ -263,46 +257,64 @@ class TrainingDataset(torch.utils.data.Dataset):
         return text_id, view
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        epoch, image_id = int(key[0]), int(key[1])
-        text_id, view = self.choose(epoch, image_id)
+        """One sample (the batch path below with a batch of one)."""
+        batch = self.__getitems__([key])
+        return {k: (v[0].item() if v.ndim == 1 and k in (IMAGE_ID, TEXT_ID, VIEW_INDEX) else v[0]) for k, v in batch.items()}
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """A whole micro-batch at once (the DataLoader calls this with the sampler's keys): images one
+        by one, but captions tokenised together and every id lookup vectorised."""
+        image_ids = np.fromiter((int(k[1]) for k in keys), dtype=np.int64, count=len(keys))
+        chosen = np.array([self.choose(int(epoch), int(image_id)) for epoch, image_id in keys], dtype=np.int64).reshape(-1, 2)
+        text_ids, views = chosen[:, 0], chosen[:, 1]
+        batch = {
+            IMAGE: torch.stack([self._image(int(i), int(v)) for i, v in zip(image_ids, views)]),
+            TEXT: self.tokenizer([self.data.captions[t] for t in text_ids]),
+            IMAGE_ID: torch.from_numpy(image_ids),
+            TEXT_ID: torch.from_numpy(text_ids.copy()),
+            VIEW_INDEX: torch.from_numpy(views.copy()),
+        }
+        if self.data.teacher_image is not None:
+            teacher_image = self.data.teacher_image[image_ids].astype(np.float32)
+            with_view = views >= 0
+            if with_view.any():
+                teacher_image[with_view] = self.data.teacher_views[image_ids[with_view], views[with_view]]
+            batch[TEACHER_IMAGE] = torch.from_numpy(teacher_image)
+            batch[TEACHER_TEXT] = torch.from_numpy(self.data.teacher_text[text_ids].astype(np.float32))
+        if self.negatives is not None:
+            batch.update(self._mined(image_ids))
+        return batch
+
+    def _image(self, image_id: int, view: int) -> torch.Tensor:
         try:
             image = decode_image(self.data.image_bytes[image_id])
         except CorruptImageError as exc:
             raise DataError(f"{self.data.source}: image {image_id}: {exc}") from None
         if view >= 0:
             image = apply_view(image, self.data.view_params[image_id][view])
-        item = {
-            IMAGE: self.preprocess(image),
-            TEXT: self.tokenizer([self.data.captions[text_id]])[0],
-            IMAGE_ID: image_id,
-            TEXT_ID: text_id,
-            VIEW_INDEX: view,
-        }
-        if self.data.teacher_image is not None:
-            teacher_image = self.data.teacher_views[image_id, view] if view >= 0 else self.data.teacher_image[image_id]
-            item[TEACHER_IMAGE] = torch.from_numpy(teacher_image.astype(np.float32))
-            item[TEACHER_TEXT] = torch.from_numpy(self.data.teacher_text[text_id].astype(np.float32))
-        if self.negatives is not None:
-            item.update(self._mined(image_id))
-        return item
+        return self.preprocess(image)
 
-    def _mined(self, image_id: int) -> dict:
-        """Teacher embeddings of this image's mined negatives, looked up by id (padding: id -1, zeros)."""
-        text_ids = self.negatives.image_to_texts[image_id]
-        image_ids = self.negatives.image_to_images[image_id]
-        dim = self.data.teacher_image.shape[1]
-        mined_text = np.zeros((len(text_ids), dim), dtype=np.float32)
-        mined_image = np.zeros((len(image_ids), dim), dtype=np.float32)
-        text_ok, image_ok = text_ids >= 0, image_ids >= 0
-        mined_text[text_ok] = self.data.teacher_text[text_ids[text_ok]]
-        mined_image[image_ok] = self.data.teacher_image[image_ids[image_ok]]
+    def _mined(self, image_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """Teacher embeddings of the images' mined negatives, looked up by id (padding: id -1, zeros)."""
+        text_ids = self.negatives.image_to_texts[image_ids]  # (B, H)
+        neighbour_ids = self.negatives.image_to_images[image_ids]
+        text_ok, image_ok = text_ids >= 0, neighbour_ids >= 0
+        mined_text = self.data.teacher_text[np.maximum(text_ids, 0)].astype(np.float32)
+        mined_image = self.data.teacher_image[np.maximum(neighbour_ids, 0)].astype(np.float32)
+        mined_text[~text_ok] = 0.0
+        mined_image[~image_ok] = 0.0
         owners = np.where(text_ok, self.data.text_to_image[np.maximum(text_ids, 0)], -1)
         return {
             MINED_TEACHER_TEXT: torch.from_numpy(mined_text),
             MINED_TEACHER_IMAGE: torch.from_numpy(mined_image),
             MINED_TEXT_IMAGE_IDS: torch.from_numpy(owners.astype(np.int64)),
-            MINED_IMAGE_IDS: torch.from_numpy(image_ids.astype(np.int64)),
+            MINED_IMAGE_IDS: torch.from_numpy(neighbour_ids.astype(np.int64)),
         }
+
+
+def keep_batch(batch: dict) -> dict:
+    """The DataLoader's collate_fn: `TrainingDataset.__getitems__` already returns a batch."""
+    return batch
 
 
 # ---- batch orders -------------------------------------------------------------------------------

@@ -1,0 +1,585 @@
+"""The training loop: the DSMD student from the cached shards, the CLIP-loss baseline, the demo teacher.
+
+`train(cfg)` reads top to bottom: data -> student (+ projection) -> losses and balancer -> AdamW
+and the schedule -> (resume) -> steps -> save. The teacher is never loaded: every teacher signal
+comes from the shards written by `dsmd extract` (and `dsmd mine`).
+
+One optimizer step sees a GLOBAL batch of `optim.batch_size` samples, split over the ranks and
+over `optim.accum_steps` micro-batches. Contrastive terms need the whole batch, so accumulation
+follows open_clip's accum_freq scheme: pass 1 embeds every micro-batch without gradient, pass 2
+re-embeds each micro-batch with gradient and computes the loss over the whole global batch with
+that micro-batch's features put in place of their cached copies. Summing the gradients of pass 2
+gives exactly the gradient of the large-batch loss:
+
+    dL/dtheta = sum_j (dL/df_j)(df_j/dtheta)     (f_j = features of micro-batch j)
+
+Across ranks, features are all-gathered with gradient, so every rank computes the same global
+loss; the gather's backward sums the ranks' gradients (world_size x dL/df_local) and DDP's
+averaging turns that back into dL/dtheta. logit_scale, which every micro-batch shares, takes its
+gradient from the last micro-batch only (the others use a detached copy), else it would count
+accum_steps times.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from pipeline import data as data_mod
+from pipeline import models, runtime, shards
+from pipeline.balancer import LossBalancer
+from pipeline.config import ConfigError, OptimConfig, TrainConfig, to_dict
+from pipeline.errors import PipelineError
+from pipeline.losses import LOSS_NAMES, ClipLoss, DSMDLoss, gather_no_grad, gather_with_grad
+
+log = logging.getLogger(__name__)
+
+LOSS_MODES = ("dsmd", "clip")
+SOURCES = ("shards", "corpus")
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "train_log.jsonl"
+SUMMARY_FILE = "train_summary.json"
+CHECKPOINT_FORMAT = 1
+# log_scale is clamped to ln(100) after every step, as in CLIP and open_clip
+MAX_LOGIT_SCALE = math.log(100.0)
+
+# Per-sample values that are constants of the loss (gathered without gradient).
+MINED_KEYS = (
+    data_mod.MINED_TEACHER_IMAGE,
+    data_mod.MINED_TEACHER_TEXT,
+    data_mod.MINED_IMAGE_IDS,
+    data_mod.MINED_TEXT_IMAGE_IDS,
+)
+TARGET_KEYS = (data_mod.IMAGE_ID, data_mod.TEACHER_IMAGE, data_mod.TEACHER_TEXT) + MINED_KEYS
+
+
+class TrainingError(PipelineError):
+    """A run that cannot go on (a diverged loss, a checkpoint from another run)."""
+
+
+# ---- the student --------------------------------------------------------------------------------
+
+class StudentWithProjection(nn.Module):
+    """The open_clip student and, when its width d differs from the teacher's D, a learned linear
+    map W (D x d) seen only by the distillation losses:
+
+        image, text       = normalize(f_v), normalize(f_t)            (the student's own space)
+        projected_*       = normalize(W f)   (or the normalized f when d == D)
+    """
+
+    def __init__(self, model: nn.Module, projection: Optional[nn.Linear]):
+        super().__init__()
+        self.model = model
+        self.projection = projection
+
+    def forward(self, images: Tensor, texts: Tensor, project: bool = True) -> dict[str, Tensor]:
+        image = self.model.encode_image(images)
+        text = self.model.encode_text(texts)
+        out = {
+            "image": F.normalize(image, dim=-1),
+            "text": F.normalize(text, dim=-1),
+            "logit_scale": self.model.logit_scale.exp(),
+        }
+        if project:
+            if self.projection is None:
+                out["projected_image"], out["projected_text"] = out["image"], out["text"]
+            else:
+                out["projected_image"] = F.normalize(self.projection(image), dim=-1)
+                out["projected_text"] = F.normalize(self.projection(text), dim=-1)
+        return out
+
+
+def build_student(cfg: TrainConfig, teacher_dim: Optional[int], device: torch.device) -> tuple[models.LoadedModel, StudentWithProjection]:
+    """The student from `cfg.model` / `cfg.pretrained` (seeded, so every rank and every resume
+    starts from the same weights) with a projection when distilling into a different width."""
+    runtime.seed_everything(cfg.optim.seed)
+    loaded = models.load_model(cfg.model, cfg.pretrained, device="cpu")
+    projection = None
+    distills = cfg.loss == "dsmd" and any(getattr(cfg.distill, n) for n in LOSS_NAMES if n != "task")
+    if distills and teacher_dim is not None and teacher_dim != loaded.embed_dim:
+        projection = nn.Linear(loaded.embed_dim, teacher_dim, bias=False)
+    net = StudentWithProjection(loaded.model, projection).to(device)
+    net.train()
+    return loaded, net
+
+
+def build_optimizer(net: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; as open_clip, no weight decay on gains and biases (1-d tensors, norms), logit_scale
+    and embeddings (token / positional / class)."""
+
+    def no_decay(name: str, p: Tensor) -> bool:
+        return p.ndim < 2 or "bias" in name or "ln" in name or "norm" in name or "logit_scale" in name or "embedding" in name
+
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": optim.weight_decay},
+    ]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine to 0 at `total_steps`:
+
+        f(s) = (s + 1) / W                                     for s < W
+        f(s) = (1 + cos(pi * (s - W) / (T - W))) / 2           otherwise
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / decay_steps)))
+
+
+def build_context(cfg: TrainConfig, teacher_dim: Optional[int], total_steps: int, device: torch.device, distributed: bool = False) -> tuple[models.LoadedModel, StepContext]:
+    """The student (+ projection), the losses and balancer, AdamW and its schedule, for `cfg`."""
+    optim = cfg.optim
+    loaded, net = build_student(cfg, teacher_dim, device)
+    dsmd_loss = clip_loss = None
+    if cfg.loss == "dsmd":
+        if teacher_dim is None:
+            raise ConfigError("train.loss dsmd needs the teacher's embedding width (from the features)")
+        terms = dataclasses.replace(cfg.distill, task=False)  # the task term is computed on the student's own space
+        if any(getattr(terms, name) for name in LOSS_NAMES):
+            dsmd_loss = DSMDLoss(terms, teacher_dim).to(device)
+        if cfg.distill.task:
+            clip_loss = ClipLoss()
+        else:
+            net.model.logit_scale.requires_grad_(False)  # nothing uses it; DDP wants every parameter used
+        names = [n for n in LOSS_NAMES if getattr(cfg.distill, n)]
+        if not names:
+            raise ConfigError(f"train.distill: every loss term is switched off; enable at least one of {LOSS_NAMES}")
+        balancer = LossBalancer.from_config(names, cfg.distill.balancer)
+    else:
+        clip_loss = ClipLoss()
+        balancer = LossBalancer(["task"], mode="uniform")
+    optimizer = build_optimizer(net, optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, optim.warmup_steps))
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and optim.precision == "fp16" else None
+    train_net: nn.Module = net
+    if distributed:
+        train_net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    ctx = StepContext(
+        net=train_net, dsmd_loss=dsmd_loss, clip_loss=clip_loss, balancer=balancer, optimizer=optimizer,
+        scheduler=scheduler, scaler=scaler, device=device, precision=optim.precision,
+        grad_clip=optim.grad_clip, distributed=distributed,
+    )
+    return loaded, ctx
+
+
+# ---- one optimizer step -------------------------------------------------------------------------
+
+@dataclass
+class StepContext:
+    """Everything an optimizer step touches."""
+
+    net: nn.Module  # StudentWithProjection, possibly wrapped in DistributedDataParallel
+    dsmd_loss: Optional[DSMDLoss]  # the distillation terms (task switched off: it is clip_loss)
+    clip_loss: Optional[ClipLoss]  # the task term on the student's own embeddings
+    balancer: LossBalancer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: Optional[torch.amp.GradScaler]
+    device: torch.device
+    precision: str = "auto"
+    grad_clip: float = 0.0
+    distributed: bool = False
+
+    @property
+    def student(self) -> StudentWithProjection:
+        return self.net.module if hasattr(self.net, "module") else self.net
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _global_order(gathered: list[Tensor]) -> Tensor:
+    """The global batch in sampler order (rank-major, then micro-batch) from per-micro-batch
+    gathers (each rank-major): the same order as one process, which the FIFO queue depends on."""
+    world_size = _world_size()
+    pieces = [g.chunk(world_size) for g in gathered]
+    return torch.cat([pieces[j][r] for r in range(world_size) for j in range(len(gathered))])
+
+
+def _gather_target(micro_batches: list[dict], key: str, device: torch.device) -> Tensor:
+    """One per-sample constant (teacher embeddings, ids) of the whole global batch."""
+    return _global_order([gather_no_grad(mb[key].to(device, non_blocking=True)) for mb in micro_batches])
+
+
+def compute_losses(ctx: StepContext, features: dict[str, Tensor], targets: dict[str, Tensor], logit_scale: Tensor) -> dict[str, Tensor]:
+    """The enabled raw terms over the global batch, in LOSS_NAMES order."""
+    losses: dict[str, Tensor] = {}
+    if ctx.dsmd_loss is not None:
+        losses.update(
+            ctx.dsmd_loss(
+                {
+                    "student_image": features["projected_image"],
+                    "student_text": features["projected_text"],
+                    "teacher_image": targets[data_mod.TEACHER_IMAGE],
+                    "teacher_text": targets[data_mod.TEACHER_TEXT],
+                    "image_ids": targets[data_mod.IMAGE_ID],
+                    "logit_scale": logit_scale,
+                    **{k: targets[k] for k in MINED_KEYS if k in targets},
+                }
+            )
+        )
+    if ctx.clip_loss is not None:
+        losses["task"] = ctx.clip_loss(features["image"], features["text"], logit_scale, image_ids=targets[data_mod.IMAGE_ID])
+    return {name: losses[name] for name in LOSS_NAMES if name in losses}
+
+
+def optimizer_step(ctx: StepContext, micro_batches: list[dict]) -> dict[str, float]:
+    """One AdamW step on the global batch made of this rank's `micro_batches` (and the other
+    ranks'); returns the raw losses, the weights and a few diagnostics as floats."""
+    device, student = ctx.device, ctx.student
+    distill = ctx.dsmd_loss is not None
+    feature_keys = ("image", "text") + (("projected_image", "projected_text") if distill else ())
+    targets = {k: _gather_target(micro_batches, k, device) for k in TARGET_KEYS if k in micro_batches[0]}
+    inputs = [(mb[data_mod.IMAGE].to(device, non_blocking=True), mb[data_mod.TEXT].to(device, non_blocking=True)) for mb in micro_batches]
+
+    # pass 1: every micro-batch's features without gradient (the rest of the batch for pass 2)
+    cached: list[dict[str, Tensor]] = []
+    if len(micro_batches) > 1:
+        with torch.no_grad(), runtime.autocast(device, ctx.precision):
+            for images, texts in inputs:
+                out = student(images, texts, project=distill)
+                cached.append({k: gather_no_grad(out[k]) for k in feature_keys})
+
+    # pass 2: each micro-batch with gradient, the loss over the whole global batch
+    ctx.optimizer.zero_grad(set_to_none=True)
+    last = len(inputs) - 1
+    for j, (images, texts) in enumerate(inputs):
+        sync = contextlib.nullcontext() if (j == last or not ctx.distributed) else ctx.net.no_sync()
+        with sync:
+            with runtime.autocast(device, ctx.precision):
+                out = ctx.net(images, texts, project=distill)
+                features = {
+                    k: _global_order([c[k] for c in cached[:j]] + [gather_with_grad(out[k])] + [c[k] for c in cached[j + 1 :]])
+                    for k in feature_keys
+                }
+                logit_scale = out["logit_scale"] if j == last else out["logit_scale"].detach()
+                losses = compute_losses(ctx, features, targets, logit_scale)
+                total, weights = ctx.balancer(losses, advance=False)
+            if not torch.isfinite(total):
+                raise TrainingError(
+                    f"the loss is not finite ({ {k: float(v) for k, v in losses.items()} }); lower optim.lr "
+                    f"or check the features"
+                )
+            if ctx.scaler is not None:
+                ctx.scaler.scale(total).backward()
+            else:
+                total.backward()
+
+    if ctx.scaler is not None:
+        ctx.scaler.unscale_(ctx.optimizer)
+    params = [p for group in ctx.optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, ctx.grad_clip if ctx.grad_clip > 0 else float("inf"))
+    if ctx.scaler is not None:
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
+    ctx.scheduler.step()
+    with torch.no_grad():
+        student.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    ctx.balancer.step_end(losses)
+    if distill and ctx.dsmd_loss.queue is not None:
+        # the global batch's teacher embeddings, identical on every rank, so every queue is identical
+        ctx.dsmd_loss.queue.enqueue(targets[data_mod.TEACHER_IMAGE], targets[data_mod.TEACHER_TEXT], targets[data_mod.IMAGE_ID])
+
+    result = {f"loss_{k}": float(v.detach()) for k, v in losses.items()}
+    result["loss_total"] = float(total.detach())
+    result.update({f"weight_{k}": float(w) for k, w in weights.items()})
+    result["grad_norm"] = float(grad_norm)
+    result["logit_scale"] = float(student.model.logit_scale.detach().exp())
+    if distill:
+        with torch.no_grad():
+            result["cosine_image"] = float((features["projected_image"] * targets[data_mod.TEACHER_IMAGE]).sum(-1).mean())
+            result["cosine_text"] = float((features["projected_text"] * targets[data_mod.TEACHER_TEXT]).sum(-1).mean())
+    return result
+
+
+# ---- checkpoints and logs -----------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    """Python, numpy and torch RNG states as tensors / plain values (loadable with weights_only)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, ctx: StepContext, step: int, extra: dict) -> None:
+    """Everything a resume needs, as tensors and plain containers (torch.load(weights_only=True))."""
+    student = ctx.student
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "model": student.model.state_dict(),
+        "projection": None if student.projection is None else student.projection.state_dict(),
+        "optimizer": ctx.optimizer.state_dict(),
+        "scheduler": ctx.scheduler.state_dict(),
+        "scaler": None if ctx.scaler is None else ctx.scaler.state_dict(),
+        "balancer": ctx.balancer.state_dict(),
+        "queue": None if ctx.dsmd_loss is None or ctx.dsmd_loss.queue is None else ctx.dsmd_loss.queue.state_dict(),
+        "rng": _rng_state(),
+        **extra,
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, ctx: StepContext, expect: dict) -> dict:
+    """Restore `ctx` from `path`; refuses a checkpoint of a different run (model, loss, data, batch)."""
+    try:
+        state = torch.load(path, map_location=ctx.device, weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise TrainingError(f"{path}: cannot be loaded as a training checkpoint ({exc})") from None
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    different = {k: (state.get("run", {}).get(k), v) for k, v in expect.items() if state.get("run", {}).get(k) != v}
+    if different:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in different.items())
+        raise TrainingError(f"{path} belongs to a different run ({details}); resume without it (no --resume) or fix the options")
+    student = ctx.student
+    student.model.load_state_dict(state["model"])
+    if student.projection is not None:
+        student.projection.load_state_dict(state["projection"])
+    ctx.optimizer.load_state_dict(state["optimizer"])
+    ctx.scheduler.load_state_dict(state["scheduler"])
+    if ctx.scaler is not None and state.get("scaler") is not None:
+        ctx.scaler.load_state_dict(state["scaler"])
+    ctx.balancer.load_state_dict(state["balancer"])
+    if ctx.dsmd_loss is not None and ctx.dsmd_loss.queue is not None:
+        ctx.dsmd_loss.queue.load_state_dict(state["queue"])
+    _set_rng_state(state["rng"])
+    return state
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """Keep the log lines of steps <= last_step (a resumed run continues the file, no duplicates)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    shards.atomic_write_text("".join(k + "\n" for k in kept), path)
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.loss not in LOSS_MODES:
+        raise ConfigError(f"train.loss must be one of {LOSS_MODES}, got {cfg.loss!r}")
+    if cfg.source not in SOURCES:
+        raise ConfigError(f"train.source must be one of {SOURCES}, got {cfg.source!r}")
+    if cfg.loss == "dsmd" and cfg.source != "shards":
+        raise ConfigError("train.loss dsmd needs train.source shards (the teacher embeddings live there)")
+    if cfg.batching not in data_mod.BATCHING_MODES:
+        raise ConfigError(f"train.batching must be one of {data_mod.BATCHING_MODES}, got {cfg.batching!r}")
+    if cfg.batching == "hard-negative-aware" and cfg.source != "shards":
+        raise ConfigError("train.batching hard-negative-aware needs train.source shards (and mined negatives)")
+    if cfg.optim.batch_size < 2:
+        raise ConfigError("optim.batch_size must be at least 2 (contrastive losses need negatives)")
+    if cfg.optim.accum_steps < 1:
+        raise ConfigError("optim.accum_steps must be at least 1")
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train the student described by `cfg`; returns the run summary (also in train_summary.json).
+
+    loss dsmd: the DSMD terms on cached teacher embeddings plus the CLIP task loss.
+    loss clip: the CLIP loss alone, from the shards (teacher embeddings ignored) or from the corpus.
+    """
+    _check_config(cfg)
+    owns_process_group = not (dist.is_available() and dist.is_initialized())
+    info = runtime.init_distributed(cfg.optim.device)
+    try:
+        return _train(cfg, resume, info)
+    finally:
+        if owns_process_group and info.distributed:
+            runtime.shutdown_distributed()
+
+
+def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
+    started = time.perf_counter()
+    optim = cfg.optim
+    device = runtime.device_for(info, optim.device)
+    runtime.set_threads(optim.threads)
+    out_dir = Path(cfg.out_dir)
+    distill = cfg.loss == "dsmd"
+
+    # data: everything from the shards (or the corpus); the teacher is never loaded
+    if cfg.source == "shards":
+        data = data_mod.load_shards_data(cfg.features_dir, cfg.split, with_teacher=distill, with_views=cfg.use_views)
+        fingerprint = shards.features_fingerprint(cfg.features_dir, cfg.split)
+    else:
+        data = data_mod.load_corpus_data(cfg.manifest, cfg.split)
+        fingerprint = None
+    teacher_dim = data.embedding_dim if distill else None
+    negatives = None
+    if distill and cfg.distill.hard_negative and cfg.distill.hard_negatives > 0:
+        negatives = data_mod.load_negatives(cfg.negatives_dir, cfg.split, data, cfg.distill.hard_negatives, cfg.features_dir)
+    i2i = None
+    if cfg.batching == "hard-negative-aware":
+        i2i = data_mod.read_i2i(cfg.negatives_dir, cfg.split, data, cfg.features_dir)
+
+    image_ids = data.trainable_image_ids()
+    if len(image_ids) < data.num_images:
+        log.warning("%s: %d image(s) without a caption are not trained on", data.source, data.num_images - len(image_ids))
+    steps = data_mod.total_steps(len(image_ids), optim.batch_size, optim.epochs, optim.max_steps)
+
+    # the student, its projection, the losses, AdamW and the schedule
+    loaded, ctx = build_context(cfg, teacher_dim, steps, device, info.distributed)
+    net, dsmd_loss, balancer, optimizer = ctx.student, ctx.dsmd_loss, ctx.balancer, ctx.optimizer
+
+    # resume, or start afresh (the queue starts full of real cached teacher embeddings)
+    run_identity = {
+        "model": cfg.model, "loss": cfg.loss, "source": cfg.source, "split": cfg.split, "batching": cfg.batching,
+        "batch_size": optim.batch_size, "seed": optim.seed, "features_fingerprint": fingerprint,
+        "loss_terms": list(balancer.names),
+    }
+    checkpoint_path, log_path = out_dir / CHECKPOINT_FILE, out_dir / LOG_FILE
+    start_step = 0
+    if resume and checkpoint_path.exists():
+        start_step = int(load_checkpoint(checkpoint_path, ctx, run_identity)["step"])
+        log.info("resuming %s from step %d of %d", out_dir, start_step, steps)
+    else:
+        if resume:
+            log.info("--resume: no %s yet, starting from scratch", checkpoint_path)
+        if dsmd_loss is not None and dsmd_loss.queue is not None:
+            _prefill_queue(dsmd_loss, data, image_ids, optim.seed, device)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if start_step:
+            _trim_log(log_path, start_step)
+        else:
+            shards.atomic_write_text("", log_path)
+
+    dataset = data_mod.TrainingDataset(
+        data, loaded.preprocess, loaded.tokenizer, seed=optim.seed, use_views=cfg.use_views and distill, negatives=negatives
+    )
+    sampler = data_mod.GlobalBatchSampler(
+        image_ids, optim.batch_size, steps, seed=optim.seed, batching=cfg.batching, i2i=i2i, start_step=start_step,
+        rank=info.rank, world_size=info.world_size, accum_steps=optim.accum_steps,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=optim.num_workers, collate_fn=data_mod.keep_batch,
+        pin_memory=device.type == "cuda",
+    )
+    samples_per_epoch = sampler.batches_per_epoch * optim.batch_size
+    log.info(
+        "training %s (%s loss, %s) on %d images of %s: %d steps of %d, %d rank(s) x %d micro-batch(es)",
+        cfg.model, cfg.loss, cfg.source, len(image_ids), data.source, steps, optim.batch_size,
+        info.world_size, optim.accum_steps,
+    )
+
+    def checkpoint(step: int) -> None:
+        if info.is_main:
+            extra = {
+                "run": run_identity, "epoch": step // sampler.batches_per_epoch,
+                "step_in_epoch": step % sampler.batches_per_epoch, "total_steps": steps,
+                "world_size": info.world_size, "config": to_dict(cfg),
+            }
+            save_checkpoint(checkpoint_path, ctx, step, extra)
+        runtime.barrier(info)
+
+    # the loop
+    last: dict[str, float] = {}
+    batches = iter(loader)
+    progress = tqdm(total=steps, initial=start_step, desc=f"train {cfg.loss}", unit="step", disable=None if info.is_main else True)
+    run_started = window_started = time.perf_counter()
+    window_steps = 0
+    with progress, open(log_path, "a") if info.is_main else contextlib.nullcontext() as log_file:
+        for step in range(start_step, steps):
+            micro_batches = [next(batches) for _ in range(optim.accum_steps)]
+            lr = optimizer.param_groups[0]["lr"]
+            last = optimizer_step(ctx, micro_batches)
+            done, window_steps = step + 1, window_steps + 1
+            elapsed = time.perf_counter() - window_started
+            samples_per_s = window_steps * optim.batch_size / max(elapsed, 1e-9)
+            progress.set_postfix(loss=f"{last['loss_total']:.4f}", samples_per_s=f"{samples_per_s:.0f}")
+            progress.update(1)
+            if info.is_main and (done % max(1, optim.log_every) == 0 or done == steps):
+                record = {"step": done, "epoch": done * optim.batch_size / samples_per_epoch, "lr": lr, "samples_per_s": samples_per_s, **last}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                window_started, window_steps = time.perf_counter(), 0
+            if optim.checkpoint_every > 0 and done % optim.checkpoint_every == 0 and done < steps:
+                checkpoint(done)
+    run_seconds = time.perf_counter() - run_started
+
+    # outputs: the resumable checkpoint, the open_clip student, the summary
+    checkpoint(steps)
+    summary = {
+        "steps": steps,
+        "resumed_from_step": start_step if start_step else None,
+        "epochs": steps * optim.batch_size / samples_per_epoch,
+        "final": last,
+        "wall_time_s": time.perf_counter() - started,
+        "train_time_s": run_seconds,
+        "samples_per_s": (steps - start_step) * optim.batch_size / max(run_seconds, 1e-9),
+        "world_size": info.world_size,
+        "num_images": int(len(image_ids)),
+        "teacher_dim": teacher_dim,
+        "student_dim": loaded.embed_dim,
+        "projection": net.projection is not None,
+        "skipped": data.skipped,
+        "student": str(out_dir / models.DEMO_CHECKPOINT),
+        "config": to_dict(cfg),
+    }
+    if info.is_main:
+        models.save_open_clip_dir(net.model, cfg.model, out_dir)
+        shards.atomic_write_json(summary, out_dir / SUMMARY_FILE)
+    runtime.barrier(info)
+    return summary
+
+
+def _prefill_queue(dsmd_loss: DSMDLoss, data: data_mod.TrainingData, image_ids: np.ndarray, seed: int, device: torch.device) -> None:
+    """Fill the teacher queue with a seeded random sample of cached (image, caption) embeddings,
+    so the first steps already see real negatives (the authors start from random vectors)."""
+    rng = np.random.default_rng((seed, 2))
+    chosen = rng.permutation(image_ids)[: dsmd_loss.queue.size]
+    text_ids = np.array([data.captions_of(i)[0] for i in chosen], dtype=np.int64)
+    dsmd_loss.prefill(
+        torch.from_numpy(data.teacher_image[chosen].astype(np.float32)).to(device),
+        torch.from_numpy(data.teacher_text[text_ids].astype(np.float32)).to(device),
+        torch.from_numpy(chosen).to(device),
+    )

@@ -1,0 +1,217 @@
+"""Training data from the shards: caption sampling, re-applied views, id lookups, samplers, the corpus source."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline import data as data_mod
+from pipeline import models, schema, shards
+from pipeline.augment import apply_view, decode_image
+from pipeline.config import ConfigError
+from tests.fakes import write_fake_features
+from tests.tiny_corpus import write_tiny_corpus
+
+
+def write_negatives(features_dir, negatives_dir, split: str = "train", k: int = 4, fingerprint: str | None = None) -> None:
+    """Brute-force i2t / i2i neighbours of the cached teacher embeddings (own captions / self excluded)."""
+    image_emb, text_emb, text_to_image = shards.load_embeddings(features_dir, split)
+    fingerprint = fingerprint or shards.features_fingerprint(features_dir, split)
+
+    def put(direction: str, scores: np.ndarray) -> None:
+        ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        table = pa.Table.from_pydict(
+            {
+                schema.neighbor_key_column(direction): pa.array(np.arange(len(scores)), pa.int64()),
+                schema.NEIGHBOR_IDS: pa.array(ids.tolist(), pa.list_(pa.int64())),
+                schema.NEIGHBOR_SCORES: pa.array(np.take_along_axis(scores, ids, 1).tolist(), pa.list_(pa.float32())),
+            },
+            schema=schema.neighbors_schema(direction, {schema.META_FEATURES_FINGERPRINT: fingerprint}),
+        )
+        shards.atomic_write_table(table, shards.neighbors_path(negatives_dir, split, direction))
+
+    i2t = image_emb @ text_emb.T
+    i2t[text_to_image[None, :] == np.arange(len(image_emb))[:, None]] = -np.inf
+    i2i = image_emb @ image_emb.T
+    np.fill_diagonal(i2i, -np.inf)
+    put("i2t", i2t)
+    put("i2i", i2i)
+
+
+@pytest.fixture(scope="module")
+def student():
+    return models.load_model("dsmd-test-student", "")
+
+
+@pytest.fixture
+def features(tmp_path):
+    write_fake_features(tmp_path / "features", "train", n_images=40, captions_per_image=3, dim=32, views=2, seed=1)
+    return tmp_path / "features"
+
+
+def make_dataset(features, student, **kwargs) -> data_mod.TrainingDataset:
+    data = data_mod.load_shards_data(features, "train")
+    return data_mod.TrainingDataset(data, student.preprocess, student.tokenizer, **kwargs)
+
+
+def test_one_caption_per_image_per_epoch_deterministic_and_changing(features, student):
+    dataset = make_dataset(features, student, seed=3)
+    again = make_dataset(features, student, seed=3)
+    data = dataset.data
+    image_emb, text_emb, text_to_image = shards.load_embeddings(features, "train")
+    per_epoch = []
+    for epoch in range(4):
+        chosen = [dataset.choose(epoch, i)[0] for i in range(data.num_images)]
+        assert chosen == [again.choose(epoch, i)[0] for i in range(data.num_images)]
+        # exactly one caption, and it belongs to the image
+        assert all(text_to_image[t] == i for i, t in enumerate(chosen))
+        per_epoch.append(chosen)
+    assert per_epoch[0] != per_epoch[1]
+    used = {t for chosen in per_epoch for t in chosen}
+    assert len(used) > data.num_images  # different epochs use different captions of the same image
+
+    item = dataset[(2, 7)]
+    text_id = per_epoch[2][7]
+    assert item[data_mod.TEXT_ID] == text_id
+    assert torch.equal(item[data_mod.TEXT], student.tokenizer([data.captions[text_id]])[0])
+    # the teacher text embedding is the one stored for that text id (float16 storage)
+    np.testing.assert_allclose(item[data_mod.TEACHER_TEXT].numpy(), text_emb[text_id], atol=1e-3)
+    other_seed = make_dataset(features, student, seed=4)
+    assert [other_seed.choose(0, i)[0] for i in range(data.num_images)] != per_epoch[0]
+
+
+def test_stored_views_are_reapplied_with_their_teacher_embedding(features, student):
+    dataset = make_dataset(features, student, seed=0, use_views=True)
+    data = dataset.data
+    seen_views = set()
+    for image_id in range(12):
+        item = dataset[(0, image_id)]
+        view = item[data_mod.VIEW_INDEX]
+        seen_views.add(view)
+        plain = decode_image(data.image_bytes[image_id])
+        if view >= 0:
+            expected = student.preprocess(apply_view(plain, data.view_params[image_id][view]))
+            expected_teacher = data.teacher_views[image_id, view]
+            assert not torch.equal(item[data_mod.IMAGE], student.preprocess(plain))
+        else:
+            expected = student.preprocess(plain)
+            expected_teacher = data.teacher_image[image_id]
+        assert torch.equal(item[data_mod.IMAGE], expected)
+        np.testing.assert_array_equal(item[data_mod.TEACHER_IMAGE].numpy(), expected_teacher.astype(np.float32))
+    assert seen_views == {-1, 0, 1}
+    no_views = make_dataset(features, student, seed=0, use_views=False)
+    assert {no_views[(0, i)][data_mod.VIEW_INDEX] for i in range(12)} == {-1}
+
+
+def test_mined_negatives_are_looked_up_by_id(features, student, tmp_path):
+    write_negatives(features, tmp_path / "negatives", k=3)
+    data = data_mod.load_shards_data(features, "train")
+    negatives = data_mod.load_negatives(tmp_path / "negatives", "train", data, count=5, features_dir=features)
+    dataset = data_mod.TrainingDataset(data, student.preprocess, student.tokenizer, negatives=negatives)
+    i2t, _ = shards.read_neighbors(tmp_path / "negatives", "train", "i2t")
+    i2i, _ = shards.read_neighbors(tmp_path / "negatives", "train", "i2i")
+    for image_id in (0, 17, 39):
+        item = dataset[(1, image_id)]
+        # 3 mined, then padding up to the 5 asked for
+        assert item[data_mod.MINED_IMAGE_IDS].tolist() == i2i[image_id].tolist() + [-1, -1]
+        owners = item[data_mod.MINED_TEXT_IMAGE_IDS].tolist()
+        assert owners == data.text_to_image[i2t[image_id]].tolist() + [-1, -1]
+        assert image_id not in owners
+        np.testing.assert_array_equal(item[data_mod.MINED_TEACHER_TEXT][:3].numpy(), data.teacher_text[i2t[image_id]].astype(np.float32))
+        np.testing.assert_array_equal(item[data_mod.MINED_TEACHER_IMAGE][:3].numpy(), data.teacher_image[i2i[image_id]].astype(np.float32))
+        assert not item[data_mod.MINED_TEACHER_IMAGE][3:].any()
+
+
+def test_negatives_from_another_extraction_are_refused(features, student, tmp_path):
+    write_negatives(features, tmp_path / "negatives", fingerprint="0" * 64)
+    data = data_mod.load_shards_data(features, "train")
+    with pytest.raises(data_mod.DataError, match="another extraction"):
+        data_mod.load_negatives(tmp_path / "negatives", "train", data, count=2, features_dir=features)
+
+
+def test_random_sampler_covers_each_image_once_per_epoch_and_splits_over_ranks():
+    ids = np.arange(50)
+    sampler = data_mod.GlobalBatchSampler(ids, batch_size=8, total_steps=14, seed=5)
+    assert sampler.batches_per_epoch == 6
+    epoch0 = np.concatenate([sampler.global_batch(s) for s in range(6)])
+    assert len(set(epoch0.tolist())) == 48  # one pass, the incomplete last batch dropped
+    epoch1 = np.concatenate([sampler.global_batch(s) for s in range(6, 12)])
+    assert not np.array_equal(epoch0, epoch1)
+    assert [e for e, _ in next(iter(sampler))] == [0] * 8
+    full = list(sampler)
+    # two ranks x two micro-batches see exactly the global batch of every step
+    ranks = [
+        list(data_mod.GlobalBatchSampler(ids, 8, 14, seed=5, rank=r, world_size=2, accum_steps=2)) for r in range(2)
+    ]
+    for step in range(14):
+        pieces = ranks[0][2 * step : 2 * step + 2] + ranks[1][2 * step : 2 * step + 2]
+        assert [k for piece in pieces for k in piece] == full[step]
+        assert all(len(p) == 2 for p in pieces)
+    # starting mid-run yields the rest of the same sequence
+    assert list(data_mod.GlobalBatchSampler(ids, 8, 14, seed=5, start_step=9)) == full[9:]
+    with pytest.raises(ConfigError, match="divide evenly"):
+        data_mod.GlobalBatchSampler(ids, 8, 14, world_size=3)
+
+
+def test_hard_negative_aware_batches_contain_mined_neighbours():
+    rng = np.random.default_rng(0)
+    n, k, batch = 200, 3, 20
+    i2i = np.stack([rng.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)])
+    ids = np.arange(n)
+
+    def neighbour_share(sampler, steps):
+        hits = total = 0
+        for step in steps:
+            members = set(sampler.global_batch(step).tolist())
+            for i in members:
+                hits += sum(int(j) in members for j in i2i[i])
+                total += k
+        return hits / total
+
+    aware = data_mod.GlobalBatchSampler(ids, batch, 20, seed=1, batching="hard-negative-aware", i2i=i2i)
+    plain = data_mod.GlobalBatchSampler(ids, batch, 20, seed=1)
+    epoch = np.concatenate([aware.global_batch(s) for s in range(10)])
+    assert sorted(epoch.tolist()) == list(range(n))  # still every image exactly once per epoch
+    aware_share, plain_share = neighbour_share(aware, range(10)), neighbour_share(plain, range(10))
+    assert aware_share > 0.2 and aware_share > 2 * plain_share  # random batches: about batch / n = 0.1
+    # every anchor is followed by its unused neighbours
+    order = data_mod.hard_negative_order(ids, i2i, seed=1, epoch=0)
+    first = int(order[0])
+    assert order[1 : 1 + k].tolist() == i2i[first].tolist()
+    assert not np.array_equal(order, data_mod.hard_negative_order(ids, i2i, seed=1, epoch=1))
+    assert np.array_equal(order, data_mod.hard_negative_order(ids, i2i, seed=1, epoch=0))
+    with pytest.raises(ConfigError, match="i2i"):
+        data_mod.GlobalBatchSampler(ids, batch, 20, batching="hard-negative-aware")
+
+
+def test_loader_batches_collate(features, student, tmp_path):
+    write_negatives(features, tmp_path / "negatives", k=2)
+    data = data_mod.load_shards_data(features, "train")
+    negatives = data_mod.load_negatives(tmp_path / "negatives", "train", data, count=2, features_dir=features)
+    dataset = data_mod.TrainingDataset(data, student.preprocess, student.tokenizer, negatives=negatives)
+    sampler = data_mod.GlobalBatchSampler(data.trainable_image_ids(), 8, 3, seed=0)
+    batches = list(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=1, collate_fn=data_mod.keep_batch))
+    assert len(batches) == 3
+    assert batches[0][data_mod.IMAGE].shape == (8, 3, 16, 16)
+    assert batches[0][data_mod.MINED_TEACHER_TEXT].shape == (8, 2, 32)
+    assert batches[1][data_mod.IMAGE_ID].tolist() == sampler.global_batch(1).tolist()
+
+
+def test_clip_from_shards_reads_no_teacher_embeddings(features):
+    data = data_mod.load_shards_data(features, "train", with_teacher=False)
+    assert data.teacher_image is None and data.teacher_text is None and data.teacher_views is None
+    assert data.num_images == 40 and len(data.captions) == 120
+
+
+def test_corpus_source_counts_and_skips_corrupt_images(tmp_path, student):
+    manifest = write_tiny_corpus(tmp_path / "corpus", shards_per_split=2, per_shard=5, corrupt={"train0_002", "train1_004"})
+    data = data_mod.load_corpus_data(manifest, "train")
+    assert data.num_images == 8
+    assert data.skipped["counts"] == {"corrupt_image": 2}
+    assert data.teacher_image is None
+    # every caption of every kept sample, owned by the right image
+    assert len(data.captions) == len(data.text_to_image) == sum(len(data.captions_of(i)) for i in range(8))
+    dataset = data_mod.TrainingDataset(data, student.preprocess, student.tokenizer)
+    item = dataset[(0, 3)]
+    assert data.text_to_image[item[data_mod.TEXT_ID]] == 3 and data_mod.TEACHER_IMAGE not in item
