@@ -16,12 +16,12 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def main(
     params: Path = params_option(),
-    features_dir: Optional[Path] = typer.Option(None, "--features-dir", help="features written by `dsmd extract` (default: evaluate.features_dir)"),
-    split: Optional[str] = typer.Option(None, "--split", help="split to evaluate on (default: evaluate.split)"),
+    features_dir: Optional[Path] = typer.Option(None, "--features-dir", help="features written by `dsmd extract` (params: evaluate.features_dir)"),
+    split: Optional[str] = typer.Option(None, "--split", help="split to evaluate on (params: evaluate.split)"),
     student: list[str] = typer.Option(None, "--student", help="NAME=DIR of a trained student (repeatable; replaces evaluate.students)"),
     teacher_dir: Optional[Path] = typer.Option(None, "--teacher-dir", help="teacher folder, used for its architecture when the features' teacher name is not an open_clip model"),
-    metrics_file: Optional[Path] = typer.Option(None, "--metrics-file", help="metrics JSON to write (default: evaluate.metrics_file)"),
-    plots_dir: Optional[Path] = typer.Option(None, "--plots-dir", help="folder for the PNG plots and their data (default: evaluate.plots_dir)"),
+    metrics_file: Optional[Path] = typer.Option(None, "--metrics-file", help="metrics JSON to write (params: evaluate.metrics_file)"),
+    plots_dir: Optional[Path] = typer.Option(None, "--plots-dir", help="folder for the PNG plots and their data (params: evaluate.plots_dir)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for encoding and timing; 0 = torch's default"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
     allow_missing: Optional[bool] = typer.Option(None, "--allow-missing/--no-allow-missing", help="skip students whose folder has no trained model instead of failing"),

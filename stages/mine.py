@@ -16,12 +16,12 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def main(
     params: Path = params_option(),
-    features_dir: Optional[str] = typer.Option(None, help="features directory written by `dsmd extract` [mine.features_dir]"),
-    out_dir: Optional[str] = typer.Option(None, help="negatives directory; one sub-folder per split [mine.out_dir]"),
-    split: Optional[list[str]] = typer.Option(None, "--split", help="split to mine, repeatable [mine.splits]"),
-    k: Optional[int] = typer.Option(None, "--k", help="hard negatives kept per query and direction [mine.k]"),
-    index: Optional[str] = typer.Option(None, help="auto (exact below mine.exact_threshold vectors, else IVF-Flat), flat, ivf, hnsw or ivfpq [mine.index]"),
-    threads: Optional[int] = typer.Option(None, help="FAISS OpenMP threads, 0 = FAISS default [mine.threads]"),
+    features_dir: Optional[str] = typer.Option(None, help="features directory written by `dsmd extract` (params: mine.features_dir)"),
+    out_dir: Optional[str] = typer.Option(None, help="negatives directory; one sub-folder per split (params: mine.out_dir)"),
+    split: Optional[list[str]] = typer.Option(None, "--split", help="split to mine, repeatable (params: mine.splits)"),
+    k: Optional[int] = typer.Option(None, "--k", help="hard negatives kept per query and direction (params: mine.k)"),
+    index: Optional[str] = typer.Option(None, help="auto (exact below mine.exact_threshold vectors, else IVF-Flat), flat, ivf, hnsw or ivfpq (params: mine.index)"),
+    threads: Optional[int] = typer.Option(None, help="FAISS OpenMP threads, 0 = FAISS default (params: mine.threads)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Mine the k hardest negatives of every image and text (i2t, t2i, i2i, t2t), positives and
