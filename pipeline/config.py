@@ -164,6 +164,9 @@ class TrainConfig:
     split: str = "train"
     out_dir: str = "outputs/students/dsmd"
     batching: str = "random"  # random | hard-negative-aware
+    # hard-negative-aware: mined i2i neighbours placed beside each anchor. Small groups keep batches
+    # diverse; whole neighbour lists (16) fill a batch with near-duplicates whose captions collide.
+    batch_neighbours: int = 3
     use_views: bool = True  # re-apply stored augmentation views when the shards have them
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -459,7 +459,7 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
         negatives = data_mod.load_negatives(cfg.negatives_dir, cfg.split, data, cfg.distill.hard_negatives, cfg.features_dir)
     i2i = None
     if cfg.batching == "hard-negative-aware":
-        i2i = data_mod.read_i2i(cfg.negatives_dir, cfg.split, data, cfg.features_dir)
+        i2i = data_mod.read_i2i(cfg.negatives_dir, cfg.split, data, cfg.features_dir)[:, : max(0, cfg.batch_neighbours)]
 
     image_ids = data.trainable_image_ids()
     if len(image_ids) < data.num_images:
@@ -473,6 +473,7 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
     # resume, or start afresh (the queue starts full of real cached teacher embeddings)
     run_identity = {
         "model": cfg.model, "loss": cfg.loss, "source": cfg.source, "split": cfg.split, "batching": cfg.batching,
+        "batch_neighbours": cfg.batch_neighbours,
         "batch_size": optim.batch_size, "seed": optim.seed, "features_fingerprint": fingerprint,
         "loss_terms": list(balancer.names),
     }
