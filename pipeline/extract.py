@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline import augment, corpus, runtime, schema, shards
@@ -42,11 +42,19 @@ class ExtractMismatchError(PipelineError):
 
 
 @dataclass
-class _Item:
-    index: int  # position of the sample within its shard
-    image: torch.Tensor | None
-    views: torch.Tensor | None
-    view_params: list[dict]
+class _Chunk:
+    """Up to `batch_size` consecutive samples of one shard, decoded and tokenised in a worker."""
+
+    shard_index: int
+    url: str
+    samples: list[corpus.Sample]  # the decodable ones, in shard order
+    read: int  # samples read for this chunk, corrupt ones included (for the progress bar)
+    images: torch.Tensor | None = None
+    views: torch.Tensor | None = None  # (len(samples) * K, 3, H, W)
+    view_params: list[dict] = field(default_factory=list)
+    tokens: torch.Tensor | None = None  # every caption of `samples`, in order
+    last: bool = False  # the shard's final chunk: carries its skip report
+    report: dict | None = None
 
 
 def view_rng(seed: int, key: str) -> np.random.Generator:
@@ -55,31 +63,57 @@ def view_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-class _ShardImages(Dataset):
-    """Decodes and preprocesses the images of one shard (in DataLoader workers)."""
+class _ShardStream(IterableDataset):
+    """Reads, decodes, preprocesses and tokenises whole shards in DataLoader workers (worker w takes
+    shards w, w + workers, ...), yielding chunks that never cross a shard boundary, so the teacher's
+    batches, and hence the embeddings, do not depend on the number of workers or ranks."""
 
-    def __init__(self, samples: list[corpus.Sample], preprocess, views: int, seed: int):
-        self.samples, self.preprocess, self.views, self.seed = samples, preprocess, views, seed
+    def __init__(self, shards: list[tuple[int, str]], fields, teacher: LoadedModel, views: int, seed: int, chunk_size: int):
+        self.shards, self.fields, self.views, self.seed, self.chunk_size = shards, fields, views, seed, chunk_size
+        self.preprocess, self.tokenizer = teacher.preprocess, teacher.tokenizer
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def __iter__(self):
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        for position, (shard_index, url) in enumerate(self.shards):
+            if position % workers != worker_id:
+                continue
+            report = corpus.SkipReport()
+            pending: list[corpus.Sample] = []
+            for sample in corpus.iter_shard(url, self.fields, report):
+                pending.append(sample)
+                if len(pending) == self.chunk_size:
+                    yield self._chunk(shard_index, url, pending, report)
+                    pending = []
+            chunk = self._chunk(shard_index, url, pending, report)
+            chunk.last, chunk.report = True, report.to_dict()
+            yield chunk
 
-    def __getitem__(self, index: int) -> _Item:
-        sample = self.samples[index]
-        try:
-            image = augment.decode_image(sample.image_bytes)
-        except augment.CorruptImageError:
-            return _Item(index, None, None, [])
-        view_params, view_tensors = [], None
-        if self.views:
-            rng = view_rng(self.seed, sample.key)
-            view_params = [augment.sample_view(rng) for _ in range(self.views)]
-            view_tensors = torch.stack([self.preprocess(augment.apply_view(image, v)) for v in view_params])
-        return _Item(index, self.preprocess(image), view_tensors, view_params)
+    def _chunk(self, shard_index: int, url: str, samples: list[corpus.Sample], report: corpus.SkipReport) -> _Chunk:
+        good, images, views, view_params = [], [], [], []
+        for sample in samples:
+            try:
+                image = augment.decode_image(sample.image_bytes)
+            except augment.CorruptImageError:
+                report.add("corrupt_image", url, sample.key)
+                continue
+            good.append(sample)
+            images.append(self.preprocess(image))
+            if self.views:
+                rng = view_rng(self.seed, sample.key)
+                params = [augment.sample_view(rng) for _ in range(self.views)]
+                view_params.extend(params)
+                views.extend(self.preprocess(augment.apply_view(image, v)) for v in params)
+        chunk = _Chunk(shard_index, url, good, read=len(samples), view_params=view_params)
+        if good:
+            chunk.images = torch.stack(images)
+            chunk.views = torch.stack(views) if views else None
+            chunk.tokens = self.tokenizer([c for s in good for c in s.captions])
+        return chunk
 
 
-def _collate(items: list[_Item]) -> list[_Item]:
-    return items
+def _unbatched(chunk: _Chunk) -> _Chunk:
+    return chunk
 
 
 def _run_info(teacher: LoadedModel, manifest_sha256: str, cfg: ExtractConfig) -> dict:
@@ -130,12 +164,12 @@ def _encode_images(teacher: LoadedModel, images: torch.Tensor, device, precision
 
 
 @torch.inference_mode()
-def _encode_texts(teacher: LoadedModel, captions: list[str], device, precision, batch_size: int) -> np.ndarray:
+def _encode_texts(teacher: LoadedModel, tokens: torch.Tensor, device, precision, batch_size: int) -> np.ndarray:
     out = []
-    for start in range(0, len(captions), batch_size):
-        tokens = teacher.tokenizer(captions[start : start + batch_size]).to(device, non_blocking=True)
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start : start + batch_size].to(device, non_blocking=True)
         with runtime.autocast(device, precision):
-            emb = teacher.model.encode_text(tokens)
+            emb = teacher.model.encode_text(batch)
         out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, teacher.embed_dim), np.float32)
 
@@ -146,49 +180,25 @@ def _list_column(values: np.ndarray, per_row: int, value_type: pa.DataType | Non
     return pa.ListArray.from_arrays(offsets, arrow_values if arrow_values is not None else pa.array(values, value_type))
 
 
-def _extract_shard(
-    shard_index: int,
-    url: str,
-    split: str,
-    fields,
-    teacher: LoadedModel,
-    cfg: ExtractConfig,
-    device: torch.device,
-    parts_dir: Path,
-    meta: dict,
-    progress: tqdm,
-) -> dict:
-    """Embed one input shard and write its part files; returns the shard's skip report."""
-    report = corpus.SkipReport()
-    samples = list(corpus.iter_shard(url, fields, report))
-    loader = DataLoader(
-        _ShardImages(samples, teacher.preprocess, cfg.views, cfg.seed),
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-    )
-    kept: list[corpus.Sample] = []
-    image_embs, view_embs, view_params = [], [], []
-    for items in loader:
-        good = []
-        for item in items:
-            if item.image is None:
-                report.add("corrupt_image", url, samples[item.index].key)
-            else:
-                good.append(item)
-        if not good:
-            continue
-        image_embs.append(_encode_images(teacher, torch.stack([g.image for g in good]), device, cfg.precision, cfg.batch_size))
-        if cfg.views:
-            flat = torch.cat([g.views for g in good])
-            view_embs.append(_encode_images(teacher, flat, device, cfg.precision, cfg.batch_size))
-            view_params.extend(p for g in good for p in g.view_params)
-        kept.extend(samples[g.index] for g in good)
-        progress.update(len(items))
+@dataclass
+class _ShardResult:
+    """What the main process accumulates for one shard until its last chunk arrives."""
 
+    samples: list[corpus.Sample] = field(default_factory=list)
+    image_embs: list[np.ndarray] = field(default_factory=list)
+    view_embs: list[np.ndarray] = field(default_factory=list)
+    view_params: list[dict] = field(default_factory=list)
+    tokens: list[torch.Tensor] = field(default_factory=list)
+
+
+def _write_part(
+    shard_index: int, result: _ShardResult, report: dict, url: str, teacher: LoadedModel, cfg: ExtractConfig,
+    device: torch.device, parts_dir: Path, meta: dict,
+) -> None:
+    """Embed the shard's captions, then write its images/texts part files and, last, its skip report."""
+    kept = result.samples
     dim, dtype = teacher.embed_dim, cfg.embedding_dtype
-    image_emb = np.concatenate(image_embs) if image_embs else np.zeros((0, dim), np.float32)
+    image_emb = np.concatenate(result.image_embs) if result.image_embs else np.zeros((0, dim), np.float32)
     columns: dict[str, Any] = {
         schema.IMAGE_ID: pa.array(np.arange(len(kept)), pa.int64()),  # local ids; made global at finalize
         schema.KEY: pa.array([s.key for s in kept], pa.string()),
@@ -198,19 +208,20 @@ def _extract_shard(
         schema.TEACHER_IMAGE_EMB: schema.numpy_to_embeddings(image_emb, dtype),
     }
     if cfg.views:
-        flat_views = np.concatenate(view_embs) if view_embs else np.zeros((0, dim), np.float32)
+        flat_views = np.concatenate(result.view_embs) if result.view_embs else np.zeros((0, dim), np.float32)
         columns[schema.TEACHER_VIEW_EMB] = _list_column(
             flat_views, cfg.views, arrow_values=schema.numpy_to_embeddings(flat_views, dtype)
         )
         columns[schema.VIEW_PARAMS] = _list_column(
-            np.empty(len(view_params)), cfg.views, arrow_values=pa.array(view_params, schema.view_params_type())
+            np.empty(len(result.view_params)), cfg.views, arrow_values=pa.array(result.view_params, schema.view_params_type())
         )
     images = pa.Table.from_pydict(
         columns, schema=schema.images_schema(dim, dtype, cfg.views, {**meta, schema.META_KIND: "images"})
     )
 
     captions = [c for s in kept for c in s.captions]
-    text_emb = _encode_texts(teacher, captions, device, cfg.precision, cfg.batch_size)
+    tokens = torch.cat(result.tokens) if result.tokens else torch.zeros((0, 1), dtype=torch.long)
+    text_emb = _encode_texts(teacher, tokens, device, cfg.precision, cfg.batch_size)
     texts = pa.Table.from_pydict(
         {
             schema.TEXT_ID: pa.array(np.arange(len(captions)), pa.int64()),
@@ -224,8 +235,7 @@ def _extract_shard(
     shards.atomic_write_table(images, parts_dir / f"images-{shard_index:06d}.parquet")
     shards.atomic_write_table(texts, parts_dir / f"texts-{shard_index:06d}.parquet")
     # the report file is written last: its presence marks the part complete
-    shards.atomic_write_json({"url": url, "skipped": report.to_dict()}, parts_dir / f"skips-{shard_index:06d}.json")
-    return report.to_dict()
+    shards.atomic_write_json({"url": url, "skipped": report}, parts_dir / f"skips-{shard_index:06d}.json")
 
 
 def _finalize(features_dir: Path, split: str, urls: list[str], parts_dir: Path, info: dict) -> dict:
@@ -295,9 +305,26 @@ def extract_split(
         log.info("split %s: resuming, %d of %d shard(s) already done", split, len(mine) - len(todo), len(mine))
     total = expected_samples // dist_info.world_size if expected_samples else None
     started = time.perf_counter()
+    loader = DataLoader(
+        _ShardStream([(i, urls[i]) for i in todo], fields, teacher, cfg.views, cfg.seed, cfg.batch_size),
+        batch_size=None, num_workers=min(cfg.num_workers, len(todo)), collate_fn=_unbatched,
+        pin_memory=device.type == "cuda",
+    )
+    pending: dict[int, _ShardResult] = {}
     with tqdm(total=total, desc=f"extract {split}", unit="img", disable=not dist_info.is_main, dynamic_ncols=True) as progress:
-        for index in todo:
-            _extract_shard(index, urls[index], split, fields, teacher, cfg, device, parts_dir, meta, progress)
+        for chunk in loader:
+            result = pending.setdefault(chunk.shard_index, _ShardResult())
+            if chunk.samples:
+                result.samples.extend(chunk.samples)
+                result.image_embs.append(_encode_images(teacher, chunk.images, device, cfg.precision, cfg.batch_size))
+                if chunk.views is not None:
+                    result.view_embs.append(_encode_images(teacher, chunk.views, device, cfg.precision, cfg.batch_size))
+                    result.view_params.extend(chunk.view_params)
+                result.tokens.append(chunk.tokens)
+            progress.update(chunk.read)
+            if chunk.last:
+                _write_part(chunk.shard_index, pending.pop(chunk.shard_index), chunk.report, chunk.url, teacher, cfg,
+                            device, parts_dir, meta)
     log.info("split %s rank %d: %d shard(s) in %.1fs", split, dist_info.rank, len(todo), time.perf_counter() - started)
     runtime.barrier(dist_info)
     manifest = None
