@@ -153,25 +153,15 @@ def _check_compatible(path: Path, existing: dict, info: dict) -> None:
 
 
 @torch.inference_mode()
-def _encode_images(teacher: LoadedModel, images: torch.Tensor, device, precision, batch_size: int) -> np.ndarray:
+def _embed(encode, inputs: torch.Tensor, device, precision, batch_size: int, dim: int) -> np.ndarray:
+    """L2-normalised float32 embeddings of `inputs` (pixels or tokens) in batches of `batch_size`."""
     out = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(device, non_blocking=True)
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size].to(device, non_blocking=True)
         with runtime.autocast(device, precision):
-            emb = teacher.model.encode_image(batch)
+            emb = encode(batch)
         out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, teacher.embed_dim), np.float32)
-
-
-@torch.inference_mode()
-def _encode_texts(teacher: LoadedModel, tokens: torch.Tensor, device, precision, batch_size: int) -> np.ndarray:
-    out = []
-    for start in range(0, len(tokens), batch_size):
-        batch = tokens[start : start + batch_size].to(device, non_blocking=True)
-        with runtime.autocast(device, precision):
-            emb = teacher.model.encode_text(batch)
-        out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, teacher.embed_dim), np.float32)
+    return torch.cat(out).numpy() if out else np.zeros((0, dim), np.float32)
 
 
 def _list_column(values: np.ndarray, per_row: int, value_type: pa.DataType | None = None, arrow_values: pa.Array | None = None) -> pa.Array:
@@ -221,7 +211,7 @@ def _write_part(
 
     captions = [c for s in kept for c in s.captions]
     tokens = torch.cat(result.tokens) if result.tokens else torch.zeros((0, 1), dtype=torch.long)
-    text_emb = _encode_texts(teacher, tokens, device, cfg.precision, cfg.batch_size)
+    text_emb = _embed(teacher.model.encode_text, tokens, device, cfg.precision, cfg.batch_size, dim)
     texts = pa.Table.from_pydict(
         {
             schema.TEXT_ID: pa.array(np.arange(len(captions)), pa.int64()),
@@ -316,9 +306,9 @@ def extract_split(
             result = pending.setdefault(chunk.shard_index, _ShardResult())
             if chunk.samples:
                 result.samples.extend(chunk.samples)
-                result.image_embs.append(_encode_images(teacher, chunk.images, device, cfg.precision, cfg.batch_size))
+                result.image_embs.append(_embed(teacher.model.encode_image, chunk.images, device, cfg.precision, cfg.batch_size, teacher.embed_dim))
                 if chunk.views is not None:
-                    result.view_embs.append(_encode_images(teacher, chunk.views, device, cfg.precision, cfg.batch_size))
+                    result.view_embs.append(_embed(teacher.model.encode_image, chunk.views, device, cfg.precision, cfg.batch_size, teacher.embed_dim))
                     result.view_params.extend(chunk.view_params)
                 result.tokens.append(chunk.tokens)
             progress.update(chunk.read)
