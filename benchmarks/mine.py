@@ -62,24 +62,12 @@ def current_rss_mb() -> float:
 # ---- part 1: overhead against bare FAISS ------------------------------------------------------
 
 def write_features(features_dir: Path, image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray) -> None:
-    import pyarrow as pa
-
     n, dim = image_emb.shape
-    images = pa.Table.from_pydict({
-        schema.IMAGE_ID: pa.array(np.arange(n), pa.int64()),
-        schema.KEY: [f"{i:08d}" for i in range(n)],
-        schema.SOURCE_SHARD: ["bench.tar"] * n,
-        schema.IMAGE_FORMAT: ["png"] * n,
-        schema.IMAGE_BYTES: pa.array([b""] * n, pa.binary()),
-        schema.TEACHER_IMAGE_EMB: schema.numpy_to_embeddings(image_emb, "float16"),
-    }, schema=schema.images_schema(dim, "float16"))
-    texts = pa.Table.from_pydict({
-        schema.TEXT_ID: pa.array(np.arange(len(text_image)), pa.int64()),
-        schema.IMAGE_ID: pa.array(text_image, pa.int64()),
-        schema.CAPTION_INDEX: pa.array(np.zeros(len(text_image)), pa.int32()),
-        schema.CAPTION: [f"caption {t} of image {i}" for t, i in enumerate(text_image)],
-        schema.TEACHER_TEXT_EMB: schema.numpy_to_embeddings(text_emb, "float16"),
-    }, schema=schema.texts_schema(dim, "float16"))
+    images = schema.images_table([f"{i:08d}" for i in range(n)], ["bench.tar"] * n, ["png"] * n, [b""] * n, image_emb)
+    texts = schema.texts_table(
+        text_image, np.zeros(len(text_image), np.int32),
+        [f"caption {t} of image {i}" for t, i in enumerate(text_image)], text_emb,
+    )
     shards.write_split(features_dir, "train", [images], [texts], {"embedding_dim": dim, "embedding_dtype": "float16"})
 
 

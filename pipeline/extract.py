@@ -15,7 +15,6 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -164,12 +163,6 @@ def _embed(encode, inputs: torch.Tensor, device, precision, batch_size: int, dim
     return torch.cat(out).numpy() if out else np.zeros((0, dim), np.float32)
 
 
-def _list_column(values: np.ndarray, per_row: int, value_type: pa.DataType | None = None, arrow_values: pa.Array | None = None) -> pa.Array:
-    n = len(values) // per_row if per_row else 0
-    offsets = pa.array(np.arange(0, n * per_row + 1, per_row, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, arrow_values if arrow_values is not None else pa.array(values, value_type))
-
-
 @dataclass
 class _ShardResult:
     """What the main process accumulates for one shard until its last chunk arrives."""
@@ -189,38 +182,22 @@ def _write_part(
     kept = result.samples
     dim, dtype = teacher.embed_dim, cfg.embedding_dtype
     image_emb = np.concatenate(result.image_embs) if result.image_embs else np.zeros((0, dim), np.float32)
-    columns: dict[str, Any] = {
-        schema.IMAGE_ID: pa.array(np.arange(len(kept)), pa.int64()),  # local ids; made global at finalize
-        schema.KEY: pa.array([s.key for s in kept], pa.string()),
-        schema.SOURCE_SHARD: pa.array([s.shard for s in kept], pa.string()),
-        schema.IMAGE_FORMAT: pa.array([s.image_format for s in kept], pa.string()),
-        schema.IMAGE_BYTES: pa.array([s.image_bytes for s in kept], pa.binary()),
-        schema.TEACHER_IMAGE_EMB: schema.numpy_to_embeddings(image_emb, dtype),
-    }
+    view_emb = None
     if cfg.views:
         flat_views = np.concatenate(result.view_embs) if result.view_embs else np.zeros((0, dim), np.float32)
-        columns[schema.TEACHER_VIEW_EMB] = _list_column(
-            flat_views, cfg.views, arrow_values=schema.numpy_to_embeddings(flat_views, dtype)
-        )
-        columns[schema.VIEW_PARAMS] = _list_column(
-            np.empty(len(result.view_params)), cfg.views, arrow_values=pa.array(result.view_params, schema.view_params_type())
-        )
-    images = pa.Table.from_pydict(
-        columns, schema=schema.images_schema(dim, dtype, cfg.views, {**meta, schema.META_KIND: "images"})
+        view_emb = flat_views.reshape(len(kept), cfg.views, dim)
+    # image ids are local to the shard here; _finalize offsets them into split-wide ids
+    images = schema.images_table(
+        [s.key for s in kept], [s.shard for s in kept], [s.image_format for s in kept], [s.image_bytes for s in kept],
+        image_emb, dtype, meta, view_emb, result.view_params,
     )
-
-    captions = [c for s in kept for c in s.captions]
     tokens = torch.cat(result.tokens) if result.tokens else torch.zeros((0, 1), dtype=torch.long)
     text_emb = _embed(teacher.model.encode_text, tokens, device, cfg.precision, cfg.batch_size, dim)
-    texts = pa.Table.from_pydict(
-        {
-            schema.TEXT_ID: pa.array(np.arange(len(captions)), pa.int64()),
-            schema.IMAGE_ID: pa.array(np.repeat(np.arange(len(kept)), [len(s.captions) for s in kept]), pa.int64()),
-            schema.CAPTION_INDEX: pa.array([i for s in kept for i in range(len(s.captions))], pa.int32()),
-            schema.CAPTION: pa.array(captions, pa.string()),
-            schema.TEACHER_TEXT_EMB: schema.numpy_to_embeddings(text_emb, dtype),
-        },
-        schema=schema.texts_schema(dim, dtype, {**meta, schema.META_KIND: "texts"}),
+    texts = schema.texts_table(
+        np.repeat(np.arange(len(kept)), [len(s.captions) for s in kept]),
+        [i for s in kept for i in range(len(s.captions))],
+        [c for s in kept for c in s.captions],
+        text_emb, dtype, meta,
     )
     shards.atomic_write_table(images, parts_dir / f"images-{shard_index:06d}.parquet")
     shards.atomic_write_table(texts, parts_dir / f"texts-{shard_index:06d}.parquet")

@@ -157,3 +157,50 @@ def numpy_to_embeddings(array: np.ndarray, dtype: str) -> pa.Array:
     array = np.ascontiguousarray(array, dtype=np_dtype)
     n, dim = array.shape
     return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1), type=EMBEDDING_DTYPES[dtype]), dim)
+
+
+def _per_row(values: pa.Array, per_row: int) -> pa.Array:
+    """A flat array of N * per_row values -> a list column of N rows of `per_row` values."""
+    rows = len(values) // per_row if per_row else 0
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * per_row + 1, per_row, dtype=np.int32)), values)
+
+
+def images_table(
+    keys: list[str], source_shards: list[str], image_formats: list[str], image_bytes: list[bytes],
+    teacher_image_emb: np.ndarray, dtype: str = "float16", metadata: dict | None = None,
+    teacher_view_emb: np.ndarray | None = None, view_params: list[dict] | None = None,
+) -> pa.Table:
+    """The images table with dense ids 0..N-1. With views: `teacher_view_emb` (N, K, D) and
+    `view_params`, N * K dicts of VIEW_PARAM_FIELDS in row order."""
+    n, dim = teacher_image_emb.shape
+    columns = {
+        IMAGE_ID: pa.array(np.arange(n), pa.int64()),
+        KEY: pa.array(keys, pa.string()),
+        SOURCE_SHARD: pa.array(source_shards, pa.string()),
+        IMAGE_FORMAT: pa.array(image_formats, pa.string()),
+        IMAGE_BYTES: pa.array(image_bytes, pa.binary()),
+        TEACHER_IMAGE_EMB: numpy_to_embeddings(teacher_image_emb, dtype),
+    }
+    views = 0 if teacher_view_emb is None else teacher_view_emb.shape[1]
+    if views:
+        columns[TEACHER_VIEW_EMB] = _per_row(numpy_to_embeddings(teacher_view_emb.reshape(-1, dim), dtype), views)
+        columns[VIEW_PARAMS] = _per_row(pa.array(view_params, view_params_type()), views)
+    return pa.Table.from_pydict(columns, schema=images_schema(dim, dtype, views, {**(metadata or {}), META_KIND: "images"}))
+
+
+def texts_table(
+    text_image_ids: np.ndarray, caption_index: np.ndarray, captions: list[str], teacher_text_emb: np.ndarray,
+    dtype: str = "float16", metadata: dict | None = None,
+) -> pa.Table:
+    """The texts table with dense ids 0..M-1."""
+    m, dim = teacher_text_emb.shape
+    return pa.Table.from_pydict(
+        {
+            TEXT_ID: pa.array(np.arange(m), pa.int64()),
+            IMAGE_ID: pa.array(np.asarray(text_image_ids), pa.int64()),
+            CAPTION_INDEX: pa.array(np.asarray(caption_index), pa.int32()),
+            CAPTION: pa.array(captions, pa.string()),
+            TEACHER_TEXT_EMB: numpy_to_embeddings(teacher_text_emb, dtype),
+        },
+        schema=texts_schema(dim, dtype, {**(metadata or {}), META_KIND: "texts"}),
+    )

@@ -5,7 +5,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
 from pipeline import schema, shards
@@ -42,39 +41,23 @@ def write_fake_features(
     text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
     identity = {"model": "fake-teacher", "pretrained": None, "embed_dim": dim}
     meta = {schema.META_TEACHER: identity, schema.META_SPLIT: split, schema.META_MANIFEST_SHA256: "fake"}
-    columns = {
-        schema.IMAGE_ID: pa.array(np.arange(n_images), pa.int64()),
-        schema.KEY: pa.array([f"img{i:05d}" for i in range(n_images)]),
-        schema.SOURCE_SHARD: pa.array(["fake-000000.tar"] * n_images),
-        schema.IMAGE_FORMAT: pa.array(["png"] * n_images),
-        schema.IMAGE_BYTES: pa.array([_png(rng) for _ in range(n_images)], pa.binary()),
-        schema.TEACHER_IMAGE_EMB: schema.numpy_to_embeddings(image_emb, dtype),
-    }
+    png_bytes = [_png(rng) for _ in range(n_images)]
+    view_emb, view_params = None, None
     if views:
         view_emb = image_emb[:, None, :] + 0.1 * unit(rng, n_images * views, dim).reshape(n_images, views, dim)
         view_emb /= np.linalg.norm(view_emb, axis=2, keepdims=True)
-        columns[schema.TEACHER_VIEW_EMB] = pa.ListArray.from_arrays(
-            pa.array(np.arange(0, n_images * views + 1, views), pa.int32()),
-            schema.numpy_to_embeddings(view_emb.reshape(-1, dim), dtype),
-        )
-        params = [
+        view_params = [
             {"crop_top": 0.1, "crop_left": 0.0, "crop_height": 0.8, "crop_width": 0.9, "hflip": bool(v % 2)}
             for _ in range(n_images) for v in range(views)
         ]
-        columns[schema.VIEW_PARAMS] = pa.ListArray.from_arrays(
-            pa.array(np.arange(0, n_images * views + 1, views), pa.int32()),
-            pa.array(params, schema.view_params_type()),
-        )
-    images = pa.Table.from_pydict(columns, schema=schema.images_schema(dim, dtype, views, {**meta, schema.META_KIND: "images"}))
-    texts = pa.Table.from_pydict(
-        {
-            schema.TEXT_ID: pa.array(np.arange(len(text_to_image)), pa.int64()),
-            schema.IMAGE_ID: pa.array(text_to_image, pa.int64()),
-            schema.CAPTION_INDEX: pa.array(np.tile(np.arange(captions_per_image), n_images), pa.int32()),
-            schema.CAPTION: pa.array([f"a picture number {i} variant {c}" for i in range(n_images) for c in range(captions_per_image)]),
-            schema.TEACHER_TEXT_EMB: schema.numpy_to_embeddings(text_emb, dtype),
-        },
-        schema=schema.texts_schema(dim, dtype, {**meta, schema.META_KIND: "texts"}),
+    images = schema.images_table(
+        [f"img{i:05d}" for i in range(n_images)], ["fake-000000.tar"] * n_images, ["png"] * n_images,
+        png_bytes, image_emb, dtype, meta, view_emb, view_params,
+    )
+    texts = schema.texts_table(
+        text_to_image, np.tile(np.arange(captions_per_image), n_images),
+        [f"a picture number {i} variant {c}" for i in range(n_images) for c in range(captions_per_image)],
+        text_emb, dtype, meta,
     )
     info = {"teacher": identity, "manifest_sha256": "fake", "embedding_dim": dim, "embedding_dtype": dtype, "views": views}
     return shards.write_split(features_dir, split, [images], [texts], info)

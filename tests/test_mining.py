@@ -38,24 +38,11 @@ def _variant(text: str, rng: np.random.Generator) -> str:
 def write_features(features_dir, split, image_emb, text_emb, text_image, captions, dtype="float32") -> None:
     n, dim = image_emb.shape
     meta = {schema.META_SPLIT: split}
-    images = pa.Table.from_pydict({
-        schema.IMAGE_ID: pa.array(np.arange(n), pa.int64()),
-        schema.KEY: [f"k{i}" for i in range(n)],
-        schema.SOURCE_SHARD: ["s.tar"] * n,
-        schema.IMAGE_FORMAT: ["png"] * n,
-        schema.IMAGE_BYTES: pa.array([b""] * n, pa.binary()),
-        schema.TEACHER_IMAGE_EMB: schema.numpy_to_embeddings(image_emb, dtype),
-    }, schema=schema.images_schema(dim, dtype, 0, meta))
+    images = schema.images_table([f"k{i}" for i in range(n)], ["s.tar"] * n, ["png"] * n, [b""] * n, image_emb, dtype, meta)
     caption_index = np.zeros(len(text_image), dtype=np.int32)
     for t in range(1, len(text_image)):
         caption_index[t] = caption_index[t - 1] + 1 if text_image[t] == text_image[t - 1] else 0
-    texts = pa.Table.from_pydict({
-        schema.TEXT_ID: pa.array(np.arange(len(text_image)), pa.int64()),
-        schema.IMAGE_ID: pa.array(text_image, pa.int64()),
-        schema.CAPTION_INDEX: pa.array(caption_index, pa.int32()),
-        schema.CAPTION: captions,
-        schema.TEACHER_TEXT_EMB: schema.numpy_to_embeddings(text_emb, dtype),
-    }, schema=schema.texts_schema(dim, dtype, meta))
+    texts = schema.texts_table(text_image, caption_index, captions, text_emb, dtype, meta)
     shards.write_split(features_dir, split, [images], [texts], {"teacher": {"model": "test"}, "embedding_dim": dim})
 
 
