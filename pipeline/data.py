@@ -185,10 +185,15 @@ def read_i2i(negatives_dir: str | Path, split: str, data: TrainingData, features
     return _read_direction(negatives_dir, split, "i2i", data.num_images, data.num_images, features_dir)
 
 
-def load_negatives(negatives_dir: str | Path, split: str, data: TrainingData, count: int, features_dir: str | Path | None = None) -> MinedNegatives:
-    """Mined negatives for the hard-negative loss, checked against the features they were mined from."""
+def load_negatives(
+    negatives_dir: str | Path, split: str, data: TrainingData, count: int, features_dir: str | Path | None = None,
+    i2i: np.ndarray | None = None,
+) -> MinedNegatives:
+    """Mined negatives for the hard-negative loss, checked against the features they were mined from;
+    pass `i2i` when it was already read (see read_i2i) so the file is read once."""
     i2t = _read_direction(negatives_dir, split, "i2t", data.num_images, len(data.captions), features_dir)
-    i2i = _read_direction(negatives_dir, split, "i2i", data.num_images, data.num_images, features_dir)
+    if i2i is None:
+        i2i = read_i2i(negatives_dir, split, data, features_dir)
     return MinedNegatives(image_to_texts=_first_columns(i2t, count), image_to_images=_first_columns(i2i, count))
 
 

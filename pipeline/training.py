@@ -454,12 +454,16 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
         data = data_mod.load_corpus_data(cfg.manifest, cfg.split)
         fingerprint = None
     teacher_dim = data.embedding_dim if distill else None
+    # the mined i2i neighbours serve both the hard-negative loss and hard-negative-aware batching: read once
+    wants_mined = distill and cfg.distill.hard_negative and cfg.distill.hard_negatives > 0
+    wants_grouping = cfg.batching == "hard-negative-aware"
+    mined_i2i = data_mod.read_i2i(cfg.negatives_dir, cfg.split, data, cfg.features_dir) if (wants_mined or wants_grouping) else None
     negatives = None
-    if distill and cfg.distill.hard_negative and cfg.distill.hard_negatives > 0:
-        negatives = data_mod.load_negatives(cfg.negatives_dir, cfg.split, data, cfg.distill.hard_negatives, cfg.features_dir)
-    i2i = None
-    if cfg.batching == "hard-negative-aware":
-        i2i = data_mod.read_i2i(cfg.negatives_dir, cfg.split, data, cfg.features_dir)[:, : max(0, cfg.batch_neighbours)]
+    if wants_mined:
+        negatives = data_mod.load_negatives(
+            cfg.negatives_dir, cfg.split, data, cfg.distill.hard_negatives, cfg.features_dir, i2i=mined_i2i
+        )
+    i2i = mined_i2i[:, : max(0, cfg.batch_neighbours)] if wants_grouping else None
 
     image_ids = data.trainable_image_ids()
     if len(image_ids) < data.num_images:
