@@ -10,13 +10,26 @@ from torch import Tensor
 
 from pipeline.config import ConfigError
 
-BALANCER_MODES = ("dynamic", "fixed", "uniform")
+BALANCER_MODES = ("calibrated", "dynamic", "authors", "fixed", "uniform")
 
 
 class LossBalancer:
     """total = sum_i w_i L_i over the named terms, with weights that carry no gradient.
 
     Modes:
+    - `calibrated` (the default): each term is measured against its own early size, DWA rates come
+      from smoothed losses, and the task term keeps a guaranteed share:
+
+          ref_i   = mean of L_i over the first `calibration_steps` steps (frozen afterwards)
+          fast_i, slow_i = EMAs of L_i with time constants `window` and 4 * `window` steps
+          r_i     = fast_i / slow_i                     (< 1 while the term is falling)
+          w_task  = task_share / ref_task
+          w_i     = (1 - task_share) * softmax_d(r / T)_i * prior_i / ref_i      (distillation terms d)
+
+      so the objective starts near 1 with the task term at `task_share` of it, and no weight grows
+      as its term nears 0 (ref_i is fixed once calibrated). `weights` (optional) are priors prior_i
+      on the distillation terms (default 1; they are normalised to mean 1).
+    - `authors`: the authors' code, which reduces to w_i = (k / n) max_j L_j / L_i with k = 10.
     - `uniform`: w_i = 1.
     - `fixed`: w_i = fixed_weights[name] (every name needs one; weights of other names are
       ignored, so a term can be switched off without editing them).
@@ -52,6 +65,9 @@ class LossBalancer:
         eps: float = 1e-8,
         max_weight: float = 0.0,
         sync_distributed: bool = True,
+        task_share: float = 0.5,
+        calibration_steps: int = 20,
+        window: int = 20,
     ):
         self.names = tuple(names)
         if not self.names:
@@ -67,6 +83,21 @@ class LossBalancer:
         self.eps = float(eps)
         self.max_weight = float(max_weight)
         self.sync_distributed = sync_distributed
+        if not 0.0 <= task_share < 1.0:
+            raise ConfigError(f"train.distill.balancer.task_share must be in [0, 1), got {task_share}")
+        if calibration_steps < 1 or window < 1:
+            raise ConfigError("train.distill.balancer: calibration_steps and window must be >= 1")
+        self.task_share = float(task_share)
+        self.calibration_steps = int(calibration_steps)
+        self.window = int(window)
+        self.priors = {name: float((fixed_weights or {}).get(name, 1.0)) for name in self.names if name != "task"}
+        if self.priors:
+            mean_prior = sum(self.priors.values()) / len(self.priors)
+            self.priors = {k: v / mean_prior for k, v in self.priors.items()}
+        # calibrated state: reference sums over the first calibration_steps, fast and slow EMAs
+        self.reference_sum = [0.0] * len(self.names)
+        self.fast: list[float] | None = None
+        self.slow: list[float] | None = None
         self.fixed_weights: dict[str, float] = {}
         if mode == "fixed":
             given = fixed_weights or {}
@@ -85,7 +116,8 @@ class LossBalancer:
     def from_config(cls, names: Sequence[str], config) -> "LossBalancer":
         """From `pipeline.config.BalancerConfig` (train.distill.balancer)."""
         return cls(names, mode=config.mode, temperature=config.temperature, fixed_weights=config.weights,
-                   max_weight=config.max_weight)
+                   max_weight=config.max_weight, task_share=config.task_share,
+                   calibration_steps=config.calibration_steps, window=config.window)
 
     # ---- weights -----------------------------------------------------------------------------
     def _raw_values(self, losses: dict[str, Tensor]) -> list[float]:
@@ -115,7 +147,11 @@ class LossBalancer:
             return [1.0] * len(self.names)
         if self.mode == "fixed":
             return [self.fixed_weights[name] for name in self.names]
+        if self.mode == "calibrated":
+            return self._calibrated_weights(values)
         largest = max(values)
+        if self.mode == "authors":
+            return [10.0 / len(self.names) * largest / (value + self.eps) for value in values]
         magnitude = [largest / (value + self.eps) for value in values]
         scaled = [rate / self.temperature for rate in self.rates()]
         top = max(scaled)
@@ -125,6 +161,32 @@ class LossBalancer:
         weights = [n * p * m for p, m in zip(softmax, magnitude)]
         if self.max_weight > 0:
             weights = [min(w, self.max_weight) for w in weights]
+        return weights
+
+    def references(self, values: Sequence[float]) -> list[float]:
+        """ref_i: the mean over the calibration steps recorded so far (the current value before any)."""
+        seen = min(self.steps, self.calibration_steps)
+        if seen == 0:
+            return [max(v, self.eps) for v in values]
+        return [max(total / seen, self.eps) for total in self.reference_sum]
+
+    def _calibrated_weights(self, values: Sequence[float]) -> list[float]:
+        refs = self.references(values)
+        distill = [i for i, name in enumerate(self.names) if name != "task"]
+        share = self.task_share if len(distill) < len(self.names) else 0.0
+        rates = [1.0] * len(self.names) if self.fast is None else [
+            f / s if s > self.eps else 1.0 for f, s in zip(self.fast, self.slow)
+        ]
+        weights = [0.0] * len(self.names)
+        if distill:
+            top = max(rates[i] / self.temperature for i in distill)
+            exps = {i: math.exp(rates[i] / self.temperature - top) for i in distill}
+            total = sum(exps.values())
+            for i in distill:
+                weights[i] = (1.0 - share) * exps[i] / total * self.priors[self.names[i]] / refs[i]
+        for i, name in enumerate(self.names):
+            if name == "task":
+                weights[i] = (share if distill else 1.0) / refs[i]
         return weights
 
     # ---- the objective -----------------------------------------------------------------------
@@ -148,6 +210,14 @@ class LossBalancer:
 
     def _record(self, values: list[float]) -> None:
         self.history = (self.history + [list(values)])[-2:]
+        if self.steps < self.calibration_steps:
+            self.reference_sum = [total + v for total, v in zip(self.reference_sum, values)]
+        if self.fast is None:
+            self.fast, self.slow = list(values), list(values)
+        else:
+            a_fast, a_slow = 1.0 / self.window, 1.0 / (4 * self.window)
+            self.fast = [f + a_fast * (v - f) for f, v in zip(self.fast, values)]
+            self.slow = [s + a_slow * (v - s) for s, v in zip(self.slow, values)]
         self.steps += 1
 
     # ---- checkpointing -----------------------------------------------------------------------
@@ -159,6 +229,9 @@ class LossBalancer:
             "temperature": self.temperature,
             "history": [list(row) for row in self.history],
             "steps": self.steps,
+            "reference_sum": list(self.reference_sum),
+            "fast": None if self.fast is None else list(self.fast),
+            "slow": None if self.slow is None else list(self.slow),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -172,3 +245,6 @@ class LossBalancer:
             raise ValueError("loss balancer checkpoint: history rows do not match the loss names")
         self.history = history[-2:]
         self.steps = int(state.get("steps", len(history)))
+        self.reference_sum = [float(v) for v in state.get("reference_sum", [0.0] * len(self.names))]
+        self.fast = None if state.get("fast") is None else [float(v) for v in state["fast"]]
+        self.slow = None if state.get("slow") is None else [float(v) for v in state["slow"]]

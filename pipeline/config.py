@@ -28,9 +28,13 @@ class CorpusConfig:
 
     out_dir: str = "data/synthetic"
     seed: int = 0
-    train_images: int = 20000
-    val_images: int = 1000
+    train_images: int = 5000
+    val_images: int = 500
     test_images: int = 1000
+    # the web corpus: only the demo teacher pretrains on it (as a real teacher saw LAION, not Flickr30k)
+    web_images: int = 40000
+    # colours, shapes and patterns have Zipf-like frequencies p(rank r) ~ 1 / (r + 1) ** zipf; 0 = uniform
+    zipf: float = 1.2
     image_size: int = 64
     samples_per_shard: int = 1000
     # share of scenes generated as a near-duplicate of the previous scene (one attribute or relation changed)
@@ -73,6 +77,7 @@ class TeacherConfig:
     pretrained: str = "demo"
     out_dir: str = "outputs/teacher"
     manifest: str = "data/synthetic/manifest.yaml"  # corpus used to pretrain the demo teacher
+    split: str = "web"  # its split the demo teacher pretrains on (the students never see it)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -120,16 +125,28 @@ class MineConfig:
     range_min: int = 0  # skip the first range_min ranked candidates
     max_score: Optional[float] = None  # drop candidates scoring above this
     margin: Optional[float] = None  # drop candidates scoring above positive_score - margin
+    relative_margin: Optional[float] = None  # drop candidates scoring above (1 - relative_margin) * positive_score
+    # drop semantic twins: candidates owning a caption with teacher text-text cosine above this with a
+    # caption of the query's image (paraphrases of a positive that exact matching misses)
+    twin_threshold: Optional[float] = None
     recall_sample: int = 1000  # queries checked against exact search when the index is approximate
     seed: int = 0
 
 
 @dataclass
 class BalancerConfig:
-    mode: str = "dynamic"  # dynamic | fixed | uniform
-    temperature: float = 1.0
-    # fixed weights (mode: fixed), by loss name: feature, similarity, contrastive, hard_negative, task
+    """How the loss terms are weighted (formulas in pipeline/balancer.py)."""
+
+    # calibrated (own early size, smoothed DWA, task share) | dynamic (faithful DWA + magnitude
+    # equalisation) | authors (their code: w_i = (k/n) max L / L_i) | fixed | uniform
+    mode: str = "calibrated"
+    temperature: float = 1.0  # DWA softmax temperature (calibrated, dynamic)
+    # by loss name (feature, similarity, contrastive, hard_negative, task): mode fixed, the weights;
+    # mode calibrated, priors on the distillation terms (normalised to mean 1; missing = 1)
     weights: dict[str, float] = field(default_factory=dict)
+    task_share: float = 0.5  # calibrated: the task term's share of the objective
+    calibration_steps: int = 20  # calibrated: steps whose mean loss is each term's reference size
+    window: int = 20  # calibrated: EMA time constant (steps) of the smoothed DWA rates
     # mode dynamic: cap on each weight; 0 = none (faithful). m_i = max L / L_i is unbounded as a term nears 0
     max_weight: float = 0.0
 
@@ -142,11 +159,17 @@ class DistillConfig:
     similarity: bool = True
     contrastive: bool = True
     hard_negative: bool = True
+    # not one of the paper's four scales: TinyCLIP / CLIP-KD relational distillation of the in-batch
+    # image-text similarity distributions (see pipeline/losses.py AffinityDistillLoss)
+    affinity: bool = False
+    affinity_temperature: float = 0.05
     task: bool = True
     queue_size: int = 8192
     temperature: float = 0.05
-    margin: float = 0.2
-    hard_negatives: int = 4  # mined negatives looked up per sample
+    # hard-negative margin: teacher (the teacher's own score gap; only pairs it orders right count) | fixed
+    margin_mode: str = "teacher"
+    margin: float = 0.2  # margin_mode fixed: the paper's margin
+    hard_negatives: int = 4  # mined negatives looked up per sample and direction
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
 
 
@@ -168,6 +191,9 @@ class TrainConfig:
     # diverse; whole neighbour lists (16) fill a batch with near-duplicates whose captions collide.
     batch_neighbours: int = 3
     use_views: bool = True  # re-apply stored augmentation views when the shards have them
+    # > 0: train on the first max_images images of the split only (scaling curves); mined negatives
+    # outside them are dropped, so nothing of the other images reaches the student
+    max_images: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 

@@ -40,6 +40,15 @@ MINED_TEACHER_IMAGE = "mined_teacher_image"  # (H, D) teacher embeddings of mine
 MINED_TEACHER_TEXT = "mined_teacher_text"  # (H, D) teacher embeddings of mined negative captions
 MINED_IMAGE_IDS = "mined_image_ids"  # (H,) their image ids, -1 = padding
 MINED_TEXT_IMAGE_IDS = "mined_text_image_ids"  # (H,) the image each mined caption belongs to, -1 = padding
+# the same from the caption's side (t2t, t2i lists): the hard negatives of text anchors
+MINED_T2T_TEACHER_TEXT = "mined_t2t_teacher_text"
+MINED_T2T_IMAGE_IDS = "mined_t2t_image_ids"
+MINED_T2I_TEACHER_IMAGE = "mined_t2i_teacher_image"
+MINED_T2I_IMAGE_IDS = "mined_t2i_image_ids"
+MINED_KEYS = (
+    MINED_TEACHER_IMAGE, MINED_TEACHER_TEXT, MINED_IMAGE_IDS, MINED_TEXT_IMAGE_IDS,
+    MINED_T2T_TEACHER_TEXT, MINED_T2T_IMAGE_IDS, MINED_T2I_TEACHER_IMAGE, MINED_T2I_IMAGE_IDS,
+)
 
 
 class DataError(PipelineError):
@@ -175,10 +184,12 @@ def load_corpus_data(manifest_path: str | Path, split: str) -> TrainingData:
 
 @dataclass
 class MinedNegatives:
-    """The first `count` mined neighbours of every image: captions (i2t) and images (i2i)."""
+    """The first `count` mined neighbours of every image (i2t, i2i) and of every caption (t2t, t2i)."""
 
     image_to_texts: np.ndarray  # (N, count) text ids, -1 = padding
     image_to_images: np.ndarray  # (N, count) image ids, -1 = padding
+    text_to_texts: np.ndarray  # (M, count) text ids, -1 = padding
+    text_to_images: np.ndarray  # (M, count) image ids, -1 = padding
 
 
 def read_i2i(negatives_dir: str | Path, split: str, data: TrainingData, features_dir: str | Path | None = None) -> np.ndarray:
@@ -191,10 +202,34 @@ def load_negatives(
 ) -> MinedNegatives:
     """Mined negatives for the hard-negative loss, checked against the features they were mined from;
     pass `i2i` when it was already read (see read_i2i) so the file is read once."""
-    i2t = _read_direction(negatives_dir, split, "i2t", data.num_images, len(data.captions), features_dir)
+    n_images, n_texts = data.num_images, len(data.captions)
+    i2t = _read_direction(negatives_dir, split, "i2t", n_images, n_texts, features_dir)
+    t2t = _read_direction(negatives_dir, split, "t2t", n_texts, n_texts, features_dir)
+    t2i = _read_direction(negatives_dir, split, "t2i", n_texts, n_images, features_dir)
     if i2i is None:
         i2i = read_i2i(negatives_dir, split, data, features_dir)
-    return MinedNegatives(image_to_texts=_first_columns(i2t, count), image_to_images=_first_columns(i2i, count))
+    return MinedNegatives(
+        image_to_texts=_first_columns(i2t, count), image_to_images=_first_columns(i2i, count),
+        text_to_texts=_first_columns(t2t, count), text_to_images=_first_columns(t2i, count),
+    )
+
+
+def restrict_negatives(negatives: MinedNegatives, data: TrainingData, image_ids: np.ndarray) -> MinedNegatives:
+    """The mined lists with every neighbour outside `image_ids` (an image, or a caption of one) made
+    padding (-1): a student trained on a subset sees no teacher embedding of the rest."""
+    allowed = np.zeros(data.num_images, dtype=bool)
+    allowed[image_ids] = True
+
+    def images(ids: np.ndarray) -> np.ndarray:
+        return np.where((ids >= 0) & allowed[np.maximum(ids, 0)], ids, -1)
+
+    def texts(ids: np.ndarray) -> np.ndarray:
+        return np.where((ids >= 0) & allowed[data.text_to_image[np.maximum(ids, 0)]], ids, -1)
+
+    return MinedNegatives(
+        image_to_texts=texts(negatives.image_to_texts), image_to_images=images(negatives.image_to_images),
+        text_to_texts=texts(negatives.text_to_texts), text_to_images=images(negatives.text_to_images),
+    )
 
 
 def _first_columns(ids: np.ndarray, count: int) -> np.ndarray:
@@ -287,7 +322,7 @@ class TrainingDataset(torch.utils.data.Dataset):
             batch[TEACHER_IMAGE] = torch.from_numpy(teacher_image)
             batch[TEACHER_TEXT] = torch.from_numpy(self.data.teacher_text[text_ids].astype(np.float32))
         if self.negatives is not None:
-            batch.update(self._mined(image_ids))
+            batch.update(self._mined(image_ids, text_ids))
         return batch
 
     def _image(self, image_id: int, view: int) -> torch.Tensor:
@@ -299,22 +334,31 @@ class TrainingDataset(torch.utils.data.Dataset):
             image = apply_view(image, self.data.view_params[image_id][view])
         return self.preprocess(image)
 
-    def _mined(self, image_ids: np.ndarray) -> dict[str, torch.Tensor]:
-        """Teacher embeddings of the images' mined negatives, looked up by id (padding: id -1, zeros)."""
-        text_ids = self.negatives.image_to_texts[image_ids]  # (B, H)
-        neighbour_ids = self.negatives.image_to_images[image_ids]
-        text_ok, image_ok = text_ids >= 0, neighbour_ids >= 0
-        mined_text = self.data.teacher_text[np.maximum(text_ids, 0)].astype(np.float32)
-        mined_image = self.data.teacher_image[np.maximum(neighbour_ids, 0)].astype(np.float32)
-        mined_text[~text_ok] = 0.0
-        mined_image[~image_ok] = 0.0
-        owners = np.where(text_ok, self.data.text_to_image[np.maximum(text_ids, 0)], -1)
+    def _mined(self, image_ids: np.ndarray, text_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """Teacher embeddings of the mined negatives of each sample's image (i2t, i2i) and caption
+        (t2t, t2i), looked up by id, with the image owning each (padding: id -1, zeros)."""
+        neg = self.negatives
+        texts_i, images_i = self._lookup_texts(neg.image_to_texts[image_ids]), self._lookup_images(neg.image_to_images[image_ids])
+        texts_t, images_t = self._lookup_texts(neg.text_to_texts[text_ids]), self._lookup_images(neg.text_to_images[text_ids])
         return {
-            MINED_TEACHER_TEXT: torch.from_numpy(mined_text),
-            MINED_TEACHER_IMAGE: torch.from_numpy(mined_image),
-            MINED_TEXT_IMAGE_IDS: torch.from_numpy(owners.astype(np.int64)),
-            MINED_IMAGE_IDS: torch.from_numpy(neighbour_ids.astype(np.int64)),
+            MINED_TEACHER_TEXT: texts_i[0], MINED_TEXT_IMAGE_IDS: texts_i[1],
+            MINED_TEACHER_IMAGE: images_i[0], MINED_IMAGE_IDS: images_i[1],
+            MINED_T2T_TEACHER_TEXT: texts_t[0], MINED_T2T_IMAGE_IDS: texts_t[1],
+            MINED_T2I_TEACHER_IMAGE: images_t[0], MINED_T2I_IMAGE_IDS: images_t[1],
         }
+
+    def _lookup_texts(self, text_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        ok = text_ids >= 0
+        emb = self.data.teacher_text[np.maximum(text_ids, 0)].astype(np.float32)
+        emb[~ok] = 0.0
+        owners = np.where(ok, self.data.text_to_image[np.maximum(text_ids, 0)], -1).astype(np.int64)
+        return torch.from_numpy(emb), torch.from_numpy(owners)
+
+    def _lookup_images(self, image_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        ok = image_ids >= 0
+        emb = self.data.teacher_image[np.maximum(image_ids, 0)].astype(np.float32)
+        emb[~ok] = 0.0
+        return torch.from_numpy(emb), torch.from_numpy(image_ids.astype(np.int64))
 
 
 def keep_batch(batch: dict) -> dict:

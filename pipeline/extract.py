@@ -22,14 +22,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
+from pipeline.progress import progress as progress_bar
 
 from pipeline import augment, corpus, runtime, schema, shards
 from pipeline.config import ExtractConfig, TeacherConfig
 from pipeline.errors import PipelineError
 from pipeline.manifest import load_manifest
-from pipeline.models import LoadedModel
-from pipeline.teacher import load_teacher
+from pipeline.models import LoadedModel, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +277,7 @@ def extract_split(
         pin_memory=device.type == "cuda",
     )
     pending: dict[int, _ShardResult] = {}
-    with tqdm(total=total, desc=f"extract {split}", unit="img", disable=not dist_info.is_main, dynamic_ncols=True) as progress:
+    with progress_bar(total, f"extract {split}", "img", enabled=dist_info.is_main) as progress:
         for chunk in loader:
             result = pending.setdefault(chunk.shard_index, _ShardResult())
             if chunk.samples:

@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_NAMES = ("feature", "similarity", "contrastive", "hard_negative", "task")
+LOSS_NAMES = ("feature", "similarity", "contrastive", "hard_negative", "affinity", "task")
+MARGIN_MODES = ("teacher", "fixed")
 
 # owner id of an empty queue entry / a padded mined negative
 INVALID_ID = -1
@@ -203,27 +204,45 @@ class ContrastiveDistillLoss(nn.Module):
 
 class HardNegativeDistillLoss(nn.Module):
     """Local-ranking distillation: VSE++ max-violation triplet loss between student anchors a and
-    teacher embeddings b, with S = a b^T and m the margin:
+    teacher embeddings b, with S = a b^T:
 
-        T(a, b) = reduce_i ( max_j [m + S_ij - S_ii]_+  +  max_j [m + S_ji - S_ii]_+ )
+        T(a, b) = reduce_i ( max_j [m_ij + S_ij - S_ii]_+  +  max_j [m_ji + S_ji - S_ii]_+ )
         L_hn    = T(s_v, t_v) + T(s_t, t_t) + T(s_v, t_t) + T(s_t, t_v)
 
+    Margins (`margin_mode`):
+    - `fixed`: m_ij = m (the paper; 0.2). A teacher that itself ranks some negatives above the
+      positive makes even a student equal to the teacher pay this loss forever.
+    - `teacher`: the teacher's own gap, m_ij = G_ii - G_ij with G = a^T b the same scores computed with
+      the teacher's embedding of the anchor, and only pairs the teacher ranks correctly (m_ij > 0)
+      count: the student must separate each negative at least as far as the teacher does, and a
+      student equal to the teacher pays exactly 0.
+
     Row direction (anchor a_i against teacher negatives): j runs over the other in-batch b_j plus the
-    sample's mined teacher negatives (image negatives for t_v, text negatives for t_t). Column
-    direction (teacher b_i against student negatives a_j): in-batch only. Negatives whose owner image
-    id equals the anchor's image id, and mined padding (id -1), are ignored; an anchor without any
-    negative contributes 0.
+    sample's mined teacher negatives, found from the anchor's side (image anchors: i2i and i2t lists;
+    text anchors: t2i and t2t). Column direction (teacher b_i against student negatives a_j): in-batch
+    only. Negatives whose owner image id equals the anchor's image id, and mined padding (id -1), are
+    ignored; an anchor without any negative contributes 0.
 
     `reduction="mean"` (default) averages over the batch; `"sum"` is the authors' (and VSE++'s)
     choice, which makes the loss -- and so any fixed weight on it -- grow with the batch size.
     """
 
-    def __init__(self, margin: float = 0.2, reduction: str = "mean"):
+    def __init__(self, margin: float = 0.2, reduction: str = "mean", margin_mode: str = "fixed"):
         super().__init__()
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if margin_mode not in MARGIN_MODES:
+            raise ValueError(f"margin_mode must be one of {MARGIN_MODES}, got {margin_mode!r}")
         self.margin = margin
         self.reduction = reduction
+        self.margin_mode = margin_mode
+
+    def _cost(self, scores: Tensor, positive: Tensor, teacher_scores: Optional[Tensor], teacher_positive: Optional[Tensor]) -> Tensor:
+        """[m + S_neg - S_pos]_+ elementwise, with m fixed or the teacher's gap (pairs it misorders: 0)."""
+        if teacher_scores is None:
+            return (self.margin + scores - positive).clamp(min=0)
+        gap = teacher_positive - teacher_scores
+        return (gap + scores - positive).clamp(min=0).masked_fill(gap <= 0, 0)
 
     def triplet(
         self,
@@ -232,24 +251,36 @@ class HardNegativeDistillLoss(nn.Module):
         image_ids: Tensor,
         mined: Optional[Tensor] = None,
         mined_ids: Optional[Tensor] = None,
+        teacher_anchor: Optional[Tensor] = None,
     ) -> Tensor:
-        """T(anchor, positive) for one pair of modalities; `mined` (B, H, D) with owner ids (B, H)."""
+        """T(anchor, positive) for one pair of modalities; `mined` (B, H, D) with owner ids (B, H);
+        `teacher_anchor` (B, D), the teacher's embedding of each anchor, for margin_mode teacher."""
+        if self.margin_mode == "teacher" and teacher_anchor is None:
+            raise ValueError("margin_mode 'teacher' needs the teacher's embedding of the anchors")
+        teacher_anchor = None if self.margin_mode == "fixed" else _teacher(teacher_anchor, anchor)
         scores = anchor @ positive.T  # S_ij = a_i . b_j
         positive_scores = scores.diagonal()
+        teacher = teacher_positive = None
+        if teacher_anchor is not None:
+            teacher = teacher_anchor @ positive.T  # G_ij, the teacher's own S
+            teacher_positive = teacher.diagonal()
         same_image = image_ids[:, None] == image_ids[None, :]  # includes the diagonal
-        # [m + S_ij - S_ii]_+ : row i, anchor a_i against teacher negatives b_j
-        row_cost = (self.margin + scores - positive_scores[:, None]).clamp(min=0).masked_fill(same_image, 0)
-        row_hardest = row_cost.max(dim=1).values
+        # row i: anchor a_i against teacher negatives b_j
+        row_cost = self._cost(scores, positive_scores[:, None], teacher, None if teacher is None else teacher_positive[:, None])
+        row_hardest = row_cost.masked_fill(same_image, 0).max(dim=1).values
         if mined is not None and mined.shape[1] > 0:
             if mined_ids is None:
                 raise ValueError("mined teacher negatives given without their owner image ids")
-            mined_scores = torch.einsum("bd,bhd->bh", anchor, mined.to(anchor.dtype))
+            mined = _teacher(mined, anchor)
+            mined_scores = torch.einsum("bd,bhd->bh", anchor, mined)
+            mined_teacher = None if teacher_anchor is None else torch.einsum("bd,bhd->bh", teacher_anchor, mined)
             ignore = (mined_ids == INVALID_ID) | (mined_ids == image_ids[:, None])
-            mined_cost = (self.margin + mined_scores - positive_scores[:, None]).clamp(min=0).masked_fill(ignore, 0)
-            row_hardest = torch.maximum(row_hardest, mined_cost.max(dim=1).values)
-        # [m + S_ji - S_ii]_+ : column i, teacher b_i against student negatives a_j
-        column_cost = (self.margin + scores - positive_scores[None, :]).clamp(min=0).masked_fill(same_image, 0)
-        column_hardest = column_cost.max(dim=0).values
+            mined_cost = self._cost(mined_scores, positive_scores[:, None], mined_teacher,
+                                    None if teacher is None else teacher_positive[:, None])
+            row_hardest = torch.maximum(row_hardest, mined_cost.masked_fill(ignore, 0).max(dim=1).values)
+        # column i: teacher b_i against student negatives a_j (scores S_ji, the teacher's G_ji)
+        column_cost = self._cost(scores, positive_scores[None, :], teacher, None if teacher is None else teacher_positive[None, :])
+        column_hardest = column_cost.masked_fill(same_image, 0).max(dim=0).values
         per_sample = row_hardest + column_hardest
         return per_sample.mean() if self.reduction == "mean" else per_sample.sum()
 
@@ -264,19 +295,57 @@ class HardNegativeDistillLoss(nn.Module):
         mined_teacher_text: Optional[Tensor] = None,
         mined_image_ids: Optional[Tensor] = None,
         mined_text_image_ids: Optional[Tensor] = None,
+        mined_t2t_teacher_text: Optional[Tensor] = None,
+        mined_t2t_image_ids: Optional[Tensor] = None,
+        mined_t2i_teacher_image: Optional[Tensor] = None,
+        mined_t2i_image_ids: Optional[Tensor] = None,
     ) -> Tensor:
-        teacher_image = _teacher(teacher_image, student_image)
-        teacher_text = _teacher(teacher_text, student_text)
-        if mined_teacher_image is not None:
-            mined_teacher_image = mined_teacher_image.detach()
-        if mined_teacher_text is not None:
-            mined_teacher_text = mined_teacher_text.detach()
+        """Image anchors take the i2i / i2t lists (`mined_teacher_image`, `mined_teacher_text`), text
+        anchors the t2t / t2i lists; without text-keyed lists text anchors see in-batch negatives only."""
+        t_v = _teacher(teacher_image, student_image)
+        t_t = _teacher(teacher_text, student_text)
         return (
-            self.triplet(student_image, teacher_image, image_ids, mined_teacher_image, mined_image_ids)
-            + self.triplet(student_text, teacher_text, image_ids, mined_teacher_text, mined_text_image_ids)
-            + self.triplet(student_image, teacher_text, image_ids, mined_teacher_text, mined_text_image_ids)
-            + self.triplet(student_text, teacher_image, image_ids, mined_teacher_image, mined_image_ids)
+            self.triplet(student_image, t_v, image_ids, mined_teacher_image, mined_image_ids, teacher_anchor=t_v)
+            + self.triplet(student_text, t_t, image_ids, mined_t2t_teacher_text, mined_t2t_image_ids, teacher_anchor=t_t)
+            + self.triplet(student_image, t_t, image_ids, mined_teacher_text, mined_text_image_ids, teacher_anchor=t_v)
+            + self.triplet(student_text, t_v, image_ids, mined_t2i_teacher_image, mined_t2i_image_ids, teacher_anchor=t_t)
         )
+
+
+class AffinityDistillLoss(nn.Module):
+    """Cross-modal relational distillation (TinyCLIP's affinity mimicking, CLIP-KD's CRD): the
+    student's in-batch image-to-text and text-to-image distributions match the teacher's,
+
+        P = softmax(t_v t_t^T / tau) row-wise,  Q = log_softmax(s_v s_t^T / tau) row-wise
+        L_aff = [mean_i KL(P_i || Q_i) + mean_j KL(P^T_j || Q^T_j)] / 2
+
+    Off-diagonal pairs of the same image are left out of both distributions (not negatives). It
+    transfers how the teacher ranks every caption of the batch for every image, which is what
+    retrieval measures; a student equal to the teacher pays 0.
+    """
+
+    def __init__(self, temperature: float = 0.05):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"affinity temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, student_image: Tensor, student_text: Tensor, teacher_image: Tensor, teacher_text: Tensor,
+                image_ids: Tensor) -> Tensor:
+        same_image = image_ids[:, None] == image_ids[None, :]
+        same_image.fill_diagonal_(False)
+        student = (student_image @ student_text.T / self.temperature).masked_fill(same_image, float("-inf"))
+        t_v, t_t = _teacher(teacher_image, student_image), _teacher(teacher_text, student_text)
+        teacher = (t_v @ t_t.T / self.temperature).masked_fill(same_image, float("-inf"))
+        keep = ~same_image  # masked entries would give 0 * (-inf - -inf) = nan: summed as 0 instead
+        return (self._masked_kl(student, teacher, keep) + self._masked_kl(student.T, teacher.T, keep.T)) / 2
+
+    @staticmethod
+    def _masked_kl(student_logits: Tensor, teacher_logits: Tensor, keep: Tensor) -> Tensor:
+        log_q = F.log_softmax(student_logits, dim=1)
+        log_p = F.log_softmax(teacher_logits, dim=1)
+        terms = torch.where(keep, log_p.exp() * (log_p - log_q), torch.zeros_like(log_q))
+        return terms.sum(dim=1).mean()
 
 
 class ClipLoss(nn.Module):
@@ -320,8 +389,9 @@ class DSMDLoss(nn.Module):
     the same queue); under torch.distributed it enqueues the teacher embeddings of all ranks, so
     every rank holds the same queue and a checkpoint saved by rank 0 resumes all of them.
 
-    Batch keys: student_image, student_text, teacher_image, teacher_text, image_ids, logit_scale
-    (task), and optionally mined_teacher_image, mined_teacher_text (B, H, D), mined_image_ids,
+    Batch keys: student_image, student_text (projected to the teacher's width), teacher_image,
+    teacher_text, image_ids, logit_scale (task), and optionally image, text (the student's own
+    embeddings, for the affinity term), mined_teacher_image, mined_teacher_text (B, H, D), mined_image_ids,
     mined_text_image_ids (B, H).
     """
 
@@ -334,7 +404,10 @@ class DSMDLoss(nn.Module):
         self.similarity = SimilarityDistillLoss() if config.similarity else None
         self.contrastive = ContrastiveDistillLoss(config.temperature) if config.contrastive else None
         self.queue = TeacherQueue(config.queue_size, dim) if config.contrastive else None
-        self.hard_negative = HardNegativeDistillLoss(config.margin) if config.hard_negative else None
+        self.hard_negative = (
+            HardNegativeDistillLoss(config.margin, margin_mode=config.margin_mode) if config.hard_negative else None
+        )
+        self.affinity = AffinityDistillLoss(config.affinity_temperature) if config.affinity else None
         self.task = ClipLoss(rank=rank, world_size=world_size) if config.task else None
 
     @property
@@ -360,7 +433,13 @@ class DSMDLoss(nn.Module):
                 mined_teacher_text=batch.get("mined_teacher_text"),
                 mined_image_ids=batch.get("mined_image_ids"),
                 mined_text_image_ids=batch.get("mined_text_image_ids"),
+                mined_t2t_teacher_text=batch.get("mined_t2t_teacher_text"),
+                mined_t2t_image_ids=batch.get("mined_t2t_image_ids"),
+                mined_t2i_teacher_image=batch.get("mined_t2i_teacher_image"),
+                mined_t2i_image_ids=batch.get("mined_t2i_image_ids"),
             )
+        if self.affinity is not None:  # on the student's own space (what retrieval uses) when given
+            losses["affinity"] = self.affinity(batch.get("image", s_v), batch.get("text", s_t), t_v, t_t, image_ids)
         if self.task is not None:
             losses["task"] = self.task(s_v, s_t, batch["logit_scale"], image_ids=image_ids)
         return losses

@@ -20,6 +20,10 @@ Then, in this order, the knobs of sentence-transformers' `mine_hard_negatives`:
 
 - `range_min`: the first `range_min` ranked candidates left after the exclusions are skipped;
 - `max_score`: candidates with `s > max_score` are dropped;
+- `relative_margin`: candidates with `s > (1 - relative_margin) * positive_score` are dropped;
+- `twin_threshold`: semantic twins are dropped: candidates with a caption whose teacher text-text
+  cosine with a caption of the query's image exceeds the threshold (paraphrases that exact caption
+  matching misses; see `_twin_rule`);
 - `margin`: candidates with `s > positive_score - margin` are dropped, where `positive_score` is
   i2t: `max_{t in captions(q)} s(q, t)`; t2i: `s(q, image(q))`; t2t: `max_{t' in siblings(q)} s(q, t')`
   (the query's other captions; 1.0 when it has none); i2i: 1.0 (the query itself: image-image and
@@ -299,6 +303,49 @@ class Direction:
     excluded: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (query ids (R,), cand ids (R, K)) -> bool (R, K)
     exclusion_bound: np.ndarray  # (n,) upper bound on the candidates `excluded` can remove per query
     positive_score: Optional[np.ndarray] = None  # (n,) for `margin`; NaN = no positive
+    twin: Optional[Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = None  # semantic twins, see _twin_rule
+
+
+def _padded_captions(text_image: np.ndarray, num_images: int) -> np.ndarray:
+    """(N, C) the text ids of each image's captions, -1 padded."""
+    order = np.argsort(text_image, kind="stable")
+    counts = np.bincount(text_image, minlength=num_images)
+    out = np.full((num_images, max(1, int(counts.max(initial=0)))), -1, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    column = np.arange(len(order)) - np.repeat(starts, counts)
+    out[text_image[order], column] = order
+    return out
+
+
+def _max_caption_cosine(text_emb: np.ndarray, query_sets: np.ndarray, cand_sets: np.ndarray) -> np.ndarray:
+    """(R, K): the largest teacher text-text cosine between a caption of the query's set (R, C) and
+    one of the candidate's set (R, K, C'); -1 padding takes no part. Blocked over rows (bounded memory)."""
+    rows, k, width = cand_sets.shape
+    out = np.full((rows, k), -np.inf, dtype=np.float32)
+    block = max(1, (1 << 20) // max(1, k * width * query_sets.shape[1]))
+    for start in range(0, rows, block):
+        q = query_sets[start : start + block]
+        c = cand_sets[start : start + block]
+        sims = np.einsum("rqd,rkcd->rkqc", text_emb[np.maximum(q, 0)], text_emb[np.maximum(c, 0)])
+        valid = (q >= 0)[:, None, :, None] & (c >= 0)[:, :, None, :]
+        out[start : start + block] = np.where(valid, sims, -np.inf).max(axis=(2, 3))
+    return out
+
+
+def _twin_rule(text_emb: np.ndarray, text_image: np.ndarray, num_images: int, query_side: str, cand_side: str):
+    """Semantic twins (`twin_threshold`): a candidate one of whose captions (a text candidate: the
+    text itself) has teacher text-text cosine above the threshold with a caption of the query's image
+    (a text query: its own image's captions, the query included). Such paraphrases of a positive
+    are false negatives that exact-caption matching misses."""
+    captions = _padded_captions(text_image, num_images)
+
+    def sets(ids: np.ndarray, side: str) -> np.ndarray:
+        return captions[ids] if side == "image" else captions[text_image[ids]] if ids.ndim == 1 else ids[..., None]
+
+    def rule(q: np.ndarray, c: np.ndarray, threshold: float) -> np.ndarray:
+        return _max_caption_cosine(text_emb, sets(q, query_side), sets(c, cand_side)) > threshold
+
+    return rule
 
 
 def make_directions(image_emb: np.ndarray, text_emb: np.ndarray, groups: CaptionGroups, need_positives: bool) -> dict[str, Direction]:
@@ -329,8 +376,10 @@ def make_directions(image_emb: np.ndarray, text_emb: np.ndarray, groups: Caption
     positives = _positive_scores(image_emb, text_emb, g) if need_positives else {}
     specs = {"i2t": (image_emb, text_emb, i2t), "t2i": (text_emb, image_emb, t2i),
              "i2i": (image_emb, image_emb, i2i), "t2t": (text_emb, text_emb, t2t)}
+    sides = {"i2t": ("image", "text"), "t2i": ("text", "image"), "i2i": ("image", "image"), "t2t": ("text", "text")}
     return {
-        name: Direction(name, queries, database, rule, np.asarray(bounds[name], dtype=np.int64), positives.get(name))
+        name: Direction(name, queries, database, rule, np.asarray(bounds[name], dtype=np.int64), positives.get(name),
+                        _twin_rule(text_emb, g.text_image, n_images, *sides[name]))
         for name, (queries, database, rule) in specs.items()
     }
 
@@ -380,6 +429,12 @@ def _select(direction: Direction, query_ids: np.ndarray, scores: np.ndarray, ids
         positive = direction.positive_score[query_ids]
         limit = np.where(np.isnan(positive), np.inf, positive - cfg.margin)
         keep &= scores <= limit[:, None]
+    if cfg.relative_margin is not None and direction.positive_score is not None:
+        positive = direction.positive_score[query_ids]
+        limit = np.where(np.isnan(positive), np.inf, (1.0 - cfg.relative_margin) * positive)
+        keep &= scores <= limit[:, None]
+    if cfg.twin_threshold is not None and direction.twin is not None:
+        keep &= ~direction.twin(query_ids, np.where(valid, ids, 0), cfg.twin_threshold)
     rank = np.cumsum(keep, axis=1)
     take = keep & (rank <= k)
     rows, cols = np.nonzero(take)
@@ -544,7 +599,7 @@ def mine_split(cfg: MineConfig, split: str, progress: bool = True) -> dict:
     text_emb = _normalised(text_emb, "text", where)
     texts = shards.read_texts(features_dir, split, columns=[schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION])
     groups = group_captions(texts[schema.CAPTION].to_pylist(), text_image, len(image_emb))
-    directions = make_directions(image_emb, text_emb, groups, need_positives=cfg.margin is not None)
+    directions = make_directions(image_emb, text_emb, groups, need_positives=cfg.margin is not None or cfg.relative_margin is not None)
     load_seconds = time.perf_counter() - started
 
     # one index per database: images serve t2i and i2i, texts serve i2t and t2t

@@ -176,3 +176,11 @@ def save_open_clip_dir(model: torch.nn.Module, model_name: str, out_dir: str | P
 
 def load_identity_file(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def load_teacher(cfg, device: str | torch.device = "cpu") -> LoadedModel:
+    """The teacher of `cfg` (pipeline.config.TeacherConfig): its open_clip model with the weights
+    `teacher.pretrained` names (`demo` = the demo teacher's checkpoint in `teacher.out_dir`)."""
+    loaded = load_model(cfg.model, resolve_pretrained(cfg.pretrained, cfg.out_dir), device=device)
+    loaded.identity["pretrained_source"] = cfg.pretrained or None
+    return loaded

@@ -1,7 +1,9 @@
 """The synthetic captioned-scenes corpus behind `dsmd corpus`.
 
-Each image shows 1 to 3 coloured shapes on a plain or lightly textured light background. Every
-caption is determined by the scene: it names each object's size, colour and shape, the spatial
+Each image shows 1 to 3 coloured, patterned shapes on a plain or lightly textured light background.
+Colours, shapes and patterns follow a Zipf-like law (`corpus.zipf`): a few values are common, the
+tail is rare, as concepts are in real captions. Every caption is determined by the scene: it names
+each object's size, pattern, colour and shape, the spatial
 relation `objects[0] <relation> objects[1]` when there are two or more objects, and the object's
 region of the picture when there is one. Captions are 2-5 paraphrases drawn from a small grammar with
 synonyms ("a small red circle left of a large blue square", "there is a big azure box, and a little
@@ -12,6 +14,12 @@ changes exactly one thing: one object's colour, shape or size, the relation (the
 places), the two objects' colours, or (single object) its region. Such pairs make retrieval
 non-trivial and give the FAISS miner meaningful hard negatives.
 
+Two corpora of the same world, as in real distillation: the `web` split (only the demo teacher
+trains on it; many times the target train split, with no scene description of the target test split)
+and the target splits train / val / test, which extraction, the students and evaluation use. Every
+split draws from its own random stream. Test scenes are unambiguous: no two test scenes share a
+description (`description()`), so no test caption describes another test image.
+
 Output (img2dataset layout): `{out_dir}/{split}-{NNNNNN}.tar` with `{key}.png|jpg`, `{key}.txt`
 (captions, one a line) and `{key}.json` (key, captions, scene, near-duplicate source), plus
 `{out_dir}/manifest.yaml`. Same config and seed -> byte-identical shards: each shard has its own
@@ -21,7 +29,9 @@ random generator seeded by (seed, split, shard index), and tar headers are fixed
 from __future__ import annotations
 
 import copy
+import collections
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -35,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
-from tqdm import tqdm
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
+from pipeline.progress import progress as progress_bar
 
 from pipeline.config import ConfigError, CorpusConfig
 from pipeline.manifest import write_manifest
@@ -44,9 +54,10 @@ from pipeline.shards import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1  # bump when the output for a given config changes
-SPLITS = ("train", "val", "test")
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+GENERATOR_VERSION = 2  # bump when the output for a given config changes
+SPLITS = ("train", "val", "test", "web")
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "web": 3}
+REPORT_NAME = "corpus_report.json"  # concept frequencies per split, test ambiguity
 MANIFEST_NAME = "manifest.yaml"
 CONFIG_RECORD = "corpus_config.json"  # hash of the config the shards in out_dir were generated with
 CORPUS_NAME = "synthetic-shapes"
@@ -55,19 +66,25 @@ SUPERSAMPLE = 2  # shapes are drawn at 2x and box-filtered down: cheap anti-alia
 
 # ---- vocabulary --------------------------------------------------------------------------------
 # canonical name -> (RGB, caption words); every word set is disjoint from the others
-COLOURS: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {
+COLOURS: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {  # in Zipf rank order
     "red": ((210, 35, 35), ("red", "crimson", "scarlet")),
-    "orange": ((240, 135, 20), ("orange", "tangerine", "amber")),
-    "yellow": ((235, 200, 0), ("yellow", "golden", "lemon")),
-    "green": ((35, 150, 50), ("green", "emerald", "grass-green")),
-    "cyan": ((0, 185, 200), ("cyan", "turquoise", "aqua")),
     "blue": ((35, 70, 215), ("blue", "azure", "cobalt")),
+    "green": ((35, 150, 50), ("green", "emerald", "grass-green")),
+    "yellow": ((235, 200, 0), ("yellow", "golden", "lemon")),
+    "black": ((25, 25, 25), ("black", "ebony", "jet-black")),
+    "orange": ((240, 135, 20), ("orange", "tangerine", "amber")),
     "purple": ((130, 45, 175), ("purple", "violet", "plum")),
     "pink": ((240, 105, 175), ("pink", "rosy", "bubblegum")),
     "brown": ((125, 75, 35), ("brown", "chocolate", "chestnut")),
-    "black": ((25, 25, 25), ("black", "ebony", "jet-black")),
+    "cyan": ((0, 185, 200), ("cyan", "turquoise", "aqua")),
+    "grey": ((128, 128, 128), ("grey", "gray", "ash")),
+    "navy": ((20, 30, 110), ("navy", "indigo", "ink")),
+    "olive": ((128, 128, 0), ("olive", "khaki", "moss")),
+    "maroon": ((120, 20, 45), ("maroon", "burgundy", "wine")),
+    "lime": ((150, 230, 40), ("lime", "chartreuse", "pistachio")),
+    "teal": ((0, 120, 120), ("teal", "petrol", "spruce")),
 }
-SHAPES: dict[str, tuple[str, ...]] = {
+SHAPES: dict[str, tuple[str, ...]] = {  # in Zipf rank order
     "circle": ("circle", "disc", "round shape"),
     "square": ("square", "box", "block"),
     "triangle": ("triangle", "triangular shape"),
@@ -75,6 +92,14 @@ SHAPES: dict[str, tuple[str, ...]] = {
     "cross": ("cross", "plus sign"),
     "diamond": ("diamond", "rhombus", "lozenge"),
     "hexagon": ("hexagon", "six-sided shape"),
+    "pentagon": ("pentagon", "five-sided shape"),
+    "arrow": ("arrow", "arrowhead"),
+    "crescent": ("crescent", "moon shape"),
+}
+PATTERNS: dict[str, tuple[str, ...]] = {  # in Zipf rank order
+    "solid": ("solid", "filled", "plain"),
+    "striped": ("striped", "stripy", "banded"),
+    "outlined": ("outlined", "hollow", "outline-only"),
 }
 SIZES: dict[str, tuple[str, ...]] = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
 SIZE_RADIUS = {"small": 0.10, "large": 0.17}  # circumradius as a fraction of the image side
@@ -116,7 +141,7 @@ ONE_OBJECT_TEMPLATES = (
     "{R}, {O}",
     "a picture of {O} {R}",
     "{O} sitting {R}",
-    "one {size} {colour} {shape}, {R}",
+    "one {size} {pattern} {colour} {shape}, {R}",
 )
 TWO_OBJECT_TEMPLATES = (
     "{A} {rel} {B}",
@@ -129,12 +154,13 @@ TWO_OBJECT_TEMPLATES = (
 THIRD_OBJECT_SUFFIXES = (", and {C}", ", along with {C}", "; there is also {C}")
 MAX_CAPTIONS = min(len(ONE_OBJECT_TEMPLATES), len(TWO_OBJECT_TEMPLATES))
 
-OBJECT_COUNT_PROBS = (0.25, 0.45, 0.30)  # 1, 2 or 3 objects
+OBJECT_COUNT_PROBS = (0.30, 0.40, 0.30)  # 1, 2 or 3 objects
 BACKGROUND_TONES = ((236, 234, 228), (226, 230, 234), (240, 233, 220), (228, 234, 224), (244, 244, 244))
 TEXTURES = ("plain", "noise", "gradient")
 GAP = 0.05  # minimum free space between two objects, as a fraction of the image side
 NOT_CONTENT_FIELDS = ("out_dir", "workers")  # config fields that do not change the shards' bytes
-MUTATIONS = ("colour", "shape", "size", "relation", "swap_colours", "position")
+MUTATIONS = ("colour", "shape", "size", "pattern", "relation", "swap_colours", "position")
+STRIPE_PERIOD = 8  # supersampled pixels per stripe pair (4 px in the image)
 
 
 # ---- scenes ------------------------------------------------------------------------------------
@@ -143,8 +169,9 @@ class SceneObject:
     shape: str
     colour: str
     size: str  # small | large
-    x: float  # centre, in pixels of the final image
+    x: float  # (pattern below, with a default: records of generator version 1 have none)  # centre, in pixels of the final image
     y: float
+    pattern: str = "solid"
 
 
 @dataclass
@@ -157,7 +184,7 @@ class Scene:
         # written out rather than dataclasses.asdict: this runs once per image and asdict is slow
         return {
             "objects": [
-                {"shape": o.shape, "colour": o.colour, "size": o.size, "x": o.x, "y": o.y} for o in self.objects
+                {"shape": o.shape, "colour": o.colour, "size": o.size, "pattern": o.pattern, "x": o.x, "y": o.y} for o in self.objects
             ],
             "relation": self.relation,
             "background": dict(self.background),
@@ -240,9 +267,20 @@ def _place(rng: np.random.Generator, scene: Scene, index: int, image_size: int, 
     return False
 
 
-def random_scene(rng: np.random.Generator, image_size: int) -> Scene:
-    """A fresh scene: 1-3 distinct objects, a relation between the first two, a background."""
-    colour_names, shape_names = list(COLOURS), list(SHAPES)
+def zipf_probs(n: int, exponent: float) -> np.ndarray:
+    """p(rank r) proportional to 1 / (r + 1) ** exponent, r = 0..n-1 (exponent 0: uniform)."""
+    weights = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** exponent
+    return weights / weights.sum()
+
+
+def _draw(rng: np.random.Generator, vocabulary: dict, zipf: float, exclude: str | None = None) -> str:
+    names = [n for n in vocabulary if n != exclude]
+    return names[int(rng.choice(len(names), p=zipf_probs(len(names), zipf)))]
+
+
+def random_scene(rng: np.random.Generator, image_size: int, zipf: float = 0.0) -> Scene:
+    """A fresh scene: 1-3 distinct objects (colour, shape and pattern Zipf-distributed with exponent
+    `zipf`), a relation between the first two, a background."""
     background = {
         "tone": list(BACKGROUND_TONES[rng.integers(len(BACKGROUND_TONES))]),
         "texture": TEXTURES[rng.integers(len(TEXTURES))],
@@ -253,11 +291,12 @@ def random_scene(rng: np.random.Generator, image_size: int) -> Scene:
         objects: list[SceneObject] = []
         while len(objects) < n_objects:
             obj = SceneObject(
-                shape=shape_names[rng.integers(len(shape_names))],
-                colour=colour_names[rng.integers(len(colour_names))],
+                shape=_draw(rng, SHAPES, zipf),
+                colour=_draw(rng, COLOURS, zipf),
                 size=("small", "large")[rng.integers(2)],
                 x=0.0,
                 y=0.0,
+                pattern=_draw(rng, PATTERNS, zipf),
             )
             if all((obj.colour, obj.shape) != (o.colour, o.shape) for o in objects):
                 objects.append(obj)
@@ -268,21 +307,21 @@ def random_scene(rng: np.random.Generator, image_size: int) -> Scene:
         # rare (three large objects that do not fit): draw another scene
 
 
-def mutate(rng: np.random.Generator, scene: Scene, image_size: int) -> tuple[Scene, str] | None:
+def mutate(rng: np.random.Generator, scene: Scene, image_size: int, zipf: float = 0.0) -> tuple[Scene, str] | None:
     """A near-duplicate: a copy of `scene` with exactly one change, and the change's name
     (one of MUTATIONS); None when no change keeps the layout valid."""
     n = len(scene.objects)
-    kinds = ["colour", "shape", "size"] + (["relation", "swap_colours"] if n >= 2 else ["position"])
+    kinds = ["colour", "shape", "size", "pattern"] + (["relation", "swap_colours"] if n >= 2 else ["position"])
     for _ in range(12):
         kind = kinds[rng.integers(len(kinds))]
         new = copy.deepcopy(scene)
         i = int(rng.integers(n))
         if kind == "colour":
-            options = [c for c in COLOURS if c != new.objects[i].colour]
-            new.objects[i].colour = options[rng.integers(len(options))]
+            new.objects[i].colour = _draw(rng, COLOURS, zipf, exclude=new.objects[i].colour)
         elif kind == "shape":
-            options = [s for s in SHAPES if s != new.objects[i].shape]
-            new.objects[i].shape = options[rng.integers(len(options))]
+            new.objects[i].shape = _draw(rng, SHAPES, zipf, exclude=new.objects[i].shape)
+        elif kind == "pattern":
+            new.objects[i].pattern = _draw(rng, PATTERNS, zipf, exclude=new.objects[i].pattern)
         elif kind == "size":
             new.objects[i].size = "small" if new.objects[i].size == "large" else "large"
         elif kind == "relation":  # the two related objects trade places
@@ -312,8 +351,9 @@ def _with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _object_words(rng: np.random.Generator, obj: SceneObject) -> tuple[str, str, str]:
-    return _pick(rng, SIZES[obj.size]), _pick(rng, COLOURS[obj.colour][1]), _pick(rng, SHAPES[obj.shape])
+def _object_words(rng: np.random.Generator, obj: SceneObject) -> tuple[str, str, str, str]:
+    return (_pick(rng, SIZES[obj.size]), _pick(rng, PATTERNS[obj.pattern]), _pick(rng, COLOURS[obj.colour][1]),
+            _pick(rng, SHAPES[obj.shape]))
 
 
 def _object_phrase(rng: np.random.Generator, obj: SceneObject) -> str:
@@ -324,11 +364,12 @@ def caption(rng: np.random.Generator, scene: Scene, template: int, image_size: i
     """Caption number `template` of the scene's grammar, synonyms drawn from `rng`."""
     objs = scene.objects
     if len(objs) == 1:
-        size, colour, shape = _object_words(rng, objs[0])
+        size, pattern, colour, shape = _object_words(rng, objs[0])
         return ONE_OBJECT_TEMPLATES[template].format(
-            O=_with_article(f"{size} {colour} {shape}"),
+            O=_with_article(f"{size} {pattern} {colour} {shape}"),
             R=_pick(rng, REGION_PHRASES[region(objs[0], image_size)]),
             size=size,
+            pattern=pattern,
             colour=colour,
             shape=shape,
         )
@@ -359,7 +400,7 @@ def captions_for(rng: np.random.Generator, scene: Scene, image_size: int, min_ca
 
 # ---- rendering ---------------------------------------------------------------------------------
 def _unit_polygon(shape: str) -> np.ndarray | None:
-    """Vertices on the unit circumcircle (y down); None for the circle (drawn as an ellipse)."""
+    """Vertices on the unit circumcircle (y down); None for the circle and crescent (drawn from ellipses)."""
     if shape == "circle":
         return None
     if shape == "square":
@@ -377,6 +418,13 @@ def _unit_polygon(shape: str) -> np.ndarray | None:
         angles = np.deg2rad(-90 + np.arange(10) * 36)
         radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
         return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+    if shape == "pentagon":
+        angles = np.deg2rad(-90 + np.arange(5) * 72)
+        return np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    if shape == "arrow":  # pointing up: a head on a shaft
+        return np.array([[0, -1], [0.8, -0.1], [0.3, -0.1], [0.3, 1], [-0.3, 1], [-0.3, -0.1], [-0.8, -0.1]])
+    if shape == "crescent":  # drawn as a disc minus an offset disc (see _shape_mask)
+        return None
     if shape == "cross":
         w = 0.33
         return np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1],
@@ -403,20 +451,50 @@ def _background(scene: Scene, image_size: int) -> np.ndarray:
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
+def _shape_mask(obj: SceneObject, big: int, scale: float) -> Image.Image:
+    """The object's filled silhouette as an 'L' mask of the supersampled picture."""
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    cx, cy = obj.x * scale, obj.y * scale
+    r = SIZE_RADIUS[obj.size] * big
+    polygon = UNIT_POLYGONS[obj.shape]
+    if polygon is not None:
+        draw.polygon([tuple(p) for p in (polygon * r + np.array([cx, cy])).tolist()], fill=255)
+        return mask
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    if obj.shape == "crescent":  # bite out a disc offset to the right
+        ox = cx + 0.45 * r
+        draw.ellipse([ox - 0.85 * r, cy - 0.85 * r, ox + 0.85 * r, cy + 0.85 * r], fill=0)
+    return mask
+
+
+@functools.lru_cache(maxsize=4)
+def _stripes(big: int) -> Image.Image:
+    """Diagonal stripes over the whole supersampled picture (255 = paint)."""
+    yy, xx = np.mgrid[0:big, 0:big]
+    return Image.fromarray(np.where((xx + yy) % STRIPE_PERIOD < STRIPE_PERIOD // 2, 255, 0).astype(np.uint8), "L")
+
+
+def _pattern_mask(mask: Image.Image, pattern: str, big: int, r: float) -> Image.Image:
+    """Where to paint the object's colour: all of the silhouette (solid), its rim plus diagonal
+    stripes (striped), or only a rim (outlined). Rims come from eroding the silhouette by a share of
+    the circumradius `r`, so small shapes keep an unpainted inside."""
+    if pattern == "solid":
+        return mask
+    width = max(1, round((0.1 if pattern == "striped" else 0.18) * r))
+    rim = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(2 * width + 1)))
+    if pattern == "outlined":
+        return rim
+    return ImageChops.lighter(rim, ImageChops.multiply(mask, _stripes(big)))
+
+
 def render(scene: Scene, image_size: int) -> Image.Image:
     """The scene as an RGB image (shapes drawn at SUPERSAMPLE x and reduced: anti-aliased edges)."""
     big = image_size * SUPERSAMPLE
     image = Image.fromarray(_background(scene, image_size), "RGB").resize((big, big), Image.Resampling.NEAREST)
-    draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        rgb = COLOURS[obj.colour][0]
-        cx, cy, r = obj.x * SUPERSAMPLE, obj.y * SUPERSAMPLE, radius(obj, image_size) * SUPERSAMPLE
-        polygon = UNIT_POLYGONS[obj.shape]
-        if polygon is None:
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
-        else:
-            points = polygon * r + np.array([cx, cy])
-            draw.polygon([tuple(p) for p in points.tolist()], fill=rgb)
+        paint = _pattern_mask(_shape_mask(obj, big, SUPERSAMPLE), obj.pattern, big, radius(obj, big))
+        image.paste(COLOURS[obj.colour][0], (0, 0, big, big), paint)
     return image.reduce(SUPERSAMPLE) if big != image_size else image
 
 
@@ -450,7 +528,7 @@ def shard_name(split: str, shard_index: int) -> str:
 
 
 def split_sizes(cfg: CorpusConfig) -> dict[str, int]:
-    return {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}
+    return {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images, "web": cfg.web_images}
 
 
 def shard_plan(cfg: CorpusConfig) -> list[tuple[str, int, int, int]]:
@@ -462,33 +540,81 @@ def shard_plan(cfg: CorpusConfig) -> list[tuple[str, int, int, int]]:
     return plan
 
 
+def _object_description(obj: SceneObject) -> str:
+    return f"{obj.size} {obj.pattern} {obj.colour} {obj.shape}"
+
+
+def description(scene: Scene, image_size: int) -> str:
+    """What every caption of the scene says, in one canonical string: two scenes with the same
+    description are described equally well by each other's captions (semantic twins)."""
+    objs = scene.objects
+    if len(objs) == 1:
+        return f"{_object_description(objs[0])} | {region(objs[0], image_size)}"
+    a, b, relation = objs[0], objs[1], scene.relation
+    if relation in ("right", "below"):  # "A right of B" says the same as "B left of A"
+        a, b, relation = b, a, INVERSE[relation]
+    rest = sorted(_object_description(o) for o in objs[2:])
+    return " ; ".join([f"{_object_description(a)} {relation} {_object_description(b)}", *rest])
+
+
+def shard_records(cfg: CorpusConfig, split: str, shard_index: int, start: int, count: int) -> list[tuple[dict, Scene]]:
+    """The JSON record and scene of every sample of one shard, without rendering: a pure function
+    of (cfg minus out_dir, split, shard_index). Test scenes never repeat a description (earlier test
+    shards are replayed, without rendering, to know theirs); web scenes never take one of the test split."""
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, SPLIT_CODES[split], shard_index]))
+    taken = set(test_descriptions(cfg, None if split == "web" else shard_index)) if split in ("test", "web") else set()
+    unique = split in ("test", "web")
+    records: list[tuple[dict, Scene]] = []
+    previous: tuple[str, Scene] | None = None
+    for index in range(start, start + count):
+        key = sample_key(split, index)
+        scene, source, change = None, None, None
+        if previous is not None and rng.random() < cfg.near_duplicate_fraction:
+            mutated = mutate(rng, previous[1], cfg.image_size, cfg.zipf)
+            if mutated is not None and not (unique and description(mutated[0], cfg.image_size) in taken):
+                (scene, change), source = mutated, previous[0]
+        while scene is None:
+            scene = random_scene(rng, cfg.image_size, cfg.zipf)
+            if unique and description(scene, cfg.image_size) in taken:
+                scene = None
+        if split == "test":
+            taken.add(description(scene, cfg.image_size))
+        captions = captions_for(rng, scene, cfg.image_size, cfg.min_captions, cfg.max_captions)
+        record = {"key": key, "captions": captions, "scene": scene.to_dict(), "near_duplicate_of": source, "change": change}
+        records.append((record, scene))
+        previous = (key, scene)
+    return records
+
+
+def test_descriptions(cfg: CorpusConfig, before_shard: int | None = None) -> frozenset[str]:
+    """Descriptions of the target test scenes in shards [0, before_shard) (all of them by default):
+    what later test shards and the web corpus must not repeat."""
+    n_shards = sum(1 for split, *_ in shard_plan(cfg) if split == "test")
+    return _test_descriptions(json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+                              n_shards if before_shard is None else before_shard)
+
+
+@functools.lru_cache(maxsize=64)
+def _test_descriptions(cfg_json: str, before_shard: int) -> frozenset[str]:
+    if before_shard <= 0:
+        return frozenset()
+    cfg = CorpusConfig(**json.loads(cfg_json))
+    plan = [item for item in shard_plan(cfg) if item[0] == "test"]
+    _, shard_index, start, count = plan[before_shard - 1]
+    return _test_descriptions(cfg_json, before_shard - 1) | {
+        description(scene, cfg.image_size) for _, scene in shard_records(cfg, "test", shard_index, start, count)
+    }
+
+
 def build_shard(cfg: CorpusConfig, split: str, shard_index: int, start: int, count: int) -> bytes:
     """The bytes of one tar shard; a pure function of (cfg minus out_dir, split, shard_index)."""
-    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, SPLIT_CODES[split], shard_index]))
     buf = io.BytesIO()
-    previous: tuple[str, Scene] | None = None
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        for index in range(start, start + count):
-            key = sample_key(split, index)
-            scene, source, change = None, None, None
-            if previous is not None and rng.random() < cfg.near_duplicate_fraction:
-                mutated = mutate(rng, previous[1], cfg.image_size)
-                if mutated is not None:
-                    (scene, change), source = mutated, previous[0]
-            if scene is None:
-                scene = random_scene(rng, cfg.image_size)
-            captions = captions_for(rng, scene, cfg.image_size, cfg.min_captions, cfg.max_captions)
-            record = {
-                "key": key,
-                "captions": captions,
-                "scene": scene.to_dict(),
-                "near_duplicate_of": source,
-                "change": change,
-            }
+        for record, scene in shard_records(cfg, split, shard_index, start, count):
+            key = record["key"]
             _tar_member(archive, f"{key}.{cfg.image_format}", encode(render(scene, cfg.image_size), cfg.image_format))
-            _tar_member(archive, f"{key}.txt", ("\n".join(captions) + "\n").encode())
+            _tar_member(archive, f"{key}.txt", ("\n".join(record["captions"]) + "\n").encode())
             _tar_member(archive, f"{key}.json", json.dumps(record, sort_keys=True).encode())
-            previous = (key, scene)
     return buf.getvalue()
 
 
@@ -505,7 +631,7 @@ def validate_config(cfg: CorpusConfig) -> None:
         if n < 0:
             problems.append(f"corpus.{split}_images must be >= 0, got {n}")
     if sum(split_sizes(cfg).values()) <= 0:
-        problems.append("corpus: train_images + val_images + test_images must be > 0")
+        problems.append("corpus: train_images + val_images + test_images + web_images must be > 0")
     if cfg.image_size < 16:
         problems.append(f"corpus.image_size must be >= 16, got {cfg.image_size}")
     if cfg.samples_per_shard < 1:
@@ -517,6 +643,8 @@ def validate_config(cfg: CorpusConfig) -> None:
             f"corpus: need 1 <= min_captions <= max_captions <= {MAX_CAPTIONS}, "
             f"got {cfg.min_captions} and {cfg.max_captions}"
         )
+    if cfg.zipf < 0:
+        problems.append(f"corpus.zipf must be >= 0 (0 = uniform), got {cfg.zipf}")
     if cfg.workers < 0:
         problems.append(f"corpus.workers must be >= 0 (0 = one per CPU core), got {cfg.workers}")
     if cfg.image_format not in IMAGE_FORMATS:
@@ -561,7 +689,7 @@ def manifest_data(cfg: CorpusConfig, shard_prefix: str = "") -> dict[str, Any]:
     return {
         "name": CORPUS_NAME,
         "description": (
-            f"{cfg.image_size} px {cfg.image_format} scenes of 1-3 coloured shapes, "
+            f"{cfg.image_size} px {cfg.image_format} scenes of 1-3 coloured, patterned shapes (Zipf {cfg.zipf}), "
             f"{cfg.min_captions}-{cfg.max_captions} captions each, "
             f"{cfg.near_duplicate_fraction:.0%} near-duplicates, seed {cfg.seed}"
         ),
@@ -570,7 +698,7 @@ def manifest_data(cfg: CorpusConfig, shard_prefix: str = "") -> dict[str, Any]:
     }
 
 
-_SHARD_FILE_RE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+_SHARD_FILE_RE = re.compile(r"^(train|val|test|web)-\d{6}\.tar$")
 
 
 def generate_corpus(cfg: CorpusConfig) -> Path:
@@ -612,7 +740,7 @@ def generate_corpus(cfg: CorpusConfig) -> Path:
     if len(todo) < len(plan):
         log.info("corpus: %d of %d shard(s) already written for this config", len(plan) - len(todo), len(plan))
     workers = min(cfg.workers or os.cpu_count() or 1, len(todo))
-    with tqdm(total=sum(item[3] for item in todo), unit="img", desc="corpus", disable=None) as progress:
+    with progress_bar(sum(item[3] for item in todo), "corpus", "img") as progress:
         if workers <= 1:
             for item in todo:
                 progress.update(write_shard(cfg, *item))
@@ -621,4 +749,56 @@ def generate_corpus(cfg: CorpusConfig) -> Path:
                 for done in as_completed([pool.submit(write_shard, cfg, *item) for item in todo]):
                     progress.update(done.result())
     write_manifest(manifest_data(cfg), manifest_path, comment=manifest_comment(cfg))
+    report = corpus_report(cfg)
+    atomic_write_json(report, out_dir / REPORT_NAME)
+    log.info(
+        "corpus: %.1f%% of test captions describe another test image too; %.1f%% of test scenes hold an object "
+        "seen < %d times in train (web: %s times as many)", 100 * report["test_ambiguous_caption_fraction"],
+        100 * report["test_tail_scene_fraction"], TAIL_COUNT, report.get("web_to_train_ratio"),
+    )
     return manifest_path
+
+
+TAIL_COUNT = 5  # an object kind (size, pattern, colour, shape) seen fewer times than this in train is "tail"
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSON records of one written shard."""
+    with tarfile.open(path) as archive:
+        return [json.loads(archive.extractfile(m).read()) for m in archive.getmembers() if m.name.endswith(".json")]
+
+
+def corpus_report(cfg: CorpusConfig) -> dict[str, Any]:
+    """Measured from the written scene records: per-split frequencies of every colour, shape and
+    pattern; the share of test captions that describe another test scene equally well (semantic
+    twins); the share of test scenes with a tail object kind; test descriptions found in the web split."""
+    out_dir = Path(cfg.out_dir)
+    records: dict[str, list[dict]] = {}
+    for split, shard_index, _, _ in shard_plan(cfg):
+        records.setdefault(split, []).extend(read_records(out_dir / shard_name(split, shard_index)))
+    scenes = {split: [Scene.from_dict(r["scene"]) for r in rs] for split, rs in records.items()}
+    report: dict[str, Any] = {"config_sha256": config_hash(cfg), "splits": {}}
+    for split, items in scenes.items():
+        objects = [o for scene in items for o in scene.objects]
+        report["splits"][split] = {
+            "images": len(items),
+            **{attr: dict(collections.Counter(getattr(o, attr) for o in objects).most_common())
+               for attr in ("colour", "shape", "pattern")},
+        }
+    if "test" in scenes:
+        descriptions = [description(s, cfg.image_size) for s in scenes["test"]]
+        shared = collections.Counter(descriptions)
+        captions = [len(r["captions"]) for r in records["test"]]
+        ambiguous = sum(n for n, d in zip(captions, descriptions) if shared[d] > 1)
+        report["test_ambiguous_caption_fraction"] = ambiguous / max(1, sum(captions))
+        train_kinds = collections.Counter(_object_description(o) for s in scenes.get("train", []) for o in s.objects)
+        tail = [any(train_kinds[_object_description(o)] < TAIL_COUNT for o in s.objects) for s in scenes["test"]]
+        report["test_tail_scene_fraction"] = sum(tail) / max(1, len(tail))
+        if "web" in scenes:
+            test_set = set(descriptions)
+            report["web_scenes_with_a_test_description"] = sum(description(s, cfg.image_size) in test_set for s in scenes["web"])
+    if scenes.get("train") and scenes.get("web"):
+        report["web_to_train_ratio"] = len(scenes["web"]) / len(scenes["train"])
+    report.setdefault("test_ambiguous_caption_fraction", 0.0)
+    report.setdefault("test_tail_scene_fraction", 0.0)
+    return report

@@ -39,10 +39,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from pipeline import data as data_mod
 from pipeline import models, runtime, shards
+from pipeline.progress import progress
 from pipeline.balancer import LossBalancer
 from pipeline.config import ConfigError, OptimConfig, TrainConfig, to_dict
 from pipeline.errors import PipelineError
@@ -60,12 +60,7 @@ CHECKPOINT_FORMAT = 1
 MAX_LOGIT_SCALE = math.log(100.0)
 
 # Per-sample values that are constants of the loss (gathered without gradient).
-MINED_KEYS = (
-    data_mod.MINED_TEACHER_IMAGE,
-    data_mod.MINED_TEACHER_TEXT,
-    data_mod.MINED_IMAGE_IDS,
-    data_mod.MINED_TEXT_IMAGE_IDS,
-)
+MINED_KEYS = data_mod.MINED_KEYS
 TARGET_KEYS = (data_mod.IMAGE_ID, data_mod.TEACHER_IMAGE, data_mod.TEACHER_TEXT) + MINED_KEYS
 
 
@@ -231,6 +226,8 @@ def compute_losses(ctx: StepContext, features: dict[str, Tensor], targets: dict[
                 {
                     "student_image": features["projected_image"],
                     "student_text": features["projected_text"],
+                    "image": features["image"],
+                    "text": features["text"],
                     "teacher_image": targets[data_mod.TEACHER_IMAGE],
                     "teacher_text": targets[data_mod.TEACHER_TEXT],
                     "image_ids": targets[data_mod.IMAGE_ID],
@@ -468,6 +465,11 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
     image_ids = data.trainable_image_ids()
     if len(image_ids) < data.num_images:
         log.warning("%s: %d image(s) without a caption are not trained on", data.source, data.num_images - len(image_ids))
+    if 0 < cfg.max_images < len(image_ids):
+        image_ids = image_ids[: cfg.max_images]
+        log.info("train.max_images: training on the first %d images of %s", len(image_ids), data.source)
+        if negatives is not None:  # nothing outside the subset may reach the student, not even as a negative
+            negatives = data_mod.restrict_negatives(negatives, data, image_ids)
     steps = data_mod.total_steps(len(image_ids), optim.batch_size, optim.epochs, optim.max_steps)
 
     # the student, its projection, the losses, AdamW and the schedule
@@ -477,7 +479,7 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
     # resume, or start afresh (the queue starts full of real cached teacher embeddings)
     run_identity = {
         "model": cfg.model, "loss": cfg.loss, "source": cfg.source, "split": cfg.split, "batching": cfg.batching,
-        "batch_neighbours": cfg.batch_neighbours,
+        "batch_neighbours": cfg.batch_neighbours, "max_images": cfg.max_images,
         "batch_size": optim.batch_size, "seed": optim.seed, "features_fingerprint": fingerprint,
         "loss_terms": list(balancer.names),
     }
@@ -529,10 +531,10 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
     # the loop
     last: dict[str, float] = {}
     batches = iter(loader)
-    progress = tqdm(total=steps, initial=start_step, desc=f"train {cfg.loss}", unit="step", disable=None if info.is_main else True)
+    bar = progress(steps, f"train {cfg.loss}", "step", initial=start_step, enabled=info.is_main)
     run_started = window_started = time.perf_counter()
     window_steps = 0
-    with progress, open(log_path, "a") if info.is_main else contextlib.nullcontext() as log_file:
+    with bar, open(log_path, "a") if info.is_main else contextlib.nullcontext() as log_file:
         for step in range(start_step, steps):
             micro_batches = [next(batches) for _ in range(optim.accum_steps)]
             lr = optimizer.param_groups[0]["lr"]
@@ -540,8 +542,8 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
             done, window_steps = step + 1, window_steps + 1
             elapsed = time.perf_counter() - window_started
             samples_per_s = window_steps * optim.batch_size / max(elapsed, 1e-9)
-            progress.set_postfix(loss=f"{last['loss_total']:.4f}", samples_per_s=f"{samples_per_s:.0f}")
-            progress.update(1)
+            bar.set_postfix(loss=f"{last['loss_total']:.4f}", samples_per_s=f"{samples_per_s:.0f}")
+            bar.update(1)
             if info.is_main and (done % max(1, optim.log_every) == 0 or done == steps):
                 record = {"step": done, "epoch": done * optim.batch_size / samples_per_epoch, "lr": lr, "samples_per_s": samples_per_s, **last}
                 log_file.write(json.dumps(record) + "\n")

@@ -17,11 +17,16 @@ def params_option() -> Path:
     return typer.Option(Path("params.yaml"), "--params", help=PARAMS_HELP)
 
 
+def _quiet_open_clip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No pretrained weights loaded")
+
+
 @contextlib.contextmanager
 def user_errors():
     """Bad input ends with `error: <message>` and exit status 2, not a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("root").setLevel(logging.ERROR)  # open_clip's "no pretrained weights" chatter
+    for handler in logging.getLogger().handlers:  # open_clip's "no pretrained weights" chatter, nothing else
+        handler.addFilter(_quiet_open_clip)
     try:
         yield
     except PipelineError as exc:

@@ -1,13 +1,13 @@
 """`dsmd teacher`: resolve the teacher; with `pretrained: demo`, pretrain the demo teacher on the corpus."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from pipeline.config import stage_config
+from pipeline.models import IDENTITY_FILE
 from pipeline.teacher import prepare_teacher
 from stages._common import SET_HELP, params_option, user_errors
 
@@ -28,7 +28,8 @@ def main(
     with user_errors():
         cfg = stage_config(params, "teacher", {"model": model, "pretrained": pretrained, "out_dir": out_dir, "manifest": manifest}, set_)
         identity = prepare_teacher(cfg, resume=resume)
-        typer.echo(json.dumps(identity, indent=2))
+        where = Path(cfg.out_dir) / IDENTITY_FILE
+        typer.echo(f"teacher {identity.get('model')} ({cfg.pretrained or 'random weights'}): identity in {where}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from tests.tiny_corpus import write_tiny_corpus
 
 
 def write_negatives(features_dir, negatives_dir, split: str = "train", k: int = 4, fingerprint: str | None = None) -> None:
-    """Brute-force i2t / i2i neighbours of the cached teacher embeddings (own captions / self excluded)."""
+    """Brute-force neighbours of the cached teacher embeddings in all four directions (own captions /
+    own image / self excluded)."""
     image_emb, text_emb, text_to_image = shards.load_embeddings(features_dir, split)
     fingerprint = fingerprint or shards.features_fingerprint(features_dir, split)
 
@@ -35,8 +36,13 @@ def write_negatives(features_dir, negatives_dir, split: str = "train", k: int = 
     i2t[text_to_image[None, :] == np.arange(len(image_emb))[:, None]] = -np.inf
     i2i = image_emb @ image_emb.T
     np.fill_diagonal(i2i, -np.inf)
+    t2i = i2t.T.copy()
+    t2t = text_emb @ text_emb.T
+    t2t[text_to_image[None, :] == text_to_image[:, None]] = -np.inf
     put("i2t", i2t)
     put("i2i", i2i)
+    put("t2i", t2i)
+    put("t2t", t2t)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +127,28 @@ def test_mined_negatives_are_looked_up_by_id(features, student, tmp_path):
         np.testing.assert_array_equal(item[data_mod.MINED_TEACHER_TEXT][:3].numpy(), data.teacher_text[i2t[image_id]].astype(np.float32))
         np.testing.assert_array_equal(item[data_mod.MINED_TEACHER_IMAGE][:3].numpy(), data.teacher_image[i2i[image_id]].astype(np.float32))
         assert not item[data_mod.MINED_TEACHER_IMAGE][3:].any()
+        # the caption's own lists (t2t, t2i) for text anchors
+        text_id = item[data_mod.TEXT_ID]
+        t2t, _ = shards.read_neighbors(tmp_path / "negatives", "train", "t2t")
+        t2i, _ = shards.read_neighbors(tmp_path / "negatives", "train", "t2i")
+        assert item[data_mod.MINED_T2I_IMAGE_IDS].tolist() == t2i[text_id].tolist() + [-1, -1]
+        assert item[data_mod.MINED_T2T_IMAGE_IDS].tolist() == data.text_to_image[t2t[text_id]].tolist() + [-1, -1]
+        np.testing.assert_array_equal(item[data_mod.MINED_T2T_TEACHER_TEXT][:3].numpy(), data.teacher_text[t2t[text_id]].astype(np.float32))
+        np.testing.assert_array_equal(item[data_mod.MINED_T2I_TEACHER_IMAGE][:3].numpy(), data.teacher_image[t2i[text_id]].astype(np.float32))
+
+
+def test_negatives_outside_a_training_subset_become_padding(features, tmp_path):
+    write_negatives(features, tmp_path / "negatives", k=6)
+    data = data_mod.load_shards_data(features, "train")
+    negatives = data_mod.load_negatives(tmp_path / "negatives", "train", data, count=6, features_dir=features)
+    subset = np.arange(10)
+    kept = data_mod.restrict_negatives(negatives, data, subset)
+    for full, part, is_text in ((negatives.image_to_texts, kept.image_to_texts, True), (negatives.image_to_images, kept.image_to_images, False),
+                                (negatives.text_to_texts, kept.text_to_texts, True), (negatives.text_to_images, kept.text_to_images, False)):
+        owner = lambda i: int(data.text_to_image[i]) if is_text else int(i)  # noqa: E731
+        for row_full, row_part in zip(full, part):  # brute force, entry by entry
+            assert row_part.tolist() == [i if i >= 0 and owner(i) < 10 else -1 for i in row_full.tolist()]
+    assert (kept.image_to_images == -1).sum() > (negatives.image_to_images == -1).sum()
 
 
 def test_negatives_from_another_extraction_are_refused(features, student, tmp_path):

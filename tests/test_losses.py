@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pipeline.config import DistillConfig
 from pipeline.losses import (
     LOSS_NAMES,
+    AffinityDistillLoss,
     ClipLoss,
     ContrastiveDistillLoss,
     DSMDLoss,
@@ -181,8 +182,20 @@ def test_contrastive_empty_queue_is_zero_and_hard_queue_raises_loss():
 
 
 # ---- hard-negative distillation ----------------------------------------------------------------
-def triplet_loop(a, b, ids, margin, mined=None, mined_ids=None):
-    """Explicit VSE++ max-violation loop; returns per-anchor costs."""
+def triplet_loop(a, b, ids, margin, mined=None, mined_ids=None, teacher_a=None):
+    """Explicit VSE++ max-violation loop; returns per-anchor costs. With `teacher_a` (the teacher's
+    embedding of each anchor) the margin of each pair is the teacher's own gap, and pairs the
+    teacher misorders (gap <= 0) cost nothing."""
+
+    def cost(i_anchor, score, pos, teacher_score, teacher_pos):
+        if teacher_a is None:
+            return max(0.0, margin + score - pos)
+        gap = teacher_pos - teacher_score
+        return max(0.0, gap + score - pos) if gap > 0 else 0.0
+
+    def g(i, vec):  # the teacher's score of anchor i against vec
+        return None if teacher_a is None else float(teacher_a[i] @ vec)
+
     n = a.shape[0]
     costs = []
     for i in range(n):
@@ -190,15 +203,15 @@ def triplet_loop(a, b, ids, margin, mined=None, mined_ids=None):
         row = [0.0]
         for j in range(n):
             if int(ids[j]) != int(ids[i]):
-                row.append(max(0.0, margin + float(a[i] @ b[j]) - pos))
+                row.append(cost(i, float(a[i] @ b[j]), pos, g(i, b[j]), g(i, b[i])))
         if mined is not None:
             for h in range(mined.shape[1]):
                 if int(mined_ids[i, h]) not in (-1, int(ids[i])):
-                    row.append(max(0.0, margin + float(a[i] @ mined[i, h]) - pos))
+                    row.append(cost(i, float(a[i] @ mined[i, h]), pos, g(i, mined[i, h]), g(i, b[i])))
         column = [0.0]
         for j in range(n):
             if int(ids[j]) != int(ids[i]):
-                column.append(max(0.0, margin + float(a[j] @ b[i]) - pos))
+                column.append(cost(j, float(a[j] @ b[i]), pos, g(j, b[i]), g(i, b[i])))
         costs.append(max(row) + max(column))
     return costs
 
@@ -233,23 +246,37 @@ def hn_inputs(seed=0):
     return (s_v, s_t, t_v, t_t, image_ids), (mined_image, mined_text, mined_image_ids, mined_text_ids)
 
 
+@pytest.mark.parametrize("margin_mode", ["fixed", "teacher"])
 @pytest.mark.parametrize("use_mined", [False, True])
-def test_hard_negative_matches_loop(use_mined):
+def test_hard_negative_matches_loop(use_mined, margin_mode):
     (s_v, s_t, t_v, t_t, ids), (m_v, m_t, m_v_ids, m_t_ids) = hn_inputs()
+    # text anchors have lists of their own (t2t, t2i), here other tensors than the image anchors'
+    (_, _, _, _, _), (m_ti, m_tt, m_ti_ids, m_tt_ids) = hn_inputs(seed=9)
     margin = 0.3
     if not use_mined:
-        m_v = m_t = m_v_ids = m_t_ids = None
+        m_v = m_t = m_v_ids = m_t_ids = m_ti = m_tt = m_ti_ids = m_tt_ids = None
+    teacher = margin_mode == "teacher"
     expected = []
-    for anchor, positive, mined, mined_ids in (
-        (s_v, t_v, m_v, m_v_ids), (s_t, t_t, m_t, m_t_ids), (s_v, t_t, m_t, m_t_ids), (s_t, t_v, m_v, m_v_ids)
+    for anchor, positive, mined, mined_ids, teacher_anchor in (
+        (s_v, t_v, m_v, m_v_ids, t_v), (s_t, t_t, m_tt, m_tt_ids, t_t), (s_v, t_t, m_t, m_t_ids, t_v), (s_t, t_v, m_ti, m_ti_ids, t_t)
     ):
-        expected.append(triplet_loop(anchor, positive, ids, margin, mined, mined_ids))
+        expected.append(triplet_loop(anchor, positive, ids, margin, mined, mined_ids, teacher_anchor if teacher else None))
     total_sum = sum(sum(costs) for costs in expected)
-    summed = HardNegativeDistillLoss(margin, "sum")(s_v, s_t, t_v, t_t, ids, m_v, m_t, m_v_ids, m_t_ids)
-    averaged = HardNegativeDistillLoss(margin, "mean")(s_v, s_t, t_v, t_t, ids, m_v, m_t, m_v_ids, m_t_ids)
+    args = (s_v, s_t, t_v, t_t, ids, m_v, m_t, m_v_ids, m_t_ids, m_tt, m_tt_ids, m_ti, m_ti_ids)
+    summed = HardNegativeDistillLoss(margin, "sum", margin_mode)(*args)
+    averaged = HardNegativeDistillLoss(margin, "mean", margin_mode)(*args)
     assert summed.item() == pytest.approx(total_sum, rel=1e-9)
     assert averaged.item() == pytest.approx(total_sum / 6, rel=1e-9)
     assert total_sum > 0
+
+
+def test_teacher_margin_costs_nothing_for_a_student_equal_to_the_teacher():
+    (s_v, s_t, t_v, t_t, ids), (m_v, m_t, m_v_ids, m_t_ids) = hn_inputs(seed=4)
+    mined = (m_v, m_t, m_v_ids, m_t_ids, m_t, m_t_ids, m_v, m_v_ids)
+    teacher_margin = HardNegativeDistillLoss(0.2, margin_mode="teacher")
+    assert teacher_margin(t_v, t_t, t_v, t_t, ids, *mined).item() == pytest.approx(0.0, abs=1e-12)
+    assert HardNegativeDistillLoss(0.2, margin_mode="fixed")(t_v, t_t, t_v, t_t, ids, *mined).item() > 0.1
+    assert teacher_margin(s_v, s_t, t_v, t_t, ids, *mined).item() > 0  # a student unlike the teacher pays
 
 
 def test_hard_negative_mined_harder_than_batch_raises_loss():
@@ -277,6 +304,31 @@ def test_same_image_pairs_are_not_negatives():
     with_dup = loss(s_v, s_t, t_v2, t_t2, ids).item()
     distinct = loss(s_v, s_t, t_v2, t_t2, torch.tensor([0, 3, 1, 2])).item()
     assert distinct > with_dup
+
+
+# ---- affinity (relational) distillation ---------------------------------------------------------
+def affinity_loop(s_v, s_t, t_v, t_t, ids, tau):
+    """KL(teacher row distribution || student row distribution), rows over the other images' pairs."""
+    def kl_rows(student, teacher):
+        total = 0.0
+        for i in range(student.shape[0]):
+            cols = [j for j in range(student.shape[1]) if j == i or int(ids[j]) != int(ids[i])]
+            p = torch.softmax(teacher[i, cols] / tau, 0)
+            q = torch.softmax(student[i, cols] / tau, 0)
+            total += float((p * (p.log() - q.log())).sum())
+        return total / student.shape[0]
+    return (kl_rows(s_v @ s_t.T, t_v @ t_t.T) + kl_rows(s_t @ s_v.T, t_t @ t_v.T)) / 2
+
+
+def test_affinity_matches_loop_and_vanishes_for_the_teacher():
+    s_v, s_t, t_v, t_t = batch(6, 5, seed=11)
+    ids = torch.tensor([0, 1, 1, 2, 3, 4])
+    loss = AffinityDistillLoss(0.1)
+    assert loss(s_v, s_t, t_v, t_t, ids).item() == pytest.approx(affinity_loop(s_v, s_t, t_v, t_t, ids, 0.1), rel=1e-9)
+    assert loss(t_v, t_t, t_v, t_t, ids).item() == pytest.approx(0.0, abs=1e-12)
+    assert loss(s_v, s_t, t_v, t_t, ids).item() > 0.01
+    # a student of another width: only the similarity structure is compared
+    assert loss(unit(6, 3, seed=1), unit(6, 3, seed=2), t_v, t_t, ids).item() > 0
 
 
 # ---- the task loss -----------------------------------------------------------------------------
@@ -325,6 +377,7 @@ def dsmd_batch(dim=8, seed=0, requires_grad=True):
         dict(task=False),
         dict(contrastive=False, hard_negative=False),
         dict(feature=False, similarity=False, contrastive=False, hard_negative=False),
+        dict(affinity=True, hard_negative=False),
     ],
 )
 def test_dsmd_loss_returns_exactly_the_enabled_terms(flags):
@@ -333,7 +386,7 @@ def test_dsmd_loss_returns_exactly_the_enabled_terms(flags):
     b = dsmd_batch()
     dsmd.prefill(unit(8, 8, seed=50).float(), unit(8, 8, seed=51).float(), torch.arange(8) + 100)
     losses = dsmd(b)
-    enabled = [name for name in LOSS_NAMES if flags.get(name, True)]
+    enabled = [name for name in LOSS_NAMES if flags.get(name, getattr(DistillConfig(), name))]
     assert list(losses) == enabled == list(dsmd.names)
     assert (dsmd.queue is None) == (not config.contrastive)
     args = (b["student_image"], b["student_text"], b["teacher_image"], b["teacher_text"])
@@ -341,9 +394,10 @@ def test_dsmd_loss_returns_exactly_the_enabled_terms(flags):
         "feature": lambda: FeatureDistillLoss()(*args),
         "similarity": lambda: SimilarityDistillLoss()(*args),
         "contrastive": lambda: ContrastiveDistillLoss(0.1)(*args, b["image_ids"], dsmd.queue),
-        "hard_negative": lambda: HardNegativeDistillLoss(0.25)(
+        "hard_negative": lambda: HardNegativeDistillLoss(0.25, margin_mode="teacher")(
             *args, b["image_ids"], b["mined_teacher_image"], b["mined_teacher_text"],
             b["mined_image_ids"], b["mined_text_image_ids"]),
+        "affinity": lambda: AffinityDistillLoss(0.05)(*args, b["image_ids"]),
         "task": lambda: ClipLoss()(b["student_image"], b["student_text"], 10.0, image_ids=b["image_ids"]),
     }
     for name, value in losses.items():

@@ -103,6 +103,14 @@ def reference_negatives(features_dir, cfg: MineConfig, split="train") -> dict:
                 kept = [c for c in kept if sim[name][q, c] <= cfg.max_score]
             if cfg.margin is not None and not np.isnan(positive[name](q)):
                 kept = [c for c in kept if sim[name][q, c] <= positive[name](q) - cfg.margin]
+            if cfg.relative_margin is not None and not np.isnan(positive[name](q)):
+                kept = [c for c in kept if sim[name][q, c] <= (1 - cfg.relative_margin) * positive[name](q)]
+            if cfg.twin_threshold is not None:
+                query_side, cand_side = {"i2t": "it", "t2i": "ti", "i2i": "ii", "t2t": "tt"}[name]
+                mine_q = texts_of_image[q] if query_side == "i" else texts_of_image[text_image[q]]
+                kept = [c for c in kept if max(
+                    (sim["t2t"][a, b] for a in mine_q for b in (texts_of_image[c] if cand_side == "i" else [c])),
+                    default=-np.inf) <= cfg.twin_threshold]
             rows.append((kept[: cfg.k], sim[name][q, kept[: cfg.k]]))
         out[name] = rows
     return out
@@ -131,6 +139,9 @@ def test_normalise_caption():
     {"range_min": 2, "max_score": 0.6},
     {"margin": 0.05},
     {"max_score": 0.1, "range_min": 1, "margin": 0.02},  # most candidates filtered: deep re-searches
+    {"relative_margin": 0.1},
+    {"twin_threshold": 0.8},
+    {"twin_threshold": 0.5, "relative_margin": 0.05},
 ])
 def test_exact_matches_brute_force(tmp_path, filters):
     duplicate_heavy_split(tmp_path / "features")

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 TINY_PARAMS = {
     "corpus": {"out_dir": "data/synthetic", "train_images": 192, "val_images": 32, "test_images": 48,
-               "image_size": 32, "samples_per_shard": 64},
+               "web_images": 128, "image_size": 32, "samples_per_shard": 64},
     "teacher": {"model": "dsmd-test-teacher", "pretrained": "demo", "out_dir": "outputs/teacher",
                 "manifest": "data/synthetic/manifest.yaml",
                 "optim": {"max_steps": 8, "batch_size": 32, "warmup_steps": 1, "threads": 1, "lr": 0.002}},
@@ -84,3 +84,16 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     ran = set(re.findall(r"Running stage '([^']+)'", second.stdout))
     assert ran == {"train_dsmd", "train_baseline", "evaluate"}, second.stdout
+
+    # the ablation and scaling benchmarks, --quick, on this project's cached features
+    for script, key in (("ablation.py", "recipes"), ("scaling.py", "recipes")):
+        done = _run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--params", "params.yaml",
+                     "--out", "bench"], project)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        result = json.loads((project / "bench" / script.replace(".py", ".json")).read_text())
+        assert result["teacher_rsum"] == pytest.approx(teacher_rsum, rel=1e-6)
+        runs = [run for recipe in result[key].values() for run in recipe["runs"]]
+        assert runs and all(0 <= run["rsum"] <= 600 and run["steps"] == 10 for run in runs)
+        assert (project / "bench" / script.replace(".py", ".png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ablation = json.loads((project / "bench" / "ablation.json").read_text())["recipes"]
+    assert list(ablation) == ["CLIP-only", "DSMD (default)"] and len(ablation["CLIP-only"]["runs"]) == 2

@@ -17,6 +17,7 @@ from pipeline.synthetic import (
     INVERSE,
     REGION_PHRASES,
     RELATIONS,
+    PATTERNS,
     SHAPES,
     SIDE_PHRASES,
     SIZES,
@@ -30,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def tiny(out_dir: Path, **overrides) -> CorpusConfig:
     values = dict(
-        out_dir=str(out_dir), seed=3, train_images=40, val_images=10, test_images=10,
+        out_dir=str(out_dir), seed=3, train_images=40, val_images=10, test_images=10, web_images=0, zipf=1.0,
         image_size=32, samples_per_shard=16, near_duplicate_fraction=0.5, workers=1,
     )
     values.update(overrides)
@@ -119,6 +120,7 @@ def test_captions_are_determined_by_the_scene(corpus):
             assert set(colours) == {o.colour for o in scene.objects}, (caption, record["scene"])
             assert set(shapes) == {o.shape for o in scene.objects}, (caption, record["scene"])
             assert sorted(sizes) == sorted(o.size for o in scene.objects), caption
+            assert sorted(_mentioned(caption, PATTERNS)) == sorted(o.pattern for o in scene.objects), caption
             if len(scene.objects) == 1:
                 assert scene.relation is None
                 assert any(p in caption for p in REGION_PHRASES[region(scene.objects[0], cfg.image_size)]), caption
@@ -141,13 +143,22 @@ def test_relation_and_pixels_match_the_scene(corpus):
             signed = {"left": b.x - a.x, "right": a.x - b.x, "above": b.y - a.y, "below": a.y - b.y}[scene.relation]
             assert signed > 0
         pixels = np.asarray(decode_image(sample.image_bytes)).astype(int)
-        for obj in scene.objects:  # the centre of every shape is filled with its colour
-            centre = pixels[int(obj.y), int(obj.x)]
-            assert np.abs(centre - np.array(COLOURS[obj.colour][0])).max() <= 30, (sample.key, obj)
+        yy, xx = np.mgrid[0 : cfg.image_size, 0 : cfg.image_size]
+        for obj in scene.objects:
+            colour = np.array(COLOURS[obj.colour][0])
+            if obj.pattern == "solid" and obj.shape != "crescent":  # the centre is filled with its colour
+                centre = pixels[int(obj.y), int(obj.x)]
+                assert np.abs(centre - colour).max() <= 30, (sample.key, obj)
+            # every pattern paints its colour somewhere inside the object's circle
+            inside = np.hypot(xx - obj.x, yy - obj.y) <= synthetic.radius(obj, cfg.image_size)
+            # (thin rims are blended with the background by the anti-aliasing: "nearer the colour than the background")
+            background = np.array(scene.background["tone"])
+            nearer = np.abs(pixels[inside] - colour).sum(axis=1) < 0.55 * np.abs(background - colour).sum()
+            assert nearer.sum() >= 2, (sample.key, obj)
 
 
 def _attributes(scene: Scene) -> list[tuple]:
-    return [(o.shape, o.colour, o.size) for o in scene.objects]
+    return [(o.shape, o.colour, o.size, o.pattern) for o in scene.objects]
 
 
 def test_near_duplicates_differ_in_exactly_one_thing(corpus):
@@ -168,11 +179,11 @@ def test_near_duplicates_differ_in_exactly_one_thing(corpus):
         diffs = [
             (i, field)
             for i, (a, b) in enumerate(zip(_attributes(new), _attributes(old)))
-            for field, x, y in zip(("shape", "colour", "size"), a, b)
+            for field, x, y in zip(("shape", "colour", "size", "pattern"), a, b)
             if x != y
         ]
         moved = [i for i, (a, b) in enumerate(zip(new.objects, old.objects)) if (a.x, a.y) != (b.x, b.y)]
-        if kind in ("colour", "shape", "size"):
+        if kind in ("colour", "shape", "size", "pattern"):
             assert len(diffs) == 1 and diffs[0][1] == kind and not moved and new.relation == old.relation
         elif kind == "relation":
             assert not diffs and new.relation == INVERSE[old.relation] and moved == [0, 1]
@@ -240,7 +251,8 @@ def test_data_manifest_synthetic_is_what_dsmd_corpus_writes_for_the_defaults():
     expected = dump_manifest(synthetic.manifest_data(default, "../data/synthetic/"), synthetic.manifest_comment(default))
     assert (REPO_ROOT / "data_manifest" / "synthetic.yaml").read_text() == expected
     data = yaml.safe_load(expected)
-    assert data["splits"]["train"] == {"shards": "../data/synthetic/train-{000000..000019}.tar", "num_samples": 20000}
+    assert data["splits"]["train"] == {"shards": "../data/synthetic/train-{000000..000004}.tar", "num_samples": 5000}
+    assert data["splits"]["web"] == {"shards": "../data/synthetic/web-{000000..000039}.tar", "num_samples": 40000}
 
 
 def test_cli(tmp_path, monkeypatch):
@@ -248,7 +260,7 @@ def test_cli(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # no params.yaml here: built-in defaults
     runner = CliRunner()
-    args = ["--out-dir", "out", "--train-images", "12", "--val-images", "3", "--test-images", "0",
+    args = ["--out-dir", "out", "--train-images", "12", "--val-images", "3", "--test-images", "0", "--web-images", "0",
             "--samples-per-shard", "5", "--image-size", "24", "--seed", "1", "--set", "workers=1"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -258,3 +270,44 @@ def test_cli(tmp_path, monkeypatch):
     assert manifest.description.startswith("24 px png") and "seed 1" in manifest.description
     bad = runner.invoke(app, ["--out-dir", "out", "--set", "min_captions=0"])
     assert bad.exit_code == 2 and "min_captions" in bad.output
+
+
+def test_web_split_never_holds_a_test_scene_and_test_scenes_are_unambiguous(tmp_path):
+    cfg = tiny(tmp_path / "w", train_images=30, val_images=0, test_images=60, web_images=120, zipf=1.2)
+    manifest_path = generate_corpus(cfg)
+    records = read_records(manifest_path)
+    describe = lambda record: synthetic.description(Scene.from_dict(record["scene"]), cfg.image_size)  # noqa: E731
+    test = [describe(r) for _, r in records["test"]]
+    web = [describe(r) for _, r in records["web"]]
+    assert len(set(test)) == len(test)  # no test caption describes another test image
+    assert not set(test) & set(web)
+    assert all(s.key.startswith("web-") for s, _ in records["web"])
+    report = json.loads((Path(cfg.out_dir) / synthetic.REPORT_NAME).read_text())
+    assert report["test_ambiguous_caption_fraction"] == 0.0 and report["web_scenes_with_a_test_description"] == 0
+    assert report["web_to_train_ratio"] == 4.0
+    objects = [o for _, r in records["web"] for o in r["scene"]["objects"]]
+    assert sum(report["splits"]["web"]["colour"].values()) == len(objects)
+
+
+def test_descriptions_identify_scenes_up_to_paraphrase():
+    a = synthetic.SceneObject("circle", "red", "small", 10, 10, "striped")
+    b = synthetic.SceneObject("square", "blue", "large", 40, 10)
+    left = Scene([a, b], "left", {})
+    right = Scene([synthetic.SceneObject(**vars(b)), synthetic.SceneObject(**vars(a))], "right", {})
+    assert synthetic.description(left, 64) == synthetic.description(right, 64)  # "A left of B" == "B right of A"
+    other = Scene([a, synthetic.SceneObject("square", "blue", "large", 40, 10, "outlined")], "left", {})
+    assert synthetic.description(left, 64) != synthetic.description(other, 64)  # one attribute differs
+
+
+def test_concept_frequencies_follow_the_zipf_law():
+    cfg = tiny("unused", zipf=1.2, near_duplicate_fraction=0.0)
+    rng = np.random.default_rng(0)
+    counts = {name: 0 for name in COLOURS}
+    for _ in range(3000):
+        for obj in synthetic.random_scene(rng, 64, cfg.zipf).objects:
+            counts[obj.colour] += 1
+    observed = np.array([counts[name] for name in COLOURS], dtype=float) / sum(counts.values())
+    expected = synthetic.zipf_probs(len(COLOURS), 1.2)
+    # scenes hold distinct (colour, shape) pairs, which flattens the law a little; the order and scale hold
+    assert observed[0] > 3 * observed[-1]
+    assert np.abs(observed - expected).max() < 0.05

@@ -1,0 +1,94 @@
+"""Shared by ablation.py and scaling.py: train students from one set of cached features and score
+them on the test split, each recipe over several seeds (mean and standard deviation of RSUM)."""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import evaluation, shards
+from pipeline.config import apply_overrides, load_params
+from pipeline.training import train
+
+
+def teacher_rsum(features_dir: str, split: str) -> float:
+    image, text, text_to_image = shards.load_embeddings(features_dir, split)
+    return evaluation.retrieval_metrics(image, text, text_to_image)["rsum"]
+
+
+def student_rsum(student_dir: Path, features_dir: str, split: str) -> float:
+    loaded = evaluation.load_student(student_dir)
+    image, text, text_to_image = evaluation.encode_split(loaded, features_dir, split)
+    return evaluation.retrieval_metrics(image, text, text_to_image)["rsum"]
+
+
+def run_recipe(params: str, overrides: dict[str, Any], seed: int, work_dir: Path, split: str = "test") -> dict:
+    """Train one student (params.yaml's train section + `overrides`, seed `seed`) and score it."""
+    base = load_params(params).train
+    out_dir = work_dir / f"seed{seed}"
+    cfg = apply_overrides(base, {**overrides, "optim.seed": seed, "out_dir": str(out_dir), "optim.log_every": 50})
+    started = time.perf_counter()
+    summary = train(cfg)
+    rsum = student_rsum(out_dir, cfg.features_dir, split)
+    result = {"seed": seed, "rsum": rsum, "steps": summary["steps"], "images": summary["num_images"],
+              "seconds": round(time.perf_counter() - started, 1)}
+    shutil.rmtree(out_dir, ignore_errors=True)  # the figures are what we keep
+    return result
+
+
+def run_recipes(params: str, recipes: dict[str, dict], seeds: list[int], work_dir: Path, log_file: Path | None = None) -> dict:
+    """{name: {overrides, runs, mean, std}} for every recipe, every seed."""
+    results: dict[str, dict] = {}
+    for name, overrides in recipes.items():
+        runs = []
+        for seed in seeds:
+            run = run_recipe(params, overrides, seed, work_dir / name)
+            runs.append(run)
+            print(f"{name:28s} seed {seed}: RSUM {run['rsum']:.1f} ({run['seconds']:.0f} s)", flush=True)
+        values = [r["rsum"] for r in runs]
+        results[name] = {
+            "overrides": overrides, "runs": runs, "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        }
+        if log_file is not None:  # partial results survive an interrupted sweep
+            shards.atomic_write_json(results, log_file)
+    return results
+
+
+def bar_chart(rows: list[tuple[str, float, float]], teacher: float | None, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    names = [r[0] for r in rows]
+    ax.barh(names, [r[1] for r in rows], xerr=[r[2] for r in rows], color="#4c72b0", capsize=3)
+    if teacher is not None:
+        ax.axvline(teacher, color="#c44e52", linestyle="--", label=f"teacher {teacher:.1f}")
+        ax.legend(loc="lower right")
+    low = min(r[1] - r[2] for r in rows)
+    ax.set_xlim(max(0, low - 20), max([r[1] + r[2] for r in rows] + [teacher or 0]) + 10)
+    ax.invert_yaxis()
+    ax.set_xlabel("test RSUM (mean +/- std over seeds)")
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_rows(rows: list[tuple[str, float, float]], reference: float | None = None) -> str:
+    lines = [f"{'recipe':28s} {'RSUM mean':>10s} {'std':>6s}" + ("  vs CLIP-only" if reference else "")]
+    for name, mean, std in rows:
+        extra = f"  {mean / reference:6.3f}x" if reference else ""
+        lines.append(f"{name:28s} {mean:10.1f} {std:6.1f}{extra}")
+    return "\n".join(lines)
+
+
+def jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
