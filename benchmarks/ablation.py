@@ -3,14 +3,15 @@
     python benchmarks/ablation.py [--params params.yaml] [--seeds 0 1] [--quick] [--out benchmarks/results]
 
 Recipes (each over every seed; train section of params.yaml plus the overrides shown in the JSON):
-the CLIP-only student; DSMD as configured; DSMD without each term in turn; each balancer mode; the
+the CLIP-only student and DSMD as configured, each at every learning rate of LR_GRID; DSMD without
+each term in turn (with the affinity term, which is off by default); each balancer mode; the
 fixed (paper) hard-negative margin; hard-negative-aware batching; stored augmentation views (only
 when the features have them: `extract.views` > 0). Prints mean and standard deviation of test RSUM
 and the ratio to the CLIP-only student, and writes `ablation.json` and `ablation.png` in --out.
 
 Needs `dvc repro` (or extract + mine) first: it reads train.features_dir / train.negatives_dir.
-Run time on the 2-core CPU: about 50 s per student at the default 200 steps, so 12 recipes x 2 seeds
-take about 20 min; --quick trains 2 recipes x 2 seeds for 10 steps (a smoke test, in the suite).
+Run time on the 2-core CPU: about 95 s per student at the default 390 steps, so the 14 recipes x 2
+seeds take about 45 min; --quick trains 2 recipes x 2 seeds for 10 steps (a smoke test, in the suite).
 """
 from __future__ import annotations
 
@@ -22,12 +23,17 @@ from pipeline.config import load_params
 
 from students import bar_chart, format_rows, jsonable, run_recipes, teacher_rsum
 
-TERMS = ("feature", "similarity", "contrastive", "hard_negative")
+TERMS = ("feature", "similarity", "contrastive", "hard_negative", "affinity")
+LR_GRID = (0.002, 0.004)
 
 
 def recipes(params: str) -> dict[str, dict]:
     train = load_params(params).train
     out = {"CLIP-only": {"loss": "clip", "batching": "random"}, "DSMD (default)": {"loss": "dsmd"}}
+    for lr in LR_GRID:  # both students see the same learning-rate grid
+        if lr != train.optim.lr:
+            out[f"CLIP-only lr {lr}"] = {"loss": "clip", "batching": "random", "optim.lr": lr}
+            out[f"DSMD lr {lr}"] = {"loss": "dsmd", "optim.lr": lr}
     for term in TERMS:
         if getattr(train.distill, term):
             out[f"DSMD without {term}"] = {"loss": "dsmd", f"distill.{term}": False}

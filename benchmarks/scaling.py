@@ -7,12 +7,14 @@ negatives outside them are dropped) for the SAME number of steps as the full-siz
 the data differs. Prints mean and standard deviation of test RSUM per size, the teacher as a
 reference, and writes `scaling.json` and `scaling.png` (RSUM against size) in --out.
 
-Run time on the 2-core CPU: about 50 s per student at 200 steps: 4 sizes x 2 losses x 2 seeds take
-about 14 min; --quick runs 2 sizes x 1 seed for 10 steps (a smoke test, in the suite).
+Run time on the 2-core CPU: about 95 s per student at 390 steps: 4 sizes x 2 losses x 2 seeds take
+about 25 min (19 min with --reuse of the ablation's full-size runs); --quick runs 2 sizes x 1 seed for
+10 steps (a smoke test, in the suite).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -53,6 +55,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--quick", action="store_true", help="2 sizes, 1 seed, 10 steps: a smoke test")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--reuse", help="ablation.json of the same params and seeds: its CLIP-only and DSMD (default) "
+                                        "runs are the full-size points (same recipe, steps and seeds), not trained again")
     args = parser.parse_args()
     train = load_params(args.params).train
     manifest = shards.load_split_manifest(train.features_dir, train.split)
@@ -68,7 +72,17 @@ def main() -> None:
     }
     out = Path(args.out)
     teacher = teacher_rsum(train.features_dir, "test")
-    results = run_recipes(args.params, recipes, seeds, out / "scaling-runs", out / "scaling.partial.json")
+    reused = {}
+    if args.reuse and full in sizes:
+        ablation = json.loads(Path(args.reuse).read_text())
+        for loss, name in (("dsmd", "DSMD (default)"), ("clip", "CLIP-only")):
+            recipe = ablation["recipes"][name]
+            if [r["seed"] for r in recipe["runs"]] == seeds and all(r["steps"] == steps for r in recipe["runs"]):
+                reused[f"{loss} {full}"] = {**recipe, "reused_from": str(args.reuse)}
+        print(f"reusing {sorted(reused)} from {args.reuse}")
+    todo = {k: v for k, v in recipes.items() if k not in reused}
+    results = {**reused, **run_recipes(args.params, todo, seeds, out / "scaling-runs", out / "scaling.partial.json")}
+    results = {k: results[k] for k in recipes}
     print(f"teacher RSUM {teacher:.1f}; {steps} steps of {extra.get('optim.batch_size', train.optim.batch_size)} at every size; seeds {seeds}")
     print(format_rows([(name, r["mean"], r["std"]) for name, r in results.items()]))
     for n in sizes:

@@ -23,8 +23,8 @@ class LossBalancer:
           ref_i   = mean of L_i over the first `calibration_steps` steps (frozen afterwards)
           fast_i, slow_i = EMAs of L_i with time constants `window` and 4 * `window` steps
           r_i     = fast_i / slow_i                     (< 1 while the term is falling)
-          w_task  = task_share / ref_task
-          w_i     = (1 - task_share) * softmax_d(r / T)_i * prior_i / ref_i      (distillation terms d)
+          w_task  = s / ref_task      (s = task_share, or moving linearly to task_share_end over the run)
+          w_i     = (1 - s) * softmax_d(r / T)_i * prior_i / ref_i      (distillation terms d)
 
       so the objective starts near 1 with the task term at `task_share` of it, and no weight grows
       as its term nears 0 (ref_i is fixed once calibrated). `weights` (optional) are priors prior_i
@@ -68,6 +68,8 @@ class LossBalancer:
         task_share: float = 0.5,
         calibration_steps: int = 20,
         window: int = 20,
+        task_share_end: float | None = None,
+        total_steps: int = 0,
     ):
         self.names = tuple(names)
         if not self.names:
@@ -87,7 +89,11 @@ class LossBalancer:
             raise ConfigError(f"train.distill.balancer.task_share must be in [0, 1), got {task_share}")
         if calibration_steps < 1 or window < 1:
             raise ConfigError("train.distill.balancer: calibration_steps and window must be >= 1")
+        if task_share_end is not None and not 0.0 <= task_share_end <= 1.0:
+            raise ConfigError(f"train.distill.balancer.task_share_end must be in [0, 1], got {task_share_end}")
         self.task_share = float(task_share)
+        self.task_share_end = None if task_share_end is None else float(task_share_end)
+        self.total_steps = int(total_steps)  # set by the training loop; the task_share schedule's length
         self.calibration_steps = int(calibration_steps)
         self.window = int(window)
         self.priors = {name: float((fixed_weights or {}).get(name, 1.0)) for name in self.names if name != "task"}
@@ -117,7 +123,8 @@ class LossBalancer:
         """From `pipeline.config.BalancerConfig` (train.distill.balancer)."""
         return cls(names, mode=config.mode, temperature=config.temperature, fixed_weights=config.weights,
                    max_weight=config.max_weight, task_share=config.task_share,
-                   calibration_steps=config.calibration_steps, window=config.window)
+                   calibration_steps=config.calibration_steps, window=config.window,
+                   task_share_end=config.task_share_end)
 
     # ---- weights -----------------------------------------------------------------------------
     def _raw_values(self, losses: dict[str, Tensor]) -> list[float]:
@@ -170,10 +177,17 @@ class LossBalancer:
             return [max(v, self.eps) for v in values]
         return [max(total / seen, self.eps) for total in self.reference_sum]
 
+    def current_task_share(self) -> float:
+        """task_share, moving linearly to task_share_end over total_steps when a schedule is set."""
+        if self.task_share_end is None or self.total_steps <= 0:
+            return self.task_share
+        progress = min(1.0, self.steps / self.total_steps)
+        return self.task_share + (self.task_share_end - self.task_share) * progress
+
     def _calibrated_weights(self, values: Sequence[float]) -> list[float]:
         refs = self.references(values)
         distill = [i for i, name in enumerate(self.names) if name != "task"]
-        share = self.task_share if len(distill) < len(self.names) else 0.0
+        share = self.current_task_share() if len(distill) < len(self.names) else 0.0
         rates = [1.0] * len(self.names) if self.fast is None else [
             f / s if s > self.eps else 1.0 for f, s in zip(self.fast, self.slow)
         ]

@@ -145,6 +145,9 @@ class BalancerConfig:
     # mode calibrated, priors on the distillation terms (normalised to mean 1; missing = 1)
     weights: dict[str, float] = field(default_factory=dict)
     task_share: float = 0.5  # calibrated: the task term's share of the objective
+    # calibrated: when set, the task share moves linearly from task_share to this over the run
+    # (distillation strongest early, the task taking over late)
+    task_share_end: Optional[float] = None
     calibration_steps: int = 20  # calibrated: steps whose mean loss is each term's reference size
     window: int = 20  # calibrated: EMA time constant (steps) of the smoothed DWA rates
     # mode dynamic: cap on each weight; 0 = none (faithful). m_i = max L / L_i is unbounded as a term nears 0

@@ -160,6 +160,7 @@ def build_context(cfg: TrainConfig, teacher_dim: Optional[int], total_steps: int
         if not names:
             raise ConfigError(f"train.distill: every loss term is switched off; enable at least one of {LOSS_NAMES}")
         balancer = LossBalancer.from_config(names, cfg.distill.balancer)
+        balancer.total_steps = total_steps
     else:
         clip_loss = ClipLoss()
         balancer = LossBalancer(["task"], mode="uniform")

@@ -18,14 +18,18 @@ def params_option() -> Path:
 
 
 def _quiet_open_clip(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("No pretrained weights loaded")
+    """open_clip logs through the root logger: drop its info chatter and the expected "no pretrained
+    weights" warning (students start from random weights), keep every other warning and error."""
+    if record.name != "root":
+        return True
+    return record.levelno >= logging.WARNING and not record.getMessage().startswith("No pretrained weights loaded")
 
 
 @contextlib.contextmanager
 def user_errors():
     """Bad input ends with `error: <message>` and exit status 2, not a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:  # open_clip's "no pretrained weights" chatter, nothing else
+    for handler in logging.getLogger().handlers:  # our warnings show; open_clip's chatter does not
         handler.addFilter(_quiet_open_clip)
     try:
         yield

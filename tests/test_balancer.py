@@ -147,3 +147,61 @@ def test_state_dict_round_trip(tmp_path):
         assert got == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="checkpoint is for losses"):
         LossBalancer(NAMES[:2]).load_state_dict(first.state_dict())
+
+
+def calibrated_reference(history, names, task_share, calibration_steps, window, temperature=1.0, priors=None):
+    """The calibrated weights after `history` (raw loss rows), written out step by step."""
+    refs = [sum(row[i] for row in history[:calibration_steps]) / min(len(history), calibration_steps) for i in range(len(names))]
+    fast, slow = list(history[0]), list(history[0])
+    for row in history[1:]:
+        fast = [f + (v - f) / window for f, v in zip(fast, row)]
+        slow = [s + (v - s) / (4 * window) for s, v in zip(slow, row)]
+    distill = [i for i, n in enumerate(names) if n != "task"]
+    exps = {i: math.exp(fast[i] / slow[i] / temperature) for i in distill}
+    priors = priors or {}
+    mean_prior = sum(priors.get(names[i], 1.0) for i in distill) / len(distill)
+    weights = {}
+    for i, name in enumerate(names):
+        if name == "task":
+            weights[name] = task_share / refs[i]
+        else:
+            weights[name] = (1 - task_share) * exps[i] / sum(exps.values()) * priors.get(name, 1.0) / mean_prior / refs[i]
+    return weights
+
+
+def test_calibrated_weights_match_the_formula_and_stay_bounded():
+    names = ("feature", "contrastive", "task")
+    balancer = LossBalancer(names, mode="calibrated", task_share=0.4, calibration_steps=3, window=2,
+                            fixed_weights={"feature": 3.0})
+    history = []
+    values = [0.2, 9.0, 5.0]
+    for step in range(12):
+        _, weights = balancer(as_losses(values, names))
+        if history:
+            expected = calibrated_reference(history, names, 0.4, 3, 2, priors={"feature": 3.0})
+            assert weights == pytest.approx(expected, rel=1e-6)  # losses pass through float32
+        history.append(list(values))
+        values = [values[0] * 0.5, values[1] * 0.9, values[2] * 0.8]  # the feature term collapses towards 0
+    # the references froze after 3 steps: a vanishing term keeps its weight instead of growing as 1 / L
+    assert weights["feature"] < 2 * calibrated_reference(history[:4], names, 0.4, 3, 2, priors={"feature": 3.0})["feature"]
+
+
+def test_calibrated_task_share_and_its_schedule():
+    names = ("feature", "task")
+    balancer = LossBalancer(names, mode="calibrated", task_share=0.3, task_share_end=0.9, calibration_steps=1, total_steps=10)
+    contributions = []
+    for _ in range(11):
+        values = [0.4, 2.0]  # constant losses: contribution w_i L_i / total is the share
+        total, weights = balancer(as_losses(values, names))
+        contributions.append(weights["task"] * 2.0 / float(total))
+    assert contributions[1] == pytest.approx(0.3 + 0.6 * 1 / 10, rel=1e-6)
+    assert contributions[-1] == pytest.approx(0.9, rel=1e-6)
+    assert all(a <= b + 1e-12 for a, b in zip(contributions, contributions[1:]))
+
+
+def test_authors_rule_is_magnitude_equalisation_times_k_over_n():
+    balancer = LossBalancer(NAMES, mode="authors")
+    values = [0.02, 7.0, 0.5]
+    for _ in range(3):
+        _, weights = balancer(as_losses(values))
+        assert [weights[n] for n in NAMES] == pytest.approx([10 / 3 * 7.0 / v for v in values], rel=1e-6)

@@ -39,3 +39,16 @@ def test_unknown_total_reports_on_time_only(caplog, monkeypatch):
     for _ in range(6):
         bar.update(100)  # 20 s apart: a line every other update
     assert [r.getMessage().split(",")[0] for r in caplog.records] == ["extract train: 200 img", "extract train: 400 img", "extract train: 600 img"]
+
+
+def test_stage_logging_keeps_pipeline_warnings_and_drops_open_clip_chatter():
+    from stages._common import _quiet_open_clip
+
+    def record(name, level, message):
+        return logging.LogRecord(name, level, __file__, 1, message, None, None)
+
+    assert _quiet_open_clip(record("pipeline.corpus", logging.WARNING, "3 sample(s) skipped: corrupt_image"))
+    assert _quiet_open_clip(record("pipeline.extract", logging.INFO, "resuming: 2 of 5 shards done"))
+    assert _quiet_open_clip(record("root", logging.ERROR, "something open_clip considers an error"))
+    assert not _quiet_open_clip(record("root", logging.INFO, "Loaded dsmd-tiny-student model config."))
+    assert not _quiet_open_clip(record("root", logging.WARNING, "No pretrained weights loaded for model 'x'."))
