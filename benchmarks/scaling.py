@@ -55,8 +55,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--quick", action="store_true", help="2 sizes, 1 seed, 10 steps: a smoke test")
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--reuse", help="ablation.json of the same params and seeds: its CLIP-only and DSMD (default) "
-                                        "runs are the full-size points (same recipe, steps and seeds), not trained again")
+    parser.add_argument("--reuse", nargs="*", help="ablation.json / scaling.json of the same params: runs of the same recipe, "
+                                                   "steps and seeds found there (the ablation's CLIP-only and DSMD (default) "
+                                                   "are the full-size points) are not trained again")
     args = parser.parse_args()
     train = load_params(args.params).train
     manifest = shards.load_split_manifest(train.features_dir, train.split)
@@ -73,12 +74,14 @@ def main() -> None:
     out = Path(args.out)
     teacher = teacher_rsum(train.features_dir, "test")
     reused = {}
-    if args.reuse and full in sizes:
-        ablation = json.loads(Path(args.reuse).read_text())
-        for loss, name in (("dsmd", "DSMD (default)"), ("clip", "CLIP-only")):
-            recipe = ablation["recipes"][name]
-            if [r["seed"] for r in recipe["runs"]] == seeds and all(r["steps"] == steps for r in recipe["runs"]):
-                reused[f"{loss} {full}"] = {**recipe, "reused_from": str(args.reuse)}
+    for path in args.reuse or []:  # earlier runs of exactly these recipes, steps and seeds are not trained again
+        earlier = json.loads(Path(path).read_text())["recipes"]
+        aliases = {f"dsmd {full}": "DSMD (default)", f"clip {full}": "CLIP-only"}
+        for name in recipes:
+            recipe = earlier.get(name) or earlier.get(aliases.get(name, ""))
+            if recipe and [r["seed"] for r in recipe["runs"]] == seeds and all(r["steps"] == steps for r in recipe["runs"]):
+                reused[name] = {**recipe, "reused_from": str(path)}
+    if reused:
         print(f"reusing {sorted(reused)} from {args.reuse}")
     todo = {k: v for k, v in recipes.items() if k not in reused}
     results = {**reused, **run_recipes(args.params, todo, seeds, out / "scaling-runs", out / "scaling.partial.json")}

@@ -1,0 +1,52 @@
+"""dvc.yaml lists exactly the code each stage runs: the pipeline modules its CLI imports, transitively
+(every import statement, including those inside functions), and nothing else."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _imported_pipeline_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "pipeline":
+                names.update(alias.name for alias in node.names)
+            elif node.module.startswith("pipeline."):
+                names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline."))
+    return {n for n in names if (REPO / "pipeline" / f"{n}.py").exists()}
+
+
+def code_closure(stage_module: Path) -> set[str]:
+    """pipeline/<name>.py of every module reachable from the stage's CLI module."""
+    seen, todo = set(), set(_imported_pipeline_modules(stage_module))
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo |= _imported_pipeline_modules(REPO / "pipeline" / f"{name}.py")
+    return {f"pipeline/{name}.py" for name in seen}
+
+
+def test_every_stage_depends_on_exactly_the_code_it_imports():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        cli = re.match(r"dsmd (\w+)", stage["cmd"]).group(1)
+        expected = code_closure(REPO / "stages" / f"{cli}.py")
+        listed = {d for d in stage["deps"] if d.startswith("pipeline/") and d.endswith(".py")}
+        assert listed == expected, (name, "missing", sorted(expected - listed), "extra", sorted(listed - expected))
+        uses_models = "pipeline/models.py" in expected
+        assert ("pipeline/model_configs" in stage["deps"]) == uses_models, name
+
+
+def test_closure_follows_imports_inside_functions():
+    closure = code_closure(REPO / "stages" / "train.py")
+    assert "pipeline/corpus.py" in closure  # data.load_corpus_data imports it inside the function
+    assert "pipeline/training.py" in closure and "pipeline/extract.py" not in closure
