@@ -21,7 +21,7 @@ from pathlib import Path
 from pipeline import shards
 from pipeline.config import load_params
 
-from students import bar_chart, format_rows, jsonable, run_recipes, teacher_rsum
+from students import single_core, bar_chart, format_rows, jsonable, run_recipes, teacher_rsum
 
 TERMS = ("feature", "similarity", "contrastive", "hard_negative", "affinity")
 LR_GRID = (0.002, 0.004)
@@ -56,13 +56,18 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--quick", action="store_true", help="2 recipes, 10 steps each: a smoke test")
-    parser.add_argument("--only", nargs="*", help="run only these recipe names")
+    parser.add_argument("--only", nargs="*", help="run only these recipe names (CLIP-only is always run)")
+    parser.add_argument("--skip", nargs="*", default=[], help="leave out these recipe names")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--single-core", action="store_true", help="one thread, no loader worker: for two sweeps side by side")
     args = parser.parse_args()
+    if args.single_core:
+        single_core()
     out = Path(args.out)
     chosen = recipes(args.params)
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only or k == "CLIP-only"}
+    chosen = {k: v for k, v in chosen.items() if k not in args.skip}
     if args.quick:
         chosen = {k: {**v, "optim.max_steps": 10, "optim.batch_size": 32} for k, v in list(chosen.items())[:2]}
     train = load_params(args.params).train

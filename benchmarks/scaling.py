@@ -22,7 +22,7 @@ from pipeline import data as data_mod
 from pipeline import shards
 from pipeline.config import load_params
 
-from students import format_rows, jsonable, run_recipes, teacher_rsum
+from students import single_core, format_rows, jsonable, run_recipes, teacher_rsum
 
 
 def plot(sizes, results, teacher, path: Path) -> None:
@@ -55,10 +55,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--quick", action="store_true", help="2 sizes, 1 seed, 10 steps: a smoke test")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--single-core", action="store_true", help="one thread, no loader worker: for two sweeps side by side")
     parser.add_argument("--reuse", nargs="*", help="ablation.json / scaling.json of the same params: runs of the same recipe, "
                                                    "steps and seeds found there (the ablation's CLIP-only and DSMD (default) "
                                                    "are the full-size points) are not trained again")
     args = parser.parse_args()
+    if args.single_core:
+        single_core()
     train = load_params(args.params).train
     manifest = shards.load_split_manifest(train.features_dir, train.split)
     full = int(manifest["num_images"])

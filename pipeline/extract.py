@@ -303,6 +303,9 @@ def extract_split(
 
 def extract(cfg: ExtractConfig, teacher_cfg: TeacherConfig, overwrite: bool = False) -> dict:
     """Extract every split in `cfg.splits`; returns {split: split manifest} (on rank 0)."""
+    for option, value, least in (("batch_size", cfg.batch_size, 1), ("num_workers", cfg.num_workers, 0), ("views", cfg.views, 0)):
+        if value < least:  # checked before any work (a 0 batch would fail deep inside range())
+            raise PipelineError(f"extract.{option} must be >= {least}, got {value}")
     dist_info = runtime.init_distributed(cfg.device)
     device = runtime.device_for(dist_info, cfg.device)
     runtime.set_threads(cfg.threads)

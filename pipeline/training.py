@@ -46,7 +46,7 @@ from pipeline.progress import progress
 from pipeline.balancer import LossBalancer
 from pipeline.config import ConfigError, OptimConfig, TrainConfig, to_dict
 from pipeline.errors import PipelineError
-from pipeline.losses import LOSS_NAMES, ClipLoss, DSMDLoss, gather_no_grad, gather_with_grad
+from pipeline.losses import LOSS_NAMES, MARGIN_MODES, ClipLoss, DSMDLoss, gather_no_grad, gather_with_grad
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +418,15 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ConfigError("optim.batch_size must be at least 2 (contrastive losses need negatives)")
     if cfg.optim.accum_steps < 1:
         raise ConfigError("optim.accum_steps must be at least 1")
+    if not cfg.optim.lr > 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.optim.max_steps < 0 or (cfg.optim.max_steps == 0 and not cfg.optim.epochs > 0):
+        raise ConfigError(f"optim.epochs must be > 0 (or optim.max_steps > 0), got epochs {cfg.optim.epochs}, "
+                          f"max_steps {cfg.optim.max_steps}")
+    if cfg.max_images < 0:
+        raise ConfigError(f"train.max_images must be >= 0 (0 = all), got {cfg.max_images}")
+    if cfg.loss == "dsmd" and cfg.distill.margin_mode not in MARGIN_MODES:
+        raise ConfigError(f"train.distill.margin_mode must be one of {MARGIN_MODES}, got {cfg.distill.margin_mode!r}")
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -494,13 +503,6 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
             log.info("--resume: no %s yet, starting from scratch", checkpoint_path)
         if dsmd_loss is not None and dsmd_loss.queue is not None:
             _prefill_queue(dsmd_loss, data, image_ids, optim.seed, device)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if start_step:
-            _trim_log(log_path, start_step)
-        else:
-            shards.atomic_write_text("", log_path)
-
     dataset = data_mod.TrainingDataset(
         data, loaded.preprocess, loaded.tokenizer, seed=optim.seed, use_views=cfg.use_views and distill, negatives=negatives
     )
@@ -512,6 +514,14 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
         dataset, batch_sampler=sampler, num_workers=optim.num_workers, collate_fn=data_mod.keep_batch,
         pin_memory=device.type == "cuda",
     )
+    # only now, with every option checked (the sampler refuses a batch larger than the data), is a
+    # previous run's log replaced
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if start_step:
+            _trim_log(log_path, start_step)
+        else:
+            shards.atomic_write_text("", log_path)
     samples_per_epoch = sampler.batches_per_epoch * optim.batch_size
     log.info(
         "training %s (%s loss, %s) on %d images of %s: %d steps of %d, %d rank(s) x %d micro-batch(es)",

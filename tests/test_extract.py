@@ -228,3 +228,11 @@ def test_decoding_workers_do_not_change_the_tables(tmp_path, teacher_checkpoint)
     for a, b in zip(_tables(tmp_path / "w0", "train"), _tables(tmp_path / "w2", "train")):
         assert a.equals(b)
     assert shards.load_split_manifest(tmp_path / "w2", "train")["skipped"]["counts"] == {"corrupt_image": 1}
+
+
+@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--batch-size", "-1")])
+def test_bad_batch_size_is_one_error_line_before_any_work(tmp_path, option, value):
+    result = CliRunner().invoke(app, ["--manifest", str(tmp_path / "m.yaml"), "--out-dir", str(tmp_path / "f"), option, value])
+    assert result.exit_code == 2
+    assert "error: extract.batch_size must be >= 1" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "f").exists()

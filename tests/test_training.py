@@ -273,3 +273,30 @@ def test_the_train_stage_reports_bad_input_without_a_traceback(tmp_path):
     assert "error:" in result.output and "dsmd extract" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["--params", str(params), "--loss", "kd", "--out-dir", str(tmp_path / "o")])
     assert result.exit_code == 2 and "train.loss must be one of" in result.output
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"optim.lr": -1.0}, "optim.lr must be > 0"),
+    ({"optim.epochs": -1.0}, "optim.epochs must be > 0"),
+    ({"max_images": -5}, "max_images"),
+    ({"distill.margin_mode": "loose"}, "margin_mode"),
+])
+def test_bad_training_options_fail_before_any_work(shards_dirs, tmp_path, override, message):
+    from pipeline.config import apply_overrides
+    cfg = apply_overrides(make_cfg(shards_dirs, tmp_path / "out", max_steps=0, epochs=1.0), override)
+    with pytest.raises(training.ConfigError, match=message):
+        training.train(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_fails_its_checks_leaves_the_previous_log_alone(shards_dirs, tmp_path):
+    cfg = make_cfg(shards_dirs, tmp_path / "out", max_steps=3)
+    training.train(cfg)
+    log_path = tmp_path / "out" / training.LOG_FILE
+    before = log_path.read_bytes()
+    assert before
+    too_big = make_cfg(shards_dirs, tmp_path / "out", max_steps=3, batch_size=1024)  # more than the 64 images
+    with pytest.raises(training.ConfigError, match="larger than"):
+        training.train(too_big)
+    assert log_path.read_bytes() == before
+
