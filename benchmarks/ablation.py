@@ -4,7 +4,8 @@
 
 Recipes (each over every seed; train section of params.yaml plus the overrides shown in the JSON):
 the CLIP-only student and DSMD as configured, each at every learning rate of LR_GRID; DSMD without
-each term in turn (with the affinity term, which is off by default); each balancer mode; the
+each term in turn (with the affinity term, which is off by default); each balancer mode; the other
+projection initialisation; the
 fixed (paper) hard-negative margin; hard-negative-aware batching; stored augmentation views (only
 when the features have them: `extract.views` > 0). Prints mean and standard deviation of test RSUM
 and the ratio to the CLIP-only student, and writes `ablation.json` and `ablation.png` in --out.
@@ -44,6 +45,8 @@ def recipes(params: str) -> dict[str, dict]:
             out[f"balancer {mode}"] = {"loss": "dsmd", "distill.balancer.mode": mode}
     other_margin = "fixed" if train.distill.margin_mode == "teacher" else "teacher"
     out[f"margin {other_margin}"] = {"loss": "dsmd", "distill.margin_mode": other_margin, "distill.hard_negative": True}
+    other_init = "default" if train.projection_init == "orthogonal" else "orthogonal"
+    out[f"projection init {other_init}"] = {"loss": "dsmd", "projection_init": other_init}
     other_batching = "hard-negative-aware" if train.batching == "random" else "random"
     out[f"batching {other_batching}"] = {"loss": "dsmd", "batching": other_batching}
     views = int(shards.load_split_manifest(train.features_dir, train.split).get("views", 0) or 0)

@@ -109,6 +109,8 @@ def build_student(cfg: TrainConfig, teacher_dim: Optional[int], device: torch.de
     distills = cfg.loss == "dsmd" and any(getattr(cfg.distill, n) for n in LOSS_NAMES if n != "task")
     if distills and teacher_dim is not None and teacher_dim != loaded.embed_dim:
         projection = nn.Linear(loaded.embed_dim, teacher_dim, bias=False)
+        if cfg.projection_init == "orthogonal":  # orthonormal columns at the start: projected cosines = own cosines
+            nn.init.orthogonal_(projection.weight)
     net = StudentWithProjection(loaded.model, projection).to(device)
     net.train()
     return loaded, net
@@ -423,6 +425,8 @@ def _check_config(cfg: TrainConfig) -> None:
     if cfg.optim.max_steps < 0 or (cfg.optim.max_steps == 0 and not cfg.optim.epochs > 0):
         raise ConfigError(f"optim.epochs must be > 0 (or optim.max_steps > 0), got epochs {cfg.optim.epochs}, "
                           f"max_steps {cfg.optim.max_steps}")
+    if cfg.projection_init not in ("orthogonal", "default"):
+        raise ConfigError(f"train.projection_init must be orthogonal or default, got {cfg.projection_init!r}")
     if cfg.max_images < 0:
         raise ConfigError(f"train.max_images must be >= 0 (0 = all), got {cfg.max_images}")
     if cfg.loss == "dsmd" and cfg.distill.margin_mode not in MARGIN_MODES:
@@ -489,7 +493,7 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
     # resume, or start afresh (the queue starts full of real cached teacher embeddings)
     run_identity = {
         "model": cfg.model, "loss": cfg.loss, "source": cfg.source, "split": cfg.split, "batching": cfg.batching,
-        "batch_neighbours": cfg.batch_neighbours, "max_images": cfg.max_images,
+        "batch_neighbours": cfg.batch_neighbours, "max_images": cfg.max_images, "projection_init": cfg.projection_init,
         "batch_size": optim.batch_size, "seed": optim.seed, "features_fingerprint": fingerprint,
         "loss_terms": list(balancer.names),
     }

@@ -300,3 +300,18 @@ def test_a_run_that_fails_its_checks_leaves_the_previous_log_alone(shards_dirs, 
         training.train(too_big)
     assert log_path.read_bytes() == before
 
+
+
+def test_orthogonal_projection_init_starts_with_the_students_own_cosines(shards_dirs, tmp_path):
+    images, texts = torch.randn(6, 3, 16, 16), torch.randint(1, 1000, (6, 16))
+    gaps = {}
+    for init in ("orthogonal", "default"):
+        cfg = dataclasses.replace(make_cfg(shards_dirs, tmp_path / "out"), projection_init=init)
+        _, net = training.build_student(cfg, 32, torch.device("cpu"))
+        w = net.projection.weight.detach()
+        with torch.no_grad():
+            out = net.eval()(images, texts)
+        gaps[init] = (out["projected_image"] @ out["projected_text"].T - out["image"] @ out["text"].T).abs().max()
+        if init == "orthogonal":
+            torch.testing.assert_close(w.T @ w, torch.eye(w.shape[1]), atol=1e-5, rtol=0)
+    assert gaps["orthogonal"] < 1e-5 < 1e-3 < gaps["default"]
