@@ -11,8 +11,9 @@ when the features have them: `extract.views` > 0). Prints mean and standard devi
 and the ratio to the CLIP-only student, and writes `ablation.json` and `ablation.png` in --out.
 
 Needs `dvc repro` (or extract + mine) first: it reads train.features_dir / train.negatives_dir.
-Run time on the 2-core CPU: about 95 s per student at the default 390 steps, so the 14 recipes x 2
-seeds take about 45 min; --quick trains 2 recipes x 2 seeds for 10 steps (a smoke test, in the suite).
+Run time on the 2-core CPU: about 95 s per student at the default 391 steps, so the 15 recipes x 2
+seeds take about 50 min (--single-core beside another sweep: about 120 s per student); --quick trains
+2 recipes x 2 seeds for 10 steps (a smoke test, in the suite).
 """
 from __future__ import annotations
 
