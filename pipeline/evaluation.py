@@ -535,6 +535,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise ConfigError(f"evaluate.chunk_size must be >= 1, got {cfg.chunk_size}")
     runtime.set_threads(cfg.threads)
     device = _resolve_device(cfg.device)
+    for folder in {Path(cfg.metrics_file).parent, Path(cfg.plots_dir)}:  # before any work, not after it
+        shards.prepare_output_dir(folder)
     split_manifest = shards.load_split_manifest(cfg.features_dir, cfg.split)
     students = load_students(cfg.students, cfg.allow_missing, device)
 

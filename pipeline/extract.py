@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.progress import progress as progress_bar
 
-from pipeline import augment, corpus, runtime, schema, shards
+from pipeline import augment, corpus, models, runtime, schema, shards
 from pipeline.config import ExtractConfig, TeacherConfig
 from pipeline.errors import PipelineError
 from pipeline.manifest import load_manifest
@@ -138,10 +139,15 @@ def _describe_change(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changes
 
 
+def _comparable(info: dict) -> dict:
+    """`info` less what names a teacher without changing it: the path or alias its checkpoint was
+    given by (a checkpoint is identified by its sha256)."""
+    return {**info, "teacher": models.comparable_identity(info.get("teacher") or {})}
+
+
 def _check_compatible(path: Path, existing: dict, info: dict) -> None:
-    keys = [k for k in info]
-    old = {k: existing.get(k) for k in keys}
-    changes = _describe_change(old, info)
+    old = _comparable({k: existing.get(k) for k in info})
+    changes = _describe_change(old, _comparable(info))
     if changes:
         raise ExtractMismatchError(
             f"{path} was written with different inputs; refusing to mix outputs. What changed: "
@@ -201,19 +207,56 @@ def _write_part(
     shards.atomic_write_table(images, parts_dir / f"images-{shard_index:06d}.parquet")
     shards.atomic_write_table(texts, parts_dir / f"texts-{shard_index:06d}.parquet")
     # the report file is written last: its presence marks the part complete
-    shards.atomic_write_json({"url": url, "skipped": report}, parts_dir / f"skips-{shard_index:06d}.json")
+    record = {"url": url, "skipped": report, "source": source_signature(url)}
+    shards.atomic_write_json(record, parts_dir / f"skips-{shard_index:06d}.json")
+
+
+def source_signature(url: str) -> dict | None:
+    """Size and mtime of a local input shard (None for `pipe:` and URLs): a part made from another
+    version of the shard is redone."""
+    path = url[len("file:"):] if url.startswith("file:") else url
+    if "://" in url or url.startswith("pipe:") or not os.path.isfile(path):
+        return None
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _why_redo(record: dict, url: str) -> str | None:
+    """Why the part of `url` described by `record` (its skips json) must be redone, or None."""
+    if record.get("url") != url:
+        return f"its part was made from {record.get('url')}"
+    if record["skipped"].get("counts", {}).get(corpus.UNREADABLE_SHARD):
+        return "it could not be read to the end last time"
+    current = source_signature(url)
+    if record.get("source") != current:
+        return f"it changed since its part was written ({record.get('source')} -> {current})"
+    return None
+
+
+def _todo(parts_dir: Path, urls: list[str], mine: list[int], split: str) -> list[int]:
+    """The shards of `mine` whose part is missing or must be redone (logged with the reason)."""
+    todo = []
+    for index in mine:
+        path = parts_dir / f"skips-{index:06d}.json"
+        reason = _why_redo(json.loads(path.read_text()), urls[index]) if path.exists() else "not done"
+        if reason is not None:
+            todo.append(index)
+            if reason != "not done":
+                log.warning("split %s: re-reading %s: %s", split, urls[index], reason)
+    return todo
 
 
 def _finalize(features_dir: Path, split: str, urls: list[str], parts_dir: Path, info: dict) -> dict:
     """Offset each part's local ids into dense split-wide ids and write the final split."""
-    image_tables, text_tables = [], []
+    image_tables, text_tables, records = [], [], []
     report = corpus.SkipReport()
     image_offset = text_offset = 0
     for index, url in enumerate(urls):
-        part_report = json.loads((parts_dir / f"skips-{index:06d}.json").read_text())
-        report.merge(corpus.SkipReport.from_dict(part_report["skipped"]))
+        record = json.loads((parts_dir / f"skips-{index:06d}.json").read_text())
+        report.merge(corpus.SkipReport.from_dict(record["skipped"]))
         images = pq.read_table(parts_dir / f"images-{index:06d}.parquet")
         texts = pq.read_table(parts_dir / f"texts-{index:06d}.parquet")
+        records.append({**record, "file": len(image_tables) if images.num_rows else None})
         if images.num_rows == 0:
             continue
         images = images.set_column(0, schema.IMAGE_ID, pc.add(images[schema.IMAGE_ID], image_offset))
@@ -227,12 +270,48 @@ def _finalize(features_dir: Path, split: str, urls: list[str], parts_dir: Path, 
         raise PipelineError(f"split {split!r}: no readable samples in {len(urls)} shard(s); skips: {report.to_dict()}")
     manifest = shards.write_split(
         features_dir, split, image_tables, text_tables,
-        {**info, "source_shards": urls, "skipped": report.to_dict()},
+        {**info, "source_shards": urls, "skipped": report.to_dict(), "shard_parts": records},
     )
     if report.total:
         log.warning("split %s: skipped %d sample(s)\n%s", split, report.total, report.summary())
     shutil.rmtree(parts_dir)
     return manifest
+
+
+def _stale_shards(existing: dict, urls: list[str]) -> list[int]:
+    """Shards of a finished split that must be redone: failed last time, or changed since."""
+    records = existing.get("shard_parts") or []
+    if existing.get("source_shards") != urls or len(records) != len(urls):
+        return list(range(len(urls)))
+    return [i for i, (record, url) in enumerate(zip(records, urls)) if _why_redo(record, url) is not None]
+
+
+def _reopen(out: Path, existing: dict, stale: list[int], parts_dir: Path, info: dict) -> None:
+    """Turn a finished split back into parts, less the `stale` shards, so only those are redone: each
+    kept shard's rows go back to shard-local ids. The split manifest goes last (a kill before that
+    leaves the finished split, and the next run reopens it again)."""
+    stale_set = set(stale)
+    files = existing["files"]
+    first_images = pq.read_table(out / files[schema.IMAGES_PREFIX][0]["path"])
+    first_texts = pq.read_table(out / files[schema.TEXTS_PREFIX][0]["path"])
+    shards.atomic_write_json(info, parts_dir / RUN_FILE)
+    for index, record in enumerate(existing["shard_parts"]):
+        if index in stale_set:
+            continue
+        if record["file"] is None:  # a shard with no readable sample: empty tables of the same schema
+            images, texts = first_images.slice(0, 0), first_texts.slice(0, 0)
+        else:
+            images = pq.read_table(out / files[schema.IMAGES_PREFIX][record["file"]]["path"])
+            texts = pq.read_table(out / files[schema.TEXTS_PREFIX][record["file"]]["path"])
+            image_offset, text_offset = images[schema.IMAGE_ID][0], texts[schema.TEXT_ID][0]
+            images = images.set_column(0, schema.IMAGE_ID, pc.subtract(images[schema.IMAGE_ID], image_offset))
+            texts = texts.set_column(0, schema.TEXT_ID, pc.subtract(texts[schema.TEXT_ID], text_offset))
+            texts = texts.set_column(1, schema.IMAGE_ID, pc.subtract(texts[schema.IMAGE_ID], image_offset))
+        shards.atomic_write_table(images, parts_dir / f"images-{index:06d}.parquet")
+        shards.atomic_write_table(texts, parts_dir / f"texts-{index:06d}.parquet")
+        part = {k: v for k, v in record.items() if k != "file"}
+        shards.atomic_write_json(part, parts_dir / f"skips-{index:06d}.json")
+    (out / schema.SPLIT_MANIFEST).unlink()
 
 
 def extract_split(
@@ -246,9 +325,17 @@ def extract_split(
     if final_manifest.exists():
         existing = json.loads(final_manifest.read_text())
         _check_compatible(final_manifest, existing, info)
-        if existing.get("source_shards") == urls:
+        stale = _stale_shards(existing, urls)
+        if not stale:
             log.info("split %s is up to date (%s)", split, final_manifest)
             return existing
+        if dist_info.is_main:
+            log.warning("split %s: redoing %d of %d shard(s) (failed last time or changed since)", split, len(stale), len(urls))
+            if len(stale) < len(urls):
+                _reopen(out, existing, stale, parts_dir, info)
+            else:
+                final_manifest.unlink()
+        runtime.barrier(dist_info)
     run_file = parts_dir / RUN_FILE
     if dist_info.is_main:
         if run_file.exists():
@@ -266,7 +353,7 @@ def extract_split(
         schema.META_VIEWS: str(info["views"]),
     }
     mine = [i for i in range(dist_info.rank, len(urls), dist_info.world_size)]
-    todo = [i for i in mine if not (parts_dir / f"skips-{i:06d}.json").exists()]
+    todo = _todo(parts_dir, urls, mine, split)
     if len(todo) < len(mine):
         log.info("split %s: resuming, %d of %d shard(s) already done", split, len(mine) - len(todo), len(mine))
     total = expected_samples // dist_info.world_size if expected_samples else None
@@ -274,7 +361,7 @@ def extract_split(
     loader = DataLoader(
         _ShardStream([(i, urls[i]) for i in todo], fields, teacher, cfg.views, cfg.seed, cfg.batch_size),
         batch_size=None, num_workers=min(cfg.num_workers, len(todo)), collate_fn=_unbatched,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda", worker_init_fn=runtime.die_with_parent(),
     )
     pending: dict[int, _ShardResult] = {}
     with progress_bar(total, f"extract {split}", "img", enabled=dist_info.is_main) as progress:
@@ -301,6 +388,13 @@ def extract_split(
     return manifest
 
 
+def _bytes_needed(urls: list[str]) -> int:
+    """About what the features take: the images are copied, so the size of the local input shards
+    (plus a margin for the parts, which exist beside the final files until a split is finished)."""
+    signatures = [source_signature(u) for u in urls]
+    return int(1.1 * sum(s["size"] for s in signatures if s))
+
+
 def extract(cfg: ExtractConfig, teacher_cfg: TeacherConfig, overwrite: bool = False) -> dict:
     """Extract every split in `cfg.splits`; returns {split: split manifest} (on rank 0)."""
     for option, value, least in (("batch_size", cfg.batch_size, 1), ("num_workers", cfg.num_workers, 0), ("views", cfg.views, 0)):
@@ -312,12 +406,14 @@ def extract(cfg: ExtractConfig, teacher_cfg: TeacherConfig, overwrite: bool = Fa
     if cfg.embedding_dtype not in schema.EMBEDDING_DTYPES:
         raise PipelineError(f"extract.embedding_dtype must be one of {sorted(schema.EMBEDDING_DTYPES)}, got {cfg.embedding_dtype!r}")
     manifest = load_manifest(cfg.manifest)
+    specs = {split: manifest.split(split) for split in cfg.splits}  # every split checked before any work
+    if dist_info.is_main:
+        shards.prepare_output_dir(cfg.out_dir, _bytes_needed([u for spec in specs.values() for u in spec.shards]))
     teacher = load_teacher(teacher_cfg, device=device)
     teacher.model.eval()
     info = _run_info(teacher, manifest.sha256, cfg)
     results = {}
-    for split in cfg.splits:
-        spec = manifest.split(split)
+    for split, spec in specs.items():
         out = shards.split_dir(cfg.out_dir, split)
         if overwrite and dist_info.is_main and out.exists():
             shutil.rmtree(out)

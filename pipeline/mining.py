@@ -680,6 +680,7 @@ def mine(cfg: MineConfig, progress: bool = True) -> dict:
     """Mine every split of `cfg.splits`; returns {split: summary} (each its `_manifest.json` plus
     `status`). FAISS threads are set to `cfg.threads` (0 = FAISS default) for the call only."""
     _validate(cfg)
+    shards.prepare_output_dir(cfg.out_dir)
     previous_threads = faiss.omp_get_max_threads()
     if cfg.threads > 0:
         faiss.omp_set_num_threads(cfg.threads)

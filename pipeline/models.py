@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -96,6 +97,17 @@ def model_identity(model_name: str, pretrained: str, model: torch.nn.Module, emb
     }
 
 
+# Identity fields that say how the weights were named, not what they are: a checkpoint file is
+# identified by its sha256, so "demo", a relative and an absolute path to it are the same teacher.
+NAMING_KEYS = ("pretrained", "pretrained_source")
+
+
+def comparable_identity(identity: dict) -> dict:
+    if identity.get("checkpoint_sha256"):
+        return {k: v for k, v in identity.items() if k not in NAMING_KEYS}
+    return {k: v for k, v in identity.items() if k != "pretrained_source"}
+
+
 def _embed_dim(model: torch.nn.Module) -> int:
     visual = model.visual
     if hasattr(visual, "output_dim"):
@@ -129,8 +141,12 @@ def load_model(model_name: str, pretrained: str = "", device: str | torch.device
         model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained or None, device=device, weights_only=True
         )
-    except (RuntimeError, FileNotFoundError, ValueError, OSError) as exc:
-        raise ModelError(f"could not create {model_name!r} with pretrained={pretrained!r}: {exc}") from exc
+    except (RuntimeError, ValueError, OSError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        # a foreign or damaged weights file fails deep in torch/pickle: name it
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if pretrained and os.path.isfile(pretrained):
+            raise ModelError(f"{pretrained}: not a weights file for {model_name!r} ({type(exc).__name__}: {reason})") from None
+        raise ModelError(f"could not create {model_name!r} with pretrained={pretrained!r}: {reason}") from None
     tokenizer = open_clip.get_tokenizer(model_name)
     model.eval()
     embed_dim = _embed_dim(model)
@@ -161,9 +177,7 @@ def save_open_clip_dir(model: torch.nn.Module, model_name: str, out_dir: str | P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = out_dir / f".{DEMO_CHECKPOINT}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, out_dir / DEMO_CHECKPOINT)
+    shards.atomic_torch_save(state, out_dir / DEMO_CHECKPOINT)
     config = {
         "model_name": model_name,
         "model_cfg": model_config(model_name),

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import random
+import signal
+import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -86,3 +91,19 @@ def barrier(info: DistInfo) -> None:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+
+def die_with_parent() -> Callable[[int], None]:
+    """A DataLoader `worker_init_fn`: each worker gets SIGKILL when the process that made the loader
+    dies, so a killed stage leaves no orphaned worker holding its memory (Linux prctl; else a no-op)."""
+    return functools.partial(_die_with_parent, os.getpid())
+
+
+def _die_with_parent(parent: int, _worker_id: int) -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)

@@ -50,7 +50,7 @@ from pipeline.progress import progress as progress_bar
 
 from pipeline.config import ConfigError, CorpusConfig
 from pipeline.manifest import write_manifest
-from pipeline.shards import atomic_write_bytes, atomic_write_json
+from pipeline.shards import atomic_write_bytes, atomic_write_json, prepare_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -708,8 +708,7 @@ def generate_corpus(cfg: CorpusConfig) -> Path:
     are kept; with a different or unknown config every shard is removed and regenerated.
     """
     validate_config(cfg)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output_dir(cfg.out_dir)
     digest = config_hash(cfg)
     record_path = out_dir / CONFIG_RECORD
     manifest_path = out_dir / MANIFEST_NAME

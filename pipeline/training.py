@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ LOSS_MODES = ("dsmd", "clip")
 SOURCES = ("shards", "corpus")
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
+RUNNING_LOG_FILE = "train_log.running.jsonl"  # the log while a run is going; LOG_FILE once it ends
 SUMMARY_FILE = "train_summary.json"
 CHECKPOINT_FORMAT = 1
 # log_scale is clamped to ln(100) after every step, as in CLIP and open_clip
@@ -357,9 +357,7 @@ def save_checkpoint(path: Path, ctx: StepContext, step: int, extra: dict) -> Non
         "rng": _rng_state(),
         **extra,
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    shards.atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: Path, ctx: StepContext, expect: dict) -> dict:
@@ -389,18 +387,17 @@ def load_checkpoint(path: Path, ctx: StepContext, expect: dict) -> dict:
     return state
 
 
-def _trim_log(path: Path, last_step: int) -> None:
-    """Keep the log lines of steps <= last_step (a resumed run continues the file, no duplicates)."""
-    if not path.exists():
-        return
+def _trim_log(path: Path, last_step: int, out: Path) -> None:
+    """Write to `out` the lines of `path` (if any) of steps <= last_step: a resumed run continues the
+    log without duplicates."""
     kept = []
-    for line in path.read_text().splitlines():
+    for line in (path.read_text().splitlines() if path.exists() else []):
         try:
             if json.loads(line)["step"] <= last_step:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by a kill
-    shards.atomic_write_text("".join(k + "\n" for k in kept), path)
+    shards.atomic_write_text("".join(k + "\n" for k in kept), out)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -456,6 +453,8 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
     runtime.set_threads(optim.threads)
     out_dir = Path(cfg.out_dir)
     distill = cfg.loss == "dsmd"
+    if info.is_main:
+        shards.prepare_output_dir(out_dir)  # writable, no temporaries of killed runs
 
     # data: everything from the shards (or the corpus); the teacher is never loaded
     if cfg.source == "shards":
@@ -489,6 +488,9 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
     # the student, its projection, the losses, AdamW and the schedule
     loaded, ctx = build_context(cfg, teacher_dim, steps, device, info.distributed)
     net, dsmd_loss, balancer, optimizer = ctx.student, ctx.dsmd_loss, ctx.balancer, ctx.optimizer
+    if info.is_main:  # a checkpoint holds the weights and AdamW's two moments; the student its weights
+        weight_bytes = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+        shards.check_free_space(out_dir, 5 * weight_bytes + (32 << 20))
 
     # resume, or start afresh (the queue starts full of real cached teacher embeddings)
     run_identity = {
@@ -498,6 +500,9 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
         "loss_terms": list(balancer.names),
     }
     checkpoint_path, log_path = out_dir / CHECKPOINT_FILE, out_dir / LOG_FILE
+    # the log grows in a `.running` copy that replaces `train_log.jsonl` only when the run ends, so a
+    # failed or killed fresh run never costs the previous run's log (a resume continues the copy)
+    running_log = out_dir / RUNNING_LOG_FILE
     start_step = 0
     if resume and checkpoint_path.exists():
         start_step = int(load_checkpoint(checkpoint_path, ctx, run_identity)["step"])
@@ -516,16 +521,15 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=optim.num_workers, collate_fn=data_mod.keep_batch,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda", worker_init_fn=runtime.die_with_parent(),
     )
     # only now, with every option checked (the sampler refuses a batch larger than the data), is a
     # previous run's log replaced
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         if start_step:
-            _trim_log(log_path, start_step)
+            _trim_log(running_log if running_log.exists() else log_path, start_step, running_log)
         else:
-            shards.atomic_write_text("", log_path)
+            shards.atomic_write_text("", running_log)
     samples_per_epoch = sampler.batches_per_epoch * optim.batch_size
     log.info(
         "training %s (%s loss, %s) on %d images of %s: %d steps of %d, %d rank(s) x %d micro-batch(es)",
@@ -549,7 +553,7 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
     bar = progress(steps, f"train {cfg.loss}", "step", initial=start_step, enabled=info.is_main)
     run_started = window_started = time.perf_counter()
     window_steps = 0
-    with bar, open(log_path, "a") if info.is_main else contextlib.nullcontext() as log_file:
+    with bar, open(running_log, "a") if info.is_main else contextlib.nullcontext() as log_file:
         for step in range(start_step, steps):
             micro_batches = [next(batches) for _ in range(optim.accum_steps)]
             lr = optimizer.param_groups[0]["lr"]
@@ -590,6 +594,7 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
     if info.is_main:
         models.save_open_clip_dir(net.model, cfg.model, out_dir)
         shards.atomic_write_json(summary, out_dir / SUMMARY_FILE)
+        running_log.replace(log_path)
     runtime.barrier(info)
     return summary
 

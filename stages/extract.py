@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from pipeline.config import stage_config
+from pipeline.corpus import UNREADABLE_SHARD
 from pipeline.extract import extract
 from stages._common import SET_HELP, params_option, user_errors
 
@@ -45,9 +46,11 @@ def main(
         results = extract(cfg, teacher_cfg, overwrite=overwrite)
         for split_name, manifest_info in results.items():
             if manifest_info:
-                skipped = sum(manifest_info.get("skipped", {}).get("counts", {}).values())
+                counts = dict(manifest_info.get("skipped", {}).get("counts", {}))
+                unreadable = counts.pop(UNREADABLE_SHARD, 0)  # counted in shards, the rest in samples
                 typer.echo(f"{split_name}: {manifest_info['num_images']} images, {manifest_info['num_texts']} texts, "
-                           f"{skipped} skipped -> {Path(cfg.out_dir) / split_name}")
+                           f"{sum(counts.values())} sample(s) skipped, {unreadable} unreadable shard(s) "
+                           f"-> {Path(cfg.out_dir) / split_name}")
 
 
 if __name__ == "__main__":

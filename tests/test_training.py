@@ -50,8 +50,8 @@ def make_cfg(shards_dirs, out_dir, distill: dict | None = None, **optim) -> Trai
     )
 
 
-def read_log(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(out_dir) / training.LOG_FILE).read_text().splitlines()]
+def read_log(out_dir, name: str = training.LOG_FILE) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / name).read_text().splitlines()]
 
 
 def load_trained(cfg: TrainConfig, teacher_dim: int = 32) -> training.StudentWithProjection:
@@ -122,7 +122,8 @@ def test_resume_equals_an_uninterrupted_run(view_shards_dirs, tmp_path, monkeypa
     monkeypatch.setattr(training, "optimizer_step", dies_at_step_7)
     with pytest.raises(Interrupted):
         training.train(cut)
-    assert [r["step"] for r in read_log(cut.out_dir)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_log(cut.out_dir, training.RUNNING_LOG_FILE)] == [1, 2, 3, 4, 5, 6]
+    assert not (Path(cut.out_dir) / training.LOG_FILE).exists()  # the log lands when the run ends
     monkeypatch.setattr(training, "optimizer_step", real_step)
     summary = training.train(cut, resume=True)
     assert summary["resumed_from_step"] == 4
