@@ -242,7 +242,7 @@ def _todo(parts_dir: Path, urls: list[str], mine: list[int], split: str) -> list
         if reason is not None:
             todo.append(index)
             if reason != "not done":
-                log.warning("split %s: re-reading %s: %s", split, urls[index], reason)
+                log.warning("re-reading %s: %s", urls[index], reason)
     return todo
 
 
@@ -283,7 +283,13 @@ def _stale_shards(existing: dict, urls: list[str]) -> list[int]:
     records = existing.get("shard_parts") or []
     if existing.get("source_shards") != urls or len(records) != len(urls):
         return list(range(len(urls)))
-    return [i for i, (record, url) in enumerate(zip(records, urls)) if _why_redo(record, url) is not None]
+    stale = []
+    for index, (record, url) in enumerate(zip(records, urls)):
+        reason = _why_redo(record, url)
+        if reason is not None:
+            stale.append(index)
+            log.warning("re-reading %s: %s", url, reason)
+    return stale
 
 
 def _reopen(out: Path, existing: dict, stale: list[int], parts_dir: Path, info: dict) -> None:
@@ -330,7 +336,7 @@ def extract_split(
             log.info("split %s is up to date (%s)", split, final_manifest)
             return existing
         if dist_info.is_main:
-            log.warning("split %s: redoing %d of %d shard(s) (failed last time or changed since)", split, len(stale), len(urls))
+            log.warning("split %s: redoing %d of %d shard(s), keeping the others", split, len(stale), len(urls))
             if len(stale) < len(urls):
                 _reopen(out, existing, stale, parts_dir, info)
             else:

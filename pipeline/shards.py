@@ -45,7 +45,7 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
 
 
-def _write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+def _write_atomically(path: str | Path, write: Callable[[Path], None], errors: tuple = (OSError,)) -> Path:
     """`write(tmp)` beside `path`, then rename: a killed or failed write never leaves `path` half-written.
     A failure of the file system (full disk, read-only, size limit) is an OutputError naming `path`."""
     path = Path(path)
@@ -54,10 +54,8 @@ def _write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
-        if isinstance(exc, RuntimeError) and "write" not in str(exc).lower():
-            raise
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+    except errors as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"the write failed ({str(exc).splitlines()[0]})"
         raise OutputError(f"cannot write {path}: {reason}") from None
     finally:
         with contextlib.suppress(OSError):
@@ -90,7 +88,8 @@ def atomic_write_json(obj: Any, path: str | Path) -> Path:
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     import torch  # only the stages that save weights pay for the import here
 
-    return _write_atomically(path, lambda tmp: torch.save(obj, tmp))
+    # torch's zip writer reports a failed write (full disk, size limit) as a RuntimeError
+    return _write_atomically(path, lambda tmp: torch.save(obj, tmp), errors=(OSError, RuntimeError))
 
 
 def _process_alive(pid: int) -> bool:

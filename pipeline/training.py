@@ -387,6 +387,14 @@ def load_checkpoint(path: Path, ctx: StepContext, expect: dict) -> dict:
     return state
 
 
+def _append_log(log_file, record: dict, path: Path) -> None:
+    try:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+    except OSError as exc:  # a full disk mid-run: name the file, keep the checkpoint to resume from
+        raise shards.OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def _trim_log(path: Path, last_step: int, out: Path) -> None:
     """Write to `out` the lines of `path` (if any) of steps <= last_step: a resumed run continues the
     log without duplicates."""
@@ -419,7 +427,7 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ConfigError("optim.accum_steps must be at least 1")
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    if cfg.optim.max_steps < 0 or (cfg.optim.max_steps == 0 and not cfg.optim.epochs > 0):
+    if cfg.optim.max_steps < 0 or cfg.optim.epochs < 0 or (cfg.optim.max_steps == 0 and not cfg.optim.epochs > 0):
         raise ConfigError(f"optim.epochs must be > 0 (or optim.max_steps > 0), got epochs {cfg.optim.epochs}, "
                           f"max_steps {cfg.optim.max_steps}")
     if cfg.projection_init not in ("orthogonal", "default"):
@@ -565,8 +573,7 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
             bar.update(1)
             if info.is_main and (done % max(1, optim.log_every) == 0 or done == steps):
                 record = {"step": done, "epoch": done * optim.batch_size / samples_per_epoch, "lr": lr, "samples_per_s": samples_per_s, **last}
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
+                _append_log(log_file, record, running_log)
                 window_started, window_steps = time.perf_counter(), 0
             if optim.checkpoint_every > 0 and done % optim.checkpoint_every == 0 and done < steps:
                 checkpoint(done)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import typer
 from pipeline.errors import PipelineError
 
 PARAMS_HELP = "params file (YAML); the stage reads its own section. A missing default params.yaml means built-in defaults."
+_FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
 SET_HELP = "override any param of this stage's section, e.g. --set optim.lr=0.001 (repeatable)"
 
 
@@ -35,4 +37,10 @@ def user_errors():
         yield
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:  # the file system refused (full disk, read-only, too large) where no helper named it
+        if exc.errno not in _FILE_SYSTEM_ERRORS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
         raise typer.Exit(2) from None

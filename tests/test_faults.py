@@ -1,0 +1,353 @@
+"""Faults a hostile user causes, through the real `dsmd` CLI in a subprocess where a process must die:
+kill -9 anywhere in extract and train (resume equals a clean run; no temporary file and no worker
+outlives the run), a file size limit standing in for a full disk, bad options and files (one
+`error:` line, exit 2), a damaged input shard restored, and the checks a stage makes before work."""
+from __future__ import annotations
+
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from pipeline import evaluation, extract as extract_mod, models, shards, training
+from pipeline.config import EvaluateConfig, ExtractConfig, TeacherConfig
+from pipeline.errors import PipelineError
+from tests.fakes import write_fake_features
+from tests.test_data import write_negatives
+from tests.tiny_corpus import write_tiny_corpus
+
+REPO = Path(__file__).resolve().parent.parent
+TEACHER = "dsmd-test-teacher"
+STUDENT = "dsmd-test-student"
+
+
+# ---- running the CLI ---------------------------------------------------------------------------
+
+def dsmd(args: list[str], cwd: Path, file_size_limit: int | None = None) -> subprocess.Popen:
+    """`dsmd <args>` in its own session (so its process group can be searched for survivors)."""
+
+    def limit() -> None:
+        if file_size_limit is not None:  # a write past the limit fails with EFBIG instead of killing
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", "from stages.cli import app; app()", *args], cwd=cwd, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=limit,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def survivors(group: int, grace: float = 10.0) -> list[psutil.Process]:
+    """Live (not zombie) processes of the process group `group`, after up to `grace` seconds."""
+    deadline = time.monotonic() + grace
+    while True:
+        alive = []
+        for proc in psutil.process_iter(["status"]):
+            try:
+                if os.getpgid(proc.pid) == group and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except (ProcessLookupError, psutil.Error):
+                continue
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """kill -9 `proc` (the stage's main process only, as a user would) once `ready()` holds."""
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    leftover = survivors(proc.pid)
+    for p in leftover:
+        p.kill()
+    assert not leftover, f"processes outlived the killed stage: {[p.cmdline() for p in leftover]}"
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".tmp-" in p.name]
+
+
+_BLOCKED_WORKER = """
+import sys, time
+from torch.utils.data import DataLoader, IterableDataset
+from pipeline import runtime
+
+class Blocked(IterableDataset):
+    def __iter__(self):  # a worker busy for long (a big shard, a slow pipe)
+        print("worker busy", flush=True)
+        time.sleep(600)
+        yield 0
+
+init = runtime.die_with_parent() if sys.argv[1] == "die-with-parent" else None
+next(iter(DataLoader(Blocked(), num_workers=1, worker_init_fn=init)))
+"""
+
+
+@pytest.mark.parametrize("init", ["die-with-parent", "torch-default"])
+def test_a_busy_loader_worker_dies_with_its_killed_parent(tmp_path, init):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKED_WORKER, init], env=env, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdout.readline().strip() == "worker busy"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = survivors(proc.pid, grace=3.0)
+    for p in left:
+        p.kill()
+    # torch's own watchdog only looks between batches: the control shows the orphan this prevents
+    assert (len(left) == 0) == (init == "die-with-parent")
+
+
+# ---- extract -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def extract_setup(tmp_path_factory):
+    """A corpus, a teacher checkpoint, a params file, and the tables of a clean run (with its time)."""
+    root = tmp_path_factory.mktemp("extract")
+    manifest = write_tiny_corpus(root / "corpus", shards_per_split=3, per_shard=20, image_size=64)
+    torch.manual_seed(0)
+    checkpoint = root / "teacher.pt"
+    torch.save(models.load_model(TEACHER, "").model.state_dict(), checkpoint)
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "teacher": {"model": TEACHER, "pretrained": str(checkpoint)},
+        "extract": {"manifest": str(manifest), "splits": ["train", "test"], "batch_size": 8, "num_workers": 2, "threads": 1},
+    }))
+    started = time.monotonic()
+    code, out = finish(dsmd(["extract", "--params", str(params), "--out-dir", str(root / "clean")], root))
+    assert code == 0, out
+    return {"root": root, "params": params, "manifest": manifest, "checkpoint": checkpoint,
+            "clean": root / "clean", "seconds": time.monotonic() - started}
+
+
+def assert_same_tables(a: Path, b: Path) -> None:
+    """Equal features, wherever the corpus was read from (the source_shard column names its path)."""
+    for split in ("train", "test"):
+        images_a, images_b = (shards.read_images(d, split) for d in (a, b))
+        assert images_a.drop(["source_shard"]).equals(images_b.drop(["source_shard"])), split
+        assert shards.read_texts(a, split).equals(shards.read_texts(b, split)), split
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_extract_killed_anywhere_resumes_to_the_clean_tables_and_leaves_nothing_behind(extract_setup, tmp_path, seed):
+    out = tmp_path / "features"
+    args = ["extract", "--params", str(extract_setup["params"]), "--out-dir", str(out)]
+    proc = dsmd(args, tmp_path)
+    if seed == 0:  # mid-split for sure: after the first part, with the decoding workers running
+        kill_when(proc, lambda: any(out.glob("*/_parts/skips-*.json")))
+    else:
+        at = time.monotonic() + random.Random(seed).uniform(0.3, 1.0) * extract_setup["seconds"]
+        kill_when(proc, lambda: time.monotonic() >= at)
+    code, output = finish(dsmd(args, tmp_path))
+    assert code == 0, output
+    assert_same_tables(out, extract_setup["clean"])
+    assert not temporaries(out)
+
+
+def test_a_full_disk_is_one_error_line_naming_the_file_and_a_later_run_finishes(extract_setup, tmp_path):
+    out = tmp_path / "features"
+    args = ["extract", "--params", str(extract_setup["params"]), "--out-dir", str(out)]
+    # the limit applies to the shared memory DataLoader workers hand batches through, which a full
+    # disk does not touch: decode in the main process here
+    code, output = finish(dsmd(args + ["--num-workers", "0"], tmp_path, file_size_limit=8 << 10), timeout=120)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in output, output
+    assert len(errors) == 1 and str(out) in errors[0] and "File too large" in errors[0], output
+    code, output = finish(dsmd(args, tmp_path))
+    assert code == 0, output
+    assert_same_tables(out, extract_setup["clean"])
+    assert not temporaries(out)
+
+
+def _extract_cfg(setup: dict, out: Path, splits=("train", "test")) -> tuple[ExtractConfig, TeacherConfig]:
+    cfg = ExtractConfig(manifest=str(setup["manifest"]), out_dir=str(out), splits=list(splits), batch_size=8,
+                        num_workers=0, threads=1)
+    return cfg, TeacherConfig(model=TEACHER, pretrained=str(setup["checkpoint"]))
+
+
+def test_a_restored_shard_is_read_again_and_only_it(extract_setup, tmp_path, caplog):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(extract_setup["manifest"].parent, corpus)
+    shard = corpus / "train-000001.tar"
+    original = shard.read_bytes()
+    shard.write_bytes(original[: len(original) // 2])  # truncated: the second half of its samples is lost
+    setup = {**extract_setup, "manifest": corpus / "manifest.yaml"}
+    cfg, teacher = _extract_cfg(setup, tmp_path / "features")
+    damaged = extract_mod.extract(cfg, teacher)["train"]
+    assert damaged["skipped"]["counts"]["unreadable_shard"] == 1
+    assert damaged["num_images"] < 60
+
+    shard.write_bytes(original)
+    caplog.clear()
+    restored = extract_mod.extract(cfg, teacher)["train"]
+    assert restored["num_images"] == 60 and not restored["skipped"]["counts"]
+    assert_same_tables(tmp_path / "features", extract_setup["clean"])
+    redone = [r.getMessage() for r in caplog.records if "re-reading" in r.getMessage()]
+    assert len(redone) == 1 and "train-000001.tar" in redone[0]
+
+    os.utime(corpus / "train-000002.tar", ns=(0, 0))  # a shard that changed since (its mtime): redone too
+    caplog.clear()
+    extract_mod.extract(cfg, teacher)
+    assert [r.getMessage() for r in caplog.records if "re-reading" in r.getMessage()][0].count("train-000002") == 1
+    assert_same_tables(tmp_path / "features", extract_setup["clean"])
+    caplog.clear()
+    extract_mod.extract(cfg, teacher)  # and now nothing to do
+    assert not [r for r in caplog.records if "re-reading" in r.getMessage()]
+
+
+def test_the_same_checkpoint_by_a_relative_path_is_the_same_teacher(extract_setup, tmp_path, monkeypatch):
+    cfg, teacher = _extract_cfg(extract_setup, tmp_path / "features", splits=["test"])
+    extract_mod.extract(cfg, teacher)
+    monkeypatch.chdir(extract_setup["checkpoint"].parent)
+    relative = TeacherConfig(model=TEACHER, pretrained=extract_setup["checkpoint"].name)
+    assert extract_mod.extract(cfg, relative)["test"]["num_images"] == 60
+
+
+def test_a_split_missing_from_the_manifest_fails_before_any_split_is_extracted(extract_setup, tmp_path):
+    cfg, teacher = _extract_cfg(extract_setup, tmp_path / "features", splits=["train", "validation"])
+    with pytest.raises(PipelineError, match="validation"):
+        extract_mod.extract(cfg, teacher)
+    assert not (tmp_path / "features" / "train").exists()
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [tmp_path / f".checkpoint.pt.tmp-{dead.pid}", tmp_path / "a" / f".images-000000.parquet.tmp-{shards._HOST}-{dead.pid}"]
+    live = [tmp_path / f".texts-000000.parquet.tmp-{shards._HOST}-{os.getpid()}",
+            tmp_path / f".texts-000001.parquet.tmp-otherhost-{dead.pid}"]  # another host's: not ours to judge
+    for path in stale + live:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"partial")
+    shards.prepare_output_dir(tmp_path)
+    assert [p.exists() for p in stale] == [False, False]
+    assert [p.exists() for p in live] == [True, True]
+
+
+def test_an_unwritable_output_folder_fails_before_evaluation_does_any_work(tmp_path):
+    blocker = tmp_path / "outputs"
+    blocker.write_text("a file where the metrics folder should be")
+    cfg = EvaluateConfig(features_dir=str(tmp_path / "no-features"), metrics_file=str(blocker / "metrics.json"),
+                         plots_dir=str(tmp_path / "plots"), students={})
+    with pytest.raises(shards.OutputError, match="outputs is not writable"):
+        evaluation.evaluate(cfg)
+
+
+# ---- train -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_fake_features(root / "features", "train", n_images=64, captions_per_image=2, dim=32, seed=0)
+    write_negatives(root / "features", root / "negatives", k=4)
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {
+        "model": STUDENT, "features_dir": str(root / "features"), "negatives_dir": str(root / "negatives"),
+        "distill": {"queue_size": 48},
+        "optim": {"max_steps": 24, "batch_size": 16, "lr": 0.003, "warmup_steps": 3, "threads": 1, "num_workers": 1,
+                  "checkpoint_every": 3, "log_every": 1},
+    }}))
+    started = time.monotonic()
+    code, out = finish(dsmd(["train", "--params", str(params), "--out-dir", str(root / "clean")], root))
+    assert code == 0, out
+    return {"root": root, "params": params, "clean": root / "clean", "seconds": time.monotonic() - started}
+
+
+def assert_same_student(a: Path, b: Path) -> None:
+    x = torch.load(a / training.CHECKPOINT_FILE, weights_only=True)
+    y = torch.load(b / training.CHECKPOINT_FILE, weights_only=True)
+    for key in x["model"]:
+        torch.testing.assert_close(x["model"][key], y["model"][key], rtol=0, atol=1e-6)
+    steps = [[line for line in (d / training.LOG_FILE).read_text().splitlines()] for d in (a, b)]
+    assert len(steps[0]) == len(steps[1]) == 24
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_train_killed_anywhere_resumes_to_the_clean_student_and_leaves_nothing_behind(train_setup, tmp_path, seed):
+    out = tmp_path / "student"
+    args = ["train", "--params", str(train_setup["params"]), "--out-dir", str(out), "--resume"]
+    proc = dsmd(args, tmp_path)
+    if seed == 0:  # after the first checkpoint, with the loader worker running
+        kill_when(proc, lambda: (out / training.CHECKPOINT_FILE).exists())
+    else:
+        at = time.monotonic() + random.Random(seed).uniform(0.3, 1.0) * train_setup["seconds"]
+        kill_when(proc, lambda: time.monotonic() >= at)
+    code, output = finish(dsmd(args, tmp_path))
+    assert code == 0, output
+    assert_same_student(out, train_setup["clean"])
+    assert not temporaries(out)
+
+
+def test_train_on_a_full_disk_is_one_error_line_and_resume_finishes(train_setup, tmp_path):
+    out = tmp_path / "student"
+    args = ["train", "--params", str(train_setup["params"]), "--out-dir", str(out), "--resume"]
+    limited = args + ["--set", "optim.num_workers=0"]  # (shared memory, as in the extract case)
+    code, output = finish(dsmd(limited, tmp_path, file_size_limit=64 << 10), timeout=120)  # < a checkpoint
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in output, output
+    assert len(errors) == 1 and f"cannot write {out}" in errors[0], output
+    code, output = finish(dsmd(args, tmp_path))
+    assert code == 0, output
+    assert_same_student(out, train_setup["clean"])
+    assert not temporaries(out)
+
+
+# ---- bad options and files: one `error:` line, exit 2, before any work --------------------------
+
+def _pickle_payload(path: Path) -> Path:
+    """What a malicious checkpoint looks like: a pickle that would run code when unpickled."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {path.parent / 'PWNED'}",))
+
+    path.write_bytes(pickle.dumps(Payload()))
+    return path
+
+
+@pytest.mark.parametrize("stage, options, message", [
+    ("train", ["--lr", "-1"], "optim.lr must be > 0"),
+    ("train", ["--epochs", "-1"], "optim.epochs must be > 0"),
+    ("extract", ["--batch-size", "-1"], "extract.batch_size must be >= 1"),
+    ("extract", ["--teacher-pretrained", "{payload}"], "not a weights file"),
+    ("evaluate", ["--student", "bad={student}"], "not a weights file"),
+])
+def test_bad_options_and_files_are_one_error_line(train_setup, extract_setup, tmp_path, stage, options, message):
+    payload = _pickle_payload(tmp_path / "teacher.bin")
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / models.OPEN_CLIP_CONFIG).write_text('{"model_name": "%s"}' % STUDENT)
+    _pickle_payload(student / models.DEMO_CHECKPOINT)
+    params = {"train": train_setup["params"], "extract": extract_setup["params"]}.get(stage, extract_setup["params"])
+    args = [o.format(payload=payload, student=student) for o in options]
+    extra = ["--features-dir", str(extract_setup["clean"])] if stage == "evaluate" else []
+    code, output = finish(dsmd([stage, "--params", str(params), "--out-dir" if stage != "evaluate" else "--plots-dir",
+                                str(tmp_path / "out"), *extra, *args], tmp_path))
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in output, output
+    assert len(errors) == 1 and message in errors[0], output
+    if "weights" in message:
+        assert str(tmp_path) in errors[0]  # the file is named
+    assert not (tmp_path / "PWNED").exists()  # nothing was unpickled
+    assert not temporaries(tmp_path)
