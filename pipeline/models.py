@@ -143,7 +143,7 @@ def load_model(model_name: str, pretrained: str = "", device: str | torch.device
         )
     except (RuntimeError, ValueError, OSError, KeyError, EOFError, pickle.UnpicklingError) as exc:
         # a foreign or damaged weights file fails deep in torch/pickle: name it
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         if pretrained and os.path.isfile(pretrained):
             raise ModelError(f"{pretrained}: not a weights file for {model_name!r} ({type(exc).__name__}: {reason})") from None
         raise ModelError(f"could not create {model_name!r} with pretrained={pretrained!r}: {reason}") from None

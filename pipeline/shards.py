@@ -122,6 +122,8 @@ def prepare_output_dir(folder: str | Path, need_bytes: int = 0) -> Path:
     """Before any work: `folder` exists and is writable, has about `need_bytes` free, and holds no
     temporaries of dead runs (a killed run's partial checkpoint could keep a full disk full)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"output folder {folder} is a file")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):

@@ -427,7 +427,9 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ConfigError("optim.accum_steps must be at least 1")
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    if cfg.optim.max_steps < 0 or cfg.optim.epochs < 0 or (cfg.optim.max_steps == 0 and not cfg.optim.epochs > 0):
+    if cfg.optim.epochs < 0 or cfg.optim.max_steps < 0:
+        raise ConfigError(f"optim.epochs and optim.max_steps must be >= 0, got {cfg.optim.epochs} and {cfg.optim.max_steps}")
+    if cfg.optim.max_steps == 0 and not cfg.optim.epochs > 0:
         raise ConfigError(f"optim.epochs must be > 0 (or optim.max_steps > 0), got epochs {cfg.optim.epochs}, "
                           f"max_steps {cfg.optim.max_steps}")
     if cfg.projection_init not in ("orthogonal", "default"):

@@ -249,7 +249,7 @@ def test_an_unwritable_output_folder_fails_before_evaluation_does_any_work(tmp_p
     blocker.write_text("a file where the metrics folder should be")
     cfg = EvaluateConfig(features_dir=str(tmp_path / "no-features"), metrics_file=str(blocker / "metrics.json"),
                          plots_dir=str(tmp_path / "plots"), students={})
-    with pytest.raises(shards.OutputError, match="outputs is not writable"):
+    with pytest.raises(shards.OutputError, match="outputs is a file"):
         evaluation.evaluate(cfg)
 
 
@@ -328,7 +328,7 @@ def _pickle_payload(path: Path) -> Path:
 
 @pytest.mark.parametrize("stage, options, message", [
     ("train", ["--lr", "-1"], "optim.lr must be > 0"),
-    ("train", ["--epochs", "-1"], "optim.epochs must be > 0"),
+    ("train", ["--epochs", "-1"], "optim.epochs and optim.max_steps must be >= 0"),
     ("extract", ["--batch-size", "-1"], "extract.batch_size must be >= 1"),
     ("extract", ["--teacher-pretrained", "{payload}"], "not a weights file"),
     ("evaluate", ["--student", "bad={student}"], "not a weights file"),

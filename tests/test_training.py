@@ -278,7 +278,8 @@ def test_the_train_stage_reports_bad_input_without_a_traceback(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ({"optim.lr": -1.0}, "optim.lr must be > 0"),
-    ({"optim.epochs": -1.0}, "optim.epochs must be > 0"),
+    ({"optim.epochs": -1.0}, "optim.epochs and optim.max_steps must be >= 0"),
+    ({"optim.epochs": 0.0}, "optim.epochs must be > 0"),
     ({"max_images": -5}, "max_images"),
     ({"distill.margin_mode": "loose"}, "margin_mode"),
 ])
