@@ -96,6 +96,7 @@ class ExtractConfig:
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     threads: int = 0
     seed: int = 0  # seeds the augmentation views
+    zeroshot: bool = True  # also embed the images and prompts of the manifest's `classification:` tasks
 
 
 @dataclass
@@ -226,6 +227,7 @@ class EvaluateConfig:
     threads: int = 0
     metrics_file: str = "outputs/metrics.json"
     plots_dir: str = "outputs/plots"
+    zeroshot: bool = True  # zero-shot classification on every task extracted into features_dir/zeroshot/
 
 
 @dataclass

@@ -27,6 +27,8 @@ EMPTY_CAPTION = "empty_caption"  # the caption member holds no non-blank caption
 BAD_CAPTION_JSON = "bad_caption_json"  # .json that does not parse, or a caption value of the wrong type
 BAD_CAPTION_TEXT = "bad_caption_text"  # .txt that is not UTF-8
 DUPLICATE_KEY = "duplicate_key"  # a key seen earlier in the same shard (members not grouped by key)
+MISSING_LABEL = "missing_label"  # classification: no .cls member
+BAD_LABEL = "bad_label"  # classification: a .cls that is not a class index of the task
 UNREADABLE_SHARD = "unreadable_shard"  # missing, truncated or corrupt tar, failed pipe/URL: rest of shard lost
 
 MAX_EXAMPLES = 5
@@ -195,13 +197,54 @@ def iter_shard(url: str, fields: FieldMapping, report: SkipReport) -> Iterator[S
     counted. A shard that cannot be opened or read to the end is counted once as
     `unreadable_shard`; the samples completed before the failure are kept.
     """
+    for key, members in iter_members(url, report):
+        sample = _make_sample(key, members, fields, report, url)
+        if sample is not None:
+            yield sample
+
+
+@dataclass
+class LabelledSample:
+    """An image of a zero-shot classification task (CLIP_benchmark layout: `{key}.cls`)."""
+
+    key: str
+    shard: str
+    image_bytes: bytes
+    image_format: str
+    label: int
+
+
+def iter_labelled(url: str, image_extensions: list[str], num_classes: int, report: SkipReport) -> Iterator[LabelledSample]:
+    """The labelled images of ONE classification shard; a missing image or label, or a label that is
+    not a class index below `num_classes`, is a counted skip."""
+    for key, members in iter_members(url, report):
+        image_format = next((ext for ext in image_extensions if ext in members), None)
+        if image_format is None:
+            report.add(MISSING_IMAGE, url, key)
+            continue
+        if "cls" not in members:
+            report.add(MISSING_LABEL, url, key)
+            continue
+        try:
+            label = int(members["cls"].decode("utf-8").strip())
+        except (UnicodeDecodeError, ValueError):
+            label = -1
+        if not 0 <= label < num_classes:
+            report.add(BAD_LABEL, url, key)
+            continue
+        yield LabelledSample(key, url, members[image_format], image_format, label)
+
+
+def iter_members(url: str, report: SkipReport) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of each sample of ONE shard, grouped by key as webdataset does; a
+    repeated key is a counted skip, a shard that breaks is counted once as `unreadable_shard`."""
     log = logging.getLogger(__name__)
     seen: set[str] = set()
     current_key: str | None = None
     current: dict[str, bytes] = {}
     last_key = ""
 
-    def finish() -> Sample | None:
+    def finish() -> tuple[str, dict[str, bytes]] | None:
         nonlocal last_key
         if current_key is None:
             return None
@@ -210,7 +253,7 @@ def iter_shard(url: str, fields: FieldMapping, report: SkipReport) -> Iterator[S
             report.add(DUPLICATE_KEY, url, current_key)
             return None
         seen.add(current_key)
-        return _make_sample(current_key, current, fields, report, url)
+        return current_key, current
 
     stream = None
     try:
@@ -224,17 +267,17 @@ def iter_shard(url: str, fields: FieldMapping, report: SkipReport) -> Iterator[S
                 continue  # webdataset metadata members (__key__ style)
             suffix = suffix.lower()
             if prefix != current_key:
-                sample = finish()
-                if sample is not None:
-                    yield sample
+                group = finish()
+                if group is not None:
+                    yield group
                 current_key, current = prefix, {}
             data = read()
             if suffix not in current:  # a repeated member name: keep the first copy
                 current[suffix] = data
-        sample = finish()
+        group = finish()
         current_key = None
-        if sample is not None:
-            yield sample
+        if group is not None:
+            yield group
         if stream is not None:
             _close(stream)  # a pipe's exit status is checked here
             stream = None

@@ -25,13 +25,12 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from pipeline import runtime, schema, shards
-from pipeline.augment import CorruptImageError, decode_image
+from pipeline import runtime, shards, zeroshot
 from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.errors import PipelineError
+from pipeline.encoding import encode_split  # noqa: F401  (re-exported: evaluation.encode_split)
+from pipeline.progress import progress
 from pipeline.models import DEMO_CHECKPOINT, OPEN_CLIP_CONFIG, LoadedModel, ModelError, load_model
 
 log = logging.getLogger(__name__)
@@ -142,6 +141,9 @@ def metrics_from_ranks(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, ks: Sequenc
     for direction, ranks in (("i2t", i2t), ("t2i", t2i)):
         out[f"{direction}_mean_rank"] = float(np.mean(ranks))
         out[f"{direction}_median_rank"] = float(np.median(ranks))
+    for k in ks:  # CLIP_benchmark's names (fractions): image retrieval = text query -> images
+        out[f"image_retrieval_recall@{k}"] = out[f"t2i_r{k}"] / 100.0
+        out[f"text_retrieval_recall@{k}"] = out[f"i2t_r{k}"] / 100.0
     if missing:
         log.warning("%d image(s) have no caption and are left out of image-to-text retrieval", missing)
         out["images_without_captions"] = missing
@@ -168,63 +170,6 @@ def _check_ks(ks: Iterable[int]) -> list[int]:
     if not ks or any(k < 1 for k in ks):
         raise ConfigError(f"evaluate.ks must be a non-empty list of positive integers, got {ks}")
     return ks
-
-
-# ---- student embeddings of a split -----------------------------------------------------------
-
-def _ordered_ids(column, what: str, features_dir, split: str) -> None:
-    ids = column.to_numpy()
-    if not np.array_equal(ids, np.arange(len(ids))):
-        raise shards.ShardError(
-            f"{shards.split_dir(features_dir, split)}: {what} ids are not dense and ordered; re-run `dsmd extract`"
-        )
-
-
-def encode_split(
-    loaded: LoadedModel,
-    features_dir: str | Path,
-    split: str,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image_emb (N, D), text_emb (M, D), text_to_image (M,)) of a features split, encoded by
-    `loaded` from the stored image bytes (its own eval `preprocess`) and captions (its own
-    tokenizer); embeddings L2-normalised float32, in image_id / text_id order."""
-    if batch_size < 1:
-        raise ConfigError(f"evaluate.batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device)
-    model = loaded.model.to(device).eval()
-    images = shards.read_images(features_dir, split, columns=[schema.IMAGE_ID, schema.IMAGE_BYTES])
-    texts = shards.read_texts(features_dir, split, columns=[schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION])
-    _ordered_ids(images[schema.IMAGE_ID], "image", features_dir, split)
-    _ordered_ids(texts[schema.TEXT_ID], "text", features_dir, split)
-
-    image_chunks, text_chunks = [], []
-    with torch.inference_mode(), runtime.autocast(device):
-        with tqdm(total=images.num_rows, desc=f"encode {split} images", unit="img", disable=None) as bar:
-            for start in range(0, images.num_rows, batch_size):
-                batch = images.slice(start, batch_size)
-                pixels = []
-                for image_id, data in zip(batch[schema.IMAGE_ID].to_pylist(), batch[schema.IMAGE_BYTES].to_pylist()):
-                    try:
-                        pixels.append(loaded.preprocess(decode_image(data)))
-                    except CorruptImageError as exc:
-                        raise shards.ShardError(
-                            f"{shards.split_dir(features_dir, split)}: image_id {image_id}: {exc}"
-                        ) from None
-                emb = model.encode_image(torch.stack(pixels).to(device))
-                image_chunks.append(F.normalize(emb.float(), dim=-1).cpu())
-                bar.update(len(pixels))
-        with tqdm(total=texts.num_rows, desc=f"encode {split} texts", unit="txt", disable=None) as bar:
-            for start in range(0, texts.num_rows, batch_size):
-                captions = texts.slice(start, batch_size)[schema.CAPTION].to_pylist()
-                emb = model.encode_text(loaded.tokenizer(captions).to(device))
-                text_chunks.append(F.normalize(emb.float(), dim=-1).cpu())
-                bar.update(len(captions))
-    image_emb = torch.cat(image_chunks).numpy().astype(np.float32, copy=False)
-    text_emb = torch.cat(text_chunks).numpy().astype(np.float32, copy=False)
-    text_to_image = texts[schema.IMAGE_ID].to_numpy().astype(np.int64)
-    return image_emb, text_emb, text_to_image
 
 
 # ---- encoder cost ----------------------------------------------------------------------------
@@ -293,14 +238,16 @@ def compare_encoder_costs(
             for fn in ops[name].values():
                 for _ in range(warmup):
                     fn()
-        for r in tqdm(range(rounds), desc="timing encoders", unit="round", disable=None):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                for op in ("image_1", "text_1"):
-                    if r < latency_repeats:
-                        times[name][op].append(_seconds(ops[name][op], device))
-                for op in ("image_b", "text_b"):
-                    if r < throughput_repeats:
-                        times[name][op].append(_seconds(ops[name][op], device))
+        with progress(rounds, "timing encoders", "round") as bar:
+            for r in range(rounds):
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    for op in ("image_1", "text_1"):
+                        if r < latency_repeats:
+                            times[name][op].append(_seconds(ops[name][op], device))
+                    for op in ("image_b", "text_b"):
+                        if r < throughput_repeats:
+                            times[name][op].append(_seconds(ops[name][op], device))
+                bar.update(1)
     costs = {}
     for name in names:
         t = {op: statistics.median(values) for op, values in times[name].items()}
@@ -549,6 +496,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         if not np.array_equal(student_text_to_image, text_to_image):
             raise shards.ShardError(f"{shards.split_dir(cfg.features_dir, cfg.split)}: texts changed while reading")
         student_metrics[name] = retrieval_metrics(image_emb, text_emb, text_to_image, ks, cfg.chunk_size, device)
+    tasks = zeroshot.list_tasks(cfg.features_dir) if cfg.zeroshot else []
+    if tasks:
+        teacher["zeroshot"] = {task: zeroshot.teacher_task_metrics(cfg.features_dir, task) for task in tasks}
+        for name, (_, loaded) in students.items():
+            student_metrics[name]["zeroshot"] = {
+                task: zeroshot.student_task_metrics(loaded, cfg.features_dir, task, cfg.batch_size, device) for task in tasks
+            }
 
     timed = {TEACHER: load_teacher_architecture(split_manifest, cfg.teacher_dir, device)}
     timed.update({f"student:{name}": loaded for name, (_, loaded) in students.items()})
@@ -650,8 +604,22 @@ def format_table(metrics: dict) -> str:
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in [header] + rows]
     lines.insert(1, "-" * len(lines[0]))
+    lines += _zeroshot_lines(metrics)
     lines.append(
         f"split {metrics['split']}: {metrics['num_images']} images, {metrics['num_texts']} texts; "
         f"timed on {metrics['device']} ({metrics['device_name']}), {metrics['threads']} threads"
     )
     return "\n".join(lines)
+
+
+def _zeroshot_lines(metrics: dict) -> list[str]:
+    """Zero-shot top-1 accuracy (%) per task and model, when there are tasks."""
+    tasks = list(metrics["teacher"].get("zeroshot", {}))
+    if not tasks:
+        return []
+    models = {TEACHER: metrics["teacher"], **metrics["students"]}
+    width = max(len(n) for n in models)
+    lines = ["", "zero-shot acc1 (%)".ljust(width) + "  " + "  ".join(t.rjust(8) for t in tasks)]
+    for name, m in models.items():
+        lines.append(name.ljust(width) + "  " + "  ".join(f"{100 * m['zeroshot'][t]['acc1']:8.1f}" for t in tasks))
+    return lines

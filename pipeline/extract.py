@@ -18,17 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.progress import progress as progress_bar
 
-from pipeline import augment, corpus, models, runtime, schema, shards
+from pipeline import augment, corpus, models, runtime, schema, shards, zeroshot
 from pipeline.config import ExtractConfig, TeacherConfig
 from pipeline.errors import PipelineError
-from pipeline.manifest import load_manifest
+from pipeline.manifest import TaskSpec, load_manifest
 from pipeline.models import LoadedModel, load_teacher
 
 log = logging.getLogger(__name__)
@@ -394,6 +393,68 @@ def extract_split(
     return manifest
 
 
+def extract_task(task: TaskSpec, image_extensions: list[str], teacher: LoadedModel, info: dict, cfg: ExtractConfig,
+                 device: torch.device) -> dict:
+    """The teacher's embeddings of a zero-shot task's images and prompts, in `features/zeroshot/<task>/`.
+    Tasks are evaluation sets (small next to the corpus): one process, redone whole when anything changed."""
+    out = zeroshot.task_dir(cfg.out_dir, task.name)
+    marker = out / schema.SPLIT_MANIFEST
+    task_info = {**info, "task": task.name, "classnames": task.classnames, "templates": task.templates,
+                 "source_shards": task.shards, "sources": [source_signature(u) for u in task.shards]}
+    if marker.exists():
+        existing = json.loads(marker.read_text())
+        _check_compatible(marker, existing, info)  # another teacher: refuse, as for the splits
+        if _comparable({k: existing.get(k) for k in task_info}) == _comparable(task_info):
+            log.info("zero-shot task %s is up to date (%s)", task.name, marker)
+            return existing
+    report = corpus.SkipReport()
+    samples, embs = [], []
+    pending: list[tuple[corpus.LabelledSample, torch.Tensor]] = []
+
+    def embed_pending() -> None:
+        if pending:
+            pixels = torch.stack([pixels for _, pixels in pending])
+            embs.append(_embed(teacher.model.encode_image, pixels, device, cfg.precision, cfg.batch_size, teacher.embed_dim))
+            samples.extend(sample for sample, _ in pending)
+            pending.clear()
+
+    with progress_bar(task.num_samples, f"extract zero-shot {task.name}", "img") as bar:
+        for url in task.shards:
+            for sample in corpus.iter_labelled(url, image_extensions, len(task.classnames), report):
+                try:
+                    pending.append((sample, teacher.preprocess(augment.decode_image(sample.image_bytes))))
+                except augment.CorruptImageError:
+                    report.add(corpus.CORRUPT_IMAGE, url, sample.key)
+                if len(pending) == cfg.batch_size:
+                    embed_pending()
+                bar.update(1)
+        embed_pending()
+    if not samples:
+        raise PipelineError(f"zero-shot task {task.name!r}: no readable labelled image in {len(task.shards)} shard(s); "
+                            f"skips: {report.to_dict()}")
+    meta = {schema.META_TEACHER: info["teacher"], schema.META_MANIFEST_SHA256: info["manifest_sha256"],
+            schema.META_EMBEDDING_DIM: str(teacher.embed_dim), schema.META_EMBEDDING_DTYPE: cfg.embedding_dtype}
+    images = schema.images_table(
+        [s.key for s in samples], [s.shard for s in samples], [s.image_format for s in samples],
+        [s.image_bytes for s in samples], np.concatenate(embs), cfg.embedding_dtype, meta,
+    )
+    class_index, template_index, prompts = zeroshot.prompts_for(task.classnames, task.templates)
+    prompt_emb = _embed(teacher.model.encode_text, teacher.tokenizer(prompts), device, cfg.precision, cfg.batch_size, teacher.embed_dim)
+    if marker.exists():
+        marker.unlink()  # the task is being rewritten: incomplete until the new manifest lands
+    shards.atomic_write_table(schema.labelled_images_table(images, np.array([s.label for s in samples])),
+                              out / schema.ZEROSHOT_IMAGES_FILE)
+    shards.atomic_write_table(schema.prompts_table(class_index, template_index, prompts, prompt_emb, cfg.embedding_dtype, meta),
+                              out / schema.ZEROSHOT_PROMPTS_FILE)
+    manifest = {**task_info, "num_images": len(samples), "num_prompts": len(prompts), "skipped": report.to_dict()}
+    shards.atomic_write_json(manifest, marker)
+    if report.total:
+        log.warning("zero-shot task %s: skipped %d\n%s", task.name, report.total, report.summary())
+    log.info("zero-shot task %s: %d images, %d classes x %d templates -> %s", task.name, len(samples),
+             len(task.classnames), len(task.templates), out)
+    return manifest
+
+
 def _bytes_needed(urls: list[str]) -> int:
     """About what the features take: the images are copied, so the size of the local input shards
     (plus a margin for the parts, which exist beside the final files until a split is finished)."""
@@ -413,8 +474,9 @@ def extract(cfg: ExtractConfig, teacher_cfg: TeacherConfig, overwrite: bool = Fa
         raise PipelineError(f"extract.embedding_dtype must be one of {sorted(schema.EMBEDDING_DTYPES)}, got {cfg.embedding_dtype!r}")
     manifest = load_manifest(cfg.manifest)
     specs = {split: manifest.split(split) for split in cfg.splits}  # every split checked before any work
+    tasks = list(manifest.classification.values()) if cfg.zeroshot else []
     if dist_info.is_main:
-        shards.prepare_output_dir(cfg.out_dir, _bytes_needed([u for spec in specs.values() for u in spec.shards]))
+        shards.prepare_output_dir(cfg.out_dir, _bytes_needed([u for spec in [*specs.values(), *tasks] for u in spec.shards]))
     teacher = load_teacher(teacher_cfg, device=device)
     teacher.model.eval()
     info = _run_info(teacher, manifest.sha256, cfg)
@@ -427,4 +489,9 @@ def extract(cfg: ExtractConfig, teacher_cfg: TeacherConfig, overwrite: bool = Fa
         results[split] = extract_split(
             split, spec.shards, manifest.fields, teacher, info, cfg, device, dist_info, spec.num_samples
         )
+    for task in tasks:
+        if dist_info.is_main:
+            results[f"{schema.ZEROSHOT_DIR}/{task.name}"] = extract_task(
+                task, manifest.fields.image_extensions, teacher, info, cfg, device)
+        runtime.barrier(dist_info)
     return results

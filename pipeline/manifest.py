@@ -10,6 +10,10 @@ fields:
 splits:
   train: {shards: "train-{000000..000019}.tar", num_samples: 20000}   # num_samples optional
   test:  {shards: ["a.tar", "pipe:curl -s https://host/b.tar"]}        # brace pattern or list
+classification:                        # optional: zero-shot tasks in CLIP_benchmark's WebDataset layout
+  cifar10: {root: wds_cifar10}         # root/classnames.txt, root/zeroshot_classification_templates.txt,
+                                       # root/test/*.tar with {key}.<image ext> + {key}.cls (class index)
+  mine: {shards: "x-{0..3}.tar", classnames: names.txt, templates: templates.txt}   # or each named
 ```
 
 Shard patterns are brace-expanded (webdataset's notation, `{000..009}`, `{a,b}`). Relative local paths
@@ -36,7 +40,11 @@ class ManifestError(PipelineError):
     """A manifest that is missing, malformed or names shards that do not exist; the message names the file."""
 
 
-TOP_LEVEL_KEYS = ("name", "description", "fields", "splits")
+TOP_LEVEL_KEYS = ("name", "description", "fields", "splits", "classification")
+TASK_KEYS = ("root", "split", "shards", "classnames", "templates", "num_samples")
+# CLIP_benchmark's file names inside a task's root
+CLASSNAMES_FILE = "classnames.txt"
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 FIELDS_KEYS = ("image", "captions")
 CAPTION_KEYS = ("source", "field")
 SPLIT_KEYS = ("shards", "num_samples")
@@ -66,6 +74,17 @@ class SplitSpec:
 
 
 @dataclass
+class TaskSpec:
+    """A zero-shot classification task: labelled image shards, class names and prompt templates."""
+
+    name: str
+    shards: list[str]
+    classnames: list[str]
+    templates: list[str]  # each with "{c}" where the class name goes
+    num_samples: int | None = None
+
+
+@dataclass
 class Manifest:
     name: str
     description: str
@@ -73,6 +92,7 @@ class Manifest:
     fields: FieldMapping
     splits: dict[str, SplitSpec]
     sha256: str  # of the manifest file's bytes: recorded in every output derived from it
+    classification: dict[str, TaskSpec] = field(default_factory=dict)
 
     def split(self, name: str) -> SplitSpec:
         if name not in self.splits:
@@ -196,6 +216,39 @@ def _parse_split(path: Path, name: str, data: Any) -> SplitSpec:
     return SplitSpec(name=name, pattern=pattern, shards=shards, num_samples=num_samples)
 
 
+def _read_lines(path: Path, file: Path, where: str) -> list[str]:
+    if not file.is_file():
+        raise _fail(path, f"{where}: {file} not found")
+    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise _fail(path, f"{where}: {file} is empty")
+    return lines
+
+
+def _parse_task(path: Path, name: str, data: Any) -> TaskSpec:
+    where = f"'classification.{name}'"
+    if not isinstance(data, dict):
+        raise _fail(path, f"{where} must be a mapping like {{root: wds_cifar10}}, got {data!r}")
+    _check_keys(path, where, data, TASK_KEYS)
+    base_dir = Path(os.path.abspath(path)).parent
+    root = Path(resolve_shard(str(data["root"]), base_dir)) if "root" in data else None
+    if root is None and not all(k in data for k in ("shards", "classnames", "templates")):
+        raise _fail(path, f"{where} needs 'root' (CLIP_benchmark layout) or all of shards, classnames, templates")
+    shards = data.get("shards") or f"{root}/{data.get('split', 'test')}/*.tar"
+    if isinstance(shards, str) and "*" in shards:  # CLIP_benchmark names shards 0.tar, 1.tar, ...
+        found = sorted(Path(shards).parent.glob(Path(shards).name), key=lambda p: (len(p.name), p.name))
+        if not found:
+            raise _fail(path, f"{where}: no shards match {shards}")
+        shards = [str(p) for p in found]
+    spec = _parse_split(path, f"classification.{name}", {"shards": shards, "num_samples": data.get("num_samples")})
+    classnames = _read_lines(path, Path(resolve_shard(str(data.get("classnames", root / CLASSNAMES_FILE if root else "")), base_dir)), where)
+    templates = _read_lines(path, Path(resolve_shard(str(data.get("templates", root / TEMPLATES_FILE if root else "")), base_dir)), where)
+    bad = [t for t in templates if "{c}" not in t]
+    if bad:
+        raise _fail(path, f"{where}: templates without '{{c}}' (where the class name goes): {bad[:3]}")
+    return TaskSpec(name=name, shards=spec.shards, classnames=classnames, templates=templates, num_samples=spec.num_samples)
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Parse and validate a manifest; every problem is a ManifestError naming the file and the key."""
     path = Path(path)
@@ -228,7 +281,13 @@ def load_manifest(path: str | Path) -> Manifest:
         raise _fail(path, f"'splits' must be a mapping of split name to {{shards: ...}}, got {splits_data!r}")
     splits = {str(k): _parse_split(path, str(k), v) for k, v in splits_data.items()}
 
-    missing = [s for spec in splits.values() for s in spec.shards if not is_remote(s) and not Path(s).is_file()]
+    tasks_data = data.get("classification") or {}
+    if not isinstance(tasks_data, dict):
+        raise _fail(path, f"'classification' must be a mapping of task name to {{root: ...}}, got {tasks_data!r}")
+    tasks = {str(k): _parse_task(path, str(k), v) for k, v in tasks_data.items()}
+
+    all_shards = [s for spec in [*splits.values(), *tasks.values()] for s in spec.shards]
+    missing = [s for s in all_shards if not is_remote(s) and not Path(s).is_file()]
     if missing:
         listed = ", ".join(missing[:MAX_MISSING_LISTED])
         more = f" (and {len(missing) - MAX_MISSING_LISTED} more)" if len(missing) > MAX_MISSING_LISTED else ""
@@ -241,6 +300,7 @@ def load_manifest(path: str | Path) -> Manifest:
         fields=fields,
         splits=splits,
         sha256=hashlib.sha256(raw).hexdigest(),
+        classification=tasks,
     )
 
 

@@ -65,7 +65,7 @@ from typing import Callable, Optional
 import faiss
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
+from pipeline.progress import progress as progress_bar
 
 from pipeline import schema, shards
 from pipeline.config import MineConfig
@@ -237,7 +237,7 @@ def search_chunked(index, queries: np.ndarray, k: int, chunk: int, progress: boo
     n = len(queries)
     scores = np.empty((n, k), dtype=np.float32)
     ids = np.empty((n, k), dtype=np.int64)
-    with tqdm(total=n, unit="q", desc="search", disable=None if progress else True) as bar:
+    with progress_bar(n, "search", "q", enabled=progress) as bar:
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             scores[start:stop], ids[start:stop] = _search_block(index, queries[start:stop], k)
@@ -466,7 +466,7 @@ def mine_direction(direction: Direction, searcher, exact_searcher, cfg: MineConf
     counts = np.zeros(len(rows), dtype=np.int64)
     queue = [(np.arange(len(rows)), depth0, searcher)]
     first_pass, retried = True, 0
-    bar = tqdm(total=len(rows), unit="q", desc=direction.name, disable=None if progress else True)
+    bar = progress_bar(len(rows), direction.name, "q", enabled=progress)
     while queue:
         positions, depth, current = queue.pop(0)
         per_call = max(1, min(cfg.query_chunk, budget // depth))

@@ -21,6 +21,10 @@ SPLIT_MANIFEST = "_manifest.json"
 PARTS_DIR = "_parts"  # per-input-shard results before dense ids are assigned (resume unit)
 # negatives/<split>/<direction>.parquet, _manifest.json
 NEIGHBOR_DIRECTIONS = ("i2t", "t2i", "i2i", "t2t")
+# features/zeroshot/<task>/images.parquet (+ LABEL), prompts.parquet, _manifest.json
+ZEROSHOT_DIR = "zeroshot"
+ZEROSHOT_IMAGES_FILE = "images.parquet"
+ZEROSHOT_PROMPTS_FILE = "prompts.parquet"
 
 # ---- columns ----------------------------------------------------------------------------------
 IMAGE_ID = "image_id"  # int64, dense 0..N-1 within a split
@@ -35,6 +39,10 @@ TEACHER_IMAGE_EMB = "teacher_image_emb"  # fixed_size_list<float16|float32>[D], 
 TEACHER_TEXT_EMB = "teacher_text_emb"  # fixed_size_list<float16|float32>[D], L2-normalised
 TEACHER_VIEW_EMB = "teacher_view_emb"  # list<fixed_size_list<..>[D]>, one per augmented view
 VIEW_PARAMS = "view_params"  # list<struct<VIEW_PARAM_FIELDS>>, one per augmented view
+LABEL = "label"  # int32, class index of a zero-shot classification image (CLIP_benchmark's .cls)
+CLASS_INDEX = "class_index"  # int32, the class a prompt names
+TEMPLATE_INDEX = "template_index"  # int32, the template a prompt was made with
+PROMPT = "prompt"  # string, template.format(c=classname)
 NEIGHBOR_IDS = "neighbor_ids"  # list<int64>, best first
 NEIGHBOR_SCORES = "neighbor_scores"  # list<float32>, teacher cosine, best first
 
@@ -203,4 +211,28 @@ def texts_table(
             TEACHER_TEXT_EMB: numpy_to_embeddings(teacher_text_emb, dtype),
         },
         schema=texts_schema(dim, dtype, {**(metadata or {}), META_KIND: "texts"}),
+    )
+
+
+def labelled_images_table(images: pa.Table, labels: np.ndarray) -> pa.Table:
+    """A zero-shot task's images: the images table (no views) plus each image's class index."""
+    return images.append_column(pa.field(LABEL, pa.int32(), nullable=False), pa.array(np.asarray(labels), pa.int32()))
+
+
+def prompts_table(
+    class_index: np.ndarray, template_index: np.ndarray, prompts: list[str], teacher_text_emb: np.ndarray,
+    dtype: str = "float16", metadata: dict | None = None,
+) -> pa.Table:
+    """A zero-shot task's prompts (every template for every class) with the teacher's embeddings."""
+    dim = teacher_text_emb.shape[1]
+    fields = [
+        pa.field(CLASS_INDEX, pa.int32(), nullable=False),
+        pa.field(TEMPLATE_INDEX, pa.int32(), nullable=False),
+        pa.field(PROMPT, pa.string(), nullable=False),
+        pa.field(TEACHER_TEXT_EMB, embedding_type(dim, dtype), nullable=False),
+    ]
+    return pa.Table.from_arrays(
+        [pa.array(np.asarray(class_index), pa.int32()), pa.array(np.asarray(template_index), pa.int32()),
+         pa.array(prompts, pa.string()), numpy_to_embeddings(teacher_text_emb, dtype)],
+        schema=pa.schema(fields, metadata=encode_metadata({**(metadata or {}), META_KIND: "prompts"})),
     )

@@ -49,8 +49,8 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from pipeline.progress import progress as progress_bar
 
 from pipeline.config import ConfigError, CorpusConfig
-from pipeline.manifest import write_manifest
-from pipeline.shards import atomic_write_bytes, atomic_write_json, prepare_output_dir
+from pipeline.manifest import CLASSNAMES_FILE, TEMPLATES_FILE, write_manifest
+from pipeline.shards import atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -695,6 +695,8 @@ def manifest_data(cfg: CorpusConfig, shard_prefix: str = "") -> dict[str, Any]:
         ),
         "fields": {"image": [cfg.image_format], "captions": {"source": "txt"}},
         "splits": splits,
+        **({"classification": {task: {"root": f"{shard_prefix}{ZEROSHOT_DIR}/{task}"} for task in ZEROSHOT_TASKS}}
+           if split_sizes(cfg).get("test") else {}),
     }
 
 
@@ -747,6 +749,8 @@ def generate_corpus(cfg: CorpusConfig) -> Path:
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 for done in as_completed([pool.submit(write_shard, cfg, *item) for item in todo]):
                     progress.update(done.result())
+    if split_sizes(cfg).get("test"):
+        write_zeroshot_tasks(cfg)
     write_manifest(manifest_data(cfg), manifest_path, comment=manifest_comment(cfg))
     report = corpus_report(cfg)
     atomic_write_json(report, out_dir / REPORT_NAME)
@@ -756,6 +760,52 @@ def generate_corpus(cfg: CorpusConfig) -> Path:
         100 * report["test_tail_scene_fraction"], TAIL_COUNT, report.get("web_to_train_ratio"),
     )
     return manifest_path
+
+
+# ---- zero-shot classification tasks ------------------------------------------------------------
+# Built from the test split's scene records, in CLIP_benchmark's WebDataset layout, so the embedded
+# run reports zero-shot accuracy as ImageNet users do. task -> (class names, templates, label of a scene
+# or None to leave the scene out). Templates avoid "a"/"an", which would give the class name away.
+ZEROSHOT_DIR = "zeroshot"
+COUNT_NAMES = ("a single shape", "two shapes", "three shapes")
+ZEROSHOT_TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Any]] = {
+    "shape": (tuple(SHAPES), ("one {c}", "a picture of one {c}", "there is one {c} in the picture", "{c}"),
+              lambda scene: scene.objects[0].shape if len(scene.objects) == 1 else None),
+    "colour": (tuple(COLOURS), ("one {c} shape", "a picture of something {c}", "{c}"),
+               lambda scene: scene.objects[0].colour if len(scene.objects) == 1 else None),
+    "pattern": (tuple(PATTERNS), ("one {c} shape", "a picture of something {c}", "{c}"),
+                lambda scene: scene.objects[0].pattern if len(scene.objects) == 1 else None),
+    "count": (COUNT_NAMES, ("{c}", "a picture of {c}", "an image with {c}"),
+              lambda scene: COUNT_NAMES[len(scene.objects) - 1]),
+}
+
+
+def write_zeroshot_tasks(cfg: CorpusConfig) -> None:
+    """`zeroshot/<task>/` for every task: classnames.txt, zeroshot_classification_templates.txt and
+    test/0.tar ({key}.<image format> + {key}.cls), the test images relabelled."""
+    out_dir = Path(cfg.out_dir)
+    images: list[tuple[str, bytes, Scene]] = []
+    for split, shard_index, _, _ in shard_plan(cfg):
+        if split != "test":
+            continue
+        with tarfile.open(out_dir / shard_name(split, shard_index)) as archive:
+            for member in archive.getmembers():
+                if member.name.endswith(".json"):
+                    record = json.loads(archive.extractfile(member).read())
+                    data = archive.extractfile(f"{record['key']}.{cfg.image_format}").read()
+                    images.append((record["key"], data, Scene.from_dict(record["scene"])))
+    for task, (classnames, templates, label_of) in ZEROSHOT_TASKS.items():
+        root = out_dir / ZEROSHOT_DIR / task
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+            for key, data, scene in images:
+                label = label_of(scene)
+                if label is not None:
+                    _tar_member(archive, f"{key}.{cfg.image_format}", data)
+                    _tar_member(archive, f"{key}.cls", str(classnames.index(label)).encode())
+        atomic_write_bytes(buf.getvalue(), root / "test" / "0.tar")
+        atomic_write_text("\n".join(classnames) + "\n", root / CLASSNAMES_FILE)
+        atomic_write_text("\n".join(templates) + "\n", root / TEMPLATES_FILE)
 
 
 TAIL_COUNT = 5  # an object kind (size, pattern, colour, shape) seen fewer times than this in train is "tail"

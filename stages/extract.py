@@ -45,7 +45,10 @@ def main(
         teacher_cfg = stage_config(params, "teacher", {"model": teacher_model, "pretrained": teacher_pretrained})
         results = extract(cfg, teacher_cfg, overwrite=overwrite)
         for split_name, manifest_info in results.items():
-            if manifest_info:
+            if manifest_info and "task" in manifest_info:
+                typer.echo(f"{split_name}: {manifest_info['num_images']} images, {manifest_info['num_prompts']} prompts "
+                           f"-> {Path(cfg.out_dir) / split_name}")
+            elif manifest_info:
                 counts = dict(manifest_info.get("skipped", {}).get("counts", {}))
                 unreadable = counts.pop(UNREADABLE_SHARD, 0)  # counted in shards, the rest in samples
                 typer.echo(f"{split_name}: {manifest_info['num_images']} images, {manifest_info['num_texts']} texts, "

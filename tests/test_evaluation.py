@@ -45,6 +45,9 @@ def brute_force_metrics(image_emb, text_emb, text_to_image, ks=(1, 5, 10)):
         out[f"{name}_mean_rank"] = np.mean(ranks)
         out[f"{name}_median_rank"] = np.median(ranks)
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks)
+    for k in ks:  # CLIP_benchmark: fractions; "image retrieval" has text queries
+        out[f"image_retrieval_recall@{k}"] = np.mean(t2i <= k)
+        out[f"text_retrieval_recall@{k}"] = np.mean(i2t <= k)
     return out
 
 

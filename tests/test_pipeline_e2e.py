@@ -68,6 +68,11 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
         assert 0 <= student["rsum"] <= 600
         assert student["quality_ratio"] == pytest.approx(student["rsum"] / teacher_rsum, rel=1e-6)
         assert student["image_time_ratio"] > 0
+        # zero-shot on the synthetic tasks, teacher (cached) and students alike, CLIP_benchmark's keys
+        for task in ("shape", "colour", "pattern", "count"):
+            for model in (metrics["teacher"], student):
+                assert 0 <= model["zeroshot"][task]["acc1"] <= model["zeroshot"][task]["mean_per_class_recall"] + 1
+        assert student["image_retrieval_recall@1"] == pytest.approx(student["t2i_r1"] / 100)
     for plot in ("quality_vs_time.png", "training_curves.png"):
         assert (project / "outputs" / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the student is an open_clip checkpoint with its config beside it
