@@ -231,6 +231,22 @@ class EvaluateConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`dsmd export`: the student as it will be used (safetensors + open_clip config, ONNX, model card)."""
+
+    student: str = "dsmd"  # the name the student has in evaluate.students and the metrics file
+    student_dir: str = "outputs/students/dsmd"
+    features_dir: str = "outputs/features"  # the teacher's identity and the check images come from here
+    split: str = "test"  # whose images and captions the export checks run on
+    metrics_file: str = "outputs/metrics.json"  # the figures of the model card
+    out_dir: str = "outputs/export/dsmd"
+    onnx: bool = True  # also write image_encoder.onnx and text_encoder.onnx (dynamic batch)
+    opset: int = 17
+    check_images: int = 32  # images (and as many captions) the reload and ONNX checks compare
+    onnx_tolerance: float = 1e-4  # max abs difference of onnxruntime's embeddings from PyTorch's (fp32)
+
+
+@dataclass
 class Params:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -238,6 +254,7 @@ class Params:
     mine: MineConfig = field(default_factory=MineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:

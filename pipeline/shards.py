@@ -45,7 +45,7 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
 
 
-def _write_atomically(path: str | Path, write: Callable[[Path], None], errors: tuple = (OSError,)) -> Path:
+def atomic_write_with(path: str | Path, write: Callable[[Path], None], errors: tuple = (OSError,)) -> Path:
     """`write(tmp)` beside `path`, then rename: a killed or failed write never leaves `path` half-written.
     A failure of the file system (full disk, read-only, size limit) is an OutputError naming `path`."""
     path = Path(path)
@@ -64,7 +64,7 @@ def _write_atomically(path: str | Path, write: Callable[[Path], None], errors: t
 
 
 def atomic_write_table(table: pa.Table, path: str | Path, compression: str = "zstd") -> Path:
-    return _write_atomically(path, lambda tmp: pq.write_table(table, tmp, compression=compression))
+    return atomic_write_with(path, lambda tmp: pq.write_table(table, tmp, compression=compression))
 
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
@@ -74,7 +74,7 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
 
-    return _write_atomically(path, write)
+    return atomic_write_with(path, write)
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
@@ -89,7 +89,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     import torch  # only the stages that save weights pay for the import here
 
     # torch's zip writer reports a failed write (full disk, size limit) as a RuntimeError
-    return _write_atomically(path, lambda tmp: torch.save(obj, tmp), errors=(OSError, RuntimeError))
+    return atomic_write_with(path, lambda tmp: torch.save(obj, tmp), errors=(OSError, RuntimeError))
 
 
 def _process_alive(pid: int) -> bool:

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import typer
 
-from stages import corpus, evaluate, extract, mine, teacher, train
+from stages import corpus, evaluate, export, extract, mine, teacher, train
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="DSMD distillation pipeline: corpus -> teacher -> extract -> mine -> train -> evaluate.",
+    help="DSMD distillation pipeline: corpus -> teacher -> extract -> mine -> train -> evaluate -> export.",
 )
 
 for _name, _module in (("corpus", corpus), ("teacher", teacher), ("extract", extract), ("mine", mine),
-                       ("train", train), ("evaluate", evaluate)):
+                       ("train", train), ("evaluate", evaluate), ("export", export)):
     app.command(name=_name, help=_module.main.__doc__)(_module.main)

@@ -1,7 +1,7 @@
 """The whole pipeline through DVC and the CLIs, with tiny configs, in a temporary project.
 
 Runs `dvc repro` on the repository's own dvc.yaml (corpus -> teacher -> extract -> mine -> train x2 ->
-evaluate), checks the metrics file, then changes a `train.*` param and checks that only the training
+evaluate -> export), checks the metrics file, then changes a `train.*` param and checks that only the training
 stages and evaluation run again.
 """
 from __future__ import annotations
@@ -35,6 +35,8 @@ TINY_PARAMS = {
     "evaluate": {"features_dir": "outputs/features", "teacher_dir": "outputs/teacher", "latency_repeats": 2,
                  "throughput_batch": 16, "throughput_repeats": 1, "threads": 1,
                  "metrics_file": "outputs/metrics.json", "plots_dir": "outputs/plots"},
+    "export": {"student": "dsmd", "student_dir": "outputs/students/dsmd", "features_dir": "outputs/features",
+               "metrics_file": "outputs/metrics.json", "out_dir": "outputs/export/dsmd", "check_images": 8},
 }
 
 
@@ -75,6 +77,10 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
         assert student["image_retrieval_recall@1"] == pytest.approx(student["t2i_r1"] / 100)
     for plot in ("quality_vs_time.png", "training_curves.png"):
         assert (project / "outputs" / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the exported student: checked safetensors + config, ONNX towers, card
+    report = json.loads((project / "outputs" / "export" / "dsmd" / "export_report.json").read_text())
+    assert report["onnx_image_max_abs_diff"] <= 1e-4 and report["reload_text_max_abs_diff"] <= 1e-6
+    assert "zero-shot shape acc1" in (project / "outputs" / "export" / "dsmd" / "README.md").read_text()
     # the student is an open_clip checkpoint with its config beside it
     assert (project / "outputs" / "students" / "dsmd" / "open_clip_config.json").exists()
 
@@ -88,7 +94,7 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
     second = _dvc("repro", cwd=project)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     ran = set(re.findall(r"Running stage '([^']+)'", second.stdout))
-    assert ran == {"train_dsmd", "train_baseline", "evaluate"}, second.stdout
+    assert ran == {"train_dsmd", "train_baseline", "evaluate", "export"}, second.stdout
 
     # the ablation and scaling benchmarks, --quick, on this project's cached features
     for script, key in (("ablation.py", "recipes"), ("scaling.py", "recipes")):

@@ -1,0 +1,38 @@
+"""`dsmd export`: the student as safetensors + open_clip config, ONNX towers and a model card, checked."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.config import stage_config
+from pipeline.export import export
+from stages._common import SET_HELP, params_option, user_errors
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def main(
+    params: Path = params_option(),
+    student: Optional[str] = typer.Option(None, help="the student's name in the metrics file (params: export.student)"),
+    student_dir: Optional[str] = typer.Option(None, help="the trained student's folder (params: export.student_dir)"),
+    out_dir: Optional[str] = typer.Option(None, help="where the export goes (params: export.out_dir)"),
+    onnx: Optional[bool] = typer.Option(None, "--onnx/--no-onnx", help="also write the ONNX towers (params: export.onnx)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Export a trained student: open_clip_model.safetensors + open_clip_config.json (load with
+    open_clip.create_model_and_transforms("local-dir:<out_dir>")), image_encoder.onnx and text_encoder.onnx
+    (dynamic batch), README.md (model card from the run) and export_report.json. Checks before it ends
+    that the reloaded student and the ONNX graphs give the trained student's embeddings."""
+    with user_errors():
+        cfg = stage_config(params, "export", {"student": student, "student_dir": student_dir, "out_dir": out_dir,
+                                              "onnx": onnx}, set_)
+        report = export(cfg)
+        checks = ", ".join(f"{k} {v:.1e}" for k, v in report.items() if k.endswith("max_abs_diff"))
+        typer.echo(f"exported {cfg.student_dir} -> {cfg.out_dir} ({checks})")
+
+
+if __name__ == "__main__":
+    app()
