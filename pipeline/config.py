@@ -202,6 +202,12 @@ class TrainConfig:
     # > 0: train on the first max_images images of the split only (scaling curves); mined negatives
     # outside them are dropped, so nothing of the other images reaches the student
     max_images: int = 0
+    live_dir: str = "auto"  # DVCLive folder (metrics.json + plots): auto = <out_dir>/dvclive, "" = off
+    # every val_every steps (0 = never), retrieval on the first val_images images of val_split (with source
+    # shards): logged as val_rsum, val_i2t_r1, val_t2i_r1
+    val_split: str = "val"
+    val_every: int = 50
+    val_images: int = 256
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 

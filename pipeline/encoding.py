@@ -17,11 +17,13 @@ from pipeline.models import LoadedModel
 from pipeline.progress import progress
 
 
-def encode_images(loaded: LoadedModel, images: pa.Table, batch_size: int, device: torch.device, where: str) -> np.ndarray:
+def encode_images(loaded: LoadedModel, images: pa.Table, batch_size: int, device: torch.device, where: str,
+                  show_progress: bool = True) -> np.ndarray:
     """(N, D) embeddings of `images`' IMAGE_BYTES; an undecodable image is a ShardError naming `where`."""
     model = loaded.model.to(device).eval()
     chunks = []
-    with torch.inference_mode(), runtime.autocast(device), progress(images.num_rows, f"encode {where}", "img") as bar:
+    with torch.inference_mode(), runtime.autocast(device), \
+            progress(images.num_rows, f"encode {where}", "img", enabled=show_progress) as bar:
         for start in range(0, images.num_rows, batch_size):
             batch = images.slice(start, batch_size)
             pixels = []
@@ -36,11 +38,13 @@ def encode_images(loaded: LoadedModel, images: pa.Table, batch_size: int, device
     return torch.cat(chunks).numpy().astype(np.float32, copy=False) if chunks else np.zeros((0, loaded.embed_dim), np.float32)
 
 
-def encode_texts(loaded: LoadedModel, texts: list[str], batch_size: int, device: torch.device, where: str) -> np.ndarray:
+def encode_texts(loaded: LoadedModel, texts: list[str], batch_size: int, device: torch.device, where: str,
+                 show_progress: bool = True) -> np.ndarray:
     """(M, D) embeddings of `texts`."""
     model = loaded.model.to(device).eval()
     chunks = []
-    with torch.inference_mode(), runtime.autocast(device), progress(len(texts), f"encode {where}", "txt") as bar:
+    with torch.inference_mode(), runtime.autocast(device), \
+            progress(len(texts), f"encode {where}", "txt", enabled=show_progress) as bar:
         for start in range(0, len(texts), batch_size):
             batch = texts[start : start + batch_size]
             emb = model.encode_text(loaded.tokenizer(batch).to(device))

@@ -12,16 +12,14 @@ with the same thread count, interleaving the models so that machine noise hits a
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
-import math
 import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,6 +28,7 @@ from pipeline import runtime, shards, zeroshot
 from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.errors import PipelineError
 from pipeline.encoding import encode_split  # noqa: F401  (re-exported: evaluation.encode_split)
+from pipeline.retrieval import _check_ks, metrics_from_ranks, retrieval_metrics, retrieval_ranks  # noqa: F401
 from pipeline.progress import progress
 from pipeline.models import DEMO_CHECKPOINT, OPEN_CLIP_CONFIG, LoadedModel, ModelError, load_model
 
@@ -40,7 +39,6 @@ TRAIN_LOG_FILE = "train_log.jsonl"
 QUALITY_PLOT = "quality_vs_time.png"
 QUALITY_DATA = "quality_vs_time.json"
 CURVES_PLOT = "training_curves.png"
-CURVES_DATA = "training_{student}.csv"  # one per student, for `dvc plots` (x: step, y: loss_total)
 TEACHER = "teacher"
 # Caption used to time the text encoders; tokenizers pad to the context length, so its content
 # does not change the cost.
@@ -49,127 +47,6 @@ TIMING_CAPTION = "a small red cube to the left of a large blue sphere on a woode
 
 class EvaluationError(PipelineError):
     """A student, teacher or option that evaluation cannot use; the message names it."""
-
-
-# ---- retrieval metrics -----------------------------------------------------------------------
-
-def _chunk_scores(queries: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
-    """(c, D) x (K, D) -> (c, K) dot products: the only place scores are computed (one chunk)."""
-    return queries @ database.T
-
-
-def _as_tensor(array, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=device)
-
-
-def retrieval_ranks(
-    image_emb: np.ndarray,
-    text_emb: np.ndarray,
-    text_to_image: np.ndarray,
-    chunk_size: int = 1024,
-    device: str | torch.device = "cpu",
-) -> tuple[np.ndarray, np.ndarray]:
-    """1-based rank of the first correct item for every image (i2t) and every text (t2i).
-
-    With S = image_emb @ text_emb^T (computed `chunk_size` query rows at a time, never whole):
-      i2t_rank[i] = 1 + #{t : S[i, t] > max_{p : text_to_image[p] = i} S[i, p]}
-      t2i_rank[t] = 1 + #{j : S[j, t] > S[text_to_image[t], t]}
-    Ties are counted in the query's favour: only strictly greater scores push a correct item down,
-    so the result does not depend on sort order. An image without any caption gets rank 0 (no query).
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    image_emb = np.asarray(image_emb)
-    text_emb = np.asarray(text_emb)
-    text_to_image = np.asarray(text_to_image)
-    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(f"embeddings must be (N, D) and (M, D), got {image_emb.shape} and {text_emb.shape}")
-    n_images, n_texts = len(image_emb), len(text_emb)
-    if text_to_image.shape != (n_texts,):
-        raise ValueError(f"text_to_image must have shape ({n_texts},), got {text_to_image.shape}")
-    if n_texts and (text_to_image.min() < 0 or text_to_image.max() >= n_images):
-        raise ValueError(f"text_to_image has ids outside 0..{n_images - 1}")
-    if not (np.isfinite(image_emb).all() and np.isfinite(text_emb).all()):
-        raise ValueError("embeddings contain NaN or infinite values")
-
-    device = torch.device(device)
-    images = _as_tensor(image_emb, torch.float32, device)
-    texts = _as_tensor(text_emb, torch.float32, device)
-    owner = _as_tensor(text_to_image, torch.int64, device)
-    # texts sorted by their image: the captions of an image chunk are one contiguous slice
-    texts_by_image = torch.argsort(owner, stable=True)
-    owners_sorted = owner[texts_by_image]
-
-    i2t = torch.zeros(n_images, dtype=torch.int64)
-    for start in range(0, n_images, chunk_size):
-        stop = min(n_images, start + chunk_size)
-        scores = _chunk_scores(images[start:stop], texts)  # (c, M)
-        lo = int(torch.searchsorted(owners_sorted, start))
-        hi = int(torch.searchsorted(owners_sorted, stop))
-        positives = texts_by_image[lo:hi]
-        rows = owner[positives] - start
-        best = torch.full((stop - start,), -math.inf, device=device)
-        best.scatter_reduce_(0, rows, scores[rows, positives], reduce="amax")
-        ranks = (scores > best[:, None]).sum(dim=1) + 1
-        has_caption = torch.isfinite(best)
-        i2t[start:stop] = torch.where(has_caption, ranks, torch.zeros_like(ranks)).cpu()
-
-    t2i = torch.zeros(n_texts, dtype=torch.int64)
-    for start in range(0, n_texts, chunk_size):
-        stop = min(n_texts, start + chunk_size)
-        scores = _chunk_scores(texts[start:stop], images)  # (c, N)
-        positive = scores.gather(1, owner[start:stop, None])
-        t2i[start:stop] = ((scores > positive).sum(dim=1) + 1).cpu()
-    return i2t.numpy(), t2i.numpy()
-
-
-def metrics_from_ranks(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """R@K = 100 * mean(rank <= K) each way; rsum = sum of all R@K; mean and median of the ranks.
-    Images with rank 0 (no caption) are left out of i2t."""
-    ks = _check_ks(ks)
-    i2t = np.asarray(i2t_ranks)
-    missing = int((i2t == 0).sum())
-    i2t = i2t[i2t > 0]
-    t2i = np.asarray(t2i_ranks)
-    if len(i2t) == 0 or len(t2i) == 0:
-        raise ValueError("no queries: need at least one image with a caption and one text")
-    out: dict[str, float] = {}
-    for direction, ranks in (("i2t", i2t), ("t2i", t2i)):
-        for k in ks:
-            out[f"{direction}_r{k}"] = float(100.0 * np.mean(ranks <= k))
-    out["rsum"] = float(sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks))
-    for direction, ranks in (("i2t", i2t), ("t2i", t2i)):
-        out[f"{direction}_mean_rank"] = float(np.mean(ranks))
-        out[f"{direction}_median_rank"] = float(np.median(ranks))
-    for k in ks:  # CLIP_benchmark's names (fractions): image retrieval = text query -> images
-        out[f"image_retrieval_recall@{k}"] = out[f"t2i_r{k}"] / 100.0
-        out[f"text_retrieval_recall@{k}"] = out[f"i2t_r{k}"] / 100.0
-    if missing:
-        log.warning("%d image(s) have no caption and are left out of image-to-text retrieval", missing)
-        out["images_without_captions"] = missing
-    return out
-
-
-def retrieval_metrics(
-    image_emb: np.ndarray,
-    text_emb: np.ndarray,
-    text_to_image: np.ndarray,
-    ks: Sequence[int] = (1, 5, 10),
-    chunk_size: int = 1024,
-    device: str | torch.device = "cpu",
-) -> dict:
-    """Multi-caption retrieval metrics: `i2t_r{k}`, `t2i_r{k}` (percent), `rsum`, and
-    `{i2t,t2i}_{mean,median}_rank` (1-based rank of the first correct item, ties in the query's
-    favour; see `retrieval_ranks`). Embeddings are expected L2-normalised (scores = cosine)."""
-    i2t, t2i = retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size, device)
-    return metrics_from_ranks(i2t, t2i, ks)
-
-
-def _check_ks(ks: Iterable[int]) -> list[int]:
-    ks = [int(k) for k in ks]
-    if not ks or any(k < 1 for k in ks):
-        raise ConfigError(f"evaluate.ks must be a non-empty list of positive integers, got {ks}")
-    return ks
 
 
 # ---- encoder cost ----------------------------------------------------------------------------
@@ -538,7 +415,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def write_plots(metrics: dict, student_dirs: dict[str, Path], plots_dir: str | Path) -> list[Path]:
-    """quality_vs_time.png (+ its .json data), training_curves.png and training_<student>.csv in `plots_dir`."""
+    """quality_vs_time.png (+ its .json data) and training_curves.png in `plots_dir` (the per-step curves
+    for `dvc plots` are DVCLive's, written by `dsmd train`)."""
     plots_dir = Path(plots_dir)
     points = [{"model": TEACHER, "rsum": metrics["teacher"]["rsum"], "image_ms_per_image": metrics["teacher"]["cost"]["image_ms_per_image"]}]
     points += [
@@ -557,22 +435,7 @@ def write_plots(metrics: dict, student_dirs: dict[str, Path], plots_dir: str | P
         shards.atomic_write_json(points, plots_dir / QUALITY_DATA),
         plot_training_curves(logs, plots_dir / CURVES_PLOT),
     ]
-    # every student gets its CSV (header only without a log): dvc.yaml declares them as outputs
-    for name in student_dirs:
-        written.append(write_curve_csv(logs.get(name, []), plots_dir / CURVES_DATA.format(student=name)))
     return written
-
-
-def write_curve_csv(records: list[dict], path: str | Path) -> Path:
-    """Training-log records as CSV: `step` first, then every other key in first-seen order."""
-    columns = ["step", "loss_total"]
-    for record in records:
-        columns += [key for key in record if key not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(records)
-    return shards.atomic_write_text(buffer.getvalue(), path)
 
 
 def parse_student_options(items: list[str] | None) -> dict[str, str] | None:

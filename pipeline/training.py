@@ -42,6 +42,7 @@ from torch import Tensor
 from pipeline import data as data_mod
 from pipeline import models, runtime, shards
 from pipeline.progress import progress
+from pipeline.tracking import TrainingLog, Validation
 from pipeline.balancer import LossBalancer
 from pipeline.config import ConfigError, OptimConfig, TrainConfig, to_dict
 from pipeline.errors import PipelineError
@@ -387,25 +388,19 @@ def load_checkpoint(path: Path, ctx: StepContext, expect: dict) -> dict:
     return state
 
 
-def _append_log(log_file, record: dict, path: Path) -> None:
-    try:
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-    except OSError as exc:  # a full disk mid-run: name the file, keep the checkpoint to resume from
-        raise shards.OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _trim_log(path: Path, last_step: int, out: Path) -> None:
-    """Write to `out` the lines of `path` (if any) of steps <= last_step: a resumed run continues the
-    log without duplicates."""
+def _trim_log(path: Path, last_step: int, out: Path) -> list[dict]:
+    """Write to `out` the records of `path` (if any) of steps <= last_step, and return them: a resumed
+    run continues the log without duplicates (a fresh run, last_step 0, starts it empty)."""
     kept = []
     for line in (path.read_text().splitlines() if path.exists() else []):
         try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line)
+            record = json.loads(line)
+            if record["step"] <= last_step:
+                kept.append(record)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by a kill
-    shards.atomic_write_text("".join(k + "\n" for k in kept), out)
+    shards.atomic_write_text("".join(json.dumps(k) + "\n" for k in kept), out)
+    return kept
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -535,11 +530,10 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
     )
     # only now, with every option checked (the sampler refuses a batch larger than the data), is a
     # previous run's log replaced
-    if info.is_main:
-        if start_step:
-            _trim_log(running_log if running_log.exists() else log_path, start_step, running_log)
-        else:
-            shards.atomic_write_text("", running_log)
+    kept = _trim_log(running_log if running_log.exists() else log_path, start_step, running_log) if info.is_main else []
+    validation = None
+    if info.is_main and cfg.val_every > 0 and cfg.source == "shards":
+        validation = Validation.from_features(cfg.features_dir, cfg.val_split, cfg.val_images, 256)
     samples_per_epoch = sampler.batches_per_epoch * optim.batch_size
     log.info(
         "training %s (%s loss, %s) on %d images of %s: %d steps of %d, %d rank(s) x %d micro-batch(es)",
@@ -563,7 +557,9 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
     bar = progress(steps, f"train {cfg.loss}", "step", initial=start_step, enabled=info.is_main)
     run_started = window_started = time.perf_counter()
     window_steps = 0
-    with bar, open(running_log, "a") if info.is_main else contextlib.nullcontext() as log_file:
+    live_dir = str(out_dir / "dvclive") if cfg.live_dir == "auto" else cfg.live_dir
+    run_log = TrainingLog(running_log, live_dir, kept) if info.is_main else None
+    with bar, contextlib.closing(run_log) if run_log else contextlib.nullcontext():
         for step in range(start_step, steps):
             micro_batches = [next(batches) for _ in range(optim.accum_steps)]
             lr = optimizer.param_groups[0]["lr"]
@@ -573,9 +569,13 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
             samples_per_s = window_steps * optim.batch_size / max(elapsed, 1e-9)
             bar.set_postfix(loss=f"{last['loss_total']:.4f}", samples_per_s=f"{samples_per_s:.0f}")
             bar.update(1)
-            if info.is_main and (done % max(1, optim.log_every) == 0 or done == steps):
+            validate = validation is not None and (done % cfg.val_every == 0 or done == steps)
+            if info.is_main and (done % max(1, optim.log_every) == 0 or done == steps or validate):
                 record = {"step": done, "epoch": done * optim.batch_size / samples_per_epoch, "lr": lr, "samples_per_s": samples_per_s, **last}
-                _append_log(log_file, record, running_log)
+                if validate:
+                    record.update(validation(loaded, device))
+                    bar.set_postfix(loss=f"{last['loss_total']:.4f}", val_rsum=f"{record['val_rsum']:.1f}")
+                run_log.log(record)
                 window_started, window_steps = time.perf_counter(), 0
             if optim.checkpoint_every > 0 and done % optim.checkpoint_every == 0 and done < steps:
                 checkpoint(done)

@@ -77,6 +77,13 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
         assert student["image_retrieval_recall@1"] == pytest.approx(student["t2i_r1"] / 100)
     for plot in ("quality_vs_time.png", "training_curves.png"):
         assert (project / "outputs" / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # training tracked through DVCLive: dvc sees each student's final training metrics beside the evaluation
+    shown = _dvc("metrics", "show", "--json", cwd=project)
+    assert shown.returncode == 0, shown.stderr
+    files = next(iter(json.loads(shown.stdout).values()))["data"]
+    live = files["outputs/live/dsmd/metrics.json"]["data"]
+    assert live["step"] == 6 and "loss_total" in live and 0 <= live["val_rsum"] <= 600
+    assert "outputs/metrics.json" in files
     # the exported student: checked safetensors + config, ONNX towers, card
     report = json.loads((project / "outputs" / "export" / "dsmd" / "export_report.json").read_text())
     assert report["onnx_image_max_abs_diff"] <= 1e-4 and report["reload_text_max_abs_diff"] <= 1e-6
