@@ -328,3 +328,24 @@ def test_cli_runs_and_reports_bad_options(tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "NAME=DIR" in bad.output
     missing = runner.invoke(app, base + ["--student", f"x={tmp_path / 'absent'}"])
     assert missing.exit_code == 2 and "absent" in missing.output
+
+
+def test_quality_plot_labels_stay_inside_the_axes_below_the_title_and_apart():
+    # the shipped run's shape: the teacher top right, two students close together bottom left
+    points = [{"model": "teacher", "rsum": 445.4, "image_ms_per_image": 0.626},
+              {"model": "dsmd", "rsum": 394.3, "image_ms_per_image": 0.084},
+              {"model": "baseline", "rsum": 371.3, "image_ms_per_image": 0.080},
+              {"model": "dsmd-lr4", "rsum": 390.0, "image_ms_per_image": 0.083}]
+    fig, ax, labels = evaluation.quality_figure(points)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes_box, title_box = ax.get_window_extent(renderer), ax.title.get_window_extent(renderer)
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    for box in boxes:
+        assert axes_box.x0 <= box.x0 and box.x1 <= axes_box.x1 and axes_box.y0 <= box.y0 and box.y1 <= axes_box.y1
+        assert not box.overlaps(title_box)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
