@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.evaluation import load_student  # noqa: E402
-from pipeline.export import IMAGE_ONNX, TEXT_ONNX  # noqa: E402
+from pipeline import names  # noqa: E402
 
 
 def _time(fn) -> float:
@@ -56,7 +56,7 @@ def main() -> None:
     }
     model = student.model.eval()
     runners = {}
-    for tower, name in (("image", IMAGE_ONNX), ("text", TEXT_ONNX)):
+    for tower, name in (("image", names.IMAGE_ONNX), ("text", names.TEXT_ONNX)):
         session = ort.InferenceSession(str(out_dir / name), options, providers=["CPUExecutionProvider"])
         encode = model.encode_image if tower == "image" else model.encode_text
         for batch, x in inputs[tower].items():

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from pipeline import runtime
 from pipeline.config import ConfigError
 
 BALANCER_MODES = ("calibrated", "dynamic", "authors", "fixed", "uniform")
@@ -133,12 +134,12 @@ class LossBalancer:
         if unknown or missing:
             raise ValueError(f"loss balancer expects losses {list(self.names)}; missing {missing}, unexpected {unknown}")
         stacked = torch.stack([losses[name].detach().float().reshape(()) for name in self.names])
-        if self.sync_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.sync_distributed and runtime.world_size() > 1:
             if dist.get_backend() == "nccl":
                 stacked = stacked.cuda()  # NCCL reduces GPU tensors only (step_end may pass floats)
             stacked = stacked.clone()
             dist.all_reduce(stacked)
-            stacked /= dist.get_world_size()
+            stacked /= runtime.world_size()
         return stacked.tolist()  # one device sync for all terms
 
     def rates(self) -> list[float]:

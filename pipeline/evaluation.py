@@ -24,21 +24,17 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline import names
 from pipeline import runtime, shards, zeroshot
 from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.errors import PipelineError
 from pipeline.encoding import encode_split  # noqa: F401  (re-exported: evaluation.encode_split)
 from pipeline.retrieval import _check_ks, metrics_from_ranks, retrieval_metrics, retrieval_ranks  # noqa: F401
 from pipeline.progress import progress
-from pipeline.models import DEMO_CHECKPOINT, OPEN_CLIP_CONFIG, LoadedModel, ModelError, load_model
+from pipeline.models import LoadedModel, ModelError, load_model
 
 log = logging.getLogger(__name__)
 
-# Written by `dsmd train` beside each student's weights: one JSON object per logged step.
-TRAIN_LOG_FILE = "train_log.jsonl"
-QUALITY_PLOT = "quality_vs_time.png"
-QUALITY_DATA = "quality_vs_time.json"
-CURVES_PLOT = "training_curves.png"
 TEACHER = "teacher"
 # Caption used to time the text encoders; tokenizers pad to the context length, so its content
 # does not change the cost.
@@ -173,7 +169,7 @@ def load_student(student_dir: str | Path, device: str | torch.device = "cpu") ->
     """A student written by `save_open_clip_dir`: `open_clip_config.json` names the model config,
     `open_clip_pytorch_model.bin` holds the weights (loaded with weights_only=True)."""
     student_dir = Path(student_dir)
-    config_path, weights = student_dir / OPEN_CLIP_CONFIG, student_dir / DEMO_CHECKPOINT
+    config_path, weights = student_dir / names.OPEN_CLIP_CONFIG, student_dir / names.WEIGHTS_FILE
     for path in (config_path, weights):
         if not path.exists():
             raise EvaluationError(f"student {student_dir}: {path.name} not found (train the student first)")
@@ -196,9 +192,9 @@ def load_students(students: dict[str, str], allow_missing: bool, device) -> dict
     loaded = {}
     for name, folder in students.items():
         folder = Path(folder)
-        missing = not folder.is_dir() or not (folder / OPEN_CLIP_CONFIG).exists() or not (folder / DEMO_CHECKPOINT).exists()
+        missing = not folder.is_dir() or not (folder / names.OPEN_CLIP_CONFIG).exists() or not (folder / names.WEIGHTS_FILE).exists()
         if missing:
-            message = f"student {name!r}: {folder} has no trained student ({OPEN_CLIP_CONFIG} + {DEMO_CHECKPOINT})"
+            message = f"student {name!r}: {folder} has no trained student ({names.OPEN_CLIP_CONFIG} + {names.WEIGHTS_FILE})"
             if allow_missing:
                 log.warning("%s; skipped (--allow-missing)", message)
                 continue
@@ -219,7 +215,7 @@ def load_teacher_architecture(split_manifest: dict, teacher_dir: str | Path, dev
             return load_model(name, "", device)
         except ModelError as exc:
             tried.append(f"features teacher identity model {name!r}: {exc}")
-    config_path = Path(teacher_dir) / OPEN_CLIP_CONFIG
+    config_path = Path(teacher_dir) / names.OPEN_CLIP_CONFIG
     if config_path.exists():
         dir_name = _read_json(config_path, "the teacher's open_clip config").get("model_name")
         try:
@@ -336,7 +332,7 @@ def plot_training_curves(logs: dict[str, list[dict]], path: str | Path) -> Path:
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     if not logs:
-        fig.suptitle(f"no {TRAIN_LOG_FILE} found beside the students")
+        fig.suptitle(f"no {names.TRAIN_LOG_FILE} found beside the students")
     return _save_figure(fig, Path(path))
 
 
@@ -433,15 +429,15 @@ def write_plots(metrics: dict, student_dirs: dict[str, Path], plots_dir: str | P
     ]
     logs = {}
     for name, folder in student_dirs.items():
-        path = Path(folder) / TRAIN_LOG_FILE
+        path = Path(folder) / names.TRAIN_LOG_FILE
         if path.exists():
             logs[name] = read_train_log(path)
         else:
             log.warning("student %r: no %s, left out of the training curves", name, path)
     written = [
-        plot_quality_vs_time(points, plots_dir / QUALITY_PLOT),
-        shards.atomic_write_json(points, plots_dir / QUALITY_DATA),
-        plot_training_curves(logs, plots_dir / CURVES_PLOT),
+        plot_quality_vs_time(points, plots_dir / names.QUALITY_PLOT),
+        shards.atomic_write_json(points, plots_dir / names.QUALITY_DATA),
+        plot_training_curves(logs, plots_dir / names.CURVES_PLOT),
     ]
     return written
 

@@ -21,6 +21,7 @@ import numpy as np
 import open_clip
 import torch
 
+from pipeline import names
 from pipeline import models, schema, shards
 from pipeline.config import ExportConfig
 from pipeline.encoding import encode_images, encode_texts
@@ -29,12 +30,6 @@ from pipeline.evaluation import load_student
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "open_clip_model.safetensors"  # open_clip's HF_SAFE_WEIGHTS_NAME
-IMAGE_ONNX = "image_encoder.onnx"
-TEXT_ONNX = "text_encoder.onnx"
-REPORT_FILE = "export_report.json"
-CARD_FILE = "README.md"
-TRAIN_SUMMARY = "train_summary.json"
 
 
 class ExportError(PipelineError):
@@ -59,8 +54,8 @@ def write_open_clip_dir(loaded: models.LoadedModel, model_name: str, out_dir: Pa
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
-    shards.atomic_write_with(out_dir / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
-    shards.atomic_write_with(out_dir / models.OPEN_CLIP_CONFIG,
+    shards.atomic_write_with(out_dir / names.SAFETENSORS_FILE, lambda tmp: save_file(state, str(tmp)))
+    shards.atomic_write_with(out_dir / names.OPEN_CLIP_CONFIG,
                              lambda tmp: save_config_for_hf(loaded.model, Path(tmp), models.model_config(model_name)))
 
 
@@ -68,7 +63,7 @@ def export_onnx(loaded: models.LoadedModel, out_dir: Path, opset: int) -> None:
     """Both towers to ONNX with a dynamic batch axis (TorchScript exporter: no onnxscript needed)."""
     size = loaded.image_size
     examples = {"image": torch.zeros(2, 3, size, size), "text": loaded.tokenizer(["a photo", "two shapes"])}
-    for tower, name in (("image", IMAGE_ONNX), ("text", TEXT_ONNX)):
+    for tower, name in (("image", names.IMAGE_ONNX), ("text", names.TEXT_ONNX)):
         module = _Tower(loaded.model.eval(), tower)
         with warnings.catch_warnings():
             # the TorchScript exporter's deprecation notice, and its advice about negative indices (the text
@@ -109,7 +104,7 @@ def run_checks(cfg: ExportConfig, student: models.LoadedModel, out_dir: Path) ->
     if cfg.onnx:
         import onnxruntime as ort
 
-        for tower, name, inputs, want in (("image", IMAGE_ONNX, pixels, want_image), ("text", TEXT_ONNX, tokens, want_text)):
+        for tower, name, inputs, want in (("image", names.IMAGE_ONNX, pixels, want_image), ("text", names.TEXT_ONNX, tokens, want_text)):
             session = ort.InferenceSession(str(out_dir / name), providers=["CPUExecutionProvider"])
             got = session.run(None, {tower: inputs.numpy()})[0]
             report[f"onnx_{tower}_max_abs_diff"] = float(np.abs(got - want).max())
@@ -130,17 +125,17 @@ def export(cfg: ExportConfig) -> dict:
         raise ExportError(f"{cfg.metrics_file}: no student {cfg.student!r} (has {sorted(metrics.get('students', {}))})")
     split_manifest = shards.load_split_manifest(cfg.features_dir, cfg.split)
     student = load_student(cfg.student_dir)
-    model_name = _read_json(Path(cfg.student_dir) / models.OPEN_CLIP_CONFIG, "the student's config")["model_name"]
+    model_name = _read_json(Path(cfg.student_dir) / names.OPEN_CLIP_CONFIG, "the student's config")["model_name"]
 
     write_open_clip_dir(student, model_name, out_dir)
     if cfg.onnx:
         export_onnx(student, out_dir, cfg.opset)
     report = {"student": cfg.student, "model_name": model_name, "image_size": student.image_size,
               **run_checks(cfg, student, out_dir)}
-    summary = _read_json(Path(cfg.student_dir) / TRAIN_SUMMARY, "the student's train summary")
+    summary = _read_json(Path(cfg.student_dir) / names.TRAIN_SUMMARY_FILE, "the student's train summary")
     card = model_card(cfg, model_name, metrics, split_manifest, summary, report)
-    shards.atomic_write_text(card, out_dir / CARD_FILE)
-    shards.atomic_write_json(report, out_dir / REPORT_FILE)
+    shards.atomic_write_text(card, out_dir / names.MODEL_CARD)
+    shards.atomic_write_json(report, out_dir / names.EXPORT_REPORT)
     log.info("exported %s to %s", cfg.student_dir, out_dir)
     return report
 
@@ -197,10 +192,10 @@ def model_card(cfg: ExportConfig, model_name: str, metrics: dict, split_manifest
     ]
     if cfg.onnx:
         lines += [
-            f"ONNX (`{IMAGE_ONNX}`: input `image` (batch, 3, {report['image_size']}, {report['image_size']}) float32 as `preprocess` makes it; "
-            f"`{TEXT_ONNX}`: input `text` (batch, context) int64 as the tokenizer makes it; both output the L2-normalised `embedding`):", "",
+            f"ONNX (`{names.IMAGE_ONNX}`: input `image` (batch, 3, {report['image_size']}, {report['image_size']}) float32 as `preprocess` makes it; "
+            f"`{names.TEXT_ONNX}`: input `text` (batch, context) int64 as the tokenizer makes it; both output the L2-normalised `embedding`):", "",
             "```python", "import onnxruntime as ort",
-            f"session = ort.InferenceSession('{cfg.out_dir}/{IMAGE_ONNX}')",
+            f"session = ort.InferenceSession('{cfg.out_dir}/{names.IMAGE_ONNX}')",
             "embedding = session.run(None, {'image': preprocess(pil_image)[None].numpy()})[0]", "```", "",
         ]
     lines += [

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline import runtime
+
 LOSS_NAMES = ("feature", "similarity", "contrastive", "hard_negative", "affinity", "task")
 MARGIN_MODES = ("teacher", "fixed")
 
@@ -30,12 +32,6 @@ def _teacher(teacher: Tensor, like: Tensor) -> Tensor:
     return teacher.detach().to(device=like.device, dtype=like.dtype)
 
 
-def _distributed_world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
 def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate `x` from every rank along dim 0, keeping autograd (torch.distributed.nn.all_gather,
     as open_clip's `gather_features(gather_with_grad=True)`); the identity when not distributed.
@@ -44,7 +40,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
     rank's shard, so when every rank computes the same global loss the local gradient is
     world_size x dL/dx, which DDP's gradient averaging turns back into dL/dtheta.
     """
-    if _distributed_world_size() <= 1:
+    if runtime.world_size() <= 1:
         return x
     import torch.distributed.nn  # noqa: F401  (registers torch.distributed.nn.all_gather)
 
@@ -54,7 +50,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
 def gather_no_grad(x: Tensor) -> Tensor:
     """Concatenate `x` from every rank along dim 0 without autograd; ranks may pass different
     lengths along dim 0 (rows are padded to the longest for the collective, then stripped)."""
-    world_size = _distributed_world_size()
+    world_size = runtime.world_size()
     if world_size <= 1:
         return x
     x = x.detach().contiguous()

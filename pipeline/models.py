@@ -17,14 +17,11 @@ from typing import Any, Callable
 import open_clip
 import torch
 
+from pipeline import names
 from pipeline import shards
 from pipeline.errors import PipelineError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-# What `dsmd teacher` writes and `pretrained: demo` resolves to, inside teacher.out_dir.
-DEMO_CHECKPOINT = "open_clip_pytorch_model.bin"
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-IDENTITY_FILE = "teacher_identity.json"
 
 _registered = False
 
@@ -57,7 +54,7 @@ def resolve_pretrained(pretrained: str, demo_dir: str | Path | None = None) -> s
     if pretrained == "demo":
         if demo_dir is None:
             raise ModelError("pretrained 'demo' needs the teacher's out_dir")
-        path = Path(demo_dir) / DEMO_CHECKPOINT
+        path = Path(demo_dir) / names.WEIGHTS_FILE
         if not path.exists():
             raise ModelError(f"demo teacher checkpoint {path} not found: run `dsmd teacher` first")
         return str(path)
@@ -177,15 +174,15 @@ def save_open_clip_dir(model: torch.nn.Module, model_name: str, out_dir: str | P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    shards.atomic_torch_save(state, out_dir / DEMO_CHECKPOINT)
+    shards.atomic_torch_save(state, out_dir / names.WEIGHTS_FILE)
     config = {
         "model_name": model_name,
         "model_cfg": model_config(model_name),
         "preprocess_cfg": dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
         **(extra or {}),
     }
-    shards.atomic_write_json(config, out_dir / OPEN_CLIP_CONFIG)
-    return out_dir / DEMO_CHECKPOINT
+    shards.atomic_write_json(config, out_dir / names.OPEN_CLIP_CONFIG)
+    return out_dir / names.WEIGHTS_FILE
 
 
 def load_identity_file(path: str | Path) -> dict:

@@ -83,6 +83,11 @@ def device_for(info: DistInfo, device_name: str = "auto") -> torch.device:
     return device
 
 
+def world_size() -> int:
+    """Processes in the default process group; 1 when not distributed."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.barrier()

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline import names
 from pipeline import data as data_mod
 from pipeline import models, runtime, shards
 from pipeline.progress import progress
@@ -52,10 +53,6 @@ log = logging.getLogger(__name__)
 
 LOSS_MODES = ("dsmd", "clip")
 SOURCES = ("shards", "corpus")
-CHECKPOINT_FILE = "checkpoint.pt"
-LOG_FILE = "train_log.jsonl"
-RUNNING_LOG_FILE = "train_log.running.jsonl"  # the log while a run is going; LOG_FILE once it ends
-SUMMARY_FILE = "train_summary.json"
 CHECKPOINT_FORMAT = 1
 # log_scale is clamped to ln(100) after every step, as in CLIP and open_clip
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -204,14 +201,10 @@ class StepContext:
         return self.net.module if hasattr(self.net, "module") else self.net
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _global_order(gathered: list[Tensor]) -> Tensor:
     """The global batch in sampler order (rank-major, then micro-batch) from per-micro-batch
     gathers (each rank-major): the same order as one process, which the FIFO queue depends on."""
-    world_size = _world_size()
+    world_size = runtime.world_size()
     pieces = [g.chunk(world_size) for g in gathered]
     return torch.cat([pieces[j][r] for r in range(world_size) for j in range(len(gathered))])
 
@@ -504,10 +497,10 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
         "batch_size": optim.batch_size, "seed": optim.seed, "features_fingerprint": fingerprint,
         "loss_terms": list(balancer.names),
     }
-    checkpoint_path, log_path = out_dir / CHECKPOINT_FILE, out_dir / LOG_FILE
+    checkpoint_path, log_path = out_dir / names.CHECKPOINT_FILE, out_dir / names.TRAIN_LOG_FILE
     # the log grows in a `.running` copy that replaces `train_log.jsonl` only when the run ends, so a
     # failed or killed fresh run never costs the previous run's log (a resume continues the copy)
-    running_log = out_dir / RUNNING_LOG_FILE
+    running_log = out_dir / names.RUNNING_LOG_FILE
     start_step = 0
     if resume and checkpoint_path.exists():
         start_step = int(load_checkpoint(checkpoint_path, ctx, run_identity)["step"])
@@ -597,12 +590,12 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
         "student_dim": loaded.embed_dim,
         "projection": net.projection is not None,
         "skipped": data.skipped,
-        "student": str(out_dir / models.DEMO_CHECKPOINT),
+        "student": str(out_dir / names.WEIGHTS_FILE),
         "config": to_dict(cfg),
     }
     if info.is_main:
         models.save_open_clip_dir(net.model, cfg.model, out_dir)
-        shards.atomic_write_json(summary, out_dir / SUMMARY_FILE)
+        shards.atomic_write_json(summary, out_dir / names.TRAIN_SUMMARY_FILE)
         running_log.replace(log_path)
     runtime.barrier(info)
     return summary

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from pipeline.config import stage_config
-from pipeline.models import IDENTITY_FILE
+from pipeline.names import IDENTITY_FILE
 from pipeline.teacher import prepare_teacher
 from stages._common import SET_HELP, params_option, user_errors
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
+from pipeline import names, retrieval
 from pipeline import evaluation, schema, shards
 from pipeline.augment import decode_image
 from pipeline.config import ConfigError, EvaluateConfig
@@ -120,14 +121,14 @@ def test_hand_computed_case():
 
 def test_chunking_never_builds_the_full_matrix(monkeypatch):
     shapes = []
-    original = evaluation._chunk_scores
+    original = retrieval._chunk_scores
 
     def recording(queries, database):
         out = original(queries, database)
         shapes.append(tuple(out.shape))
         return out
 
-    monkeypatch.setattr(evaluation, "_chunk_scores", recording)
+    monkeypatch.setattr(retrieval, "_chunk_scores", recording)
     rng = np.random.default_rng(3)
     n, m, chunk = 50, 250, 16
     text_to_image = np.repeat(np.arange(n), 5)
@@ -167,7 +168,7 @@ def save_student(folder, seed, log_lines=None):
     loaded = load_model("dsmd-test-student", "")
     save_open_clip_dir(loaded.model, "dsmd-test-student", folder)
     if log_lines is not None:
-        (folder / evaluation.TRAIN_LOG_FILE).write_text("\n".join(log_lines) + "\n")
+        (folder / names.TRAIN_LOG_FILE).write_text("\n".join(log_lines) + "\n")
     return loaded
 
 
@@ -272,13 +273,13 @@ def test_evaluate_writes_consistent_metrics_and_valid_plots(tmp_path):
     assert on_disk["students"]["dsmd"]["rsum"] == pytest.approx(want_dsmd["rsum"])
 
     plots = tmp_path / "out" / "plots"
-    for name in (evaluation.QUALITY_PLOT, evaluation.CURVES_PLOT):
+    for name in (names.QUALITY_PLOT, names.CURVES_PLOT):
         with Image.open(plots / name) as image:
             image.verify()
             assert image.format == "PNG"
-    points = json.loads((plots / evaluation.QUALITY_DATA).read_text())
+    points = json.loads((plots / names.QUALITY_DATA).read_text())
     assert [p["model"] for p in points] == ["teacher", "dsmd", "baseline"]
-    curves = evaluation.read_train_log(tmp_path / "students" / "dsmd" / evaluation.TRAIN_LOG_FILE)
+    curves = evaluation.read_train_log(tmp_path / "students" / "dsmd" / names.TRAIN_LOG_FILE)
     assert [r["step"] for r in curves] == [1, 2, 3, 4, 5]  # the bad line is skipped
     assert not list(plots.glob("*.csv"))  # the per-step curves for `dvc plots` are DVCLive's (dsmd train)
 

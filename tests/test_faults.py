@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import evaluation, extract as extract_mod, models, shards, training
+from pipeline import evaluation, extract as extract_mod, models, names, shards
 from pipeline.config import EvaluateConfig, ExtractConfig, TeacherConfig
 from pipeline.errors import PipelineError
 from tests.fakes import write_fake_features
@@ -274,11 +274,11 @@ def train_setup(tmp_path_factory):
 
 
 def assert_same_student(a: Path, b: Path) -> None:
-    x = torch.load(a / training.CHECKPOINT_FILE, weights_only=True)
-    y = torch.load(b / training.CHECKPOINT_FILE, weights_only=True)
+    x = torch.load(a / names.CHECKPOINT_FILE, weights_only=True)
+    y = torch.load(b / names.CHECKPOINT_FILE, weights_only=True)
     for key in x["model"]:
         torch.testing.assert_close(x["model"][key], y["model"][key], rtol=0, atol=1e-6)
-    steps = [[line for line in (d / training.LOG_FILE).read_text().splitlines()] for d in (a, b)]
+    steps = [[line for line in (d / names.TRAIN_LOG_FILE).read_text().splitlines()] for d in (a, b)]
     assert len(steps[0]) == len(steps[1]) == 24
 
 
@@ -288,7 +288,7 @@ def test_train_killed_anywhere_resumes_to_the_clean_student_and_leaves_nothing_b
     args = ["train", "--params", str(train_setup["params"]), "--out-dir", str(out), "--resume"]
     proc = dsmd(args, tmp_path)
     if seed == 0:  # after the first checkpoint, with the loader worker running
-        kill_when(proc, lambda: (out / training.CHECKPOINT_FILE).exists())
+        kill_when(proc, lambda: (out / names.CHECKPOINT_FILE).exists())
     else:
         at = time.monotonic() + random.Random(seed).uniform(0.3, 1.0) * train_setup["seconds"]
         kill_when(proc, lambda: time.monotonic() >= at)
@@ -337,8 +337,8 @@ def test_bad_options_and_files_are_one_error_line(train_setup, extract_setup, tm
     payload = _pickle_payload(tmp_path / "teacher.bin")
     student = tmp_path / "student"
     student.mkdir()
-    (student / models.OPEN_CLIP_CONFIG).write_text('{"model_name": "%s"}' % STUDENT)
-    _pickle_payload(student / models.DEMO_CHECKPOINT)
+    (student / names.OPEN_CLIP_CONFIG).write_text('{"model_name": "%s"}' % STUDENT)
+    _pickle_payload(student / names.WEIGHTS_FILE)
     params = {"train": train_setup["params"], "extract": extract_setup["params"]}.get(stage, extract_setup["params"])
     args = [o.format(payload=payload, student=student) for o in options]
     extra = ["--features-dir", str(extract_setup["clean"])] if stage == "evaluate" else []

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import models, training
+from pipeline import names, training
 from pipeline.config import stage_config
 from tests.conftest import REPO_ROOT
 from tests.fakes import write_fake_features
@@ -53,16 +53,16 @@ def test_two_ranks_match_one_process(tmp_path, accum_steps):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("student saved to") == 1  # rank 0 alone reports and writes
 
-    single = torch.load(single_dir / training.CHECKPOINT_FILE, weights_only=True)
-    ddp = torch.load(ddp_dir / training.CHECKPOINT_FILE, weights_only=True)
+    single = torch.load(single_dir / names.CHECKPOINT_FILE, weights_only=True)
+    ddp = torch.load(ddp_dir / names.CHECKPOINT_FILE, weights_only=True)
     assert ddp["world_size"] == 2 and ddp["step"] == 4
     for key, value in single["model"].items():
         torch.testing.assert_close(ddp["model"][key], value, rtol=0, atol=2e-5, msg=key)
     torch.testing.assert_close(ddp["projection"]["weight"], single["projection"]["weight"], rtol=0, atol=2e-5)
     # every rank enqueued the same global batches, in the same order
     torch.testing.assert_close(ddp["queue"]["owner_ids"], single["queue"]["owner_ids"])
-    saved = torch.load(ddp_dir / models.DEMO_CHECKPOINT, weights_only=True)
+    saved = torch.load(ddp_dir / names.WEIGHTS_FILE, weights_only=True)
     torch.testing.assert_close(saved["logit_scale"], single["model"]["logit_scale"], rtol=0, atol=2e-5)
-    single_log = (single_dir / training.LOG_FILE).read_text().splitlines()
-    ddp_log = (ddp_dir / training.LOG_FILE).read_text().splitlines()
+    single_log = (single_dir / names.TRAIN_LOG_FILE).read_text().splitlines()
+    ddp_log = (ddp_dir / names.TRAIN_LOG_FILE).read_text().splitlines()
     assert len(single_log) == len(ddp_log) == 4

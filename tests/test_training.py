@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from pipeline import names
 from pipeline import data as data_mod
 from pipeline import models, training
 from pipeline.config import DistillConfig, OptimConfig, TrainConfig, from_dict
@@ -50,13 +51,13 @@ def make_cfg(shards_dirs, out_dir, distill: dict | None = None, **optim) -> Trai
     )
 
 
-def read_log(out_dir, name: str = training.LOG_FILE) -> list[dict]:
+def read_log(out_dir, name: str = names.TRAIN_LOG_FILE) -> list[dict]:
     return [json.loads(line) for line in (Path(out_dir) / name).read_text().splitlines()]
 
 
 def load_trained(cfg: TrainConfig, teacher_dim: int = 32) -> training.StudentWithProjection:
     _, net = training.build_student(cfg, teacher_dim, torch.device("cpu"))
-    state = torch.load(Path(cfg.out_dir) / training.CHECKPOINT_FILE, weights_only=True)
+    state = torch.load(Path(cfg.out_dir) / names.CHECKPOINT_FILE, weights_only=True)
     net.model.load_state_dict(state["model"])
     if net.projection is not None:
         net.projection.load_state_dict(state["projection"])
@@ -122,14 +123,14 @@ def test_resume_equals_an_uninterrupted_run(view_shards_dirs, tmp_path, monkeypa
     monkeypatch.setattr(training, "optimizer_step", dies_at_step_7)
     with pytest.raises(Interrupted):
         training.train(cut)
-    assert [r["step"] for r in read_log(cut.out_dir, training.RUNNING_LOG_FILE)] == [1, 2, 3, 4, 5, 6]
-    assert not (Path(cut.out_dir) / training.LOG_FILE).exists()  # the log lands when the run ends
+    assert [r["step"] for r in read_log(cut.out_dir, names.RUNNING_LOG_FILE)] == [1, 2, 3, 4, 5, 6]
+    assert not (Path(cut.out_dir) / names.TRAIN_LOG_FILE).exists()  # the log lands when the run ends
     monkeypatch.setattr(training, "optimizer_step", real_step)
     summary = training.train(cut, resume=True)
     assert summary["resumed_from_step"] == 4
 
-    a = torch.load(Path(full.out_dir) / training.CHECKPOINT_FILE, weights_only=True)
-    b = torch.load(Path(cut.out_dir) / training.CHECKPOINT_FILE, weights_only=True)
+    a = torch.load(Path(full.out_dir) / names.CHECKPOINT_FILE, weights_only=True)
+    b = torch.load(Path(cut.out_dir) / names.CHECKPOINT_FILE, weights_only=True)
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
     torch.testing.assert_close(a["projection"]["weight"], b["projection"]["weight"], rtol=0, atol=1e-6)
@@ -209,9 +210,9 @@ def test_saved_student_loads_with_open_clip_and_gives_the_same_embeddings(shards
     training.train(cfg)
     trained = load_trained(cfg)
     out = Path(cfg.out_dir)
-    assert json.loads((out / models.OPEN_CLIP_CONFIG).read_text())["model_name"] == STUDENT
+    assert json.loads((out / names.OPEN_CLIP_CONFIG).read_text())["model_name"] == STUDENT
     models.register_model_configs()
-    by_name = open_clip.create_model(STUDENT, pretrained=str(out / models.DEMO_CHECKPOINT)).eval()
+    by_name = open_clip.create_model(STUDENT, pretrained=str(out / names.WEIGHTS_FILE)).eval()
     by_dir = open_clip.create_model(f"local-dir:{out}").eval()
     images = torch.randn(3, 3, 16, 16)
     texts = open_clip.get_tokenizer(STUDENT)(["a picture number 3 variant 0", "a cat", "two dogs"])
@@ -221,14 +222,14 @@ def test_saved_student_loads_with_open_clip_and_gives_the_same_embeddings(shards
             torch.testing.assert_close(F.normalize(model.encode_image(images), dim=-1), expected["image"])
             torch.testing.assert_close(F.normalize(model.encode_text(texts), dim=-1), expected["text"])
     # the distillation projection lives only in checkpoint.pt: the saved weights are open_clip's own
-    assert set(torch.load(out / models.DEMO_CHECKPOINT, weights_only=True)) == set(by_name.state_dict())
+    assert set(torch.load(out / names.WEIGHTS_FILE, weights_only=True)) == set(by_name.state_dict())
 
 
 def test_the_train_stage_never_loads_the_teacher(shards_dirs, tmp_path, monkeypatch):
     # a teacher that existed once, whose checkpoint is gone
     teacher_dir = tmp_path / "teacher"
     models.save_open_clip_dir(models.load_model(TEACHER, "").model, TEACHER, teacher_dir)
-    (teacher_dir / models.DEMO_CHECKPOINT).unlink()
+    (teacher_dir / names.WEIGHTS_FILE).unlink()
 
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher (or pretrained weights) was loaded during training")
@@ -259,7 +260,7 @@ def test_the_train_stage_never_loads_the_teacher(shards_dirs, tmp_path, monkeypa
     ])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert f"student saved to {out}" in result.output
-    assert (out / models.DEMO_CHECKPOINT).exists() and (out / training.SUMMARY_FILE).exists()
+    assert (out / names.WEIGHTS_FILE).exists() and (out / names.TRAIN_SUMMARY_FILE).exists()
 
 
 def test_the_train_stage_reports_bad_input_without_a_traceback(tmp_path):
@@ -294,7 +295,7 @@ def test_bad_training_options_fail_before_any_work(shards_dirs, tmp_path, overri
 def test_a_run_that_fails_its_checks_leaves_the_previous_log_alone(shards_dirs, tmp_path):
     cfg = make_cfg(shards_dirs, tmp_path / "out", max_steps=3)
     training.train(cfg)
-    log_path = tmp_path / "out" / training.LOG_FILE
+    log_path = tmp_path / "out" / names.TRAIN_LOG_FILE
     before = log_path.read_bytes()
     assert before
     too_big = make_cfg(shards_dirs, tmp_path / "out", max_steps=3, batch_size=1024)  # more than the 64 images

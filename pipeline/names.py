@@ -1,0 +1,26 @@
+"""Every file name the pipeline writes inside its output folders, in one place (the Parquet layout's
+names are in `schema.py`). Readers and writers import them from here."""
+
+# an open_clip model folder (teacher, student): loadable with open_clip's `local-dir:` schema
+WEIGHTS_FILE = "open_clip_pytorch_model.bin"  # state dict (torch.load(weights_only=True))
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # model_name, model_cfg, preprocess_cfg
+IDENTITY_FILE = "teacher_identity.json"  # in the teacher folder: what every Parquet file records
+
+# a training run's folder (student, or demo teacher)
+CHECKPOINT_FILE = "checkpoint.pt"  # resumable state
+TRAIN_LOG_FILE = "train_log.jsonl"  # one JSON record per logged step, once the run has ended
+RUNNING_LOG_FILE = "train_log.running.jsonl"  # the same while the run goes (replaces TRAIN_LOG_FILE at the end)
+TRAIN_SUMMARY_FILE = "train_summary.json"
+DVCLIVE_DIR = "dvclive"  # DVCLive's metrics.json and plots/ (train.live_dir: auto)
+
+# dsmd export's folder
+SAFETENSORS_FILE = "open_clip_model.safetensors"  # open_clip's HF_SAFE_WEIGHTS_NAME
+IMAGE_ONNX = "image_encoder.onnx"
+TEXT_ONNX = "text_encoder.onnx"
+EXPORT_REPORT = "export_report.json"
+MODEL_CARD = "README.md"
+
+# dsmd evaluate's plots folder
+QUALITY_PLOT = "quality_vs_time.png"
+QUALITY_DATA = "quality_vs_time.json"
+CURVES_PLOT = "training_curves.png"
