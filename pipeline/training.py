@@ -444,24 +444,27 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             runtime.shutdown_distributed()
 
 
-def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
-    started = time.perf_counter()
-    optim = cfg.optim
-    device = runtime.device_for(info, optim.device)
-    runtime.set_threads(optim.threads)
-    out_dir = Path(cfg.out_dir)
-    distill = cfg.loss == "dsmd"
-    if info.is_main:
-        shards.prepare_output_dir(out_dir)  # writable, no temporaries of killed runs
+@dataclass
+class _Inputs:
+    """Everything training reads from the shards (or the corpus): the teacher itself is never loaded."""
 
-    # data: everything from the shards (or the corpus); the teacher is never loaded
+    data: data_mod.TrainingData
+    fingerprint: Optional[str]  # of the features split, recorded in checkpoints
+    teacher_dim: Optional[int]  # None for the CLIP-only loss
+    image_ids: np.ndarray  # the images trained on
+    negatives: Optional[data_mod.MinedNegatives]  # for the hard-negative term
+    i2i: Optional[np.ndarray]  # for hard-negative-aware batching
+    steps: int
+
+
+def _load_inputs(cfg: TrainConfig) -> _Inputs:
+    distill = cfg.loss == "dsmd"
     if cfg.source == "shards":
         data = data_mod.load_shards_data(cfg.features_dir, cfg.split, with_teacher=distill, with_views=cfg.use_views)
         fingerprint = shards.features_fingerprint(cfg.features_dir, cfg.split)
     else:
         data = data_mod.load_corpus_data(cfg.manifest, cfg.split)
         fingerprint = None
-    teacher_dim = data.embedding_dim if distill else None
     # the mined i2i neighbours serve both the hard-negative loss and hard-negative-aware batching: read once
     wants_mined = distill and cfg.distill.hard_negative and cfg.distill.hard_negatives > 0
     wants_grouping = cfg.batching == "hard-negative-aware"
@@ -471,8 +474,6 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
         negatives = data_mod.load_negatives(
             cfg.negatives_dir, cfg.split, data, cfg.distill.hard_negatives, cfg.features_dir, i2i=mined_i2i
         )
-    i2i = mined_i2i[:, : max(0, cfg.batch_neighbours)] if wants_grouping else None
-
     image_ids = data.trainable_image_ids()
     if len(image_ids) < data.num_images:
         log.warning("%s: %d image(s) without a caption are not trained on", data.source, data.num_images - len(image_ids))
@@ -481,90 +482,119 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
         log.info("train.max_images: training on the first %d images of %s", len(image_ids), data.source)
         if negatives is not None:  # nothing outside the subset may reach the student, not even as a negative
             negatives = data_mod.restrict_negatives(negatives, data, image_ids)
-    steps = data_mod.total_steps(len(image_ids), optim.batch_size, optim.epochs, optim.max_steps)
+    return _Inputs(
+        data=data, fingerprint=fingerprint, teacher_dim=data.embedding_dim if distill else None, image_ids=image_ids,
+        negatives=negatives, i2i=mined_i2i[:, : max(0, cfg.batch_neighbours)] if wants_grouping else None,
+        steps=data_mod.total_steps(len(image_ids), cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.max_steps),
+    )
 
-    # the student, its projection, the losses, AdamW and the schedule
-    loaded, ctx = build_context(cfg, teacher_dim, steps, device, info.distributed)
-    net, dsmd_loss, balancer, optimizer = ctx.student, ctx.dsmd_loss, ctx.balancer, ctx.optimizer
-    if info.is_main:  # a checkpoint holds the weights and AdamW's two moments; the student its weights
-        weight_bytes = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
-        shards.check_free_space(out_dir, 5 * weight_bytes + (32 << 20))
 
-    # resume, or start afresh (the queue starts full of real cached teacher embeddings)
-    run_identity = {
+def _run_identity(cfg: TrainConfig, inputs: _Inputs, ctx: StepContext) -> dict:
+    """What a checkpoint must match to be resumed."""
+    return {
         "model": cfg.model, "loss": cfg.loss, "source": cfg.source, "split": cfg.split, "batching": cfg.batching,
         "batch_neighbours": cfg.batch_neighbours, "max_images": cfg.max_images, "projection_init": cfg.projection_init,
-        "batch_size": optim.batch_size, "seed": optim.seed, "features_fingerprint": fingerprint,
-        "loss_terms": list(balancer.names),
+        "batch_size": cfg.optim.batch_size, "seed": cfg.optim.seed, "features_fingerprint": inputs.fingerprint,
+        "loss_terms": list(ctx.balancer.names),
     }
-    checkpoint_path, log_path = out_dir / names.CHECKPOINT_FILE, out_dir / names.TRAIN_LOG_FILE
-    # the log grows in a `.running` copy that replaces `train_log.jsonl` only when the run ends, so a
-    # failed or killed fresh run never costs the previous run's log (a resume continues the copy)
-    running_log = out_dir / names.RUNNING_LOG_FILE
-    start_step = 0
+
+
+def _start(cfg: TrainConfig, inputs: _Inputs, ctx: StepContext, identity: dict, resume: bool, device: torch.device) -> int:
+    """The step to start from: a resumed checkpoint's, or 0 with the queue full of real cached teacher embeddings."""
+    checkpoint_path = Path(cfg.out_dir) / names.CHECKPOINT_FILE
     if resume and checkpoint_path.exists():
-        start_step = int(load_checkpoint(checkpoint_path, ctx, run_identity)["step"])
-        log.info("resuming %s from step %d of %d", out_dir, start_step, steps)
-    else:
-        if resume:
-            log.info("--resume: no %s yet, starting from scratch", checkpoint_path)
-        if dsmd_loss is not None and dsmd_loss.queue is not None:
-            _prefill_queue(dsmd_loss, data, image_ids, optim.seed, device)
+        start_step = int(load_checkpoint(checkpoint_path, ctx, identity)["step"])
+        log.info("resuming %s from step %d of %d", cfg.out_dir, start_step, inputs.steps)
+        return start_step
+    if resume:
+        log.info("--resume: no %s yet, starting from scratch", checkpoint_path)
+    if ctx.dsmd_loss is not None and ctx.dsmd_loss.queue is not None:
+        _prefill_queue(ctx.dsmd_loss, inputs.data, inputs.image_ids, cfg.optim.seed, device)
+    return 0
+
+
+def _batches(cfg: TrainConfig, inputs: _Inputs, loaded, start_step: int, info: runtime.DistInfo, device: torch.device):
+    """(sampler, loader): global batches as a pure function of (seed, epoch), this rank's share of each."""
+    optim = cfg.optim
     dataset = data_mod.TrainingDataset(
-        data, loaded.preprocess, loaded.tokenizer, seed=optim.seed, use_views=cfg.use_views and distill, negatives=negatives
+        inputs.data, loaded.preprocess, loaded.tokenizer, seed=optim.seed, use_views=cfg.use_views and cfg.loss == "dsmd",
+        negatives=inputs.negatives,
     )
     sampler = data_mod.GlobalBatchSampler(
-        image_ids, optim.batch_size, steps, seed=optim.seed, batching=cfg.batching, i2i=i2i, start_step=start_step,
-        rank=info.rank, world_size=info.world_size, accum_steps=optim.accum_steps,
+        inputs.image_ids, optim.batch_size, inputs.steps, seed=optim.seed, batching=cfg.batching, i2i=inputs.i2i,
+        start_step=start_step, rank=info.rank, world_size=info.world_size, accum_steps=optim.accum_steps,
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=optim.num_workers, collate_fn=data_mod.keep_batch,
         pin_memory=device.type == "cuda", worker_init_fn=runtime.die_with_parent(),
     )
-    # only now, with every option checked (the sampler refuses a batch larger than the data), is a
-    # previous run's log replaced
+    return sampler, loader
+
+
+def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
+    started = time.perf_counter()
+    optim = cfg.optim
+    device = runtime.device_for(info, optim.device)
+    runtime.set_threads(optim.threads)
+    out_dir = Path(cfg.out_dir)
+    if info.is_main:
+        shards.prepare_output_dir(out_dir)  # writable, no temporaries of killed runs
+
+    # inputs, then the student, its projection, the losses, AdamW and the schedule
+    inputs = _load_inputs(cfg)
+    loaded, ctx = build_context(cfg, inputs.teacher_dim, inputs.steps, device, info.distributed)
+    if info.is_main:  # a checkpoint holds the weights and AdamW's two moments; the student its weights
+        weight_bytes = sum(p.numel() * p.element_size() for group in ctx.optimizer.param_groups for p in group["params"])
+        shards.check_free_space(out_dir, 5 * weight_bytes + (32 << 20))
+
+    # start or resume; only once every option is checked (the sampler refuses a batch larger than the
+    # data) is a previous run's log replaced: it grows as RUNNING_LOG_FILE until the run ends
+    identity = _run_identity(cfg, inputs, ctx)
+    start_step = _start(cfg, inputs, ctx, identity, resume, device)
+    sampler, loader = _batches(cfg, inputs, loaded, start_step, info, device)
+    running_log, log_path = out_dir / names.RUNNING_LOG_FILE, out_dir / names.TRAIN_LOG_FILE
     kept = _trim_log(running_log if running_log.exists() else log_path, start_step, running_log) if info.is_main else []
     validation = None
     if info.is_main and cfg.val_every > 0 and cfg.source == "shards":
         validation = Validation.from_features(cfg.features_dir, cfg.val_split, cfg.val_images, 256)
-    samples_per_epoch = sampler.batches_per_epoch * optim.batch_size
     log.info(
         "training %s (%s loss, %s) on %d images of %s: %d steps of %d, %d rank(s) x %d micro-batch(es)",
-        cfg.model, cfg.loss, cfg.source, len(image_ids), data.source, steps, optim.batch_size,
+        cfg.model, cfg.loss, cfg.source, len(inputs.image_ids), inputs.data.source, inputs.steps, optim.batch_size,
         info.world_size, optim.accum_steps,
     )
 
     def checkpoint(step: int) -> None:
         if info.is_main:
             extra = {
-                "run": run_identity, "epoch": step // sampler.batches_per_epoch,
-                "step_in_epoch": step % sampler.batches_per_epoch, "total_steps": steps,
+                "run": identity, "epoch": step // sampler.batches_per_epoch,
+                "step_in_epoch": step % sampler.batches_per_epoch, "total_steps": inputs.steps,
                 "world_size": info.world_size, "config": to_dict(cfg),
             }
-            save_checkpoint(checkpoint_path, ctx, step, extra)
+            save_checkpoint(out_dir / names.CHECKPOINT_FILE, ctx, step, extra)
         runtime.barrier(info)
 
     # the loop
+    steps, samples_per_epoch = inputs.steps, sampler.batches_per_epoch * optim.batch_size
     last: dict[str, float] = {}
     batches = iter(loader)
     bar = progress(steps, f"train {cfg.loss}", "step", initial=start_step, enabled=info.is_main)
     run_started = window_started = time.perf_counter()
     window_steps = 0
-    live_dir = str(out_dir / "dvclive") if cfg.live_dir == "auto" else cfg.live_dir
+    live_dir = str(out_dir / names.DVCLIVE_DIR) if cfg.live_dir == "auto" else cfg.live_dir
     run_log = TrainingLog(running_log, live_dir, kept) if info.is_main else None
     with bar, contextlib.closing(run_log) if run_log else contextlib.nullcontext():
         for step in range(start_step, steps):
             micro_batches = [next(batches) for _ in range(optim.accum_steps)]
-            lr = optimizer.param_groups[0]["lr"]
+            lr = ctx.optimizer.param_groups[0]["lr"]
             last = optimizer_step(ctx, micro_batches)
             done, window_steps = step + 1, window_steps + 1
-            elapsed = time.perf_counter() - window_started
-            samples_per_s = window_steps * optim.batch_size / max(elapsed, 1e-9)
+            samples_per_s = window_steps * optim.batch_size / max(time.perf_counter() - window_started, 1e-9)
             bar.set_postfix(loss=f"{last['loss_total']:.4f}", samples_per_s=f"{samples_per_s:.0f}")
             bar.update(1)
             validate = validation is not None and (done % cfg.val_every == 0 or done == steps)
             if info.is_main and (done % max(1, optim.log_every) == 0 or done == steps or validate):
-                record = {"step": done, "epoch": done * optim.batch_size / samples_per_epoch, "lr": lr, "samples_per_s": samples_per_s, **last}
+                record = {"step": done, "epoch": done * optim.batch_size / samples_per_epoch, "lr": lr,
+                          "samples_per_s": samples_per_s, **last}
                 if validate:
                     record.update(validation(loaded, device))
                     bar.set_postfix(loss=f"{last['loss_total']:.4f}", val_rsum=f"{record['val_rsum']:.1f}")
@@ -574,7 +604,7 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
                 checkpoint(done)
     run_seconds = time.perf_counter() - run_started
 
-    # outputs: the resumable checkpoint, the open_clip student, the summary
+    # outputs: the resumable checkpoint, the open_clip student, the summary, the log
     checkpoint(steps)
     summary = {
         "steps": steps,
@@ -585,16 +615,16 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
         "train_time_s": run_seconds,
         "samples_per_s": (steps - start_step) * optim.batch_size / max(run_seconds, 1e-9),
         "world_size": info.world_size,
-        "num_images": int(len(image_ids)),
-        "teacher_dim": teacher_dim,
+        "num_images": int(len(inputs.image_ids)),
+        "teacher_dim": inputs.teacher_dim,
         "student_dim": loaded.embed_dim,
-        "projection": net.projection is not None,
-        "skipped": data.skipped,
+        "projection": ctx.student.projection is not None,
+        "skipped": inputs.data.skipped,
         "student": str(out_dir / names.WEIGHTS_FILE),
         "config": to_dict(cfg),
     }
     if info.is_main:
-        models.save_open_clip_dir(net.model, cfg.model, out_dir)
+        models.save_open_clip_dir(ctx.student.model, cfg.model, out_dir)
         shards.atomic_write_json(summary, out_dir / names.TRAIN_SUMMARY_FILE)
         running_log.replace(log_path)
     runtime.barrier(info)
