@@ -577,6 +577,65 @@ def _up_to_date(out: Path, fingerprint: str, params: dict) -> Optional[dict]:
     return manifest
 
 
+def _load_directions(features_dir: Path, split: str, cfg: MineConfig):
+    """(image_emb, text_emb, caption groups, the four directions) of a features split, checked."""
+    where = shards.split_dir(features_dir, split)
+    image_emb, text_emb, text_image = shards.load_embeddings(features_dir, split)
+    if len(image_emb) == 0 or len(text_emb) == 0:
+        raise MineError(f"{where}: split {split!r} has {len(image_emb)} images and {len(text_emb)} texts; nothing to mine")
+    if text_image.min() < 0 or text_image.max() >= len(image_emb):
+        raise MineError(f"{where}: a text's image_id is outside 0..{len(image_emb) - 1}; re-run `dsmd extract`")
+    image_emb = _normalised(image_emb, "image", where)
+    text_emb = _normalised(text_emb, "text", where)
+    texts = shards.read_texts(features_dir, split, columns=[schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION])
+    groups = group_captions(texts[schema.CAPTION].to_pylist(), text_image, len(image_emb))
+    need_positives = cfg.margin is not None or cfg.relative_margin is not None
+    return image_emb, text_emb, groups, make_directions(image_emb, text_emb, groups, need_positives=need_positives)
+
+
+def _build_indexes(databases: dict[str, np.ndarray], cfg: MineConfig, split: str) -> tuple[dict, dict]:
+    """One index per database (images serve t2i and i2i, texts i2t and t2t): {name: (searcher, exact)}, info."""
+    indexes, index_info = {}, {}
+    for name, vectors in databases.items():
+        kind = resolve_index_kind(cfg.index, len(vectors), cfg.exact_threshold)
+        t0 = time.perf_counter()
+        index = build_index(vectors, kind, cfg)
+        index_info[name] = {"kind": kind, "ntotal": int(index.ntotal), "build_seconds": round(time.perf_counter() - t0, 3)}
+        if kind in ("ivf", "ivfpq"):
+            index_info[name].update(nlist=int(index.nlist), nprobe=int(index.nprobe))
+        log.info("%s: %s index over %d %s built in %.1fs", split, kind, index.ntotal, name, index_info[name]["build_seconds"])
+        indexes[name] = (_IndexSearcher(index, kind, vectors, cfg), _ExactSearcher(vectors))
+    return indexes, index_info
+
+
+def _mine_one(name: str, direction, searchers, index_kind: str, cfg: MineConfig, split: str, metadata: dict,
+              rng: np.random.Generator, progress: bool) -> tuple[dict, dict]:
+    """Mine one direction and write its table; returns (report, file record)."""
+    searcher, exact_searcher = searchers
+    t0 = time.perf_counter()
+    result = mine_direction(direction, searcher, exact_searcher, cfg, progress=progress)
+    info = {
+        "index": index_kind, "queries": len(direction.queries), "database": len(direction.database),
+        "depth": result["depth"], "short_rows": result["short_rows"], "retried_rows": result["retried_rows"],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if not searcher.exact and cfg.recall_sample > 0:  # measured, not assumed: recall against exact search
+        sample = np.sort(rng.choice(len(direction.queries), min(cfg.recall_sample, len(direction.queries)), replace=False))
+        reference = mine_direction(direction, exact_searcher, exact_searcher, cfg, rows=sample)
+        info["recall_at_k"] = round(recall_at_k(result["ids"][sample], reference["ids"]), 4)
+        info["recall_sample"] = len(sample)
+        log.info("%s %s: recall@%d %.4f against exact search on %d queries", split, name, cfg.k, info["recall_at_k"], len(sample))
+    if result["short_rows"]:
+        log.info("%s %s: %d rows have fewer than k=%d negatives (database exhausted after filtering)",
+                 split, name, result["short_rows"], cfg.k)
+    table = _neighbors_table(name, result["ids"], result["scores"], result["counts"], metadata)
+    path = shards.atomic_write_table(table, shards.neighbors_path(cfg.out_dir, split, name))
+    return info, {"path": path.name, "rows": table.num_rows, "bytes": path.stat().st_size, "sha256": shards.sha256_file(path)}
+
+
+DATABASE_OF = {"i2t": "texts", "t2i": "images", "i2i": "images", "t2t": "texts"}
+
+
 def mine_split(cfg: MineConfig, split: str, progress: bool = True) -> dict:
     """Mine one split; returns its `_manifest.json` content plus `status` (mined | up to date)."""
     features_dir = Path(cfg.features_dir)
@@ -589,88 +648,30 @@ def mine_split(cfg: MineConfig, split: str, progress: bool = True) -> dict:
         return {**current, "status": "up to date"}
 
     started = time.perf_counter()
-    where = shards.split_dir(features_dir, split)
-    image_emb, text_emb, text_image = shards.load_embeddings(features_dir, split)
-    if len(image_emb) == 0 or len(text_emb) == 0:
-        raise MineError(f"{where}: split {split!r} has {len(image_emb)} images and {len(text_emb)} texts; nothing to mine")
-    if text_image.min() < 0 or text_image.max() >= len(image_emb):
-        raise MineError(f"{where}: a text's image_id is outside 0..{len(image_emb) - 1}; re-run `dsmd extract`")
-    image_emb = _normalised(image_emb, "image", where)
-    text_emb = _normalised(text_emb, "text", where)
-    texts = shards.read_texts(features_dir, split, columns=[schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION])
-    groups = group_captions(texts[schema.CAPTION].to_pylist(), text_image, len(image_emb))
-    directions = make_directions(image_emb, text_emb, groups, need_positives=cfg.margin is not None or cfg.relative_margin is not None)
+    image_emb, text_emb, groups, directions = _load_directions(features_dir, split, cfg)
     load_seconds = time.perf_counter() - started
-
-    # one index per database: images serve t2i and i2i, texts serve i2t and t2t
-    databases = {"images": image_emb, "texts": text_emb}
-    indexes, index_info = {}, {}
-    for name, vectors in databases.items():
-        kind = resolve_index_kind(cfg.index, len(vectors), cfg.exact_threshold)
-        t0 = time.perf_counter()
-        index = build_index(vectors, kind, cfg)
-        index_info[name] = {"kind": kind, "ntotal": int(index.ntotal), "build_seconds": round(time.perf_counter() - t0, 3)}
-        if kind in ("ivf", "ivfpq"):
-            index_info[name].update(nlist=int(index.nlist), nprobe=int(index.nprobe))
-        log.info("%s: %s index over %d %s built in %.1fs", split, kind, index.ntotal, name, index_info[name]["build_seconds"])
-        indexes[name] = (_IndexSearcher(index, kind, vectors, cfg), _ExactSearcher(vectors))
+    indexes, index_info = _build_indexes({"images": image_emb, "texts": text_emb}, cfg, split)
 
     out.mkdir(parents=True, exist_ok=True)
     marker = out / schema.SPLIT_MANIFEST
     if marker.exists():
         marker.unlink()  # from here on the split's negatives are incomplete until the new manifest lands
     features_manifest = shards.load_split_manifest(features_dir, split)
-    metadata = {
-        schema.META_KIND: "neighbors",
-        schema.META_SPLIT: split,
-        schema.META_FEATURES_FINGERPRINT: fingerprint,
-        schema.META_MINE_PARAMS: params,
-    }
+    metadata = {schema.META_KIND: "neighbors", schema.META_SPLIT: split, schema.META_FEATURES_FINGERPRINT: fingerprint,
+                schema.META_MINE_PARAMS: params}
     if "teacher" in features_manifest:
         metadata[schema.META_TEACHER] = features_manifest["teacher"]
-    database_of = {"i2t": "texts", "t2i": "images", "i2i": "images", "t2t": "texts"}
     rng = np.random.default_rng(cfg.seed)
     report, files = {}, {}
     for name in schema.NEIGHBOR_DIRECTIONS:
-        direction = directions[name]
-        searcher, exact_searcher = indexes[database_of[name]]
-        t0 = time.perf_counter()
-        result = mine_direction(direction, searcher, exact_searcher, cfg, progress=progress)
-        seconds = time.perf_counter() - t0
-        info = {
-            "index": index_info[database_of[name]]["kind"], "queries": len(direction.queries),
-            "database": len(direction.database), "depth": result["depth"], "short_rows": result["short_rows"],
-            "retried_rows": result["retried_rows"], "seconds": round(seconds, 3),
-        }
-        if not searcher.exact and cfg.recall_sample > 0:
-            sample = np.sort(rng.choice(len(direction.queries), min(cfg.recall_sample, len(direction.queries)), replace=False))
-            reference = mine_direction(direction, exact_searcher, exact_searcher, cfg, rows=sample)
-            info["recall_at_k"] = round(recall_at_k(result["ids"][sample], reference["ids"]), 4)
-            info["recall_sample"] = len(sample)
-            log.info("%s %s: recall@%d %.4f against exact search on %d queries", split, name, cfg.k,
-                     info["recall_at_k"], len(sample))
-        if result["short_rows"]:
-            log.info("%s %s: %d rows have fewer than k=%d negatives (database exhausted after filtering)",
-                     split, name, result["short_rows"], cfg.k)
-        table = _neighbors_table(name, result["ids"], result["scores"], result["counts"], metadata)
-        path = shards.atomic_write_table(table, shards.neighbors_path(cfg.out_dir, split, name))
-        files[name] = {"path": path.name, "rows": table.num_rows, "bytes": path.stat().st_size,
-                       "sha256": shards.sha256_file(path)}
-        report[name] = info
+        database = DATABASE_OF[name]
+        report[name], files[name] = _mine_one(name, directions[name], indexes[database], index_info[database]["kind"],
+                                              cfg, split, metadata, rng, progress)
     manifest = {
-        "split": split,
-        "schema_version": schema.SCHEMA_VERSION,
-        "features_dir": str(features_dir),
-        "features_fingerprint": fingerprint,
-        "mine_params": params,
-        "num_images": len(image_emb),
-        "num_texts": len(text_emb),
-        "caption_groups": groups.num_groups,
-        "indexes": index_info,
-        "directions": report,
-        "files": files,
-        "load_seconds": round(load_seconds, 3),
-        "seconds": round(time.perf_counter() - started, 3),
+        "split": split, "schema_version": schema.SCHEMA_VERSION, "features_dir": str(features_dir),
+        "features_fingerprint": fingerprint, "mine_params": params, "num_images": len(image_emb),
+        "num_texts": len(text_emb), "caption_groups": groups.num_groups, "indexes": index_info, "directions": report,
+        "files": files, "load_seconds": round(load_seconds, 3), "seconds": round(time.perf_counter() - started, 3),
     }
     shards.atomic_write_json(manifest, marker)
     return {**manifest, "status": "mined"}
