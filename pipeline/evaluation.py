@@ -12,14 +12,10 @@ with the same thread count, interleaving the models so that machine noise hits a
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import platform
-import statistics
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,128 +25,17 @@ from pipeline import runtime, shards, zeroshot
 from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.errors import PipelineError
 from pipeline.encoding import encode_split  # noqa: F401  (re-exported: evaluation.encode_split)
+from pipeline.cost import compare_encoder_costs, encoder_cost, parameter_counts  # noqa: F401  (re-exported)
+from pipeline.plots import TEACHER, plot_quality_vs_time, plot_training_curves, quality_figure, read_train_log  # noqa: F401
 from pipeline.retrieval import _check_ks, metrics_from_ranks, retrieval_metrics, retrieval_ranks  # noqa: F401
-from pipeline.progress import progress
 from pipeline.models import LoadedModel, ModelError, load_model
 
 log = logging.getLogger(__name__)
 
-TEACHER = "teacher"
-# Caption used to time the text encoders; tokenizers pad to the context length, so its content
-# does not change the cost.
-TIMING_CAPTION = "a small red cube to the left of a large blue sphere on a wooden table"
 
 
 class EvaluationError(PipelineError):
     """A student, teacher or option that evaluation cannot use; the message names it."""
-
-
-# ---- encoder cost ----------------------------------------------------------------------------
-
-def parameter_counts(model: torch.nn.Module) -> dict:
-    """Image tower = `model.visual`; text tower = everything else except the logit scale/bias."""
-    total = sum(p.numel() for p in model.parameters())
-    image = sum(p.numel() for p in model.visual.parameters())
-    head = sum(p.numel() for name, p in model.named_parameters() if name in ("logit_scale", "logit_bias"))
-    return {"params_image": int(image), "params_text": int(total - image - head), "params_total": int(total)}
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _seconds(fn: Callable[[], object], device: torch.device) -> float:
-    _synchronize(device)
-    start = time.perf_counter()
-    fn()
-    _synchronize(device)
-    return time.perf_counter() - start
-
-
-def compare_encoder_costs(
-    models: dict[str, LoadedModel],
-    device: str | torch.device = "cpu",
-    latency_repeats: int = 20,
-    throughput_batch: int = 64,
-    throughput_repeats: int = 5,
-    warmup: int = 2,
-) -> dict[str, dict]:
-    """`encoder_cost` of several models measured together: every repeat times every model in turn
-    (in a rotating order), so drift in machine load affects all of them alike.
-
-    Per model: parameter counts; `image_latency_ms` / `text_latency_ms` = median wall time of one
-    `encode_image` / `encode_text` call at batch 1; `image_throughput` / `text_throughput` =
-    throughput_batch / median time of a call at that batch (items per second), and
-    `image_ms_per_image` / `text_ms_per_text` = 1000 / throughput."""
-    if latency_repeats < 1 or throughput_repeats < 1 or throughput_batch < 1:
-        raise ConfigError(
-            "evaluate.latency_repeats, throughput_repeats and throughput_batch must be >= 1, got "
-            f"{latency_repeats}, {throughput_repeats}, {throughput_batch}"
-        )
-    device = torch.device(device)
-    names = list(models)
-    ops: dict[str, dict[str, Callable[[], object]]] = {}
-    for name, loaded in models.items():
-        model = loaded.model.to(device).eval()
-        size = loaded.image_size
-        image_1 = torch.randn(1, 3, size, size, device=device)
-        image_b = torch.randn(throughput_batch, 3, size, size, device=device)
-        text_1 = loaded.tokenizer([TIMING_CAPTION]).to(device)
-        text_b = loaded.tokenizer([TIMING_CAPTION] * throughput_batch).to(device)
-        ops[name] = {
-            "image_1": lambda m=model, x=image_1: m.encode_image(x),
-            "text_1": lambda m=model, x=text_1: m.encode_text(x),
-            "image_b": lambda m=model, x=image_b: m.encode_image(x),
-            "text_b": lambda m=model, x=text_b: m.encode_text(x),
-        }
-    times: dict[str, dict[str, list[float]]] = {n: {op: [] for op in ops[n]} for n in names}
-    rounds = max(latency_repeats, throughput_repeats)
-    with torch.inference_mode(), runtime.autocast(device):
-        for name in names:
-            for fn in ops[name].values():
-                for _ in range(warmup):
-                    fn()
-        with progress(rounds, "timing encoders", "round") as bar:
-            for r in range(rounds):
-                for name in names[r % len(names):] + names[: r % len(names)]:
-                    for op in ("image_1", "text_1"):
-                        if r < latency_repeats:
-                            times[name][op].append(_seconds(ops[name][op], device))
-                    for op in ("image_b", "text_b"):
-                        if r < throughput_repeats:
-                            times[name][op].append(_seconds(ops[name][op], device))
-                bar.update(1)
-    costs = {}
-    for name in names:
-        t = {op: statistics.median(values) for op, values in times[name].items()}
-        image_throughput = throughput_batch / t["image_b"]
-        text_throughput = throughput_batch / t["text_b"]
-        costs[name] = {
-            **parameter_counts(models[name].model),
-            "image_size": int(models[name].image_size),
-            "image_latency_ms": 1000.0 * t["image_1"],
-            "text_latency_ms": 1000.0 * t["text_1"],
-            "image_throughput": image_throughput,
-            "text_throughput": text_throughput,
-            "image_ms_per_image": 1000.0 / image_throughput,
-            "text_ms_per_text": 1000.0 / text_throughput,
-            "throughput_batch": int(throughput_batch),
-        }
-    return costs
-
-
-def encoder_cost(
-    loaded: LoadedModel,
-    device: str | torch.device = "cpu",
-    latency_repeats: int = 20,
-    throughput_batch: int = 64,
-    throughput_repeats: int = 5,
-) -> dict:
-    """Parameters, batch-1 latency (ms) and throughput (items/s) of one model; see compare_encoder_costs."""
-    return compare_encoder_costs(
-        {"model": loaded}, device, latency_repeats, throughput_batch, throughput_repeats
-    )["model"]
 
 
 # ---- loading teacher and students -------------------------------------------------------------
@@ -228,112 +113,6 @@ def load_teacher_architecture(split_manifest: dict, teacher_dir: str | Path, dev
     else:
         tried.append(f"{config_path} not found")
     raise EvaluationError("cannot build the teacher architecture for timing: " + "; ".join(tried))
-
-
-# ---- training logs and plots ------------------------------------------------------------------
-
-def read_train_log(path: str | Path) -> list[dict]:
-    """The JSON lines of a `train_log.jsonl`; lines that are not JSON objects with a `step` are
-    skipped and counted in a warning."""
-    path = Path(path)
-    records, bad = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            records.append(record)
-        else:
-            bad += 1
-    if bad:
-        log.warning("%s: skipped %d malformed line(s)", path, bad)
-    return records
-
-
-def _save_figure(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return shards.atomic_write_bytes(buffer.getvalue(), path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def quality_figure(points: list[dict]):
-    """(figure, axes, labels) of RSUM against image-encoding ms per image, one labelled point per model.
-    Margins keep every label inside the axes, below the title; labels of nearby points are staggered."""
-    plt = _pyplot()
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    labels = []
-    for index, point in enumerate(sorted(points, key=lambda p: p["rsum"])):
-        marker = "*" if point["model"] == TEACHER else "o"
-        ax.scatter(point["image_ms_per_image"], point["rsum"], s=120 if marker == "*" else 60, marker=marker)
-        labels.append(ax.annotate(point["model"], (point["image_ms_per_image"], point["rsum"]), textcoords="offset points",
-                                  xytext=(7, (-4, 8, -16)[index % 3]), fontsize=9))
-    ax.set_xscale("log")  # students are meant to be several times cheaper than the teacher
-    ax.margins(x=0.25, y=0.18)
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # labelled ticks even within one decade
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("image encoding time (ms per image, throughput batch, log scale)")
-    ax.set_ylabel("RSUM")
-    ax.set_title("retrieval quality against image-encoding time")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig, ax, labels
-
-
-def plot_quality_vs_time(points: list[dict], path: str | Path) -> Path:
-    fig, _, _ = quality_figure(points)
-    return _save_figure(fig, Path(path))
-
-
-def plot_training_curves(logs: dict[str, list[dict]], path: str | Path) -> Path:
-    """Left: loss_total and every loss_<term> against step (log scale); right: balancer weights."""
-    plt = _pyplot()
-    fig, (loss_ax, weight_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    # colour = loss term (the same in both panels), line style = student
-    terms = sorted({k.split("_", 1)[1] for records in logs.values() for r in records for k in r
-                    if k.startswith(("loss_", "weight_"))})
-    colours = {term: f"C{i % 10}" for i, term in enumerate(terms)}
-    styles = ["-", "--", ":", "-."]
-    for index, (student, records) in enumerate(logs.items()):
-        keys = sorted({k for r in records for k in r if k.startswith(("loss_", "weight_"))})
-        for key in keys:
-            steps = [r["step"] for r in records if isinstance(r.get(key), (int, float))]
-            values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
-            term = key.split("_", 1)[1]
-            ax = loss_ax if key.startswith("loss_") else weight_ax
-            ax.plot(steps, values, styles[index % len(styles)], color=colours[term],
-                    linewidth=2.2 if term == "total" else 1.2, label=f"{student}: {term}")
-    loss_ax.set_yscale("log", nonpositive="mask")
-    loss_ax.set_title("losses")
-    weight_ax.set_title("balancer weights")
-    for ax in (loss_ax, weight_ax):
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    if not logs:
-        fig.suptitle(f"no {names.TRAIN_LOG_FILE} found beside the students")
-    return _save_figure(fig, Path(path))
 
 
 # ---- the stage -------------------------------------------------------------------------------
