@@ -10,7 +10,7 @@ Style follows open_clip's `loss.py`: each loss is a small nn.Module whose docstr
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ from torch import Tensor
 from pipeline import runtime
 
 LOSS_NAMES = ("feature", "similarity", "contrastive", "hard_negative", "affinity", "task")
+DISTILL_NAMES = LOSS_NAMES[:-1]  # DSMDLoss's terms; "task" is ClipLoss
 MARGIN_MODES = ("teacher", "fixed")
 
 # owner id of an empty queue entry / a padded mined negative
@@ -72,9 +73,9 @@ class FeatureDistillLoss(nn.Module):
         L_feat = mean_{i,d} |s_v[i,d] - t_v[i,d]| + mean_{i,d} |s_t[i,d] - t_t[i,d]|
     """
 
-    def forward(self, student_image: Tensor, student_text: Tensor, teacher_image: Tensor, teacher_text: Tensor) -> Tensor:
-        image_term = (student_image - _teacher(teacher_image, student_image)).abs().mean()
-        text_term = (student_text - _teacher(teacher_text, student_text)).abs().mean()
+    def forward(self, projected_image: Tensor, projected_text: Tensor, teacher_image: Tensor, teacher_text: Tensor) -> Tensor:
+        image_term = (projected_image - _teacher(teacher_image, projected_image)).abs().mean()
+        text_term = (projected_text - _teacher(teacher_text, projected_text)).abs().mean()
         return image_term + text_term
 
 
@@ -84,9 +85,9 @@ class SimilarityDistillLoss(nn.Module):
         L_sim = [1 - (1 + mean_i cos(s_v_i, t_v_i)) / 2] + [1 - (1 + mean_i cos(s_t_i, t_t_i)) / 2]
     """
 
-    def forward(self, student_image: Tensor, student_text: Tensor, teacher_image: Tensor, teacher_text: Tensor) -> Tensor:
-        image_cos = F.cosine_similarity(student_image, _teacher(teacher_image, student_image), dim=-1).mean()
-        text_cos = F.cosine_similarity(student_text, _teacher(teacher_text, student_text), dim=-1).mean()
+    def forward(self, projected_image: Tensor, projected_text: Tensor, teacher_image: Tensor, teacher_text: Tensor) -> Tensor:
+        image_cos = F.cosine_similarity(projected_image, _teacher(teacher_image, projected_image), dim=-1).mean()
+        text_cos = F.cosine_similarity(projected_text, _teacher(teacher_text, projected_text), dim=-1).mean()
         return (1 - (1 + image_cos) / 2) + (1 - (1 + text_cos) / 2)
 
 
@@ -183,8 +184,8 @@ class ContrastiveDistillLoss(nn.Module):
 
     def forward(
         self,
-        student_image: Tensor,
-        student_text: Tensor,
+        projected_image: Tensor,
+        projected_text: Tensor,
         teacher_image: Tensor,
         teacher_text: Tensor,
         image_ids: Tensor,
@@ -193,8 +194,8 @@ class ContrastiveDistillLoss(nn.Module):
         owner_ids = queue.owner_ids.to(image_ids.device)
         # (B, K): same image as the sample, or an empty slot
         negative_mask = (owner_ids[None, :] == image_ids[:, None]) | (owner_ids[None, :] == INVALID_ID)
-        image_term = self._modality(student_image, _teacher(teacher_image, student_image), queue.image, negative_mask)
-        text_term = self._modality(student_text, _teacher(teacher_text, student_text), queue.text, negative_mask)
+        image_term = self._modality(projected_image, _teacher(teacher_image, projected_image), queue.image, negative_mask)
+        text_term = self._modality(projected_text, _teacher(teacher_text, projected_text), queue.text, negative_mask)
         return image_term + text_term
 
 
@@ -282,8 +283,8 @@ class HardNegativeDistillLoss(nn.Module):
 
     def forward(
         self,
-        student_image: Tensor,
-        student_text: Tensor,
+        projected_image: Tensor,
+        projected_text: Tensor,
         teacher_image: Tensor,
         teacher_text: Tensor,
         image_ids: Tensor,
@@ -298,13 +299,13 @@ class HardNegativeDistillLoss(nn.Module):
     ) -> Tensor:
         """Image anchors take the i2i / i2t lists (`mined_teacher_image`, `mined_teacher_text`), text
         anchors the t2t / t2i lists; without text-keyed lists text anchors see in-batch negatives only."""
-        t_v = _teacher(teacher_image, student_image)
-        t_t = _teacher(teacher_text, student_text)
+        t_v = _teacher(teacher_image, projected_image)
+        t_t = _teacher(teacher_text, projected_text)
         return (
-            self.triplet(student_image, t_v, image_ids, mined_teacher_image, mined_image_ids, teacher_anchor=t_v)
-            + self.triplet(student_text, t_t, image_ids, mined_t2t_teacher_text, mined_t2t_image_ids, teacher_anchor=t_t)
-            + self.triplet(student_image, t_t, image_ids, mined_teacher_text, mined_text_image_ids, teacher_anchor=t_v)
-            + self.triplet(student_text, t_v, image_ids, mined_t2i_teacher_image, mined_t2i_image_ids, teacher_anchor=t_t)
+            self.triplet(projected_image, t_v, image_ids, mined_teacher_image, mined_image_ids, teacher_anchor=t_v)
+            + self.triplet(projected_text, t_t, image_ids, mined_t2t_teacher_text, mined_t2t_image_ids, teacher_anchor=t_t)
+            + self.triplet(projected_image, t_t, image_ids, mined_teacher_text, mined_text_image_ids, teacher_anchor=t_v)
+            + self.triplet(projected_text, t_v, image_ids, mined_t2i_teacher_image, mined_t2i_image_ids, teacher_anchor=t_t)
         )
 
 
@@ -326,12 +327,12 @@ class AffinityDistillLoss(nn.Module):
             raise ValueError(f"affinity temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
-    def forward(self, student_image: Tensor, student_text: Tensor, teacher_image: Tensor, teacher_text: Tensor,
+    def forward(self, projected_image: Tensor, projected_text: Tensor, teacher_image: Tensor, teacher_text: Tensor,
                 image_ids: Tensor) -> Tensor:
         same_image = image_ids[:, None] == image_ids[None, :]
         same_image.fill_diagonal_(False)
-        student = (student_image @ student_text.T / self.temperature).masked_fill(same_image, float("-inf"))
-        t_v, t_t = _teacher(teacher_image, student_image), _teacher(teacher_text, student_text)
+        student = (projected_image @ projected_text.T / self.temperature).masked_fill(same_image, float("-inf"))
+        t_v, t_t = _teacher(teacher_image, projected_image), _teacher(teacher_text, projected_text)
         teacher = (t_v @ t_t.T / self.temperature).masked_fill(same_image, float("-inf"))
         keep = ~same_image  # masked entries would give 0 * (-inf - -inf) = nan: summed as 0 instead
         return (self._masked_kl(student, teacher, keep) + self._masked_kl(student.T, teacher.T, keep.T)) / 2
@@ -349,24 +350,14 @@ class ClipLoss(nn.Module):
 
         logits = logit_scale * s_v s_t^T,   L_task = (CE(logits, diag) + CE(logits^T, diag)) / 2
 
-    With world_size > 1 the features of every rank are gathered with gradient (open_clip's
-    `gather_features(local_loss=False, gather_with_grad=True)`), so each rank computes the loss over
-    the global batch. Optional `image_ids` mask the off-diagonal pairs of the same image (logit -inf),
-    which are not negatives; without them (or with distinct ids) this equals open_clip's ClipLoss.
+    Called with the global batch: under torch.distributed the training step gathers every rank's
+    features with gradient first (`gather_with_grad`, open_clip's `gather_features(gather_with_grad=True)`).
+    Optional `image_ids` mask the off-diagonal pairs of the same image (logit -inf), which are not
+    negatives; without them (or with distinct ids) this equals open_clip's ClipLoss.
     """
-
-    def __init__(self, rank: int = 0, world_size: int = 1):
-        super().__init__()
-        self.rank = rank
-        self.world_size = world_size
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float,
                 image_ids: Optional[Tensor] = None) -> Tensor:
-        if self.world_size > 1:
-            image_features = gather_with_grad(image_features)
-            text_features = gather_with_grad(text_features)
-            if image_ids is not None:
-                image_ids = gather_no_grad(image_ids)
         logits_per_image = logit_scale * image_features @ text_features.T
         if image_ids is not None:
             same_image = image_ids[:, None] == image_ids[None, :]
@@ -377,25 +368,25 @@ class ClipLoss(nn.Module):
 
 
 class DSMDLoss(nn.Module):
-    """The enabled DSMD terms (flags of `pipeline.config.DistillConfig`) and the teacher queue.
+    """The enabled distillation terms (flags of `pipeline.config.DistillConfig`) and the teacher queue.
 
-    `forward(batch)` returns the raw, unweighted terms as `{name: loss}` in `LOSS_NAMES` order (the
-    balancer weighs them). The queue changes only through `enqueue()`, which the caller runs once
-    per optimizer step after `optimizer.step()` (so every micro-batch of an accumulated step sees
-    the same queue); under torch.distributed it enqueues the teacher embeddings of all ranks, so
-    every rank holds the same queue and a checkpoint saved by rank 0 resumes all of them.
+    Called with the model's output and the batch's targets, as open_clip's losses are
+    (`dsmd_loss(**features, **targets)`), over the global batch; returns the raw, unweighted terms as
+    `{name: loss}` in `LOSS_NAMES` order (the balancer weighs them). The task term is not here: it is
+    `ClipLoss` on the student's own embeddings, for the DSMD and the CLIP-only student alike.
 
-    Batch keys: student_image, student_text (projected to the teacher's width), teacher_image,
-    teacher_text, image_ids, logit_scale (task), and optionally image, text (the student's own
-    embeddings, for the affinity term), mined_teacher_image, mined_teacher_text (B, H, D), mined_image_ids,
-    mined_text_image_ids (B, H).
+    Names (the model's output, `pipeline.data`'s batch keys): projected_image, projected_text (the
+    student's embeddings projected to the teacher's width), teacher_image, teacher_text, image_ids, and
+    optionally image, text (the student's own embeddings, for the affinity term) and the mined_* keys.
+    The queue changes only through `enqueue()`, which the caller runs once per optimizer step after
+    `optimizer.step()` with the global batch (identical on every rank, so every rank holds the same queue).
     """
 
-    def __init__(self, config, dim: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, config, dim: int):
         super().__init__()
-        self.enabled = tuple(name for name in LOSS_NAMES if getattr(config, name))
+        self.enabled = tuple(name for name in DISTILL_NAMES if getattr(config, name))
         if not self.enabled:
-            raise ValueError(f"train.distill: every loss term is switched off; enable at least one of {LOSS_NAMES}")
+            raise ValueError(f"train.distill: every distillation term is switched off; enable at least one of {DISTILL_NAMES}")
         self.feature = FeatureDistillLoss() if config.feature else None
         self.similarity = SimilarityDistillLoss() if config.similarity else None
         self.contrastive = ContrastiveDistillLoss(config.temperature) if config.contrastive else None
@@ -404,17 +395,21 @@ class DSMDLoss(nn.Module):
             HardNegativeDistillLoss(config.margin, margin_mode=config.margin_mode) if config.hard_negative else None
         )
         self.affinity = AffinityDistillLoss(config.affinity_temperature) if config.affinity else None
-        self.task = ClipLoss(rank=rank, world_size=world_size) if config.task else None
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The enabled terms, in LOSS_NAMES order (the names to give the LossBalancer)."""
+        """The enabled terms, in LOSS_NAMES order."""
         return self.enabled
 
-    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        s_v, s_t = batch["student_image"], batch["student_text"]
-        t_v, t_t = batch["teacher_image"], batch["teacher_text"]
-        image_ids = batch["image_ids"]
+    def forward(
+        self, projected_image: Tensor, projected_text: Tensor, teacher_image: Tensor, teacher_text: Tensor,
+        image_ids: Tensor, image: Optional[Tensor] = None, text: Optional[Tensor] = None,
+        mined_teacher_image: Optional[Tensor] = None, mined_teacher_text: Optional[Tensor] = None,
+        mined_image_ids: Optional[Tensor] = None, mined_text_image_ids: Optional[Tensor] = None,
+        mined_t2t_teacher_text: Optional[Tensor] = None, mined_t2t_image_ids: Optional[Tensor] = None,
+        mined_t2i_teacher_image: Optional[Tensor] = None, mined_t2i_image_ids: Optional[Tensor] = None,
+    ) -> dict[str, Tensor]:
+        s_v, s_t, t_v, t_t = projected_image, projected_text, teacher_image, teacher_text
         losses: dict[str, Tensor] = {}
         if self.feature is not None:
             losses["feature"] = self.feature(s_v, s_t, t_v, t_t)
@@ -425,27 +420,20 @@ class DSMDLoss(nn.Module):
         if self.hard_negative is not None:
             losses["hard_negative"] = self.hard_negative(
                 s_v, s_t, t_v, t_t, image_ids,
-                mined_teacher_image=batch.get("mined_teacher_image"),
-                mined_teacher_text=batch.get("mined_teacher_text"),
-                mined_image_ids=batch.get("mined_image_ids"),
-                mined_text_image_ids=batch.get("mined_text_image_ids"),
-                mined_t2t_teacher_text=batch.get("mined_t2t_teacher_text"),
-                mined_t2t_image_ids=batch.get("mined_t2t_image_ids"),
-                mined_t2i_teacher_image=batch.get("mined_t2i_teacher_image"),
-                mined_t2i_image_ids=batch.get("mined_t2i_image_ids"),
+                mined_teacher_image=mined_teacher_image, mined_teacher_text=mined_teacher_text,
+                mined_image_ids=mined_image_ids, mined_text_image_ids=mined_text_image_ids,
+                mined_t2t_teacher_text=mined_t2t_teacher_text, mined_t2t_image_ids=mined_t2t_image_ids,
+                mined_t2i_teacher_image=mined_t2i_teacher_image, mined_t2i_image_ids=mined_t2i_image_ids,
             )
         if self.affinity is not None:  # on the student's own space (what retrieval uses) when given
-            losses["affinity"] = self.affinity(batch.get("image", s_v), batch.get("text", s_t), t_v, t_t, image_ids)
-        if self.task is not None:
-            losses["task"] = self.task(s_v, s_t, batch["logit_scale"], image_ids=image_ids)
+            losses["affinity"] = self.affinity(s_v if image is None else image, s_t if text is None else text, t_v, t_t, image_ids)
         return losses
 
     @torch.no_grad()
     def enqueue(self, teacher_image: Tensor, teacher_text: Tensor, image_ids: Tensor) -> None:
-        """Push a step's teacher embeddings (all ranks' under torch.distributed); no-op without the queue."""
-        if self.queue is None:
-            return
-        self.queue.enqueue(gather_no_grad(teacher_image), gather_no_grad(teacher_text), gather_no_grad(image_ids))
+        """Push a step's teacher embeddings (the global batch); no-op without the queue."""
+        if self.queue is not None:
+            self.queue.enqueue(teacher_image, teacher_text, image_ids)
 
     @torch.no_grad()
     def prefill(self, teacher_image: Tensor, teacher_text: Tensor, image_ids: Tensor) -> None:

@@ -22,7 +22,6 @@ accum_steps times.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -47,7 +46,7 @@ from pipeline.tracking import TrainingLog, Validation
 from pipeline.balancer import LossBalancer
 from pipeline.config import ConfigError, OptimConfig, TrainConfig, to_dict
 from pipeline.errors import PipelineError
-from pipeline.losses import LOSS_NAMES, MARGIN_MODES, ClipLoss, DSMDLoss, gather_no_grad, gather_with_grad
+from pipeline.losses import DISTILL_NAMES, LOSS_NAMES, MARGIN_MODES, ClipLoss, DSMDLoss, gather_no_grad, gather_with_grad
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +148,8 @@ def build_context(cfg: TrainConfig, teacher_dim: Optional[int], total_steps: int
     if cfg.loss == "dsmd":
         if teacher_dim is None:
             raise ConfigError("train.loss dsmd needs the teacher's embedding width (from the features)")
-        terms = dataclasses.replace(cfg.distill, task=False)  # the task term is computed on the student's own space
-        if any(getattr(terms, name) for name in LOSS_NAMES):
-            dsmd_loss = DSMDLoss(terms, teacher_dim).to(device)
+        if any(getattr(cfg.distill, name) for name in DISTILL_NAMES):
+            dsmd_loss = DSMDLoss(cfg.distill, teacher_dim).to(device)
         if cfg.distill.task:
             clip_loss = ClipLoss()
         else:
@@ -185,7 +183,7 @@ class StepContext:
     """Everything an optimizer step touches."""
 
     net: nn.Module  # StudentWithProjection, possibly wrapped in DistributedDataParallel
-    dsmd_loss: Optional[DSMDLoss]  # the distillation terms (task switched off: it is clip_loss)
+    dsmd_loss: Optional[DSMDLoss]  # the distillation terms
     clip_loss: Optional[ClipLoss]  # the task term on the student's own embeddings
     balancer: LossBalancer
     optimizer: torch.optim.Optimizer
@@ -217,22 +215,8 @@ def _gather_target(micro_batches: list[dict], key: str, device: torch.device) ->
 def compute_losses(ctx: StepContext, features: dict[str, Tensor], targets: dict[str, Tensor], logit_scale: Tensor) -> dict[str, Tensor]:
     """The enabled raw terms over the global batch, in LOSS_NAMES order."""
     losses: dict[str, Tensor] = {}
-    if ctx.dsmd_loss is not None:
-        losses.update(
-            ctx.dsmd_loss(
-                {
-                    "student_image": features["projected_image"],
-                    "student_text": features["projected_text"],
-                    "image": features["image"],
-                    "text": features["text"],
-                    "teacher_image": targets[data_mod.TEACHER_IMAGE],
-                    "teacher_text": targets[data_mod.TEACHER_TEXT],
-                    "image_ids": targets[data_mod.IMAGE_ID],
-                    "logit_scale": logit_scale,
-                    **{k: targets[k] for k in MINED_KEYS if k in targets},
-                }
-            )
-        )
+    if ctx.dsmd_loss is not None:  # the model's output and the batch's targets, by their one name each
+        losses.update(ctx.dsmd_loss(**features, **targets))
     if ctx.clip_loss is not None:
         losses["task"] = ctx.clip_loss(features["image"], features["text"], logit_scale, image_ids=targets[data_mod.IMAGE_ID])
     return {name: losses[name] for name in LOSS_NAMES if name in losses}
@@ -295,7 +279,7 @@ def optimizer_step(ctx: StepContext, micro_batches: list[dict]) -> dict[str, flo
     ctx.balancer.step_end(losses)
     if distill and ctx.dsmd_loss.queue is not None:
         # the global batch's teacher embeddings, identical on every rank, so every queue is identical
-        ctx.dsmd_loss.queue.enqueue(targets[data_mod.TEACHER_IMAGE], targets[data_mod.TEACHER_TEXT], targets[data_mod.IMAGE_ID])
+        ctx.dsmd_loss.enqueue(targets[data_mod.TEACHER_IMAGE], targets[data_mod.TEACHER_TEXT], targets[data_mod.IMAGE_ID])
 
     result = {f"loss_{k}": float(v.detach()) for k, v in losses.items()}
     result["loss_total"] = float(total.detach())

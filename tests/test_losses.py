@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pipeline.config import DistillConfig
 from pipeline.losses import (
-    LOSS_NAMES,
+    DISTILL_NAMES,
     AffinityDistillLoss,
     ClipLoss,
     ContrastiveDistillLoss,
@@ -22,6 +22,7 @@ from pipeline.losses import (
     HardNegativeDistillLoss,
     SimilarityDistillLoss,
     TeacherQueue,
+    gather_no_grad,
     gather_with_grad,
 )
 
@@ -357,12 +358,11 @@ def dsmd_batch(dim=8, seed=0, requires_grad=True):
     s_v, s_t, t_v, t_t = [x.float() for x in batch(6, dim, seed=seed)]
     (_, _, _, _, ids), (m_v, m_t, m_v_ids, m_t_ids) = hn_inputs(seed)
     return {
-        "student_image": s_v.requires_grad_(requires_grad),
-        "student_text": s_t.requires_grad_(requires_grad),
+        "projected_image": s_v.requires_grad_(requires_grad),
+        "projected_text": s_t.requires_grad_(requires_grad),
         "teacher_image": t_v.requires_grad_(requires_grad),
         "teacher_text": t_t.requires_grad_(requires_grad),
         "image_ids": ids,
-        "logit_scale": torch.tensor(10.0),
         "mined_teacher_image": unit(6, 3, dim, seed=seed + 30).float().requires_grad_(requires_grad),
         "mined_teacher_text": unit(6, 3, dim, seed=seed + 31).float().requires_grad_(requires_grad),
         "mined_image_ids": m_v_ids,
@@ -374,9 +374,8 @@ def dsmd_batch(dim=8, seed=0, requires_grad=True):
     "flags",
     [
         dict(),
-        dict(task=False),
         dict(contrastive=False, hard_negative=False),
-        dict(feature=False, similarity=False, contrastive=False, hard_negative=False),
+        dict(feature=False, similarity=False, contrastive=False),
         dict(affinity=True, hard_negative=False),
     ],
 )
@@ -385,11 +384,11 @@ def test_dsmd_loss_returns_exactly_the_enabled_terms(flags):
     dsmd = DSMDLoss(config, dim=8)
     b = dsmd_batch()
     dsmd.prefill(unit(8, 8, seed=50).float(), unit(8, 8, seed=51).float(), torch.arange(8) + 100)
-    losses = dsmd(b)
-    enabled = [name for name in LOSS_NAMES if flags.get(name, getattr(DistillConfig(), name))]
+    losses = dsmd(**b)
+    enabled = [name for name in DISTILL_NAMES if flags.get(name, getattr(DistillConfig(), name))]
     assert list(losses) == enabled == list(dsmd.names)
     assert (dsmd.queue is None) == (not config.contrastive)
-    args = (b["student_image"], b["student_text"], b["teacher_image"], b["teacher_text"])
+    args = (b["projected_image"], b["projected_text"], b["teacher_image"], b["teacher_text"])
     reference = {
         "feature": lambda: FeatureDistillLoss()(*args),
         "similarity": lambda: SimilarityDistillLoss()(*args),
@@ -398,14 +397,13 @@ def test_dsmd_loss_returns_exactly_the_enabled_terms(flags):
             *args, b["image_ids"], b["mined_teacher_image"], b["mined_teacher_text"],
             b["mined_image_ids"], b["mined_text_image_ids"]),
         "affinity": lambda: AffinityDistillLoss(0.05)(*args, b["image_ids"]),
-        "task": lambda: ClipLoss()(b["student_image"], b["student_text"], 10.0, image_ids=b["image_ids"]),
     }
     for name, value in losses.items():
         assert value.item() == pytest.approx(reference[name]().item(), rel=1e-6), name
 
 
 def test_dsmd_loss_all_off_is_an_error():
-    off = dict(feature=False, similarity=False, contrastive=False, hard_negative=False, task=False)
+    off = dict(feature=False, similarity=False, contrastive=False, hard_negative=False)
     with pytest.raises(ValueError, match="switched off"):
         DSMDLoss(DistillConfig(**off), dim=8)
 
@@ -414,10 +412,10 @@ def test_gradient_reaches_students_not_teachers():
     dsmd = DSMDLoss(DistillConfig(queue_size=8), dim=8)
     dsmd.prefill(unit(8, 8, seed=50).float(), unit(8, 8, seed=51).float(), torch.arange(8) + 100)
     b = dsmd_batch()
-    losses = dsmd(b)
+    losses = dsmd(**b)
     for name, value in losses.items():
         grads = torch.autograd.grad(
-            value, [b["student_image"], b["student_text"]], allow_unused=True, retain_graph=True
+            value, [b["projected_image"], b["projected_text"]], allow_unused=True, retain_graph=True
         )
         assert any(g is not None and g.abs().sum() > 0 for g in grads), name
     sum(losses.values()).backward()
@@ -429,7 +427,7 @@ def test_gradient_reaches_students_not_teachers():
 def test_dsmd_enqueue_is_explicit():
     dsmd = DSMDLoss(DistillConfig(queue_size=8), dim=8)
     b = dsmd_batch(requires_grad=False)
-    dsmd(b)
+    dsmd(**b)
     assert int(dsmd.queue.num_valid) == 0  # forward never touches the queue
     dsmd.enqueue(b["teacher_image"], b["teacher_text"], b["image_ids"])
     assert int(dsmd.queue.num_valid) == 6
@@ -455,12 +453,14 @@ def _two_rank_worker(rank, port, result_dir):
         ids = torch.tensor([0, 1, 2, 2, 3, 4, 5, 6])
         local = slice(rank * 4, rank * 4 + 4)
         local_image = image[local].clone().requires_grad_(True)
-        loss = ClipLoss(rank=rank, world_size=2)(local_image, text[local], 5.0, image_ids=ids[local])
+        # what the training step does: gather every rank's features (with gradient), then one loss
+        loss = ClipLoss()(gather_with_grad(local_image), gather_with_grad(text[local]), 5.0,
+                          image_ids=gather_no_grad(ids[local]))
         loss.backward()
         dsmd = DSMDLoss(DistillConfig(queue_size=16, hard_negative=False), dim=6)
         n = 3 if rank == 0 else 2  # unequal last batches
-        dsmd.enqueue(unit(n, 6, seed=10 + rank).float(), unit(n, 6, seed=20 + rank).float(),
-                     torch.arange(n) + 10 * rank)
+        dsmd.enqueue(gather_no_grad(unit(n, 6, seed=10 + rank).float()), gather_no_grad(unit(n, 6, seed=20 + rank).float()),
+                     gather_no_grad(torch.arange(n) + 10 * rank))
         torch.save(
             {"loss": loss.detach(), "grad": local_image.grad, "owner_ids": dsmd.queue.owner_ids,
              "queue_image": dsmd.queue.image},
