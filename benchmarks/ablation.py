@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline import shards
+from pipeline import atomic, store
 from pipeline.config import load_params
 
 from students import single_core, bar_chart, format_rows, jsonable, run_recipes, teacher_rsum
@@ -50,7 +50,7 @@ def recipes(params: str) -> dict[str, dict]:
     out[f"projection init {other_init}"] = {"loss": "dsmd", "projection_init": other_init}
     other_batching = "hard-negative-aware" if train.batching == "random" else "random"
     out[f"batching {other_batching}"] = {"loss": "dsmd", "batching": other_batching}
-    views = int(shards.load_split_manifest(train.features_dir, train.split).get("views", 0) or 0)
+    views = int(store.load_split_manifest(train.features_dir, train.split).get("views", 0) or 0)
     out["stored views" if views else "no stored views"] = {"loss": "dsmd", "use_views": not train.use_views} if views else None
     return {k: v for k, v in out.items() if v is not None}
 
@@ -83,7 +83,7 @@ def main() -> None:
     clip = results["CLIP-only"]["mean"]
     print(f"teacher RSUM {teacher:.1f}; seeds {args.seeds}")
     print(format_rows(rows, clip))
-    shards.atomic_write_json(jsonable({"teacher_rsum": teacher, "seeds": args.seeds, "recipes": results}), out / "ablation.json")
+    atomic.atomic_write_json(jsonable({"teacher_rsum": teacher, "seeds": args.seeds, "recipes": results}), out / "ablation.json")
     bar_chart(rows, teacher, out / "ablation.png", f"Ablation ({len(args.seeds)} seeds)")
     (out / "ablation.partial.json").unlink(missing_ok=True)
     print(f"wrote {out / 'ablation.json'} and {out / 'ablation.png'}")

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import schema, shards  # noqa: E402
+from pipeline import schema, store  # noqa: E402
 from pipeline.config import MineConfig  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def write_features(features_dir: Path, image_emb: np.ndarray, text_emb: np.ndarr
         text_image, np.zeros(len(text_image), np.int32),
         [f"caption {t} of image {i}" for t, i in enumerate(text_image)], text_emb,
     )
-    shards.write_split(features_dir, "train", [images], [texts], {"embedding_dim": dim, "embedding_dtype": "float16"})
+    store.write_split(features_dir, "train", [images], [texts], {"embedding_dim": dim, "embedding_dtype": "float16"})
 
 
 def overhead(args) -> dict:
@@ -86,7 +86,7 @@ def overhead(args) -> dict:
         features = Path(tmp) / "features"
         write_features(features, image_emb, text_emb, text_image)
         # bare FAISS gets exactly the vectors mine searches: the float16 shards, re-normalised in float32
-        image_emb, text_emb, _ = shards.load_embeddings(features, "train")
+        image_emb, text_emb, _ = store.load_embeddings(features, "train")
         image_emb /= np.linalg.norm(image_emb, axis=1, keepdims=True)
         text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
         if args.threads:

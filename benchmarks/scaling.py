@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 from pipeline import data as data_mod
-from pipeline import shards
+from pipeline import atomic, store
 from pipeline.config import load_params
 
 from students import single_core, format_rows, jsonable, run_recipes, teacher_rsum
@@ -63,7 +63,7 @@ def main() -> None:
     if args.single_core:
         single_core()
     train = load_params(args.params).train
-    manifest = shards.load_split_manifest(train.features_dir, train.split)
+    manifest = store.load_split_manifest(train.features_dir, train.split)
     full = int(manifest["num_images"])
     steps = data_mod.total_steps(full, train.optim.batch_size, train.optim.epochs, train.optim.max_steps)
     sizes, seeds, extra = sorted(set(min(n, full) for n in args.sizes)), args.seeds, {}
@@ -97,7 +97,7 @@ def main() -> None:
         spread = 3 * math.sqrt(d["std"] ** 2 + c["std"] ** 2)
         lead = teacher / c["mean"] - 1
         print(f"{n:6d} images: DSMD - CLIP = {gap:+.1f} (3 x combined std {spread:.1f}); teacher leads CLIP-only by {100 * lead:.1f}%")
-    shards.atomic_write_json(jsonable({"teacher_rsum": teacher, "steps": steps, "sizes": sizes, "seeds": seeds, "recipes": results}),
+    atomic.atomic_write_json(jsonable({"teacher_rsum": teacher, "steps": steps, "sizes": sizes, "seeds": seeds, "recipes": results}),
                              out / "scaling.json")
     plot(sizes, results, teacher, out / "scaling.png")
     (out / "scaling.partial.json").unlink(missing_ok=True)

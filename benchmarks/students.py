@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import evaluation, shards
+from pipeline import atomic, evaluation, store
 from pipeline.config import apply_overrides, load_params
 from pipeline.training import train
 
 
 def teacher_rsum(features_dir: str, split: str) -> float:
-    image, text, text_to_image = shards.load_embeddings(features_dir, split)
+    image, text, text_to_image = store.load_embeddings(features_dir, split)
     return evaluation.retrieval_metrics(image, text, text_to_image)["rsum"]
 
 
@@ -69,7 +69,7 @@ def run_recipes(params: str, recipes: dict[str, dict], seeds: list[int], work_di
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
         }
         if log_file is not None:  # partial results survive an interrupted sweep
-            shards.atomic_write_json(results, log_file)
+            atomic.atomic_write_json(results, log_file)
     return results
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import mining, schema, shards, synthetic
+from pipeline import atomic, mining, schema, store, synthetic
 from pipeline.config import load_params
 
 from students import jsonable
@@ -31,7 +31,7 @@ def scene_table(corpus_dir: Path, features_dir: str, split: str, image_size: int
     for path in sorted(corpus_dir.glob(f"{split}-*.tar")):
         for record in synthetic.read_records(path):
             records[record["key"]] = record
-    keys = shards.read_images(features_dir, split, columns=[schema.IMAGE_ID, schema.KEY])[schema.KEY].to_pylist()
+    keys = store.read_images(features_dir, split, columns=[schema.IMAGE_ID, schema.KEY])[schema.KEY].to_pylist()
     scenes = [synthetic.Scene.from_dict(records[k]["scene"]) for k in keys]
     index = {k: i for i, k in enumerate(keys)}
     partner = np.full(len(keys), -1)
@@ -46,7 +46,7 @@ def scene_table(corpus_dir: Path, features_dir: str, split: str, image_size: int
 def leak(negatives_dir: Path, split: str, descriptions, n_objects, partner, text_image, top: int) -> dict:
     out = {}
     for direction in schema.NEIGHBOR_DIRECTIONS:
-        ids, _ = shards.read_neighbors(negatives_dir, split, direction)
+        ids, _ = store.read_neighbors(negatives_dir, split, direction)
         ids = ids[:, :top]
         anchor = np.arange(len(ids)) if direction[0] == "i" else text_image
         owner = np.where(ids >= 0, ids if direction[-1] == "i" else text_image[np.maximum(ids, 0)], -1)
@@ -75,7 +75,7 @@ def main() -> None:
     params = load_params(args.params)
     cfg, split = params.mine, "train"
     descriptions, n_objects, partner = scene_table(Path(params.corpus.out_dir), cfg.features_dir, split, params.corpus.image_size)
-    _, _, text_image = shards.load_embeddings(cfg.features_dir, split)
+    _, _, text_image = store.load_embeddings(cfg.features_dir, split)
     settings = {"no filter": {"relative_margin": None, "twin_threshold": None}}
     settings.update({f"twin_threshold {t}": {"relative_margin": None, "twin_threshold": t} for t in args.thresholds})
     settings.update({f"relative_margin {m}": {"relative_margin": m, "twin_threshold": None} for m in args.relative_margins})
@@ -95,7 +95,7 @@ def main() -> None:
         print(f"{name:24s} " + " ".join(cells))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    shards.atomic_write_json(jsonable({"top": args.top, "settings": results}), out / "twins.json")
+    atomic.atomic_write_json(jsonable({"top": args.top, "settings": results}), out / "twins.json")
     print(f"wrote {out / 'twins.json'}")
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import schema, shards
+from pipeline import schema, store
 from pipeline.augment import CorruptImageError, apply_view, decode_image
 from pipeline.config import ConfigError
 from pipeline.errors import PipelineError
@@ -105,7 +105,7 @@ class TrainingData:
 def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = True, with_views: bool = True) -> TrainingData:
     """Read a features split: image bytes, captions, and (with_teacher) the teacher embeddings and
     (with_views, when stored) the augmentation views. Only the columns needed are read."""
-    manifest = shards.load_split_manifest(features_dir, split)
+    manifest = store.load_split_manifest(features_dir, split)
     stored_views = int(manifest.get("views", 0) or 0)
     with_views = with_teacher and with_views and stored_views > 0
     image_columns = [schema.IMAGE_ID, schema.IMAGE_BYTES]
@@ -114,9 +114,9 @@ def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = 
     if with_views:
         image_columns += [schema.TEACHER_VIEW_EMB, schema.VIEW_PARAMS]
     text_columns = [schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION] + ([schema.TEACHER_TEXT_EMB] if with_teacher else [])
-    images = shards.read_images(features_dir, split, columns=image_columns)
-    texts = shards.read_texts(features_dir, split, columns=text_columns)
-    where = shards.split_dir(features_dir, split)
+    images = store.read_images(features_dir, split, columns=image_columns)
+    texts = store.read_texts(features_dir, split, columns=text_columns)
+    where = store.split_dir(features_dir, split)
     image_ids = images[schema.IMAGE_ID].to_numpy()
     text_ids = texts[schema.TEXT_ID].to_numpy()
     if not (np.array_equal(image_ids, np.arange(len(image_ids))) and np.array_equal(text_ids, np.arange(len(text_ids)))):
@@ -240,11 +240,11 @@ def _first_columns(ids: np.ndarray, count: int) -> np.ndarray:
 
 
 def _read_direction(negatives_dir, split, direction, num_keys, num_targets, features_dir) -> np.ndarray:
-    path = shards.neighbors_path(negatives_dir, split, direction)
-    ids, _ = shards.read_neighbors(negatives_dir, split, direction)
+    path = store.neighbors_path(negatives_dir, split, direction)
+    ids, _ = store.read_neighbors(negatives_dir, split, direction)
     if features_dir is not None:
         mined_from = schema.read_metadata(pq.read_schema(path), schema.META_FEATURES_FINGERPRINT)
-        current = shards.features_fingerprint(features_dir, split)
+        current = store.features_fingerprint(features_dir, split)
         if mined_from is not None and mined_from != current:
             raise DataError(
                 f"{path} was mined from another extraction of split {split!r} (features fingerprint "

@@ -10,7 +10,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from pipeline import runtime, schema, shards
+from pipeline import runtime, schema, store
 from pipeline.augment import CorruptImageError, decode_image
 from pipeline.config import ConfigError
 from pipeline.models import LoadedModel
@@ -31,7 +31,7 @@ def encode_images(loaded: LoadedModel, images: pa.Table, batch_size: int, device
                 try:
                     pixels.append(loaded.preprocess(decode_image(data)))
                 except CorruptImageError as exc:
-                    raise shards.ShardError(f"{where}: image row {row}: {exc}") from None
+                    raise store.ShardError(f"{where}: image row {row}: {exc}") from None
             emb = model.encode_image(torch.stack(pixels).to(device))
             chunks.append(F.normalize(emb.float(), dim=-1).cpu())
             bar.update(len(pixels))
@@ -56,8 +56,8 @@ def encode_texts(loaded: LoadedModel, texts: list[str], batch_size: int, device:
 def _ordered_ids(column, what: str, features_dir, split: str) -> None:
     ids = column.to_numpy()
     if not np.array_equal(ids, np.arange(len(ids))):
-        raise shards.ShardError(
-            f"{shards.split_dir(features_dir, split)}: {what} ids are not dense and ordered; re-run `dsmd extract`"
+        raise store.ShardError(
+            f"{store.split_dir(features_dir, split)}: {what} ids are not dense and ordered; re-run `dsmd extract`"
         )
 
 
@@ -69,11 +69,11 @@ def encode_split(
     if batch_size < 1:
         raise ConfigError(f"evaluate.batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    images = shards.read_images(features_dir, split, columns=[schema.IMAGE_ID, schema.IMAGE_BYTES])
-    texts = shards.read_texts(features_dir, split, columns=[schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION])
+    images = store.read_images(features_dir, split, columns=[schema.IMAGE_ID, schema.IMAGE_BYTES])
+    texts = store.read_texts(features_dir, split, columns=[schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION])
     _ordered_ids(images[schema.IMAGE_ID], "image", features_dir, split)
     _ordered_ids(texts[schema.TEXT_ID], "text", features_dir, split)
-    where = str(shards.split_dir(features_dir, split))
+    where = str(store.split_dir(features_dir, split))
     image_emb = encode_images(loaded, images, batch_size, device, where)
     text_emb = encode_texts(loaded, texts[schema.CAPTION].to_pylist(), batch_size, device, where)
     return image_emb, text_emb, texts[schema.IMAGE_ID].to_numpy().astype(np.int64)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline import names
-from pipeline import runtime, shards, zeroshot
+from pipeline import atomic, runtime, store, zeroshot
 from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.errors import PipelineError
 from pipeline.encoding import encode_split  # noqa: F401  (re-exported: evaluation.encode_split)
@@ -143,18 +143,18 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     runtime.set_threads(cfg.threads)
     device = _resolve_device(cfg.device)
     for folder in {Path(cfg.metrics_file).parent, Path(cfg.plots_dir)}:  # before any work, not after it
-        shards.prepare_output_dir(folder)
-    split_manifest = shards.load_split_manifest(cfg.features_dir, cfg.split)
+        atomic.prepare_output_dir(folder)
+    split_manifest = store.load_split_manifest(cfg.features_dir, cfg.split)
     students = load_students(cfg.students, cfg.allow_missing, device)
 
-    teacher_image, teacher_text, text_to_image = shards.load_embeddings(cfg.features_dir, cfg.split)
+    teacher_image, teacher_text, text_to_image = store.load_embeddings(cfg.features_dir, cfg.split)
     log.info("split %s: %d images, %d texts", cfg.split, len(teacher_image), len(teacher_text))
     teacher = retrieval_metrics(teacher_image, teacher_text, text_to_image, ks, cfg.chunk_size, device)
     student_metrics = {}
     for name, (_, loaded) in students.items():
         image_emb, text_emb, student_text_to_image = encode_split(loaded, cfg.features_dir, cfg.split, cfg.batch_size, device)
         if not np.array_equal(student_text_to_image, text_to_image):
-            raise shards.ShardError(f"{shards.split_dir(cfg.features_dir, cfg.split)}: texts changed while reading")
+            raise store.ShardError(f"{store.split_dir(cfg.features_dir, cfg.split)}: texts changed while reading")
         student_metrics[name] = retrieval_metrics(image_emb, text_emb, text_to_image, ks, cfg.chunk_size, device)
     tasks = zeroshot.list_tasks(cfg.features_dir) if cfg.zeroshot else []
     if tasks:
@@ -192,7 +192,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             "text_latency_ratio": cost["text_latency_ms"] / teacher_cost["text_latency_ms"],
             "cost": cost,
         }
-    shards.atomic_write_json(metrics, cfg.metrics_file)
+    atomic.atomic_write_json(metrics, cfg.metrics_file)
     write_plots(metrics, {name: folder for name, (folder, _) in students.items()}, cfg.plots_dir)
     return metrics
 
@@ -215,7 +215,7 @@ def write_plots(metrics: dict, student_dirs: dict[str, Path], plots_dir: str | P
             log.warning("student %r: no %s, left out of the training curves", name, path)
     written = [
         plot_quality_vs_time(points, plots_dir / names.QUALITY_PLOT),
-        shards.atomic_write_json(points, plots_dir / names.QUALITY_DATA),
+        atomic.atomic_write_json(points, plots_dir / names.QUALITY_DATA),
         plot_training_curves(logs, plots_dir / names.CURVES_PLOT),
     ]
     return written

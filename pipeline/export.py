@@ -22,7 +22,7 @@ import open_clip
 import torch
 
 from pipeline import names
-from pipeline import models, schema, shards
+from pipeline import atomic, models, schema, store
 from pipeline.config import ExportConfig
 from pipeline.encoding import encode_images, encode_texts
 from pipeline.errors import PipelineError
@@ -54,8 +54,8 @@ def write_open_clip_dir(loaded: models.LoadedModel, model_name: str, out_dir: Pa
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
-    shards.atomic_write_with(out_dir / names.SAFETENSORS_FILE, lambda tmp: save_file(state, str(tmp)))
-    shards.atomic_write_with(out_dir / names.OPEN_CLIP_CONFIG,
+    atomic.atomic_write_with(out_dir / names.SAFETENSORS_FILE, lambda tmp: save_file(state, str(tmp)))
+    atomic.atomic_write_with(out_dir / names.OPEN_CLIP_CONFIG,
                              lambda tmp: save_config_for_hf(loaded.model, Path(tmp), models.model_config(model_name)))
 
 
@@ -71,7 +71,7 @@ def export_onnx(loaded: models.LoadedModel, out_dir: Path, opset: int) -> None:
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.simplefilter("ignore", category=UserWarning)
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-            shards.atomic_write_with(out_dir / name, lambda tmp: torch.onnx.export(
+            atomic.atomic_write_with(out_dir / name, lambda tmp: torch.onnx.export(
                 module, (examples[tower],), str(tmp), input_names=[tower], output_names=["embedding"],
                 dynamic_axes={tower: {0: "batch"}, "embedding": {0: "batch"}}, opset_version=opset, dynamo=False,
             ))
@@ -79,8 +79,8 @@ def export_onnx(loaded: models.LoadedModel, out_dir: Path, opset: int) -> None:
 
 def _check_inputs(cfg: ExportConfig, loaded: models.LoadedModel) -> tuple[torch.Tensor, torch.Tensor, object, list[str]]:
     """A batch of real test images (preprocessed) and captions, the images table slice and the captions."""
-    images = shards.read_images(cfg.features_dir, cfg.split, columns=[schema.IMAGE_BYTES]).slice(0, cfg.check_images)
-    captions = shards.read_texts(cfg.features_dir, cfg.split, columns=[schema.CAPTION]).slice(0, cfg.check_images)
+    images = store.read_images(cfg.features_dir, cfg.split, columns=[schema.IMAGE_BYTES]).slice(0, cfg.check_images)
+    captions = store.read_texts(cfg.features_dir, cfg.split, columns=[schema.CAPTION]).slice(0, cfg.check_images)
     from pipeline.augment import decode_image
     pixels = torch.stack([loaded.preprocess(decode_image(b)) for b in images[schema.IMAGE_BYTES].to_pylist()])
     texts = captions[schema.CAPTION].to_pylist()
@@ -117,13 +117,13 @@ def run_checks(cfg: ExportConfig, student: models.LoadedModel, out_dir: Path) ->
 
 def export(cfg: ExportConfig) -> dict:
     """Export `cfg.student_dir` into `cfg.out_dir`; returns the report (also in export_report.json)."""
-    out_dir = shards.prepare_output_dir(cfg.out_dir)
+    out_dir = atomic.prepare_output_dir(cfg.out_dir)
     if cfg.check_images < 1:
         raise ExportError(f"export.check_images must be >= 1, got {cfg.check_images}")
     metrics = _read_json(Path(cfg.metrics_file), "the metrics of `dsmd evaluate`")
     if cfg.student not in metrics.get("students", {}):
         raise ExportError(f"{cfg.metrics_file}: no student {cfg.student!r} (has {sorted(metrics.get('students', {}))})")
-    split_manifest = shards.load_split_manifest(cfg.features_dir, cfg.split)
+    split_manifest = store.load_split_manifest(cfg.features_dir, cfg.split)
     student = load_student(cfg.student_dir)
     model_name = _read_json(Path(cfg.student_dir) / names.OPEN_CLIP_CONFIG, "the student's config")["model_name"]
 
@@ -134,8 +134,8 @@ def export(cfg: ExportConfig) -> dict:
               **run_checks(cfg, student, out_dir)}
     summary = _read_json(Path(cfg.student_dir) / names.TRAIN_SUMMARY_FILE, "the student's train summary")
     card = model_card(cfg, model_name, metrics, split_manifest, summary, report)
-    shards.atomic_write_text(card, out_dir / names.MODEL_CARD)
-    shards.atomic_write_json(report, out_dir / names.EXPORT_REPORT)
+    atomic.atomic_write_text(card, out_dir / names.MODEL_CARD)
+    atomic.atomic_write_json(report, out_dir / names.EXPORT_REPORT)
     log.info("exported %s to %s", cfg.student_dir, out_dir)
     return report
 

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.progress import progress as progress_bar
 
-from pipeline import augment, corpus, models, runtime, schema, shards, zeroshot
+from pipeline import atomic, augment, corpus, models, runtime, schema, store, zeroshot
 from pipeline.config import ExtractConfig, TeacherConfig
 from pipeline.errors import PipelineError
 from pipeline.manifest import TaskSpec, load_manifest
@@ -203,11 +203,11 @@ def _write_part(
         [c for s in kept for c in s.captions],
         text_emb, dtype, meta,
     )
-    shards.atomic_write_table(images, parts_dir / f"images-{shard_index:06d}.parquet")
-    shards.atomic_write_table(texts, parts_dir / f"texts-{shard_index:06d}.parquet")
+    atomic.atomic_write_table(images, parts_dir / f"images-{shard_index:06d}.parquet")
+    atomic.atomic_write_table(texts, parts_dir / f"texts-{shard_index:06d}.parquet")
     # the report file is written last: its presence marks the part complete
     record = {"url": url, "skipped": report, "source": source_signature(url)}
-    shards.atomic_write_json(record, parts_dir / f"skips-{shard_index:06d}.json")
+    atomic.atomic_write_json(record, parts_dir / f"skips-{shard_index:06d}.json")
 
 
 def source_signature(url: str) -> dict | None:
@@ -267,7 +267,7 @@ def _finalize(features_dir: Path, split: str, urls: list[str], parts_dir: Path, 
         text_tables.append(texts)
     if not image_tables:
         raise PipelineError(f"split {split!r}: no readable samples in {len(urls)} shard(s); skips: {report.to_dict()}")
-    manifest = shards.write_split(
+    manifest = store.write_split(
         features_dir, split, image_tables, text_tables,
         {**info, "source_shards": urls, "skipped": report.to_dict(), "shard_parts": records},
     )
@@ -299,7 +299,7 @@ def _reopen(out: Path, existing: dict, stale: list[int], parts_dir: Path, info: 
     files = existing["files"]
     first_images = pq.read_table(out / files[schema.IMAGES_PREFIX][0]["path"])
     first_texts = pq.read_table(out / files[schema.TEXTS_PREFIX][0]["path"])
-    shards.atomic_write_json(info, parts_dir / RUN_FILE)
+    atomic.atomic_write_json(info, parts_dir / RUN_FILE)
     for index, record in enumerate(existing["shard_parts"]):
         if index in stale_set:
             continue
@@ -312,10 +312,10 @@ def _reopen(out: Path, existing: dict, stale: list[int], parts_dir: Path, info: 
             images = images.set_column(0, schema.IMAGE_ID, pc.subtract(images[schema.IMAGE_ID], image_offset))
             texts = texts.set_column(0, schema.TEXT_ID, pc.subtract(texts[schema.TEXT_ID], text_offset))
             texts = texts.set_column(1, schema.IMAGE_ID, pc.subtract(texts[schema.IMAGE_ID], image_offset))
-        shards.atomic_write_table(images, parts_dir / f"images-{index:06d}.parquet")
-        shards.atomic_write_table(texts, parts_dir / f"texts-{index:06d}.parquet")
+        atomic.atomic_write_table(images, parts_dir / f"images-{index:06d}.parquet")
+        atomic.atomic_write_table(texts, parts_dir / f"texts-{index:06d}.parquet")
         part = {k: v for k, v in record.items() if k != "file"}
-        shards.atomic_write_json(part, parts_dir / f"skips-{index:06d}.json")
+        atomic.atomic_write_json(part, parts_dir / f"skips-{index:06d}.json")
     (out / schema.SPLIT_MANIFEST).unlink()
 
 
@@ -324,7 +324,7 @@ def extract_split(
     device: torch.device, dist_info: runtime.DistInfo, expected_samples: int | None = None,
 ) -> dict | None:
     features_dir = Path(cfg.out_dir)
-    out = shards.split_dir(features_dir, split)
+    out = store.split_dir(features_dir, split)
     final_manifest = out / schema.SPLIT_MANIFEST
     parts_dir = out / schema.PARTS_DIR
     if final_manifest.exists():
@@ -346,7 +346,7 @@ def extract_split(
         if run_file.exists():
             _check_compatible(run_file, json.loads(run_file.read_text()), info)
         else:
-            shards.atomic_write_json(info, run_file)
+            atomic.atomic_write_json(info, run_file)
     runtime.barrier(dist_info)
 
     meta = {
@@ -442,12 +442,12 @@ def extract_task(task: TaskSpec, image_extensions: list[str], teacher: LoadedMod
     prompt_emb = _embed(teacher.model.encode_text, teacher.tokenizer(prompts), device, cfg.precision, cfg.batch_size, teacher.embed_dim)
     if marker.exists():
         marker.unlink()  # the task is being rewritten: incomplete until the new manifest lands
-    shards.atomic_write_table(schema.labelled_images_table(images, np.array([s.label for s in samples])),
+    atomic.atomic_write_table(schema.labelled_images_table(images, np.array([s.label for s in samples])),
                               out / schema.ZEROSHOT_IMAGES_FILE)
-    shards.atomic_write_table(schema.prompts_table(class_index, template_index, prompts, prompt_emb, cfg.embedding_dtype, meta),
+    atomic.atomic_write_table(schema.prompts_table(class_index, template_index, prompts, prompt_emb, cfg.embedding_dtype, meta),
                               out / schema.ZEROSHOT_PROMPTS_FILE)
     manifest = {**task_info, "num_images": len(samples), "num_prompts": len(prompts), "skipped": report.to_dict()}
-    shards.atomic_write_json(manifest, marker)
+    atomic.atomic_write_json(manifest, marker)
     if report.total:
         log.warning("zero-shot task %s: skipped %d\n%s", task.name, report.total, report.summary())
     log.info("zero-shot task %s: %d images, %d classes x %d templates -> %s", task.name, len(samples),
@@ -476,13 +476,13 @@ def extract(cfg: ExtractConfig, teacher_cfg: TeacherConfig, overwrite: bool = Fa
     specs = {split: manifest.split(split) for split in cfg.splits}  # every split checked before any work
     tasks = list(manifest.classification.values()) if cfg.zeroshot else []
     if dist_info.is_main:
-        shards.prepare_output_dir(cfg.out_dir, _bytes_needed([u for spec in [*specs.values(), *tasks] for u in spec.shards]))
+        atomic.prepare_output_dir(cfg.out_dir, _bytes_needed([u for spec in [*specs.values(), *tasks] for u in spec.shards]))
     teacher = load_teacher(teacher_cfg, device=device)
     teacher.model.eval()
     info = _run_info(teacher, manifest.sha256, cfg)
     results = {}
     for split, spec in specs.items():
-        out = shards.split_dir(cfg.out_dir, split)
+        out = store.split_dir(cfg.out_dir, split)
         if overwrite and dist_info.is_main and out.exists():
             shutil.rmtree(out)
         runtime.barrier(dist_info)

@@ -33,7 +33,7 @@ import braceexpand
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.shards import atomic_write_text
+from pipeline.atomic import atomic_write_text
 
 
 class ManifestError(PipelineError):

@@ -67,7 +67,7 @@ import numpy as np
 import pyarrow as pa
 from pipeline.progress import progress as progress_bar
 
-from pipeline import schema, shards
+from pipeline import atomic, schema, store
 from pipeline.config import MineConfig
 from pipeline.errors import PipelineError
 
@@ -579,15 +579,15 @@ def _up_to_date(out: Path, fingerprint: str, params: dict) -> Optional[dict]:
 
 def _load_directions(features_dir: Path, split: str, cfg: MineConfig):
     """(image_emb, text_emb, caption groups, the four directions) of a features split, checked."""
-    where = shards.split_dir(features_dir, split)
-    image_emb, text_emb, text_image = shards.load_embeddings(features_dir, split)
+    where = store.split_dir(features_dir, split)
+    image_emb, text_emb, text_image = store.load_embeddings(features_dir, split)
     if len(image_emb) == 0 or len(text_emb) == 0:
         raise MineError(f"{where}: split {split!r} has {len(image_emb)} images and {len(text_emb)} texts; nothing to mine")
     if text_image.min() < 0 or text_image.max() >= len(image_emb):
         raise MineError(f"{where}: a text's image_id is outside 0..{len(image_emb) - 1}; re-run `dsmd extract`")
     image_emb = _normalised(image_emb, "image", where)
     text_emb = _normalised(text_emb, "text", where)
-    texts = shards.read_texts(features_dir, split, columns=[schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION])
+    texts = store.read_texts(features_dir, split, columns=[schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION])
     groups = group_captions(texts[schema.CAPTION].to_pylist(), text_image, len(image_emb))
     need_positives = cfg.margin is not None or cfg.relative_margin is not None
     return image_emb, text_emb, groups, make_directions(image_emb, text_emb, groups, need_positives=need_positives)
@@ -629,8 +629,8 @@ def _mine_one(name: str, direction, searchers, index_kind: str, cfg: MineConfig,
         log.info("%s %s: %d rows have fewer than k=%d negatives (database exhausted after filtering)",
                  split, name, result["short_rows"], cfg.k)
     table = _neighbors_table(name, result["ids"], result["scores"], result["counts"], metadata)
-    path = shards.atomic_write_table(table, shards.neighbors_path(cfg.out_dir, split, name))
-    return info, {"path": path.name, "rows": table.num_rows, "bytes": path.stat().st_size, "sha256": shards.sha256_file(path)}
+    path = atomic.atomic_write_table(table, store.neighbors_path(cfg.out_dir, split, name))
+    return info, {"path": path.name, "rows": table.num_rows, "bytes": path.stat().st_size, "sha256": atomic.sha256_file(path)}
 
 
 DATABASE_OF = {"i2t": "texts", "t2i": "images", "i2i": "images", "t2t": "texts"}
@@ -640,7 +640,7 @@ def mine_split(cfg: MineConfig, split: str, progress: bool = True) -> dict:
     """Mine one split; returns its `_manifest.json` content plus `status` (mined | up to date)."""
     features_dir = Path(cfg.features_dir)
     out = Path(cfg.out_dir) / split
-    fingerprint = shards.features_fingerprint(features_dir, split)
+    fingerprint = store.features_fingerprint(features_dir, split)
     params = mine_params(cfg)
     current = _up_to_date(out, fingerprint, params)
     if current is not None:
@@ -656,7 +656,7 @@ def mine_split(cfg: MineConfig, split: str, progress: bool = True) -> dict:
     marker = out / schema.SPLIT_MANIFEST
     if marker.exists():
         marker.unlink()  # from here on the split's negatives are incomplete until the new manifest lands
-    features_manifest = shards.load_split_manifest(features_dir, split)
+    features_manifest = store.load_split_manifest(features_dir, split)
     metadata = {schema.META_KIND: "neighbors", schema.META_SPLIT: split, schema.META_FEATURES_FINGERPRINT: fingerprint,
                 schema.META_MINE_PARAMS: params}
     if "teacher" in features_manifest:
@@ -673,7 +673,7 @@ def mine_split(cfg: MineConfig, split: str, progress: bool = True) -> dict:
         "num_texts": len(text_emb), "caption_groups": groups.num_groups, "indexes": index_info, "directions": report,
         "files": files, "load_seconds": round(load_seconds, 3), "seconds": round(time.perf_counter() - started, 3),
     }
-    shards.atomic_write_json(manifest, marker)
+    atomic.atomic_write_json(manifest, marker)
     return {**manifest, "status": "mined"}
 
 
@@ -681,7 +681,7 @@ def mine(cfg: MineConfig, progress: bool = True) -> dict:
     """Mine every split of `cfg.splits`; returns {split: summary} (each its `_manifest.json` plus
     `status`). FAISS threads are set to `cfg.threads` (0 = FAISS default) for the call only."""
     _validate(cfg)
-    shards.prepare_output_dir(cfg.out_dir)
+    atomic.prepare_output_dir(cfg.out_dir)
     previous_threads = faiss.omp_get_max_threads()
     if cfg.threads > 0:
         faiss.omp_set_num_threads(cfg.threads)

@@ -18,7 +18,7 @@ import open_clip
 import torch
 
 from pipeline import names
-from pipeline import shards
+from pipeline import atomic
 from pipeline.errors import PipelineError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -77,11 +77,11 @@ def model_identity(model_name: str, pretrained: str, model: torch.nn.Module, emb
     """What makes two sets of embeddings comparable: recorded in every Parquet file."""
     weights: dict[str, Any]
     if pretrained and os.path.isfile(pretrained):
-        weights = {"checkpoint_sha256": shards.sha256_file(pretrained)}
+        weights = {"checkpoint_sha256": atomic.sha256_file(pretrained)}
     elif pretrained.startswith("local-dir:") or model_name.startswith("local-dir:"):
         folder = Path((model_name if model_name.startswith("local-dir:") else pretrained)[len("local-dir:"):])
         ckpt = next((p for p in sorted(folder.iterdir()) if p.suffix in (".bin", ".safetensors", ".pth")), None)
-        weights = {"checkpoint_sha256": shards.sha256_file(ckpt) if ckpt else None}
+        weights = {"checkpoint_sha256": atomic.sha256_file(ckpt) if ckpt else None}
     else:
         weights = {"pretrained_tag": pretrained or None}
     return {
@@ -174,14 +174,14 @@ def save_open_clip_dir(model: torch.nn.Module, model_name: str, out_dir: str | P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    shards.atomic_torch_save(state, out_dir / names.WEIGHTS_FILE)
+    atomic.atomic_torch_save(state, out_dir / names.WEIGHTS_FILE)
     config = {
         "model_name": model_name,
         "model_cfg": model_config(model_name),
         "preprocess_cfg": dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
         **(extra or {}),
     }
-    shards.atomic_write_json(config, out_dir / names.OPEN_CLIP_CONFIG)
+    atomic.atomic_write_json(config, out_dir / names.OPEN_CLIP_CONFIG)
     return out_dir / names.WEIGHTS_FILE
 
 

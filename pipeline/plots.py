@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline import names, shards
+from pipeline import atomic, names
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _save_figure(fig, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return shards.atomic_write_bytes(buffer.getvalue(), path)
+    return atomic.atomic_write_bytes(buffer.getvalue(), path)
 
 
 def _pyplot():

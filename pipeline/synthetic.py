@@ -50,7 +50,7 @@ from pipeline.progress import progress as progress_bar
 
 from pipeline.config import ConfigError, CorpusConfig
 from pipeline.manifest import CLASSNAMES_FILE, TEMPLATES_FILE, write_manifest
-from pipeline.shards import atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_output_dir
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_output_dir
 
 log = logging.getLogger(__name__)
 

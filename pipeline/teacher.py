@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from pipeline import names
-from pipeline import models, shards, training  # the demo teacher is trained by the students' own loop
+from pipeline import atomic, models, training  # the demo teacher is trained by the students' own loop
 from pipeline.config import TeacherConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -42,5 +42,5 @@ def prepare_teacher(cfg: TeacherConfig, resume: bool = False) -> dict:
         training.train(demo_train_config(cfg), resume=resume)
     loaded = models.load_teacher(cfg)
     identity = loaded.identity
-    shards.atomic_write_json(identity, out_dir / names.IDENTITY_FILE)
+    atomic.atomic_write_json(identity, out_dir / names.IDENTITY_FILE)
     return identity

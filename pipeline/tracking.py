@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import shards
+from pipeline import atomic, store
 from pipeline.encoding import encode_images, encode_texts
 from pipeline.models import LoadedModel
 from pipeline.retrieval import retrieval_metrics
@@ -50,7 +50,7 @@ class TrainingLog:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         except OSError as exc:  # a full disk mid-run: name the file, keep the checkpoint to resume from
-            raise shards.OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            raise atomic.OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         if self.live is not None:
             self._to_live(record)
 
@@ -72,9 +72,9 @@ class Validation:
         from pipeline import schema
 
         try:
-            table = shards.read_images(features_dir, split, columns=[schema.IMAGE_BYTES]).slice(0, images)
-            texts = shards.read_texts(features_dir, split, columns=[schema.IMAGE_ID, schema.CAPTION])
-        except shards.ShardError as exc:
+            table = store.read_images(features_dir, split, columns=[schema.IMAGE_BYTES]).slice(0, images)
+            texts = store.read_texts(features_dir, split, columns=[schema.IMAGE_ID, schema.CAPTION])
+        except store.ShardError as exc:
             log.warning("no validation during training: %s", exc)
             return None
         owner = texts[schema.IMAGE_ID].to_numpy()

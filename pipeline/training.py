@@ -40,7 +40,7 @@ from torch import Tensor
 
 from pipeline import names
 from pipeline import data as data_mod
-from pipeline import models, runtime, shards
+from pipeline import atomic, models, runtime, store
 from pipeline.progress import progress
 from pipeline.tracking import TrainingLog, Validation
 from pipeline.balancer import LossBalancer
@@ -335,7 +335,7 @@ def save_checkpoint(path: Path, ctx: StepContext, step: int, extra: dict) -> Non
         "rng": _rng_state(),
         **extra,
     }
-    shards.atomic_torch_save(state, path)
+    atomic.atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: Path, ctx: StepContext, expect: dict) -> dict:
@@ -376,7 +376,7 @@ def _trim_log(path: Path, last_step: int, out: Path) -> list[dict]:
                 kept.append(record)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by a kill
-    shards.atomic_write_text("".join(json.dumps(k) + "\n" for k in kept), out)
+    atomic.atomic_write_text("".join(json.dumps(k) + "\n" for k in kept), out)
     return kept
 
 
@@ -445,7 +445,7 @@ def _load_inputs(cfg: TrainConfig) -> _Inputs:
     distill = cfg.loss == "dsmd"
     if cfg.source == "shards":
         data = data_mod.load_shards_data(cfg.features_dir, cfg.split, with_teacher=distill, with_views=cfg.use_views)
-        fingerprint = shards.features_fingerprint(cfg.features_dir, cfg.split)
+        fingerprint = store.features_fingerprint(cfg.features_dir, cfg.split)
     else:
         data = data_mod.load_corpus_data(cfg.manifest, cfg.split)
         fingerprint = None
@@ -522,14 +522,14 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
     runtime.set_threads(optim.threads)
     out_dir = Path(cfg.out_dir)
     if info.is_main:
-        shards.prepare_output_dir(out_dir)  # writable, no temporaries of killed runs
+        atomic.prepare_output_dir(out_dir)  # writable, no temporaries of killed runs
 
     # inputs, then the student, its projection, the losses, AdamW and the schedule
     inputs = _load_inputs(cfg)
     loaded, ctx = build_context(cfg, inputs.teacher_dim, inputs.steps, device, info.distributed)
     if info.is_main:  # a checkpoint holds the weights and AdamW's two moments; the student its weights
         weight_bytes = sum(p.numel() * p.element_size() for group in ctx.optimizer.param_groups for p in group["params"])
-        shards.check_free_space(out_dir, 5 * weight_bytes + (32 << 20))
+        atomic.check_free_space(out_dir, 5 * weight_bytes + (32 << 20))
 
     # start or resume; only once every option is checked (the sampler refuses a batch larger than the
     # data) is a previous run's log replaced: it grows as RUNNING_LOG_FILE until the run ends
@@ -609,7 +609,7 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
     }
     if info.is_main:
         models.save_open_clip_dir(ctx.student.model, cfg.model, out_dir)
-        shards.atomic_write_json(summary, out_dir / names.TRAIN_SUMMARY_FILE)
+        atomic.atomic_write_json(summary, out_dir / names.TRAIN_SUMMARY_FILE)
         running_log.replace(log_path)
     runtime.barrier(info)
     return summary

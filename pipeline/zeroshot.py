@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import schema, shards
+from pipeline import schema, store
 from pipeline.encoding import encode_images, encode_texts
 from pipeline.models import LoadedModel
 
@@ -77,7 +77,7 @@ def load_task(features_dir: str | Path, task: str) -> tuple[dict, "pq.Table", "p
     folder = task_dir(features_dir, task)
     marker = folder / schema.SPLIT_MANIFEST
     if not marker.exists():
-        raise shards.ShardError(f"{marker} not found: run `dsmd extract` (zero-shot task {task!r})")
+        raise store.ShardError(f"{marker} not found: run `dsmd extract` (zero-shot task {task!r})")
     manifest = json.loads(marker.read_text())
     return manifest, pq.read_table(folder / schema.ZEROSHOT_IMAGES_FILE), pq.read_table(folder / schema.ZEROSHOT_PROMPTS_FILE)
 

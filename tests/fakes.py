@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline import schema, shards
+from pipeline import schema, store
 
 
 def _png(rng: np.random.Generator, size: int = 24) -> bytes:
@@ -60,4 +60,4 @@ def write_fake_features(
         text_emb, dtype, meta,
     )
     info = {"teacher": identity, "manifest_sha256": "fake", "embedding_dim": dim, "embedding_dtype": dtype, "views": views}
-    return shards.write_split(features_dir, split, [images], [texts], info)
+    return store.write_split(features_dir, split, [images], [texts], info)

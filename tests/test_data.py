@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline import data as data_mod
-from pipeline import models, schema, shards
+from pipeline import atomic, models, schema, store
 from pipeline.augment import apply_view, decode_image
 from pipeline.config import ConfigError
 from tests.fakes import write_fake_features
@@ -17,8 +17,8 @@ from tests.tiny_corpus import write_tiny_corpus
 def write_negatives(features_dir, negatives_dir, split: str = "train", k: int = 4, fingerprint: str | None = None) -> None:
     """Brute-force neighbours of the cached teacher embeddings in all four directions (own captions /
     own image / self excluded)."""
-    image_emb, text_emb, text_to_image = shards.load_embeddings(features_dir, split)
-    fingerprint = fingerprint or shards.features_fingerprint(features_dir, split)
+    image_emb, text_emb, text_to_image = store.load_embeddings(features_dir, split)
+    fingerprint = fingerprint or store.features_fingerprint(features_dir, split)
 
     def put(direction: str, scores: np.ndarray) -> None:
         ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -30,7 +30,7 @@ def write_negatives(features_dir, negatives_dir, split: str = "train", k: int = 
             },
             schema=schema.neighbors_schema(direction, {schema.META_FEATURES_FINGERPRINT: fingerprint}),
         )
-        shards.atomic_write_table(table, shards.neighbors_path(negatives_dir, split, direction))
+        atomic.atomic_write_table(table, store.neighbors_path(negatives_dir, split, direction))
 
     i2t = image_emb @ text_emb.T
     i2t[text_to_image[None, :] == np.arange(len(image_emb))[:, None]] = -np.inf
@@ -65,7 +65,7 @@ def test_one_caption_per_image_per_epoch_deterministic_and_changing(features, st
     dataset = make_dataset(features, student, seed=3)
     again = make_dataset(features, student, seed=3)
     data = dataset.data
-    image_emb, text_emb, text_to_image = shards.load_embeddings(features, "train")
+    image_emb, text_emb, text_to_image = store.load_embeddings(features, "train")
     per_epoch = []
     for epoch in range(4):
         chosen = [dataset.choose(epoch, i)[0] for i in range(data.num_images)]
@@ -115,8 +115,8 @@ def test_mined_negatives_are_looked_up_by_id(features, student, tmp_path):
     data = data_mod.load_shards_data(features, "train")
     negatives = data_mod.load_negatives(tmp_path / "negatives", "train", data, count=5, features_dir=features)
     dataset = data_mod.TrainingDataset(data, student.preprocess, student.tokenizer, negatives=negatives)
-    i2t, _ = shards.read_neighbors(tmp_path / "negatives", "train", "i2t")
-    i2i, _ = shards.read_neighbors(tmp_path / "negatives", "train", "i2i")
+    i2t, _ = store.read_neighbors(tmp_path / "negatives", "train", "i2t")
+    i2i, _ = store.read_neighbors(tmp_path / "negatives", "train", "i2i")
     for image_id in (0, 17, 39):
         item = dataset[(1, image_id)]
         # 3 mined, then padding up to the 5 asked for
@@ -129,8 +129,8 @@ def test_mined_negatives_are_looked_up_by_id(features, student, tmp_path):
         assert not item[data_mod.MINED_TEACHER_IMAGE][3:].any()
         # the caption's own lists (t2t, t2i) for text anchors
         text_id = item[data_mod.TEXT_ID]
-        t2t, _ = shards.read_neighbors(tmp_path / "negatives", "train", "t2t")
-        t2i, _ = shards.read_neighbors(tmp_path / "negatives", "train", "t2i")
+        t2t, _ = store.read_neighbors(tmp_path / "negatives", "train", "t2t")
+        t2i, _ = store.read_neighbors(tmp_path / "negatives", "train", "t2i")
         assert item[data_mod.MINED_T2I_IMAGE_IDS].tolist() == t2i[text_id].tolist() + [-1, -1]
         assert item[data_mod.MINED_T2T_IMAGE_IDS].tolist() == data.text_to_image[t2t[text_id]].tolist() + [-1, -1]
         np.testing.assert_array_equal(item[data_mod.MINED_T2T_TEACHER_TEXT][:3].numpy(), data.teacher_text[t2t[text_id]].astype(np.float32))

@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline import names, retrieval
-from pipeline import evaluation, schema, shards
+from pipeline import atomic, evaluation, schema, store
 from pipeline.augment import decode_image
 from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.models import load_model, save_open_clip_dir
@@ -178,8 +178,8 @@ def test_encode_split_equals_calling_the_model_directly(tmp_path):
     loaded = evaluation.load_student(tmp_path / "student")
     image_emb, text_emb, text_to_image = evaluation.encode_split(loaded, tmp_path / "features", "test", batch_size=4)
 
-    images = shards.read_images(tmp_path / "features", "test")
-    texts = shards.read_texts(tmp_path / "features", "test")
+    images = store.read_images(tmp_path / "features", "test")
+    texts = store.read_texts(tmp_path / "features", "test")
     with torch.no_grad():
         pixels = torch.stack([loaded.preprocess(decode_image(b)) for b in images[schema.IMAGE_BYTES].to_pylist()])
         want_images = F.normalize(loaded.model.encode_image(pixels), dim=-1).numpy()
@@ -215,10 +215,10 @@ def test_compare_encoder_costs_ranks_a_bigger_model_as_slower():
 
 
 def write_teacher_manifest_identity(features_dir, split, model):
-    path = shards.split_dir(features_dir, split) / schema.SPLIT_MANIFEST
+    path = store.split_dir(features_dir, split) / schema.SPLIT_MANIFEST
     manifest = json.loads(path.read_text())
     manifest["teacher"]["model"] = model
-    shards.atomic_write_json(manifest, path)
+    atomic.atomic_write_json(manifest, path)
 
 
 def small_config(tmp_path, students, **overrides):
@@ -251,7 +251,7 @@ def test_evaluate_writes_consistent_metrics_and_valid_plots(tmp_path):
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["num_images"] == 24 and on_disk["num_texts"] == 120 and on_disk["threads"] == 1
     # teacher quality comes from the cached embeddings, exactly
-    image_emb, text_emb, text_to_image = shards.load_embeddings(tmp_path / "features", "test")
+    image_emb, text_emb, text_to_image = store.load_embeddings(tmp_path / "features", "test")
     want_teacher = brute_force_metrics(image_emb, text_emb, text_to_image)
     for key, value in want_teacher.items():
         assert on_disk["teacher"][key] == pytest.approx(value), key
@@ -286,7 +286,7 @@ def test_evaluate_writes_consistent_metrics_and_valid_plots(tmp_path):
 
 def test_teacher_architecture_from_teacher_dir_when_identity_is_unknown(tmp_path):
     write_fake_features(tmp_path / "features", "test", n_images=4, captions_per_image=1, dim=32)
-    manifest = shards.load_split_manifest(tmp_path / "features", "test")  # model: fake-teacher
+    manifest = store.load_split_manifest(tmp_path / "features", "test")  # model: fake-teacher
     with pytest.raises(evaluation.EvaluationError, match="fake-teacher"):
         evaluation.load_teacher_architecture(manifest, tmp_path / "teacher", "cpu")
     save_open_clip_dir(load_model("dsmd-test-teacher").model, "dsmd-test-teacher", tmp_path / "teacher")

@@ -49,8 +49,8 @@ def test_the_export_reloads_with_plain_open_clip_and_matches_the_student(trained
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
     student = load_student(trained / "student")
-    from pipeline import shards
-    image = decode_image(shards.read_images(trained / "features", "train").slice(0, 1)["image_bytes"][0].as_py())
+    from pipeline import store
+    image = decode_image(store.read_images(trained / "features", "train").slice(0, 1)["image_bytes"][0].as_py())
     with torch.no_grad():
         for m, pre in ((model.eval(), preprocess), (student.model.eval(), student.preprocess)):
             m.image_emb = m.encode_image(pre(image)[None])

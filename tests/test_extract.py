@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import augment, extract as extract_mod, schema, shards
+from pipeline import atomic, augment, extract as extract_mod, schema, store
 from pipeline.config import ExtractConfig, TeacherConfig
 from pipeline.models import load_model
 from stages.extract import app
@@ -44,7 +44,7 @@ def _teacher(ckpt: Path) -> TeacherConfig:
 
 
 def _tables(out: Path, split: str):
-    return shards.read_images(out, split), shards.read_texts(out, split)
+    return store.read_images(out, split), store.read_texts(out, split)
 
 
 def test_embeddings_equal_direct_model_call(tmp_path, teacher_checkpoint):
@@ -76,11 +76,11 @@ def test_embeddings_equal_direct_model_call(tmp_path, teacher_checkpoint):
     file_schema = pq.read_schema(out / "train" / "images-000000.parquet")
     identity = schema.read_metadata(file_schema, schema.META_TEACHER, as_json=True)
     assert identity["model"] == "dsmd-test-teacher"
-    assert identity["checkpoint_sha256"] == shards.sha256_file(teacher_checkpoint)
-    split_manifest = shards.load_split_manifest(out, "train")
-    assert split_manifest["manifest_sha256"] == shards.sha256_file(manifest)
+    assert identity["checkpoint_sha256"] == atomic.sha256_file(teacher_checkpoint)
+    split_manifest = store.load_split_manifest(out, "train")
+    assert split_manifest["manifest_sha256"] == atomic.sha256_file(manifest)
     for entry in split_manifest["files"]["images"]:
-        assert shards.sha256_file(out / "train" / entry["path"]) == entry["sha256"]
+        assert atomic.sha256_file(out / "train" / entry["path"]) == entry["sha256"]
     assert not (out / "train" / schema.PARTS_DIR).exists()
 
 
@@ -90,7 +90,7 @@ def test_float32_storage(tmp_path, teacher_checkpoint):
     cfg = _cfg(manifest, out, embedding_dtype="float32")
     cfg.splits = ["train"]
     extract_mod.extract(cfg, _teacher(teacher_checkpoint))
-    images = shards.read_images(out, "train")
+    images = store.read_images(out, "train")
     assert images.schema.field(schema.TEACHER_IMAGE_EMB).type.value_type == schema.EMBEDDING_DTYPES["float32"]
 
 
@@ -102,7 +102,7 @@ def test_corrupt_images_are_counted_not_fatal(tmp_path, teacher_checkpoint):
     skipped = result["train"]["skipped"]
     assert skipped["counts"]["corrupt_image"] == 2
     assert sorted(k for _, k in skipped["examples"]["corrupt_image"]) == ["train0_001", "train1_004"]
-    keys = shards.read_images(out, "train")[schema.KEY].to_pylist()
+    keys = store.read_images(out, "train")[schema.KEY].to_pylist()
     assert "train0_001" not in keys and len(keys) == 10
 
 
@@ -151,7 +151,7 @@ def test_changed_teacher_is_refused(tmp_path, teacher_checkpoint):
         extract_mod.extract(_cfg(manifest, out), _teacher(other))
     # --overwrite discards and redoes
     result = extract_mod.extract(_cfg(manifest, out), _teacher(other), overwrite=True)
-    assert result["train"]["teacher"]["checkpoint_sha256"] == shards.sha256_file(other)
+    assert result["train"]["teacher"]["checkpoint_sha256"] == atomic.sha256_file(other)
 
 
 def test_views_store_parameters_that_reproduce_the_embedding(tmp_path, teacher_checkpoint):
@@ -160,7 +160,7 @@ def test_views_store_parameters_that_reproduce_the_embedding(tmp_path, teacher_c
     cfg = _cfg(manifest, out, views=3, embedding_dtype="float32")
     cfg.splits = ["train"]
     extract_mod.extract(cfg, _teacher(teacher_checkpoint))
-    images = shards.read_images(out, "train")
+    images = store.read_images(out, "train")
     loaded = load_model("dsmd-test-teacher", str(teacher_checkpoint))
     row = 2
     params = images[schema.VIEW_PARAMS][row].as_py()
@@ -227,7 +227,7 @@ def test_decoding_workers_do_not_change_the_tables(tmp_path, teacher_checkpoint)
         extract_mod.extract(cfg, _teacher(teacher_checkpoint))
     for a, b in zip(_tables(tmp_path / "w0", "train"), _tables(tmp_path / "w2", "train")):
         assert a.equals(b)
-    assert shards.load_split_manifest(tmp_path / "w2", "train")["skipped"]["counts"] == {"corrupt_image": 1}
+    assert store.load_split_manifest(tmp_path / "w2", "train")["skipped"]["counts"] == {"corrupt_image": 1}
 
 
 @pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--batch-size", "-1")])

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import evaluation, extract as extract_mod, models, names, shards
+from pipeline import atomic, evaluation, extract as extract_mod, models, names, store
 from pipeline.config import EvaluateConfig, ExtractConfig, TeacherConfig
 from pipeline.errors import PipelineError
 from tests.fakes import write_fake_features
@@ -143,9 +143,9 @@ def extract_setup(tmp_path_factory):
 def assert_same_tables(a: Path, b: Path) -> None:
     """Equal features, wherever the corpus was read from (the source_shard column names its path)."""
     for split in ("train", "test"):
-        images_a, images_b = (shards.read_images(d, split) for d in (a, b))
+        images_a, images_b = (store.read_images(d, split) for d in (a, b))
         assert images_a.drop(["source_shard"]).equals(images_b.drop(["source_shard"])), split
-        assert shards.read_texts(a, split).equals(shards.read_texts(b, split)), split
+        assert store.read_texts(a, split).equals(store.read_texts(b, split)), split
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -233,13 +233,13 @@ def test_a_split_missing_from_the_manifest_fails_before_any_split_is_extracted(e
 def test_stale_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = [tmp_path / f".checkpoint.pt.tmp-{dead.pid}", tmp_path / "a" / f".images-000000.parquet.tmp-{shards._HOST}-{dead.pid}"]
-    live = [tmp_path / f".texts-000000.parquet.tmp-{shards._HOST}-{os.getpid()}",
+    stale = [tmp_path / f".checkpoint.pt.tmp-{dead.pid}", tmp_path / "a" / f".images-000000.parquet.tmp-{atomic._HOST}-{dead.pid}"]
+    live = [tmp_path / f".texts-000000.parquet.tmp-{atomic._HOST}-{os.getpid()}",
             tmp_path / f".texts-000001.parquet.tmp-otherhost-{dead.pid}"]  # another host's: not ours to judge
     for path in stale + live:
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"partial")
-    shards.prepare_output_dir(tmp_path)
+    atomic.prepare_output_dir(tmp_path)
     assert [p.exists() for p in stale] == [False, False]
     assert [p.exists() for p in live] == [True, True]
 
@@ -249,7 +249,7 @@ def test_an_unwritable_output_folder_fails_before_evaluation_does_any_work(tmp_p
     blocker.write_text("a file where the metrics folder should be")
     cfg = EvaluateConfig(features_dir=str(tmp_path / "no-features"), metrics_file=str(blocker / "metrics.json"),
                          plots_dir=str(tmp_path / "plots"), students={})
-    with pytest.raises(shards.OutputError, match="outputs is a file"):
+    with pytest.raises(atomic.OutputError, match="outputs is a file"):
         evaluation.evaluate(cfg)
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import mining, schema, shards
+from pipeline import mining, schema, store
 from pipeline.config import MineConfig
 from tests.fakes import write_fake_features
 
@@ -43,7 +43,7 @@ def write_features(features_dir, split, image_emb, text_emb, text_image, caption
     for t in range(1, len(text_image)):
         caption_index[t] = caption_index[t - 1] + 1 if text_image[t] == text_image[t - 1] else 0
     texts = schema.texts_table(text_image, caption_index, captions, text_emb, dtype, meta)
-    shards.write_split(features_dir, split, [images], [texts], {"teacher": {"model": "test"}, "embedding_dim": dim})
+    store.write_split(features_dir, split, [images], [texts], {"teacher": {"model": "test"}, "embedding_dim": dim})
 
 
 def duplicate_heavy_split(features_dir, split="train", n_images=80, dim=16, seed=0) -> None:
@@ -65,8 +65,8 @@ def duplicate_heavy_split(features_dir, split="train", n_images=80, dim=16, seed
 
 
 def _inputs(features_dir, split="train"):
-    image_emb, text_emb, text_image = shards.load_embeddings(features_dir, split)
-    captions = shards.read_texts(features_dir, split, columns=[schema.CAPTION])[schema.CAPTION].to_pylist()
+    image_emb, text_emb, text_image = store.load_embeddings(features_dir, split)
+    captions = store.read_texts(features_dir, split, columns=[schema.CAPTION])[schema.CAPTION].to_pylist()
     return _unit(image_emb), _unit(text_emb), text_image, captions
 
 
@@ -123,7 +123,7 @@ def _directions(features_dir, cfg, split="train"):
 
 
 def _as_lists(out_dir, split, direction):
-    table = pq.read_table(shards.neighbors_path(out_dir, split, direction))
+    table = pq.read_table(store.neighbors_path(out_dir, split, direction))
     return table[schema.NEIGHBOR_IDS].to_pylist(), table[schema.NEIGHBOR_SCORES].to_pylist()
 
 
@@ -240,8 +240,8 @@ def test_approximate_index_keeps_recall(tmp_path, index):
     assert all(exact["indexes"][db]["kind"] == "flat" for db in ("images", "texts"))
     assert all(approx["indexes"][db]["kind"] == index for db in ("images", "texts"))
     for name in DIRECTIONS:
-        want, _ = shards.read_neighbors(tmp_path / "exact", "train", name)
-        got, got_scores = shards.read_neighbors(tmp_path / index, "train", name)
+        want, _ = store.read_neighbors(tmp_path / "exact", "train", name)
+        got, got_scores = store.read_neighbors(tmp_path / index, "train", name)
         recall = mining.recall_at_k(got, want)
         assert recall >= 0.95, (name, recall)
         assert approx["directions"][name]["recall_at_k"] >= 0.95
@@ -313,12 +313,12 @@ def test_rerun_is_a_no_op_and_changed_inputs_recompute(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
     assert mining.mine(MineConfig(**{**cfg.__dict__, "k": 5}), progress=False)["train"]["status"] == "mined"
-    assert shards.read_neighbors(tmp_path / "neg", "train", "i2t")[0].shape[1] == 5
+    assert store.read_neighbors(tmp_path / "neg", "train", "i2t")[0].shape[1] == 5
 
     write_fake_features(features, n_images=50, captions_per_image=2, dim=16, seed=1)  # a new extraction
     cfg5 = MineConfig(**{**cfg.__dict__, "k": 5})
     redo = mining.mine(cfg5, progress=False)["train"]
-    assert redo["status"] == "mined" and redo["features_fingerprint"] == shards.features_fingerprint(features, "train")
+    assert redo["status"] == "mined" and redo["features_fingerprint"] == store.features_fingerprint(features, "train")
     file_schema = pq.read_schema(out / "t2t.parquet")
     assert schema.read_metadata(file_schema, schema.META_FEATURES_FINGERPRINT) == redo["features_fingerprint"]
 
@@ -332,7 +332,7 @@ def test_output_schema_and_order(tmp_path):
     cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=5, range_min=1)
     mining.mine(cfg, progress=False)
     for name in DIRECTIONS:
-        table = pq.read_table(shards.neighbors_path(cfg.out_dir, "train", name))
+        table = pq.read_table(store.neighbors_path(cfg.out_dir, "train", name))
         key = schema.neighbor_key_column(name)
         assert table.schema.field(key).type == pa.int64()
         assert table.schema.field(schema.NEIGHBOR_IDS).type == pa.list_(pa.int64())
@@ -353,7 +353,7 @@ def test_bad_options_give_clear_errors(tmp_path):
         mining.mine(MineConfig(index="annoy", **base), progress=False)
     with pytest.raises(mining.MineError, match="mine.k"):
         mining.mine(MineConfig(k=0, **base), progress=False)
-    with pytest.raises(shards.ShardError, match="dsmd extract"):
+    with pytest.raises(store.ShardError, match="dsmd extract"):
         mining.mine(MineConfig(**{**base, "splits": ["val"]}), progress=False)
 
 
@@ -368,7 +368,7 @@ def test_cli(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "recall@3" in result.output
-    assert shards.read_neighbors(tmp_path / "neg", "train", "t2i")[0].shape == (60, 3)
+    assert store.read_neighbors(tmp_path / "neg", "train", "t2i")[0].shape == (60, 3)
     assert "up to date" in runner.invoke(app, args).output
     bad = runner.invoke(app, args[:-4] + ["--index", "annoy"])
     assert bad.exit_code == 2 and "error:" in bad.output and "mine.index" in bad.output
