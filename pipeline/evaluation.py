@@ -156,12 +156,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         if not np.array_equal(student_text_to_image, text_to_image):
             raise store.ShardError(f"{store.split_dir(cfg.features_dir, cfg.split)}: texts changed while reading")
         student_metrics[name] = retrieval_metrics(image_emb, text_emb, text_to_image, ks, cfg.chunk_size, device)
-    tasks = zeroshot.list_tasks(cfg.features_dir) if cfg.zeroshot else []
+    tasks = [zeroshot.load_task(cfg.features_dir, t) for t in zeroshot.list_tasks(cfg.features_dir)] if cfg.zeroshot else []
     if tasks:
-        teacher["zeroshot"] = {task: zeroshot.teacher_task_metrics(cfg.features_dir, task) for task in tasks}
+        teacher["zeroshot"] = {task.name: zeroshot.teacher_task_metrics(task) for task in tasks}
         for name, (_, loaded) in students.items():
             student_metrics[name]["zeroshot"] = {
-                task: zeroshot.student_task_metrics(loaded, cfg.features_dir, task, cfg.batch_size, device) for task in tasks
+                task.name: zeroshot.student_task_metrics(loaded, task, cfg.batch_size, device) for task in tasks
             }
 
     timed = {TEACHER: load_teacher_architecture(split_manifest, cfg.teacher_dir, device)}

@@ -24,7 +24,7 @@ import torch
 from pipeline import names
 from pipeline import atomic, models, schema, store
 from pipeline.config import ExportConfig
-from pipeline.encoding import encode_images, encode_texts
+from pipeline.augment import decode_image
 from pipeline.errors import PipelineError
 from pipeline.evaluation import load_student
 
@@ -77,29 +77,34 @@ def export_onnx(loaded: models.LoadedModel, out_dir: Path, opset: int) -> None:
             ))
 
 
-def _check_inputs(cfg: ExportConfig, loaded: models.LoadedModel) -> tuple[torch.Tensor, torch.Tensor, object, list[str]]:
-    """A batch of real test images (preprocessed) and captions, the images table slice and the captions."""
+def _check_data(cfg: ExportConfig) -> tuple[list[bytes], list[str]]:
+    """The first `check_images` test images (encoded bytes) and captions the checks compare on."""
     images = store.read_images(cfg.features_dir, cfg.split, columns=[schema.IMAGE_BYTES]).slice(0, cfg.check_images)
     captions = store.read_texts(cfg.features_dir, cfg.split, columns=[schema.CAPTION]).slice(0, cfg.check_images)
-    from pipeline.augment import decode_image
-    pixels = torch.stack([loaded.preprocess(decode_image(b)) for b in images[schema.IMAGE_BYTES].to_pylist()])
-    texts = captions[schema.CAPTION].to_pylist()
-    return pixels, loaded.tokenizer(texts), images, texts
+    return images[schema.IMAGE_BYTES].to_pylist(), captions[schema.CAPTION].to_pylist()
+
+
+@torch.inference_mode()
+def _embeddings(model: torch.nn.Module, preprocess, tokenizer, images: list[bytes], texts: list[str]):
+    """(image_emb, text_emb, pixels, tokens): normalised embeddings and the inputs they came from."""
+    pixels = torch.stack([preprocess(decode_image(data)) for data in images])
+    tokens = tokenizer(texts)
+    model = model.eval()
+    return model.encode_image(pixels, normalize=True).numpy(), model.encode_text(tokens, normalize=True).numpy(), pixels, tokens
 
 
 def run_checks(cfg: ExportConfig, student: models.LoadedModel, out_dir: Path) -> dict:
     """Max abs embedding differences: reloaded student vs trained, onnxruntime vs PyTorch."""
-    device = torch.device("cpu")
-    pixels, tokens, images, texts = _check_inputs(cfg, student)
-    want_image = encode_images(student, images, 64, device, "export check")
-    want_text = encode_texts(student, texts, 64, device, "export check")
-    reloaded_model, _, reloaded_preprocess = open_clip.create_model_and_transforms(f"local-dir:{out_dir}")
-    reloaded = models.LoadedModel(reloaded_model.eval(), reloaded_preprocess, reloaded_preprocess,
-                                  open_clip.get_tokenizer(f"local-dir:{out_dir}"), {}, student.embed_dim, student.image_size)
+    images, texts = _check_data(cfg)
+    want_image, want_text, pixels, tokens = _embeddings(student.model, student.preprocess, student.tokenizer, images, texts)
+    # the export as a user loads it: plain open_clip, its own preprocessing and tokenizer from the folder
+    reloaded, _, reloaded_preprocess = open_clip.create_model_and_transforms(f"local-dir:{out_dir}")
+    got_image, got_text, _, _ = _embeddings(reloaded, reloaded_preprocess, open_clip.get_tokenizer(f"local-dir:{out_dir}"),
+                                            images, texts)
     report = {
         "check_images": len(texts),
-        "reload_image_max_abs_diff": float(np.abs(encode_images(reloaded, images, 64, device, "reload check") - want_image).max()),
-        "reload_text_max_abs_diff": float(np.abs(encode_texts(reloaded, texts, 64, device, "reload check") - want_text).max()),
+        "reload_image_max_abs_diff": float(np.abs(got_image - want_image).max()),
+        "reload_text_max_abs_diff": float(np.abs(got_text - want_text).max()),
     }
     if cfg.onnx:
         import onnxruntime as ort

@@ -297,14 +297,13 @@ def _reopen(out: Path, existing: dict, stale: list[int], parts_dir: Path, info: 
     leaves the finished split, and the next run reopens it again)."""
     stale_set = set(stale)
     files = existing["files"]
-    first_images = pq.read_table(out / files[schema.IMAGES_PREFIX][0]["path"])
-    first_texts = pq.read_table(out / files[schema.TEXTS_PREFIX][0]["path"])
     atomic.atomic_write_json(info, parts_dir / RUN_FILE)
     for index, record in enumerate(existing["shard_parts"]):
         if index in stale_set:
             continue
         if record["file"] is None:  # a shard with no readable sample: empty tables of the same schema
-            images, texts = first_images.slice(0, 0), first_texts.slice(0, 0)
+            images = pq.read_schema(out / files[schema.IMAGES_PREFIX][0]["path"]).empty_table()
+            texts = pq.read_schema(out / files[schema.TEXTS_PREFIX][0]["path"]).empty_table()
         else:
             images = pq.read_table(out / files[schema.IMAGES_PREFIX][record["file"]]["path"])
             texts = pq.read_table(out / files[schema.TEXTS_PREFIX][record["file"]]["path"])

@@ -182,8 +182,8 @@ def _parse_fields(path: Path, data: Any) -> FieldMapping:
     return mapping
 
 
-def _parse_split(path: Path, name: str, data: Any) -> SplitSpec:
-    where = f"'splits.{name}'"
+def _parse_split(path: Path, name: str, data: Any, where: str = "") -> SplitSpec:
+    where = where or f"'splits.{name}'"
     if not isinstance(data, dict):
         raise _fail(path, f"{where} must be a mapping like {{shards: \"train-{{000..009}}.tar\"}}, got {data!r}")
     _check_keys(path, where, data, SPLIT_KEYS)
@@ -231,18 +231,22 @@ def _parse_task(path: Path, name: str, data: Any) -> TaskSpec:
         raise _fail(path, f"{where} must be a mapping like {{root: wds_cifar10}}, got {data!r}")
     _check_keys(path, where, data, TASK_KEYS)
     base_dir = Path(os.path.abspath(path)).parent
-    root = Path(resolve_shard(str(data["root"]), base_dir)) if "root" in data else None
-    if root is None and not all(k in data for k in ("shards", "classnames", "templates")):
+    if "root" not in data and not all(k in data for k in ("shards", "classnames", "templates")):
         raise _fail(path, f"{where} needs 'root' (CLIP_benchmark layout) or all of shards, classnames, templates")
+    root = data.get("root", "")
     shards = data.get("shards") or f"{root}/{data.get('split', 'test')}/*.tar"
     if isinstance(shards, str) and "*" in shards:  # CLIP_benchmark names shards 0.tar, 1.tar, ...
-        found = sorted(Path(shards).parent.glob(Path(shards).name), key=lambda p: (len(p.name), p.name))
+        pattern = Path(resolve_shard(shards, base_dir))
+        found = sorted(pattern.parent.glob(pattern.name), key=lambda p: (len(p.name), p.name))
         if not found:
-            raise _fail(path, f"{where}: no shards match {shards}")
+            raise _fail(path, f"{where}: no shards match {pattern}")
         shards = [str(p) for p in found]
-    spec = _parse_split(path, f"classification.{name}", {"shards": shards, "num_samples": data.get("num_samples")})
-    classnames = _read_lines(path, Path(resolve_shard(str(data.get("classnames", root / CLASSNAMES_FILE if root else "")), base_dir)), where)
-    templates = _read_lines(path, Path(resolve_shard(str(data.get("templates", root / TEMPLATES_FILE if root else "")), base_dir)), where)
+    spec = _parse_split(path, name, {"shards": shards, "num_samples": data.get("num_samples")}, where)
+
+    def lines_of(key: str, default_name: str) -> list[str]:
+        return _read_lines(path, Path(resolve_shard(str(data.get(key) or f"{root}/{default_name}"), base_dir)), where)
+
+    classnames, templates = lines_of("classnames", CLASSNAMES_FILE), lines_of("templates", TEMPLATES_FILE)
     bad = [t for t in templates if "{c}" not in t]
     if bad:
         raise _fail(path, f"{where}: templates without '{{c}}' (where the class name goes): {bad[:3]}")

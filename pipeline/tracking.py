@@ -37,13 +37,14 @@ class TrainingLog:
             self.live = Live(live_dir, resume=False, report=None, save_dvc_exp=False, dvcyaml=False)
             for record in kept:  # a resume: the steps before the checkpoint, once each
                 self._to_live(record)
+            if kept:
+                self.live.make_summary()
 
     def _to_live(self, record: dict) -> None:
         self.live.step = int(record["step"])
         for name, value in record.items():
             if name != "step" and isinstance(value, (int, float)) and np.isfinite(value):
                 self.live.log_metric(name, float(value))
-        self.live.make_summary()
 
     def log(self, record: dict) -> None:
         try:
@@ -53,6 +54,7 @@ class TrainingLog:
             raise atomic.OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         if self.live is not None:
             self._to_live(record)
+            self.live.make_summary()  # metrics.json follows the run, for a user watching it
 
     def close(self) -> None:
         self.file.close()

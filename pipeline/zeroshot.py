@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -72,30 +74,39 @@ def classification_metrics(image_emb: np.ndarray, labels: np.ndarray, class_emb:
     }
 
 
-def load_task(features_dir: str | Path, task: str) -> tuple[dict, "pq.Table", "pq.Table"]:
-    """(task manifest, images table, prompts table) written by `dsmd extract`."""
+@dataclass
+class Task:
+    """A zero-shot task as `dsmd extract` wrote it: read once, scored for the teacher and every student."""
+
+    name: str
+    folder: Path
+    num_classes: int
+    images: pa.Table  # images.parquet: image bytes, label, teacher_image_emb
+    prompts: pa.Table  # prompts.parquet: class_index, prompt, teacher_text_emb
+
+
+def load_task(features_dir: str | Path, task: str) -> Task:
     folder = task_dir(features_dir, task)
     marker = folder / schema.SPLIT_MANIFEST
     if not marker.exists():
         raise store.ShardError(f"{marker} not found: run `dsmd extract` (zero-shot task {task!r})")
     manifest = json.loads(marker.read_text())
-    return manifest, pq.read_table(folder / schema.ZEROSHOT_IMAGES_FILE), pq.read_table(folder / schema.ZEROSHOT_PROMPTS_FILE)
+    return Task(task, folder, len(manifest["classnames"]), pq.read_table(folder / schema.ZEROSHOT_IMAGES_FILE),
+                pq.read_table(folder / schema.ZEROSHOT_PROMPTS_FILE))
 
 
-def teacher_task_metrics(features_dir: str | Path, task: str) -> dict:
+def teacher_task_metrics(task: Task) -> dict:
     """The teacher's zero-shot metrics on `task`, from its cached embeddings."""
-    manifest, images, prompts = load_task(features_dir, task)
-    class_emb = class_embeddings(schema.embeddings_to_numpy(prompts[schema.TEACHER_TEXT_EMB]),
-                                 prompts[schema.CLASS_INDEX].to_numpy(), len(manifest["classnames"]))
-    return classification_metrics(schema.embeddings_to_numpy(images[schema.TEACHER_IMAGE_EMB]),
-                                  images[schema.LABEL].to_numpy(), class_emb)
+    class_emb = class_embeddings(schema.embeddings_to_numpy(task.prompts[schema.TEACHER_TEXT_EMB]),
+                                 task.prompts[schema.CLASS_INDEX].to_numpy(), task.num_classes)
+    return classification_metrics(schema.embeddings_to_numpy(task.images[schema.TEACHER_IMAGE_EMB]),
+                                  task.images[schema.LABEL].to_numpy(), class_emb)
 
 
-def student_task_metrics(loaded: LoadedModel, features_dir: str | Path, task: str, batch_size: int, device) -> dict:
+def student_task_metrics(loaded: LoadedModel, task: Task, batch_size: int, device) -> dict:
     """A student's zero-shot metrics on `task`: its own embeddings of the stored images and prompts."""
-    manifest, images, prompts = load_task(features_dir, task)
-    where = str(task_dir(features_dir, task))
-    image_emb = encode_images(loaded, images, batch_size, torch.device(device), where)
-    prompt_emb = encode_texts(loaded, prompts[schema.PROMPT].to_pylist(), batch_size, torch.device(device), where)
-    class_emb = class_embeddings(prompt_emb, prompts[schema.CLASS_INDEX].to_numpy(), len(manifest["classnames"]))
-    return classification_metrics(image_emb, images[schema.LABEL].to_numpy(), class_emb)
+    device = torch.device(device)
+    image_emb = encode_images(loaded, task.images, batch_size, device, str(task.folder))
+    prompt_emb = encode_texts(loaded, task.prompts[schema.PROMPT].to_pylist(), batch_size, device, str(task.folder))
+    class_emb = class_embeddings(prompt_emb, task.prompts[schema.CLASS_INDEX].to_numpy(), task.num_classes)
+    return classification_metrics(image_emb, task.images[schema.LABEL].to_numpy(), class_emb)

@@ -83,6 +83,23 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
     assert not leftover, f"processes outlived the killed stage: {[p.cmdline() for p in leftover]}"
 
 
+def the_error_line(code: int, output: str) -> str:
+    """The run ended with exit status 2 and exactly one `error:` line (no traceback): that line."""
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in output and len(errors) == 1, output
+    return errors[0]
+
+
+def kill_seeded(proc: subprocess.Popen, seed: int, first_ready, clean_seconds: float) -> None:
+    """Seed 0: kill once `first_ready()` holds (mid-run for sure); others at a seeded random point of
+    a clean run's duration."""
+    if seed == 0:
+        kill_when(proc, first_ready)
+    else:
+        at = time.monotonic() + random.Random(seed).uniform(0.3, 1.0) * clean_seconds
+        kill_when(proc, lambda: time.monotonic() >= at)
+
+
 def temporaries(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if ".tmp-" in p.name]
 
@@ -152,12 +169,8 @@ def assert_same_tables(a: Path, b: Path) -> None:
 def test_extract_killed_anywhere_resumes_to_the_clean_tables_and_leaves_nothing_behind(extract_setup, tmp_path, seed):
     out = tmp_path / "features"
     args = ["extract", "--params", str(extract_setup["params"]), "--out-dir", str(out)]
-    proc = dsmd(args, tmp_path)
-    if seed == 0:  # mid-split for sure: after the first part, with the decoding workers running
-        kill_when(proc, lambda: any(out.glob("*/_parts/skips-*.json")))
-    else:
-        at = time.monotonic() + random.Random(seed).uniform(0.3, 1.0) * extract_setup["seconds"]
-        kill_when(proc, lambda: time.monotonic() >= at)
+    # seed 0: after the first part, with the decoding workers running
+    kill_seeded(dsmd(args, tmp_path), seed, lambda: any(out.glob("*/_parts/skips-*.json")), extract_setup["seconds"])
     code, output = finish(dsmd(args, tmp_path))
     assert code == 0, output
     assert_same_tables(out, extract_setup["clean"])
@@ -169,10 +182,8 @@ def test_a_full_disk_is_one_error_line_naming_the_file_and_a_later_run_finishes(
     args = ["extract", "--params", str(extract_setup["params"]), "--out-dir", str(out)]
     # the limit applies to the shared memory DataLoader workers hand batches through, which a full
     # disk does not touch: decode in the main process here
-    code, output = finish(dsmd(args + ["--num-workers", "0"], tmp_path, file_size_limit=8 << 10), timeout=120)
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert code == 2 and "Traceback" not in output, output
-    assert len(errors) == 1 and str(out) in errors[0] and "File too large" in errors[0], output
+    error = the_error_line(*finish(dsmd(args + ["--num-workers", "0"], tmp_path, file_size_limit=8 << 10), timeout=120))
+    assert str(out) in error and "File too large" in error
     code, output = finish(dsmd(args, tmp_path))
     assert code == 0, output
     assert_same_tables(out, extract_setup["clean"])
@@ -286,12 +297,8 @@ def assert_same_student(a: Path, b: Path) -> None:
 def test_train_killed_anywhere_resumes_to_the_clean_student_and_leaves_nothing_behind(train_setup, tmp_path, seed):
     out = tmp_path / "student"
     args = ["train", "--params", str(train_setup["params"]), "--out-dir", str(out), "--resume"]
-    proc = dsmd(args, tmp_path)
-    if seed == 0:  # after the first checkpoint, with the loader worker running
-        kill_when(proc, lambda: (out / names.CHECKPOINT_FILE).exists())
-    else:
-        at = time.monotonic() + random.Random(seed).uniform(0.3, 1.0) * train_setup["seconds"]
-        kill_when(proc, lambda: time.monotonic() >= at)
+    # seed 0: after the first checkpoint, with the loader worker running
+    kill_seeded(dsmd(args, tmp_path), seed, lambda: (out / names.CHECKPOINT_FILE).exists(), train_setup["seconds"])
     code, output = finish(dsmd(args, tmp_path))
     assert code == 0, output
     assert_same_student(out, train_setup["clean"])
@@ -302,10 +309,8 @@ def test_train_on_a_full_disk_is_one_error_line_and_resume_finishes(train_setup,
     out = tmp_path / "student"
     args = ["train", "--params", str(train_setup["params"]), "--out-dir", str(out), "--resume"]
     limited = args + ["--set", "optim.num_workers=0"]  # (shared memory, as in the extract case)
-    code, output = finish(dsmd(limited, tmp_path, file_size_limit=64 << 10), timeout=120)  # < a checkpoint
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert code == 2 and "Traceback" not in output, output
-    assert len(errors) == 1 and f"cannot write {out}" in errors[0], output
+    error = the_error_line(*finish(dsmd(limited, tmp_path, file_size_limit=64 << 10), timeout=120))  # < a checkpoint
+    assert f"cannot write {out}" in error
     code, output = finish(dsmd(args, tmp_path))
     assert code == 0, output
     assert_same_student(out, train_setup["clean"])
@@ -342,12 +347,10 @@ def test_bad_options_and_files_are_one_error_line(train_setup, extract_setup, tm
     params = {"train": train_setup["params"], "extract": extract_setup["params"]}.get(stage, extract_setup["params"])
     args = [o.format(payload=payload, student=student) for o in options]
     extra = ["--features-dir", str(extract_setup["clean"])] if stage == "evaluate" else []
-    code, output = finish(dsmd([stage, "--params", str(params), "--out-dir" if stage != "evaluate" else "--plots-dir",
-                                str(tmp_path / "out"), *extra, *args], tmp_path))
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert code == 2 and "Traceback" not in output, output
-    assert len(errors) == 1 and message in errors[0], output
+    error = the_error_line(*finish(dsmd([stage, "--params", str(params), "--out-dir" if stage != "evaluate" else "--plots-dir",
+                                         str(tmp_path / "out"), *extra, *args], tmp_path)))
+    assert message in error
     if "weights" in message:
-        assert str(tmp_path) in errors[0]  # the file is named
+        assert str(tmp_path) in error  # the file is named
     assert not (tmp_path / "PWNED").exists()  # nothing was unpickled
     assert not temporaries(tmp_path)

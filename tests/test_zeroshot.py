@@ -157,7 +157,7 @@ def test_the_synthetic_tasks_are_extracted_and_the_cached_teacher_scores_as_clip
     teacher = load_model(TEACHER, str(checkpoint))
     for name, task in tasks.items():
         assert results[f"zeroshot/{name}"]["num_images"] > 0
-        cached = zeroshot.teacher_task_metrics(root / "features", name)
+        cached = zeroshot.teacher_task_metrics(zeroshot.load_task(root / "features", name))
         direct = _as_clip_benchmark(teacher.model, teacher.preprocess, teacher.tokenizer, task)
         assert cached["num_classes"] == len(task.classnames)
         # float16 storage: the same predictions up to near-ties
@@ -172,7 +172,7 @@ def test_a_students_scores_are_its_own_embeddings(extracted):
     torch.manual_seed(1)
     student = load_model("dsmd-test-student", "")
     task = load_manifest(manifest).classification["colour"]
-    got = zeroshot.student_task_metrics(student, root / "features", "colour", batch_size=7, device="cpu")
+    got = zeroshot.student_task_metrics(student, zeroshot.load_task(root / "features", "colour"), batch_size=7, device="cpu")
     want = _as_clip_benchmark(student.model, student.preprocess, student.tokenizer, task)
     assert got["acc1"] == pytest.approx(want["acc1"], abs=1e-6)
     assert got["mean_per_class_recall"] == pytest.approx(want["mean_per_class_recall"], abs=1e-6)
@@ -185,3 +185,12 @@ def test_a_finished_task_is_not_redone(extracted, caplog):
     caplog.set_level("INFO")
     extract_mod.extract(cfg, TeacherConfig(model=TEACHER, pretrained=str(checkpoint)))
     assert sum("zero-shot task" in r.getMessage() and "up to date" in r.getMessage() for r in caplog.records) == 4
+
+
+def test_task_paths_resolve_against_the_manifest_folder_not_the_working_directory(tmp_path, monkeypatch):
+    _clip_benchmark_task(tmp_path / "wds_pets", [0, 1])
+    _manifest(tmp_path / "m.yaml", {"pets": {"shards": "wds_pets/test/*.tar", "classnames": "wds_pets/classnames.txt",
+                                             "templates": "wds_pets/zeroshot_classification_templates.txt"}})
+    monkeypatch.chdir(tmp_path.parent)
+    task = load_manifest(tmp_path / "m.yaml").classification["pets"]
+    assert task.shards == [str(tmp_path / "wds_pets" / "test" / "0.tar")] and task.classnames == ["cat", "dog", "fox"]
