@@ -9,9 +9,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipeline import runtime
-from pipeline.config import ConfigError
+from pipeline.config import BalancerMode, ConfigError
 
-BALANCER_MODES = ("calibrated", "dynamic", "authors", "fixed", "uniform")
+BALANCER_MODES = tuple(m.value for m in BalancerMode)
 
 
 class LossBalancer:

@@ -1,19 +1,22 @@
-"""Typed configuration: `params.yaml` -> dataclasses -> functions.
+"""Typed configuration: `params.yaml` -> OmegaConf structured configs -> dataclasses -> functions.
 
-Every default lives here and only here. Stage CLIs take `--params` plus a few options whose
-defaults are `None`, meaning "what params.yaml (or, failing that, this module) says", so the CLI
-and the library can never disagree about a default.
+Every option, its type, its default and its one description live here and only here: OmegaConf does
+the typed merge of params.yaml, `--set` dotted overrides and explicit CLI options, refuses unknown keys
+and values of the wrong type, and checks every mode (an enum) at load. Stage CLIs generate their
+`--help` from the descriptions below (`option_help`, `section_help`).
 """
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pipeline.errors import PipelineError
 
@@ -22,234 +25,260 @@ class ConfigError(PipelineError, ValueError):
     """A params file or override that does not fit the typed config."""
 
 
+def _choices(name: str, *values: str) -> type[StrEnum]:
+    """A mode: a StrEnum whose members are named by their values, so `"hard-negative-aware"` in YAML
+    loads, compares equal to the string and serialises as it."""
+    return StrEnum(name, {v: v for v in values})
+
+
+ImageFormat = _choices("ImageFormat", "png", "jpg")
+Precision = _choices("Precision", "auto", "fp32", "bf16", "fp16")
+EmbeddingDtype = _choices("EmbeddingDtype", "float16", "float32")
+IndexKind = _choices("IndexKind", "auto", "flat", "ivf", "hnsw", "ivfpq")
+BalancerMode = _choices("BalancerMode", "calibrated", "dynamic", "authors", "fixed", "uniform")
+MarginMode = _choices("MarginMode", "teacher", "fixed")
+LossMode = _choices("LossMode", "dsmd", "clip")
+Source = _choices("Source", "shards", "corpus")
+Batching = _choices("Batching", "random", "hard-negative-aware")
+ProjectionInit = _choices("ProjectionInit", "orthogonal", "default")
+
+
+def opt(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING) -> Any:
+    """A config field with its one description (shown by `--help` and `section_help`)."""
+    return field(default=default, default_factory=factory, metadata={"doc": doc})
+
+
+class _Section:
+    """Every mode is checked against its enum on construction (OmegaConf's load, or code building a
+    config from strings) and then kept as the plain string: checkpoints (`torch.load(weights_only=True)`),
+    Parquet metadata and JSON never meet an enum object."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            hint = hints[f.name]
+            if isinstance(hint, type) and issubclass(hint, Enum):
+                value = getattr(self, f.name)
+                try:
+                    setattr(self, f.name, hint(value).value)
+                except ValueError:
+                    raise ConfigError(f"{type(self).__name__}.{f.name}: invalid value {value!r}, "
+                                      f"expected one of {[m.value for m in hint]}") from None
+
+
 @dataclass
-class CorpusConfig:
+class CorpusConfig(_Section):
     """`dsmd corpus`: the synthetic captioned-scenes generator."""
 
-    out_dir: str = "data/synthetic"
-    seed: int = 0
-    train_images: int = 5000
-    val_images: int = 500
-    test_images: int = 1000
-    # the web corpus: only the demo teacher pretrains on it (as a real teacher saw LAION, not Flickr30k)
-    web_images: int = 40000
-    # colours, shapes and patterns have Zipf-like frequencies p(rank r) ~ 1 / (r + 1) ** zipf; 0 = uniform
-    zipf: float = 1.2
-    image_size: int = 64
-    samples_per_shard: int = 1000
-    # share of scenes generated as a near-duplicate of the previous scene (one attribute or relation changed)
-    near_duplicate_fraction: float = 0.3
-    min_captions: int = 2
-    max_captions: int = 5
-    image_format: str = "png"  # png | jpg
-    # processes writing shards in parallel (output is identical for any value); 0 = one per CPU core
-    workers: int = 0
+    out_dir: str = opt("data/synthetic", "where the WebDataset shards and manifest.yaml go")
+    seed: int = opt(0, "seed of every scene, caption and split")
+    train_images: int = opt(5000, "images of the target train split (the students train on it)")
+    val_images: int = opt(500, "images of the val split (validation during training)")
+    test_images: int = opt(1000, "images of the test split (evaluation)")
+    web_images: int = opt(40000, "images of the web split: only the demo teacher pretrains on it, as a real "
+                          "teacher saw LAION and not the target corpus")
+    zipf: float = opt(1.2, "colours, shapes and patterns have frequencies p(rank r) ~ 1 / (r + 1) ** zipf; 0 = uniform")
+    image_size: int = opt(64, "side of the square images in pixels")
+    samples_per_shard: int = opt(1000, "samples per .tar shard")
+    near_duplicate_fraction: float = opt(0.3, "share of scenes generated as a near-duplicate of the previous "
+                                         "scene (one attribute or relation changed)")
+    min_captions: int = opt(2, "fewest captions per image")
+    max_captions: int = opt(5, "most captions per image")
+    image_format: ImageFormat = opt(ImageFormat.png, "png or jpg")
+    workers: int = opt(0, "processes writing shards in parallel (output identical for any value); 0 = one per CPU core")
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Section):
     """The optimisation loop shared by the demo teacher, the DSMD student and the baseline."""
 
-    epochs: float = 1.0
-    max_steps: int = 0  # > 0 caps the number of optimizer steps (overrides epochs)
-    batch_size: int = 128  # global batch (across ranks and accumulation)
-    accum_steps: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast only on a GPU)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    num_workers: int = 0
-    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
-    checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0 = only at the end
-    log_every: int = 10
+    epochs: float = opt(1.0, "passes over the training images (fractions allowed)")
+    max_steps: int = opt(0, "> 0 caps the optimizer steps (overrides epochs)")
+    batch_size: int = opt(128, "global batch size, across ranks and accumulation")
+    accum_steps: int = opt(1, "gradient accumulation steps per optimizer step")
+    lr: float = opt(1e-3, "peak AdamW learning rate (linear warmup, cosine decay)")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not on gains, biases, logit scale)")
+    warmup_steps: int = opt(50, "linear learning-rate warmup steps")
+    grad_clip: float = opt(1.0, "gradient norm clip; 0 = none")
+    precision: Precision = opt(Precision.auto, "auto, fp32, bf16 or fp16 (autocast only on a GPU)")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    seed: int = opt(0, "seed of initialisation, shuffling and augmentation")
+    num_workers: int = opt(0, "DataLoader worker processes")
+    threads: int = opt(0, "torch intra-op threads on CPU; 0 = torch's default")
+    checkpoint_every: int = opt(0, "optimizer steps between resumable checkpoints; 0 = only at the end")
+    log_every: int = opt(10, "optimizer steps between log lines")
 
 
 @dataclass
-class TeacherConfig:
-    """Which open_clip model is the teacher; with `pretrained: demo`, how to pretrain it here."""
+class TeacherConfig(_Section):
+    """`dsmd teacher`: which open_clip model is the teacher; with `pretrained: demo`, how to pretrain it here."""
 
-    model: str = "dsmd-demo-teacher"
-    # "demo" (pretrain on the corpus), an open_clip tag ("openai"), "hf-hub:org/name", a local
-    # checkpoint path, or "" for random weights (tests only)
-    pretrained: str = "demo"
-    out_dir: str = "outputs/teacher"
-    manifest: str = "data/synthetic/manifest.yaml"  # corpus used to pretrain the demo teacher
-    split: str = "web"  # its split the demo teacher pretrains on (the students never see it)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    model: str = opt("dsmd-demo-teacher", "open_clip model config of the teacher (ViT-L-14, hf-hub:org/name, ...)")
+    pretrained: str = opt("demo", "demo (pretrain on the corpus here), an open_clip tag (openai), hf-hub:org/name, "
+                          "a local checkpoint path, or \"\" for random weights (tests only)")
+    out_dir: str = opt("outputs/teacher", "where the teacher's checkpoint and identity go")
+    manifest: str = opt("data/synthetic/manifest.yaml", "corpus manifest the demo teacher pretrains on")
+    split: str = opt("web", "the manifest split the demo teacher pretrains on (the students never see it)")
+    optim: OptimConfig = opt(doc="the demo teacher's optimisation loop", factory=OptimConfig)
 
 
 @dataclass
-class ExtractConfig:
+class ExtractConfig(_Section):
     """`dsmd extract`: teacher embeddings of every image and caption, to Parquet."""
 
-    manifest: str = "data/synthetic/manifest.yaml"
-    out_dir: str = "outputs/features"
-    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
-    batch_size: int = 256
-    num_workers: int = 1
-    views: int = 0  # augmented views of each image embedded besides the plain one
-    embedding_dtype: str = "float16"  # float16 | float32
-    device: str = "auto"
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
-    threads: int = 0
-    seed: int = 0  # seeds the augmentation views
-    zeroshot: bool = True  # also embed the images and prompts of the manifest's `classification:` tasks
+    manifest: str = opt("data/synthetic/manifest.yaml", "corpus manifest (WebDataset shards per split)")
+    out_dir: str = opt("outputs/features", "features directory; one sub-folder per split")
+    splits: list[str] = opt(doc="manifest splits to embed", factory=lambda: ["train", "val", "test"])
+    batch_size: int = opt(256, "images (and as many captions) per teacher forward pass")
+    num_workers: int = opt(1, "DataLoader processes decoding the shards")
+    views: int = opt(0, "augmented views of each image embedded besides the plain one")
+    embedding_dtype: EmbeddingDtype = opt(EmbeddingDtype.float16, "float16 or float32 storage of the embeddings")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    precision: Precision = opt(Precision.auto, "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16")
+    threads: int = opt(0, "torch intra-op threads on CPU; 0 = torch's default")
+    seed: int = opt(0, "seeds the augmentation views")
+    zeroshot: bool = opt(True, "also embed the images and prompts of the manifest's classification tasks")
 
 
 @dataclass
-class MineConfig:
+class MineConfig(_Section):
     """`dsmd mine`: FAISS hard negatives from the cached teacher embeddings."""
 
-    features_dir: str = "outputs/features"
-    out_dir: str = "outputs/negatives"
-    splits: list[str] = field(default_factory=lambda: ["train"])
-    k: int = 16
-    index: str = "auto"  # auto | flat | ivf | hnsw | ivfpq
-    exact_threshold: int = 100_000  # auto picks exact search below this many database vectors
-    nlist: int = 0  # IVF lists; 0 = 4 * sqrt(N)
-    nprobe: int = 16
-    hnsw_m: int = 32
-    ef_search: int = 128
-    pq_m: int = 16
-    # IVF-PQ codes only rank: it searches refine_factor * depth candidates, then re-scores them exactly
-    # (pq_m 16 at N=200k, d=256: recall@10 0.63 with 4, 0.89 with 10, 0.999 with 20; benchmarks/mine.py)
-    refine_factor: int = 20
-    # IVF k-means trains on a seeded sample of this many vectors per list (bounds training time)
-    train_points_per_list: int = 64
-    query_chunk: int = 4096
-    threads: int = 0  # FAISS OpenMP threads; 0 = FAISS default
-    # false-negative filters (sentence-transformers' mine_hard_negatives knobs); off by default: the
-    # corpus's near-duplicate scenes are the hard negatives wanted (see pipeline/mining.py)
-    range_min: int = 0  # skip the first range_min ranked candidates
-    max_score: Optional[float] = None  # drop candidates scoring above this
-    margin: Optional[float] = None  # drop candidates scoring above positive_score - margin
-    relative_margin: Optional[float] = None  # drop candidates scoring above (1 - relative_margin) * positive_score
-    # drop semantic twins: candidates owning a caption with teacher text-text cosine above this with a
-    # caption of the query's image (paraphrases of a positive that exact matching misses)
-    twin_threshold: Optional[float] = None
-    recall_sample: int = 1000  # queries checked against exact search when the index is approximate
-    seed: int = 0
+    features_dir: str = opt("outputs/features", "features directory written by `dsmd extract`")
+    out_dir: str = opt("outputs/negatives", "negatives directory; one sub-folder per split")
+    splits: list[str] = opt(doc="splits to mine", factory=lambda: ["train"])
+    k: int = opt(16, "hard negatives kept per query and direction")
+    index: IndexKind = opt(IndexKind.auto, "auto (exact below exact_threshold vectors, else IVF-Flat), flat, ivf, hnsw or ivfpq")
+    exact_threshold: int = opt(100_000, "auto picks exact search below this many database vectors")
+    nlist: int = opt(0, "IVF lists; 0 = 4 * sqrt(N)")
+    nprobe: int = opt(16, "IVF lists searched per query")
+    hnsw_m: int = opt(32, "HNSW graph degree")
+    ef_search: int = opt(128, "HNSW search depth")
+    pq_m: int = opt(16, "IVF-PQ sub-quantizers")
+    refine_factor: int = opt(20, "IVF-PQ codes only rank: it searches refine_factor * depth candidates, then re-scores "
+                             "them exactly (pq_m 16, N=200k, d=256: recall@10 0.63 with 4, 0.89 with 10, 0.999 with 20; "
+                             "benchmarks/mine.py)")
+    train_points_per_list: int = opt(64, "IVF k-means trains on a seeded sample of this many vectors per list")
+    query_chunk: int = opt(4096, "queries searched at once (bounds memory)")
+    threads: int = opt(0, "FAISS OpenMP threads; 0 = FAISS default")
+    range_min: int = opt(0, "false-negative filter: skip the first range_min ranked candidates (off by default: the "
+                         "corpus's near-duplicate scenes are the hard negatives wanted)")
+    max_score: Optional[float] = opt(None, "false-negative filter: drop candidates scoring above this")
+    margin: Optional[float] = opt(None, "false-negative filter: drop candidates scoring above positive_score - margin")
+    relative_margin: Optional[float] = opt(None, "false-negative filter: drop candidates scoring above "
+                                           "(1 - relative_margin) * positive_score")
+    twin_threshold: Optional[float] = opt(None, "drop semantic twins: candidates owning a caption whose teacher cosine "
+                                          "with a caption of the query's image is above this")
+    recall_sample: int = opt(1000, "queries checked against exact search when the index is approximate")
+    seed: int = opt(0, "seeds index training samples and the recall check")
 
 
 @dataclass
-class BalancerConfig:
+class BalancerConfig(_Section):
     """How the loss terms are weighted (formulas in pipeline/balancer.py)."""
 
-    # calibrated (own early size, smoothed DWA, task share) | dynamic (faithful DWA + magnitude
-    # equalisation) | authors (their code: w_i = (k/n) max L / L_i) | fixed | uniform
-    mode: str = "calibrated"
-    temperature: float = 1.0  # DWA softmax temperature (calibrated, dynamic)
-    # by loss name (feature, similarity, contrastive, hard_negative, task): mode fixed, the weights;
-    # mode calibrated, priors on the distillation terms (normalised to mean 1; missing = 1)
-    weights: dict[str, float] = field(default_factory=dict)
-    task_share: float = 0.5  # calibrated: the task term's share of the objective
-    # calibrated: when set, the task share moves linearly from task_share to this over the run
-    # (distillation strongest early, the task taking over late)
-    task_share_end: Optional[float] = None
-    calibration_steps: int = 20  # calibrated: steps whose mean loss is each term's reference size
-    window: int = 20  # calibrated: EMA time constant (steps) of the smoothed DWA rates
-    # mode dynamic: cap on each weight; 0 = none (faithful). m_i = max L / L_i is unbounded as a term nears 0
-    max_weight: float = 0.0
+    mode: BalancerMode = opt(BalancerMode.calibrated, "calibrated (own early size, smoothed DWA, task share), dynamic "
+                             "(faithful DWA + magnitude equalisation), authors (their code: w_i = (k/n) max L / L_i), "
+                             "fixed or uniform")
+    temperature: float = opt(1.0, "DWA softmax temperature (calibrated, dynamic)")
+    weights: dict[str, float] = opt(doc="by loss name (feature, similarity, contrastive, hard_negative, task): mode "
+                                    "fixed, the weights; mode calibrated, priors on the distillation terms "
+                                    "(normalised to mean 1; missing = 1)", factory=dict)
+    task_share: float = opt(0.5, "calibrated: the task term's share of the objective")
+    task_share_end: Optional[float] = opt(None, "calibrated: when set, the task share moves linearly from task_share "
+                                          "to this over the run")
+    calibration_steps: int = opt(20, "calibrated: steps whose mean loss is each term's reference size")
+    window: int = opt(20, "calibrated: EMA time constant (steps) of the smoothed DWA rates")
+    max_weight: float = opt(0.0, "dynamic: cap on each weight; 0 = none (faithful: max L / L_i is unbounded as a term nears 0)")
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(_Section):
     """The four DSMD scales plus the task loss; each can be switched off for ablations."""
 
-    feature: bool = True
-    similarity: bool = True
-    contrastive: bool = True
-    hard_negative: bool = True
-    # not one of the paper's four scales: TinyCLIP / CLIP-KD relational distillation of the in-batch
-    # image-text similarity distributions (see pipeline/losses.py AffinityDistillLoss)
-    affinity: bool = False
-    affinity_temperature: float = 0.05
-    task: bool = True
-    queue_size: int = 8192
-    temperature: float = 0.05
-    # hard-negative margin: teacher (the teacher's own score gap; only pairs it orders right count) | fixed
-    margin_mode: str = "teacher"
-    margin: float = 0.2  # margin_mode fixed: the paper's margin
-    hard_negatives: int = 4  # mined negatives looked up per sample and direction
-    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    feature: bool = opt(True, "feature scale: L1 between projected student and teacher embeddings")
+    similarity: bool = opt(True, "similarity scale: per-sample cosine with the teacher embedding")
+    contrastive: bool = opt(True, "contrastive scale: InfoNCE against a queue of teacher embeddings")
+    hard_negative: bool = opt(True, "hard-negative scale: triplets with the mined negatives")
+    affinity: bool = opt(False, "not one of the paper's scales: TinyCLIP / CLIP-KD relational distillation of the "
+                         "in-batch image-text similarity distributions")
+    affinity_temperature: float = opt(0.05, "temperature of the affinity distributions")
+    task: bool = opt(True, "the CLIP task loss on the student's own embeddings")
+    queue_size: int = opt(8192, "teacher embeddings in the contrastive queue")
+    temperature: float = opt(0.05, "contrastive-scale temperature")
+    margin_mode: MarginMode = opt(MarginMode.teacher, "hard-negative margin: teacher (the teacher's own score gap; "
+                                  "only pairs it orders right count) or fixed")
+    margin: float = opt(0.2, "margin_mode fixed: the margin (the paper's 0.2)")
+    hard_negatives: int = opt(4, "mined negatives looked up per sample and direction")
+    balancer: BalancerConfig = opt(doc="how the terms are weighted", factory=BalancerConfig)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """`dsmd train`: the student, from the shards (dsmd or clip loss) or from the corpus (clip loss)."""
 
-    model: str = "dsmd-tiny-student"
-    pretrained: str = ""  # initial student weights: "" = random, or a checkpoint path
-    loss: str = "dsmd"  # dsmd | clip
-    source: str = "shards"  # shards | corpus
-    features_dir: str = "outputs/features"
-    negatives_dir: str = "outputs/negatives"
-    manifest: str = "data/synthetic/manifest.yaml"  # with source: corpus
-    split: str = "train"
-    out_dir: str = "outputs/students/dsmd"
-    batching: str = "random"  # random | hard-negative-aware
-    # hard-negative-aware: mined i2i neighbours placed beside each anchor. Small groups keep batches
-    # diverse; whole neighbour lists (16) fill a batch with near-duplicates whose captions collide.
-    batch_neighbours: int = 3
-    use_views: bool = True  # re-apply stored augmentation views when the shards have them
-    # the student -> teacher width projection starts with orthonormal columns (orthogonal: at first the
-    # projected cosines are the student's own) or as torch's default Linear init (default, which made
-    # the DSMD student's quality swing by 30 RSUM between seeds; README)
-    projection_init: str = "orthogonal"
-    # > 0: train on the first max_images images of the split only (scaling curves); mined negatives
-    # outside them are dropped, so nothing of the other images reaches the student
-    max_images: int = 0
-    live_dir: str = "auto"  # DVCLive folder (metrics.json + plots): auto = <out_dir>/dvclive, "" = off
-    # every val_every steps (0 = never), retrieval on the first val_images images of val_split (with source
-    # shards): logged as val_rsum, val_i2t_r1, val_t2i_r1
-    val_split: str = "val"
-    val_every: int = 50
-    val_images: int = 256
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    model: str = opt("dsmd-tiny-student", "open_clip model config of the student")
+    pretrained: str = opt("", "initial student weights: \"\" = random, or a checkpoint path")
+    loss: LossMode = opt(LossMode.dsmd, "dsmd (distillation + task loss) or clip (CLIP loss alone)")
+    source: Source = opt(Source.shards, "shards (the features) or corpus (the manifest's WebDataset shards; clip loss only)")
+    features_dir: str = opt("outputs/features", "cached teacher features written by `dsmd extract`")
+    negatives_dir: str = opt("outputs/negatives", "mined hard negatives written by `dsmd mine`")
+    manifest: str = opt("data/synthetic/manifest.yaml", "corpus manifest used with source corpus")
+    split: str = opt("train", "the split trained on")
+    out_dir: str = opt("outputs/students/dsmd", "where the student, checkpoint.pt, train_log.jsonl and train_summary.json go")
+    batching: Batching = opt(Batching.random, "random, or hard-negative-aware (mined i2i neighbours beside each anchor)")
+    batch_neighbours: int = opt(3, "hard-negative-aware: neighbours placed beside each anchor (whole lists of 16 fill a "
+                                "batch with near-duplicates whose captions collide)")
+    use_views: bool = opt(True, "re-apply stored augmentation views when the shards have them")
+    projection_init: ProjectionInit = opt(ProjectionInit.orthogonal, "the student -> teacher width projection starts with "
+                                          "orthonormal columns (orthogonal) or as torch's default Linear init (default)")
+    max_images: int = opt(0, "> 0: train on the first max_images images of the split only; mined negatives outside "
+                          "them are dropped")
+    live_dir: str = opt("auto", "DVCLive folder (metrics.json + plots): auto = <out_dir>/dvclive, \"\" = off")
+    val_split: str = opt("val", "split of the validation retrieval (source shards)")
+    val_every: int = opt(50, "steps between validations (val_rsum, val_i2t_r1, val_t2i_r1); 0 = never")
+    val_images: int = opt(256, "validation on the first val_images images of val_split")
+    optim: OptimConfig = opt(doc="the optimisation loop", factory=OptimConfig)
+    distill: DistillConfig = opt(doc="the loss terms (loss dsmd)", factory=DistillConfig)
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(_Section):
     """`dsmd evaluate`: retrieval quality and encoder cost, teacher against students."""
 
-    features_dir: str = "outputs/features"
-    split: str = "test"
-    teacher_dir: str = "outputs/teacher"
-    students: dict[str, str] = field(
-        default_factory=lambda: {"dsmd": "outputs/students/dsmd", "baseline": "outputs/students/baseline"}
-    )
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    chunk_size: int = 1024
-    batch_size: int = 256
-    latency_repeats: int = 20
-    throughput_batch: int = 64
-    throughput_repeats: int = 5  # timed batches of throughput_batch per model (big teachers are slow on CPU)
-    allow_missing: bool = False  # skip (with a warning) a student whose dir is missing instead of failing
-    device: str = "auto"
-    threads: int = 0
-    metrics_file: str = "outputs/metrics.json"
-    plots_dir: str = "outputs/plots"
-    zeroshot: bool = True  # zero-shot classification on every task extracted into features_dir/zeroshot/
+    features_dir: str = opt("outputs/features", "features directory (the teacher's embeddings and the test images)")
+    split: str = opt("test", "split evaluated")
+    teacher_dir: str = opt("outputs/teacher", "the teacher's directory (its identity, and weights for the cost)")
+    students: dict[str, str] = opt(doc="name -> student directory", factory=lambda: {
+        "dsmd": "outputs/students/dsmd", "baseline": "outputs/students/baseline"})
+    ks: list[int] = opt(doc="recall cut-offs", factory=lambda: [1, 5, 10])
+    chunk_size: int = opt(1024, "query rows scored at once")
+    batch_size: int = opt(256, "images or captions per student forward pass")
+    latency_repeats: int = opt(20, "timed single-sample calls per model")
+    throughput_batch: int = opt(64, "batch of the throughput timing")
+    throughput_repeats: int = opt(5, "timed batches of throughput_batch per model (big teachers are slow on CPU)")
+    allow_missing: bool = opt(False, "skip (with a warning) a student whose dir is missing instead of failing")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    threads: int = opt(0, "torch intra-op threads on CPU; 0 = torch's default")
+    metrics_file: str = opt("outputs/metrics.json", "the metrics JSON")
+    plots_dir: str = opt("outputs/plots", "where the PNG plots and their data go")
+    zeroshot: bool = opt(True, "zero-shot classification on every task extracted into features_dir/zeroshot/")
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(_Section):
     """`dsmd export`: the student as it will be used (safetensors + open_clip config, ONNX, model card)."""
 
-    student: str = "dsmd"  # the name the student has in evaluate.students and the metrics file
-    student_dir: str = "outputs/students/dsmd"
-    features_dir: str = "outputs/features"  # the teacher's identity and the check images come from here
-    split: str = "test"  # whose images and captions the export checks run on
-    metrics_file: str = "outputs/metrics.json"  # the figures of the model card
-    out_dir: str = "outputs/export/dsmd"
-    onnx: bool = True  # also write image_encoder.onnx and text_encoder.onnx (dynamic batch)
-    opset: int = 17
-    check_images: int = 32  # images (and as many captions) the reload and ONNX checks compare
-    onnx_tolerance: float = 1e-4  # max abs difference of onnxruntime's embeddings from PyTorch's (fp32)
+    student: str = opt("dsmd", "the student's name in evaluate.students and the metrics file")
+    student_dir: str = opt("outputs/students/dsmd", "the trained student's directory")
+    features_dir: str = opt("outputs/features", "the teacher's identity and the check images come from here")
+    split: str = opt("test", "whose images and captions the export checks run on")
+    metrics_file: str = opt("outputs/metrics.json", "the figures of the model card")
+    out_dir: str = opt("outputs/export/dsmd", "where the exported files go")
+    onnx: bool = opt(True, "also write image_encoder.onnx and text_encoder.onnx (dynamic batch)")
+    opset: int = opt(17, "ONNX opset")
+    check_images: int = opt(32, "images (and as many captions) the reload and ONNX checks compare")
+    onnx_tolerance: float = opt(1e-4, "max abs difference of onnxruntime's embeddings from PyTorch's (fp32)")
 
 
 @dataclass
@@ -263,63 +292,28 @@ class Params:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-def _convert(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(hint, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(value, args[0], where)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        _, item = typing.get_args(hint)
-        return {str(k): _convert(v, item, f"{where}.{k}") for k, v in value.items()}
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if hint in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            converted = hint(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}") from None
-        if hint is int and isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
-        return converted
-    if hint is str:
-        if value is None:
-            return ""
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
+def _config_error(exc: OmegaConfBaseException, where: str) -> ConfigError:
+    key = f"{where}.{exc.full_key}" if where and exc.full_key else (exc.full_key or where)
+    message = str(exc.msg).splitlines()[0]
+    if isinstance(exc, (ConfigKeyError, AttributeError)):
+        message = "unknown key"
+    return ConfigError(f"{key}: {message}")
+
+
+def _typed(node: Any, where: str) -> Any:
+    try:
+        return OmegaConf.to_object(node)
+    except OmegaConfBaseException as exc:
+        raise _config_error(exc, where) from None
 
 
 def from_dict(cls: type, data: dict, where: str = "") -> Any:
     """Build dataclass `cls` from `data`, refusing unknown keys and values of the wrong type."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"{where or cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}"
-        )
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(cls), data)
+    except OmegaConfBaseException as exc:
+        raise _config_error(exc, where) from None
+    return _typed(node, where)
 
 
 def load_params(path: str | Path | None) -> Params:
@@ -341,22 +335,18 @@ def load_params(path: str | Path | None) -> Params:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "") -> Any:
     """Return a copy of `config` with dotted-key overrides (`{"optim.lr": 0.01}`) applied; `None` values are ignored."""
-    data = dataclasses.asdict(config)
+    node = OmegaConf.structured(config)
     for dotted, value in overrides.items():
         if value is None:
             continue
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            if p not in node or not isinstance(node[p], dict):
-                raise ConfigError(f"unknown option {dotted}")
-            node = node[p]
-        if leaf not in node:
-            raise ConfigError(f"unknown option {dotted}")
-        node[leaf] = value
-    return from_dict(type(config), data)
+        try:
+            OmegaConf.update(node, dotted, value, merge=False)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{where}{'.' if where else ''}{dotted}: "
+                              f"{'unknown key' if isinstance(exc, AttributeError) else str(exc.msg).splitlines()[0]}") from None
+    return _typed(node, where)
 
 
 def parse_set_options(items: list[str] | None) -> dict[str, Any]:
@@ -366,12 +356,14 @@ def parse_set_options(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
-        result[key.strip()] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+        result[key.strip()] = "" if value is None and raw.strip() == "" else value  # --set live_dir= means ""
     return result
 
 
 def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
+    """Plain data (modes as strings), for JSON summaries and hashes."""
+    return OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True)
 
 
 def stage_config(params_path: str | Path | None, section: str, options: dict[str, Any], sets: list[str] | None = None) -> Any:
@@ -380,5 +372,41 @@ def stage_config(params_path: str | Path | None, section: str, options: dict[str
     path = Path(params_path) if params_path is not None else None
     params = load_params(path if path is not None and (path.exists() or path.name != "params.yaml") else None)
     config = getattr(params, section)
-    config = apply_overrides(config, parse_set_options(sets))
-    return apply_overrides(config, options)
+    config = apply_overrides(config, parse_set_options(sets), section)
+    return apply_overrides(config, options, section)
+
+
+def _field(cls: type, dotted: str) -> tuple[dataclasses.Field, Any]:
+    hints = typing.get_type_hints(cls)
+    head, _, rest = dotted.partition(".")
+    found = {f.name: f for f in dataclasses.fields(cls)}[head]
+    return _field(hints[head], rest) if rest else (found, hints[head])
+
+
+def option_help(section: str, dotted: str) -> str:
+    """The CLI help of an option that sets `section.dotted`: its one description, and where it lives."""
+    found, _ = _field(Params, f"{section}.{dotted}")
+    return f"{found.metadata['doc']} (params: {section}.{dotted})"
+
+
+def _describe(cls: type, prefix: str) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines.append(f"{prefix}{f.name}: {f.metadata.get('doc', '')}")
+            lines += _describe(hint, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        shown = default.value if isinstance(default, Enum) else default
+        lines.append(f"{prefix}{f.name} = {shown!r}: {f.metadata['doc']}")
+    return lines
+
+
+def section_help(section: str) -> str:
+    """Every key of a params.yaml section with its default and description (a stage's `--help` epilog)."""
+    cls = typing.get_type_hints(Params)[section]
+    # \b keeps click from re-wrapping the list into one paragraph
+    return "\b\n" + f"params.yaml section `{section}` (set with --set KEY=VALUE):\n" + "\n".join(
+        "  " + line for line in _describe(cls, ""))

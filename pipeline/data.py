@@ -21,12 +21,12 @@ import torch
 
 from pipeline import schema, store
 from pipeline.augment import CorruptImageError, apply_view, decode_image
-from pipeline.config import ConfigError
+from pipeline.config import Batching, ConfigError
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-BATCHING_MODES = ("random", "hard-negative-aware")
+BATCHING_MODES = tuple(m.value for m in Batching)
 
 # Keys of one sample / one collated batch (in-memory only; Parquet columns live in pipeline.schema).
 IMAGE = "image"  # (3, H, W) float, the student's preprocessing

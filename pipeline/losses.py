@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline import runtime
+from pipeline.config import MarginMode
 
 LOSS_NAMES = ("feature", "similarity", "contrastive", "hard_negative", "affinity", "task")
 DISTILL_NAMES = LOSS_NAMES[:-1]  # DSMDLoss's terms; "task" is ClipLoss
-MARGIN_MODES = ("teacher", "fixed")
+MARGIN_MODES = tuple(m.value for m in MarginMode)
 
 # owner id of an empty queue entry / a padded mined negative
 INVALID_ID = -1

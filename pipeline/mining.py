@@ -68,12 +68,12 @@ import pyarrow as pa
 from pipeline.progress import progress as progress_bar
 
 from pipeline import atomic, schema, store
-from pipeline.config import MineConfig
+from pipeline.config import IndexKind, MineConfig
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
+INDEX_KINDS = tuple(m.value for m in IndexKind)
 APPROXIMATE_KINDS = ("ivf", "hnsw", "ivfpq")
 # fields of MineConfig that change no output: they are left out of the params a re-run compares
 _NON_RESULT_FIELDS = ("features_dir", "out_dir", "splits", "threads", "query_chunk")
@@ -522,8 +522,6 @@ def _validate(cfg: MineConfig) -> None:
         raise MineError(f"mine.query_chunk must be at least 1, got {cfg.query_chunk}")
     if cfg.range_min < 0:
         raise MineError(f"mine.range_min must be >= 0, got {cfg.range_min}")
-    if cfg.index not in INDEX_KINDS:
-        raise MineError(f"mine.index must be one of {', '.join(INDEX_KINDS)}, got {cfg.index!r}")
     if cfg.threads < 0:
         raise MineError(f"mine.threads must be >= 0 (0 = FAISS default), got {cfg.threads}")
     for name in ("nprobe", "hnsw_m", "ef_search", "pq_m", "refine_factor", "train_points_per_list"):

@@ -647,8 +647,6 @@ def validate_config(cfg: CorpusConfig) -> None:
         problems.append(f"corpus.zipf must be >= 0 (0 = uniform), got {cfg.zipf}")
     if cfg.workers < 0:
         problems.append(f"corpus.workers must be >= 0 (0 = one per CPU core), got {cfg.workers}")
-    if cfg.image_format not in IMAGE_FORMATS:
-        problems.append(f"corpus.image_format must be one of {sorted(IMAGE_FORMATS)}, got {cfg.image_format!r}")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -13,4 +13,4 @@ app = typer.Typer(
 
 for _name, _module in (("corpus", corpus), ("teacher", teacher), ("extract", extract), ("mine", mine),
                        ("train", train), ("evaluate", evaluate), ("export", export)):
-    app.command(name=_name, help=_module.main.__doc__)(_module.main)
+    app.command(name=_name, help=_module.main.__doc__, epilog=_module.EPILOG)(_module.main)

@@ -6,25 +6,26 @@ from typing import Optional
 
 import typer
 
-from pipeline.config import stage_config
+from pipeline.config import option_help, section_help, stage_config
 from pipeline.manifest import load_manifest
 from pipeline.synthetic import generate_corpus
 from stages._common import SET_HELP, params_option, user_errors
 
+EPILOG = section_help("corpus")
 app = typer.Typer(add_completion=False)
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def main(
     params: Path = params_option(),
-    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="folder for the shards and manifest.yaml"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="random seed; the same seed gives byte-identical shards"),
-    train_images: Optional[int] = typer.Option(None, "--train-images", help="images in the train split"),
-    val_images: Optional[int] = typer.Option(None, "--val-images", help="images in the val split"),
-    test_images: Optional[int] = typer.Option(None, "--test-images", help="images in the test split"),
-    web_images: Optional[int] = typer.Option(None, "--web-images", help="images in the web split (only the demo teacher trains on it)"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="image side in pixels (>= 16)"),
-    samples_per_shard: Optional[int] = typer.Option(None, "--samples-per-shard", help="samples per tar shard"),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help=option_help("corpus", "out_dir")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=option_help("corpus", "seed")),
+    train_images: Optional[int] = typer.Option(None, "--train-images", help=option_help("corpus", "train_images")),
+    val_images: Optional[int] = typer.Option(None, "--val-images", help=option_help("corpus", "val_images")),
+    test_images: Optional[int] = typer.Option(None, "--test-images", help=option_help("corpus", "test_images")),
+    web_images: Optional[int] = typer.Option(None, "--web-images", help=option_help("corpus", "web_images")),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help=option_help("corpus", "image_size")),
+    samples_per_shard: Optional[int] = typer.Option(None, "--samples-per-shard", help=option_help("corpus", "samples_per_shard")),
     set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Write {out_dir}/{split}-NNNNNN.tar and {out_dir}/manifest.yaml; shards already written for the

@@ -6,25 +6,26 @@ from typing import Optional
 
 import typer
 
-from pipeline.config import stage_config
+from pipeline.config import option_help, section_help, stage_config
 from pipeline.evaluation import evaluate, format_table, parse_student_options
 from stages._common import SET_HELP, params_option, user_errors
 
+EPILOG = section_help("evaluate")
 app = typer.Typer(add_completion=False)
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def main(
     params: Path = params_option(),
-    features_dir: Optional[Path] = typer.Option(None, "--features-dir", help="features written by `dsmd extract` (params: evaluate.features_dir)"),
-    split: Optional[str] = typer.Option(None, "--split", help="split to evaluate on (params: evaluate.split)"),
+    features_dir: Optional[Path] = typer.Option(None, "--features-dir", help=option_help("evaluate", "features_dir")),
+    split: Optional[str] = typer.Option(None, "--split", help=option_help("evaluate", "split")),
     student: list[str] = typer.Option(None, "--student", help="NAME=DIR of a trained student (repeatable; replaces evaluate.students)"),
-    teacher_dir: Optional[Path] = typer.Option(None, "--teacher-dir", help="teacher folder, used for its architecture when the features' teacher name is not an open_clip model"),
-    metrics_file: Optional[Path] = typer.Option(None, "--metrics-file", help="metrics JSON to write (params: evaluate.metrics_file)"),
-    plots_dir: Optional[Path] = typer.Option(None, "--plots-dir", help="folder for the PNG plots and their data (params: evaluate.plots_dir)"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for encoding and timing; 0 = torch's default"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
-    allow_missing: Optional[bool] = typer.Option(None, "--allow-missing/--no-allow-missing", help="skip students whose folder has no trained model instead of failing"),
+    teacher_dir: Optional[Path] = typer.Option(None, "--teacher-dir", help=option_help("evaluate", "teacher_dir")),
+    metrics_file: Optional[Path] = typer.Option(None, "--metrics-file", help=option_help("evaluate", "metrics_file")),
+    plots_dir: Optional[Path] = typer.Option(None, "--plots-dir", help=option_help("evaluate", "plots_dir")),
+    threads: Optional[int] = typer.Option(None, "--threads", help=option_help("evaluate", "threads")),
+    device: Optional[str] = typer.Option(None, "--device", help=option_help("evaluate", "device")),
+    allow_missing: Optional[bool] = typer.Option(None, "--allow-missing/--no-allow-missing", help=option_help("evaluate", "allow_missing")),
     set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Compare teacher and students: R@1/5/10 both ways, RSUM, mean/median rank, parameters,

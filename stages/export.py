@@ -6,20 +6,21 @@ from typing import Optional
 
 import typer
 
-from pipeline.config import stage_config
+from pipeline.config import option_help, section_help, stage_config
 from pipeline.export import export
 from stages._common import SET_HELP, params_option, user_errors
 
+EPILOG = section_help("export")
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def main(
     params: Path = params_option(),
-    student: Optional[str] = typer.Option(None, help="the student's name in the metrics file (params: export.student)"),
-    student_dir: Optional[str] = typer.Option(None, help="the trained student's folder (params: export.student_dir)"),
-    out_dir: Optional[str] = typer.Option(None, help="where the export goes (params: export.out_dir)"),
-    onnx: Optional[bool] = typer.Option(None, "--onnx/--no-onnx", help="also write the ONNX towers (params: export.onnx)"),
+    student: Optional[str] = typer.Option(None, help=option_help("export", "student")),
+    student_dir: Optional[str] = typer.Option(None, help=option_help("export", "student_dir")),
+    out_dir: Optional[str] = typer.Option(None, help=option_help("export", "out_dir")),
+    onnx: Optional[bool] = typer.Option(None, "--onnx/--no-onnx", help=option_help("export", "onnx")),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Export a trained student: open_clip_model.safetensors + open_clip_config.json (load with

@@ -6,29 +6,30 @@ from typing import Optional
 
 import typer
 
-from pipeline.config import stage_config
+from pipeline.config import option_help, section_help, stage_config
 from pipeline.corpus import UNREADABLE_SHARD
 from pipeline.extract import extract
 from stages._common import SET_HELP, params_option, user_errors
 
+EPILOG = section_help("extract")
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def main(
     params: Path = params_option(),
-    manifest: Optional[str] = typer.Option(None, help="corpus manifest (YAML) to read (params: extract.manifest)"),
-    out_dir: Optional[str] = typer.Option(None, help="features directory; one sub-folder per split (params: extract.out_dir)"),
-    split: Optional[list[str]] = typer.Option(None, "--split", help="split to extract, repeatable (params: extract.splits)"),
-    batch_size: Optional[int] = typer.Option(None, help="teacher batch size (params: extract.batch_size)"),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers decoding images (params: extract.num_workers)"),
-    views: Optional[int] = typer.Option(None, help="also embed K augmented views of each image, storing their crop/flip parameters (params: extract.views)"),
-    embedding_dtype: Optional[str] = typer.Option(None, help="storage dtype of the embeddings: float16 or float32 (params: extract.embedding_dtype)"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (params: extract.device)"),
-    precision: Optional[str] = typer.Option(None, help="auto (bf16 autocast on CUDA), fp32, bf16 or fp16 (params: extract.precision)"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads, 0 = torch default (params: extract.threads)"),
-    teacher_model: Optional[str] = typer.Option(None, help="open_clip model name of the teacher (params: teacher.model)"),
-    teacher_pretrained: Optional[str] = typer.Option(None, help="teacher weights: demo, an open_clip tag, hf-hub:..., a checkpoint path, or '' (params: teacher.pretrained)"),
+    manifest: Optional[str] = typer.Option(None, help=option_help("extract", "manifest")),
+    out_dir: Optional[str] = typer.Option(None, help=option_help("extract", "out_dir")),
+    split: Optional[list[str]] = typer.Option(None, "--split", help=option_help("extract", "splits")),
+    batch_size: Optional[int] = typer.Option(None, help=option_help("extract", "batch_size")),
+    num_workers: Optional[int] = typer.Option(None, help=option_help("extract", "num_workers")),
+    views: Optional[int] = typer.Option(None, help=option_help("extract", "views")),
+    embedding_dtype: Optional[str] = typer.Option(None, help=option_help("extract", "embedding_dtype")),
+    device: Optional[str] = typer.Option(None, help=option_help("extract", "device")),
+    precision: Optional[str] = typer.Option(None, help=option_help("extract", "precision")),
+    threads: Optional[int] = typer.Option(None, help=option_help("extract", "threads")),
+    teacher_model: Optional[str] = typer.Option(None, help=option_help("teacher", "model")),
+    teacher_pretrained: Optional[str] = typer.Option(None, help=option_help("teacher", "pretrained")),
     overwrite: bool = typer.Option(False, "--overwrite", help="discard existing outputs of these splits instead of resuming"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:

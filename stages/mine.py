@@ -6,22 +6,23 @@ from typing import Optional
 
 import typer
 
-from pipeline.config import stage_config
+from pipeline.config import option_help, section_help, stage_config
 from pipeline.mining import mine
 from stages._common import SET_HELP, params_option, user_errors
 
+EPILOG = section_help("mine")
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def main(
     params: Path = params_option(),
-    features_dir: Optional[str] = typer.Option(None, help="features directory written by `dsmd extract` (params: mine.features_dir)"),
-    out_dir: Optional[str] = typer.Option(None, help="negatives directory; one sub-folder per split (params: mine.out_dir)"),
-    split: Optional[list[str]] = typer.Option(None, "--split", help="split to mine, repeatable (params: mine.splits)"),
-    k: Optional[int] = typer.Option(None, "--k", help="hard negatives kept per query and direction (params: mine.k)"),
-    index: Optional[str] = typer.Option(None, help="auto (exact below mine.exact_threshold vectors, else IVF-Flat), flat, ivf, hnsw or ivfpq (params: mine.index)"),
-    threads: Optional[int] = typer.Option(None, help="FAISS OpenMP threads, 0 = FAISS default (params: mine.threads)"),
+    features_dir: Optional[str] = typer.Option(None, help=option_help("mine", "features_dir")),
+    out_dir: Optional[str] = typer.Option(None, help=option_help("mine", "out_dir")),
+    split: Optional[list[str]] = typer.Option(None, "--split", help=option_help("mine", "splits")),
+    k: Optional[int] = typer.Option(None, "--k", help=option_help("mine", "k")),
+    index: Optional[str] = typer.Option(None, help=option_help("mine", "index")),
+    threads: Optional[int] = typer.Option(None, help=option_help("mine", "threads")),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Mine the k hardest negatives of every image and text (i2t, t2i, i2i, t2t), positives and

@@ -6,21 +6,22 @@ from typing import Optional
 
 import typer
 
-from pipeline.config import stage_config
+from pipeline.config import option_help, section_help, stage_config
 from pipeline.names import IDENTITY_FILE
 from pipeline.teacher import prepare_teacher
 from stages._common import SET_HELP, params_option, user_errors
 
+EPILOG = section_help("teacher")
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def main(
     params: Path = params_option(),
-    model: Optional[str] = typer.Option(None, help="open_clip model name or config (params: teacher.model)"),
-    pretrained: Optional[str] = typer.Option(None, help="demo (pretrain here), an open_clip tag, hf-hub:..., local-dir:..., a checkpoint path, or '' for random (params: teacher.pretrained)"),
-    out_dir: Optional[str] = typer.Option(None, help="where the demo teacher and teacher_identity.json go (params: teacher.out_dir)"),
-    manifest: Optional[str] = typer.Option(None, help="corpus manifest used to pretrain the demo teacher (params: teacher.manifest)"),
+    model: Optional[str] = typer.Option(None, help=option_help("teacher", "model")),
+    pretrained: Optional[str] = typer.Option(None, help=option_help("teacher", "pretrained")),
+    out_dir: Optional[str] = typer.Option(None, help=option_help("teacher", "out_dir")),
+    manifest: Optional[str] = typer.Option(None, help=option_help("teacher", "manifest")),
     resume: bool = typer.Option(False, "--resume/--no-resume", help="continue an interrupted demo-teacher pretraining from its checkpoint"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:

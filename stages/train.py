@@ -7,28 +7,29 @@ from typing import Optional
 
 import typer
 
-from pipeline.config import stage_config
+from pipeline.config import option_help, section_help, stage_config
 from pipeline.training import train
 from stages._common import SET_HELP, params_option, user_errors
 
+EPILOG = section_help("train")
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def main(
     params: Path = params_option(),
-    features_dir: Optional[str] = typer.Option(None, help="cached teacher features written by `dsmd extract` (params: train.features_dir)"),
-    negatives_dir: Optional[str] = typer.Option(None, help="mined hard negatives written by `dsmd mine` (params: train.negatives_dir)"),
-    out_dir: Optional[str] = typer.Option(None, help="where the student, checkpoint.pt, train_log.jsonl and train_summary.json go (params: train.out_dir)"),
-    model: Optional[str] = typer.Option(None, help="open_clip model config of the student (params: train.model)"),
-    loss: Optional[str] = typer.Option(None, help="dsmd (distillation + task loss) or clip (CLIP loss alone) (params: train.loss)"),
-    source: Optional[str] = typer.Option(None, help="shards (the features) or corpus (the manifest's WebDataset shards; clip loss only) (params: train.source)"),
-    manifest: Optional[str] = typer.Option(None, help="corpus manifest used with --source corpus (params: train.manifest)"),
-    batching: Optional[str] = typer.Option(None, help="random or hard-negative-aware (mined neighbours in the same batch) (params: train.batching)"),
-    epochs: Optional[float] = typer.Option(None, help="passes over the training images (fractions allowed) (params: train.optim.epochs)"),
-    max_steps: Optional[int] = typer.Option(None, help="optimizer steps; > 0 overrides --epochs (params: train.optim.max_steps)"),
-    batch_size: Optional[int] = typer.Option(None, help="global batch size, across ranks and accumulation (params: train.optim.batch_size)"),
-    lr: Optional[float] = typer.Option(None, help="peak AdamW learning rate (params: train.optim.lr)"),
+    features_dir: Optional[str] = typer.Option(None, help=option_help("train", "features_dir")),
+    negatives_dir: Optional[str] = typer.Option(None, help=option_help("train", "negatives_dir")),
+    out_dir: Optional[str] = typer.Option(None, help=option_help("train", "out_dir")),
+    model: Optional[str] = typer.Option(None, help=option_help("train", "model")),
+    loss: Optional[str] = typer.Option(None, help=option_help("train", "loss")),
+    source: Optional[str] = typer.Option(None, help=option_help("train", "source")),
+    manifest: Optional[str] = typer.Option(None, help=option_help("train", "manifest")),
+    batching: Optional[str] = typer.Option(None, help=option_help("train", "batching")),
+    epochs: Optional[float] = typer.Option(None, help=option_help("train", "optim.epochs")),
+    max_steps: Optional[int] = typer.Option(None, help=option_help("train", "optim.max_steps")),
+    batch_size: Optional[int] = typer.Option(None, help=option_help("train", "optim.batch_size")),
+    lr: Optional[float] = typer.Option(None, help=option_help("train", "optim.lr")),
     resume: bool = typer.Option(False, "--resume/--no-resume", help="continue from <out-dir>/checkpoint.pt when it exists"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline import mining, schema, store
-from pipeline.config import MineConfig
+from pipeline.config import ConfigError, MineConfig
 from tests.fakes import write_fake_features
 
 DIRECTIONS = schema.NEIGHBOR_DIRECTIONS
@@ -349,8 +349,8 @@ def test_bad_options_give_clear_errors(tmp_path):
     base = dict(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"))
     with pytest.raises(mining.MineError, match="pq_m"):
         mining.mine(MineConfig(index="ivfpq", pq_m=7, **base), progress=False)
-    with pytest.raises(mining.MineError, match="mine.index"):
-        mining.mine(MineConfig(index="annoy", **base), progress=False)
+    with pytest.raises(ConfigError, match="MineConfig.index: invalid value 'annoy'"):  # at construction, before any work
+        MineConfig(index="annoy", **base)
     with pytest.raises(mining.MineError, match="mine.k"):
         mining.mine(MineConfig(k=0, **base), progress=False)
     with pytest.raises(store.ShardError, match="dsmd extract"):

@@ -1,0 +1,85 @@
+"""params.yaml -> typed config: OmegaConf's typed merge, refusals that name the key, and help generated
+from the one description of each option."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline import config
+from pipeline.config import ConfigError, Params, TrainConfig, load_params, stage_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  optim:\n    lrr: 0.1\n", "train.optim.lrr: unknown key"),
+    ("train:\n  optim:\n    max_steps: 1.5\n", "train.optim.max_steps: Value '1.5' of type 'float' could not be converted to Integer"),
+    ("train:\n  loss: kd\n", "train.loss: Invalid value 'kd', expected one of [dsmd, clip]"),
+    ("mine:\n  index: annoy\n", "mine.index: Invalid value 'annoy', expected one of [auto, flat, ivf, hnsw, ivfpq]"),
+    ("train:\n  distill:\n    balancer:\n      mode: loose\n", "train.distill.balancer.mode: Invalid value 'loose'"),
+    ("evaluate:\n  ks: [1, five]\n", "evaluate.ks[1]"),
+    ("trian:\n  loss: clip\n", "trian: unknown key"),
+])
+def test_a_bad_params_file_is_refused_at_load_naming_the_file_and_key(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+
+
+def test_params_then_set_then_cli_options_each_override_the_one_before(tmp_path):
+    path = write(tmp_path, "train:\n  batching: hard-negative-aware\n  optim:\n    lr: 0.5\n    epochs: 3\n")
+    cfg = stage_config(path, "train", {"optim.epochs": None, "loss": "clip"}, ["optim.lr=0.25", "optim.epochs=4"])
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.loss, cfg.batching) == (0.25, 4.0, "clip", "hard-negative-aware")
+    assert type(cfg.batching) is str and cfg.optim.warmup_steps == OptimDefaults.warmup_steps  # checked, kept plain
+    assert stage_config(path, "train", {}, ["live_dir="]).live_dir == ""  # an empty --set value is ""
+    for bad in (["optim.nope=1"], ["loss=kd"], ["optim.lr"]):
+        with pytest.raises(ConfigError, match="optim.nope: unknown key|train.loss: Invalid value|KEY=VALUE"):
+            stage_config(path, "train", {}, bad)
+
+
+OptimDefaults = config.OptimConfig()
+
+
+def test_modes_given_as_strings_by_code_are_checked_on_construction():
+    assert TrainConfig(loss="clip").loss == config.LossMode.clip and type(TrainConfig().loss) is str
+    with pytest.raises(ConfigError, match=r"TrainConfig.batching: invalid value 'hna', expected one of \['random', 'hard-negative-aware'\]"):
+        TrainConfig(batching="hna")
+
+
+def test_to_dict_is_plain_data_equal_to_what_was_loaded(tmp_path):
+    path = write(tmp_path, "train:\n  batching: hard-negative-aware\n")
+    data = config.to_dict(load_params(path).train)
+    assert yaml.safe_load(yaml.safe_dump(data)) == data  # no enum objects: safe_dump would refuse them
+    assert data["batching"] == "hard-negative-aware" and json.loads(json.dumps(data)) == data
+    assert config.from_dict(TrainConfig, data) == load_params(path).train
+
+
+def _keys(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _keys(hint, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+@pytest.mark.parametrize("section", [f.name for f in dataclasses.fields(Params)])
+def test_every_option_has_one_description_and_the_stage_help_lists_it(section):
+    from stages.cli import app
+    cls = typing.get_type_hints(Params)[section]
+    keys = dict(_keys(cls))
+    assert all(f.metadata.get("doc") for f in keys.values()), [k for k, f in keys.items() if not f.metadata.get("doc")]
+    result = CliRunner().invoke(app, [section, "--help"], terminal_width=400)
+    assert result.exit_code == 0
+    listed = {line.split(" = ")[0].strip(" │") for line in result.output.splitlines() if " = " in line}
+    assert set(keys) <= listed, sorted(set(keys) - listed)
