@@ -41,6 +41,7 @@ LossMode = _choices("LossMode", "dsmd", "clip")
 Source = _choices("Source", "shards", "corpus")
 Batching = _choices("Batching", "random", "hard-negative-aware")
 ProjectionInit = _choices("ProjectionInit", "orthogonal", "default")
+DataLoading = _choices("DataLoading", "auto", "memory", "stream")
 
 
 def opt(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING) -> Any:
@@ -138,6 +139,8 @@ class ExtractConfig(_Section):
     threads: int = opt(0, "torch intra-op threads on CPU; 0 = torch's default")
     seed: int = opt(0, "seeds the augmentation views")
     zeroshot: bool = opt(True, "also embed the images and prompts of the manifest's classification tasks")
+    store_images: bool = opt(False, "copy each image's bytes into the features (self-contained), instead of "
+                             "referencing it by byte offset in its source shard (local uncompressed tars only)")
 
 
 @dataclass
@@ -234,6 +237,11 @@ class TrainConfig(_Section):
                                           "orthonormal columns (orthogonal) or as torch's default Linear init (default)")
     max_images: int = opt(0, "> 0: train on the first max_images images of the split only; mined negatives outside "
                           "them are dropped")
+    data_loading: DataLoading = opt(DataLoading.auto, "the teacher embeddings (source shards): memory (loaded whole), "
+                                    "stream (rows read per batch from the split's .npy files; memory stays flat as the "
+                                    "corpus grows), or auto (stream above stream_above_mb). Referenced images are always "
+                                    "read per sample; copied ones (extract.store_images) are held in memory")
+    stream_above_mb: int = opt(1024, "auto: stream when the split's embedding arrays exceed this many MiB")
     live_dir: str = opt("auto", "DVCLive folder (metrics.json + plots): auto = <out_dir>/dvclive, \"\" = off")
     val_split: str = opt("val", "split of the validation retrieval (source shards)")
     val_every: int = opt(50, "steps between validations (val_rsum, val_i2t_r1, val_t2i_r1); 0 = never")

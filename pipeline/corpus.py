@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -41,6 +42,10 @@ class Sample:
     image_bytes: bytes  # encoded exactly as stored in the shard
     image_format: str  # the member's extension, e.g. jpg, png, webp
     captions: list[str]  # every non-blank caption of the sample, in stored order
+    # where the image member's data lies in the shard file (uncompressed local tars only, else None):
+    # what `extract.store_images: false` references instead of copying the bytes
+    image_offset: int | None = None
+    image_size: int | None = None
 
 
 @dataclass
@@ -161,11 +166,22 @@ def _make_sample(
     captions = _decode_captions(members, fields, report, shard, key)
     if captions is None:
         return None
-    return Sample(key=key, shard=shard, image_bytes=members[image_format], image_format=image_format, captions=captions)
+    offset = members.offsets.get(image_format) if isinstance(members, MemberBytes) else None
+    return Sample(key=key, shard=shard, image_bytes=members[image_format], image_format=image_format, captions=captions,
+                  image_offset=offset, image_size=len(members[image_format]) if offset is not None else None)
 
 
-def _tar_members(stream) -> Iterator[tuple[str, Callable[[], bytes]]]:
-    """(name, read) of each regular member of a tar stream, in order (works on pipes). `read()`
+class MemberBytes(dict):
+    """{extension: bytes} of one sample, with `offsets[extension]`: where each member's data starts in
+    the shard file (filled for uncompressed local tars only, where it means a file position)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offsets: dict[str, int] = {}
+
+
+def _tar_members(stream) -> Iterator[tuple[str, Callable[[], bytes], int]]:
+    """(name, read, data offset) of each regular member of a tar stream, in order (works on pipes). `read()`
     must be called before advancing: a sample is known complete as soon as the next member's
     header names another key, before that member's data is read."""
     with tarfile.open(fileobj=stream, mode="r|*") as archive:
@@ -180,7 +196,7 @@ def _tar_members(stream) -> Iterator[tuple[str, Callable[[], bytes]]]:
                     raise tarfile.ReadError(f"member {info.name} truncated ({len(data)} of {info.size} bytes)")
                 return data
 
-            yield info.name, read
+            yield info.name, read, info.offset_data
             archive.members = []  # streaming: do not keep every TarInfo of a large shard
         # tarfile takes a clean end of data at a member boundary for the end of the archive; a whole
         # tar ends with a zero block, so a stream that stops before one was truncated.
@@ -241,8 +257,10 @@ def iter_members(url: str, report: SkipReport) -> Iterator[tuple[str, dict[str, 
     log = logging.getLogger(__name__)
     seen: set[str] = set()
     current_key: str | None = None
-    current: dict[str, bytes] = {}
+    current = MemberBytes()
     last_key = ""
+    # data offsets in the stream are file positions only for an uncompressed local tar
+    positional = is_plain_local_tar(url)
 
     def finish() -> tuple[str, dict[str, bytes]] | None:
         nonlocal last_key
@@ -258,7 +276,7 @@ def iter_members(url: str, report: SkipReport) -> Iterator[tuple[str, dict[str, 
     stream = None
     try:
         stream = gopen(url, "rb")
-        for name, read in _tar_members(stream):
+        for name, read, offset in _tar_members(stream):
             prefix, suffix = base_plus_ext(name)
             if prefix is None:
                 continue  # a member without an extension belongs to no sample
@@ -270,10 +288,12 @@ def iter_members(url: str, report: SkipReport) -> Iterator[tuple[str, dict[str, 
                 group = finish()
                 if group is not None:
                     yield group
-                current_key, current = prefix, {}
+                current_key, current = prefix, MemberBytes()
             data = read()
             if suffix not in current:  # a repeated member name: keep the first copy
                 current[suffix] = data
+                if positional:
+                    current.offsets[suffix] = offset
         group = finish()
         current_key = None
         if group is not None:
@@ -293,6 +313,23 @@ def iter_members(url: str, report: SkipReport) -> Iterator[tuple[str, dict[str, 
                 _close(stream)
             except Exception:
                 pass
+
+
+def local_path(url: str) -> str | None:
+    """The file of a local shard (`path` or `file:path`); None for `pipe:` commands and URLs."""
+    if url.startswith("pipe:") or ("://" in url and not url.startswith("file://")):
+        return None
+    return url[len("file://"):] if url.startswith("file://") else url[len("file:"):] if url.startswith("file:") else url
+
+
+def is_plain_local_tar(url: str) -> bool:
+    """A local, uncompressed tar: the only kind whose members can be read back by byte offset."""
+    path = local_path(url)
+    if path is None or not os.path.isfile(path):
+        return False
+    with open(path, "rb") as handle:
+        head = handle.read(tarfile.BLOCKSIZE)
+    return len(head) == tarfile.BLOCKSIZE and head[257:262] == b"ustar"
 
 
 def _close(stream) -> None:

@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -55,18 +55,22 @@ class DataError(PipelineError):
     """Training data that cannot be used as configured; the message names the file or option."""
 
 
+Rows = Union[np.ndarray, store.RowFile]  # indexed by id lists alike: in memory, or read per batch
+
+
 @dataclass
 class TrainingData:
-    """One split in memory, indexed by dense image id / text id. Image bytes stay encoded
-    (decoded lazily per sample); teacher embeddings are kept in their storage dtype."""
+    """One split, indexed by dense image id / text id. Image bytes stay encoded (decoded lazily per
+    sample) and are read per sample when referenced; teacher embeddings are kept in their storage dtype,
+    in memory or read per batch from the split's .npy files (streaming)."""
 
     source: str  # the directory or manifest it came from, for messages
-    image_bytes: list[bytes]
+    image_bytes: Sequence[bytes]  # a list, or store.ImageBytes (copied or referenced)
     captions: list[str]
     text_to_image: np.ndarray  # (M,) int64
-    teacher_image: Optional[np.ndarray] = None  # (N, D)
-    teacher_text: Optional[np.ndarray] = None  # (M, D)
-    teacher_views: Optional[np.ndarray] = None  # (N, K, D)
+    teacher_image: Optional[Rows] = None  # (N, D)
+    teacher_text: Optional[Rows] = None  # (M, D)
+    teacher_views: Optional[Rows] = None  # (N, K, D)
     view_params: Optional[list[list[dict]]] = None  # N lists of K view dicts (pipeline.augment)
     skipped: dict = field(default_factory=dict)  # reason -> count, from the source
     # derived: the captions of image i are texts_by_image[text_offsets[i]:text_offsets[i + 1]]
@@ -102,18 +106,23 @@ class TrainingData:
         return np.flatnonzero(np.diff(self.text_offsets) > 0).astype(np.int64)
 
 
-def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = True, with_views: bool = True) -> TrainingData:
-    """Read a features split: image bytes, captions, and (with_teacher) the teacher embeddings and
-    (with_views, when stored) the augmentation views. Only the columns needed are read."""
+def embeddings_bytes(features_dir: str | Path, split: str) -> int:
+    """Size of the split's embedding arrays: what loading them into memory would cost."""
+    manifest = store.load_split_manifest(features_dir, split)
+    base = store.split_dir(features_dir, split)
+    return sum((base / entry["path"]).stat().st_size for entry in (manifest.get("arrays") or {}).values())
+
+
+def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = True, with_views: bool = True,
+                     stream: bool = False) -> TrainingData:
+    """Read a features split: captions and the images (copied bytes, or references read per sample), and
+    (with_teacher) the teacher embeddings and (with_views, when stored) the augmentation views: loaded
+    whole, or with `stream` read per batch from the split's .npy files. Only the columns needed are read."""
     manifest = store.load_split_manifest(features_dir, split)
     stored_views = int(manifest.get("views", 0) or 0)
     with_views = with_teacher and with_views and stored_views > 0
-    image_columns = [schema.IMAGE_ID, schema.IMAGE_BYTES]
-    if with_teacher:
-        image_columns.append(schema.TEACHER_IMAGE_EMB)
-    if with_views:
-        image_columns += [schema.TEACHER_VIEW_EMB, schema.VIEW_PARAMS]
-    text_columns = [schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION] + ([schema.TEACHER_TEXT_EMB] if with_teacher else [])
+    image_columns = [schema.IMAGE_ID] + ([schema.VIEW_PARAMS] if with_views else [])
+    text_columns = [schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION]
     images = store.read_images(features_dir, split, columns=image_columns)
     texts = store.read_texts(features_dir, split, columns=text_columns)
     where = store.split_dir(features_dir, split)
@@ -123,25 +132,27 @@ def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = 
         raise DataError(f"{where}: ids are not dense and ordered; re-run `dsmd extract`")
     data = TrainingData(
         source=str(where),
-        image_bytes=images[schema.IMAGE_BYTES].to_pylist(),
+        image_bytes=store.image_bytes(features_dir, split),
         captions=texts[schema.CAPTION].to_pylist(),
         text_to_image=texts[schema.IMAGE_ID].to_numpy(),
         skipped=dict(manifest.get("skipped", {}) or {}),
     )
+    if len(data.image_bytes) != len(image_ids):
+        raise DataError(f"{where}: {len(data.image_bytes)} images but {len(image_ids)} image rows; re-run `dsmd extract`")
+
+    def rows(column: str) -> Rows:
+        found = store.embedding_rows(features_dir, split, column)
+        return found if stream else found[:]
+
     if with_teacher:
-        storage = np.float16 if manifest.get("embedding_dtype", "float16") == "float16" else np.float32
-        data.teacher_image = schema.embeddings_to_numpy(images[schema.TEACHER_IMAGE_EMB], storage)
-        data.teacher_text = schema.embeddings_to_numpy(texts[schema.TEACHER_TEXT_EMB], storage)
+        data.teacher_image, data.teacher_text = rows(schema.TEACHER_IMAGE_EMB), rows(schema.TEACHER_TEXT_EMB)
         dim = int(manifest.get("embedding_dim", data.teacher_image.shape[1]))
         if data.teacher_image.shape[1] != dim or data.teacher_text.shape[1] != dim:
             raise DataError(f"{where}: embedding width differs from _manifest.json embedding_dim {dim}")
     if with_views:
-        view_col = images[schema.TEACHER_VIEW_EMB].combine_chunks()
-        lengths = np.diff(view_col.offsets.to_numpy())
-        if not np.all(lengths == stored_views):
-            raise DataError(f"{where}: expected {stored_views} views per image, found {sorted(set(lengths.tolist()))}")
-        flat = schema.embeddings_to_numpy(view_col.flatten(), data.teacher_image.dtype)
-        data.teacher_views = flat.reshape(len(image_ids), stored_views, -1)
+        data.teacher_views = rows(schema.TEACHER_VIEW_EMB)
+        if data.teacher_views.shape[1:] != (stored_views, data.teacher_image.shape[1]):
+            raise DataError(f"{where}: expected {stored_views} views per image, found shape {data.teacher_views.shape}")
         data.view_params = images[schema.VIEW_PARAMS].to_pylist()
     return data
 

@@ -4,9 +4,9 @@ side of evaluation (retrieval and zero-shot); the teacher's side is cached by `d
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
@@ -17,19 +17,19 @@ from pipeline.models import LoadedModel
 from pipeline.progress import progress
 
 
-def encode_images(loaded: LoadedModel, images: pa.Table, batch_size: int, device: torch.device, where: str,
+def encode_images(loaded: LoadedModel, images: Sequence[bytes], batch_size: int, device: torch.device, where: str,
                   show_progress: bool = True) -> np.ndarray:
-    """(N, D) embeddings of `images`' IMAGE_BYTES; an undecodable image is a ShardError naming `where`."""
+    """(N, D) embeddings of the encoded `images` (a list, or store.ImageBytes: copied or referenced); an
+    undecodable image is a ShardError naming `where`."""
     model = loaded.model.to(device).eval()
     chunks = []
     with torch.inference_mode(), runtime.autocast(device), \
-            progress(images.num_rows, f"encode {where}", "img", enabled=show_progress) as bar:
-        for start in range(0, images.num_rows, batch_size):
-            batch = images.slice(start, batch_size)
+            progress(len(images), f"encode {where}", "img", enabled=show_progress) as bar:
+        for start in range(0, len(images), batch_size):
             pixels = []
-            for row, data in enumerate(batch[schema.IMAGE_BYTES].to_pylist(), start):
+            for row in range(start, min(start + batch_size, len(images))):
                 try:
-                    pixels.append(loaded.preprocess(decode_image(data)))
+                    pixels.append(loaded.preprocess(decode_image(images[row])))
                 except CorruptImageError as exc:
                     raise store.ShardError(f"{where}: image row {row}: {exc}") from None
             emb = model.encode_image(torch.stack(pixels).to(device))
@@ -69,11 +69,11 @@ def encode_split(
     if batch_size < 1:
         raise ConfigError(f"evaluate.batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    images = store.read_images(features_dir, split, columns=[schema.IMAGE_ID, schema.IMAGE_BYTES])
+    images = store.read_images(features_dir, split, columns=[schema.IMAGE_ID])
     texts = store.read_texts(features_dir, split, columns=[schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION])
     _ordered_ids(images[schema.IMAGE_ID], "image", features_dir, split)
     _ordered_ids(texts[schema.TEXT_ID], "text", features_dir, split)
     where = str(store.split_dir(features_dir, split))
-    image_emb = encode_images(loaded, images, batch_size, device, where)
+    image_emb = encode_images(loaded, store.image_bytes(features_dir, split), batch_size, device, where)
     text_emb = encode_texts(loaded, texts[schema.CAPTION].to_pylist(), batch_size, device, where)
     return image_emb, text_emb, texts[schema.IMAGE_ID].to_numpy().astype(np.int64)

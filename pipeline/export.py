@@ -79,9 +79,9 @@ def export_onnx(loaded: models.LoadedModel, out_dir: Path, opset: int) -> None:
 
 def _check_data(cfg: ExportConfig) -> tuple[list[bytes], list[str]]:
     """The first `check_images` test images (encoded bytes) and captions the checks compare on."""
-    images = store.read_images(cfg.features_dir, cfg.split, columns=[schema.IMAGE_BYTES]).slice(0, cfg.check_images)
+    images = store.image_bytes(cfg.features_dir, cfg.split, cfg.check_images)
     captions = store.read_texts(cfg.features_dir, cfg.split, columns=[schema.CAPTION]).slice(0, cfg.check_images)
-    return images[schema.IMAGE_BYTES].to_pylist(), captions[schema.CAPTION].to_pylist()
+    return [images[i] for i in range(len(images))], captions[schema.CAPTION].to_pylist()
 
 
 @torch.inference_mode()

@@ -123,6 +123,7 @@ def _run_info(teacher: LoadedModel, manifest_sha256: str, cfg: ExtractConfig) ->
         "embedding_dtype": cfg.embedding_dtype,
         "views": cfg.views,
         "view_seed": cfg.seed if cfg.views else None,
+        "store_images": cfg.store_images,
         "schema_version": schema.SCHEMA_VERSION,
     }
 
@@ -191,10 +192,15 @@ def _write_part(
         flat_views = np.concatenate(result.view_embs) if result.view_embs else np.zeros((0, dim), np.float32)
         view_emb = flat_views.reshape(len(kept), cfg.views, dim)
     # image ids are local to the shard here; _finalize offsets them into split-wide ids
+    copied = cfg.store_images
     images = schema.images_table(
-        [s.key for s in kept], [s.shard for s in kept], [s.image_format for s in kept], [s.image_bytes for s in kept],
-        image_emb, dtype, meta, view_emb, result.view_params,
+        [s.key for s in kept], [s.shard for s in kept], [s.image_format for s in kept],
+        [s.image_bytes if copied else None for s in kept], image_emb, dtype, meta, view_emb, result.view_params,
+        [s.image_offset for s in kept], [s.image_size for s in kept],
     )
+    if not copied and any(s.image_offset is None for s in kept):
+        raise PipelineError(f"{url}: no byte offsets for its images, so they cannot be referenced; "
+                            f"set extract.store_images: true to copy them")
     tokens = torch.cat(result.tokens) if result.tokens else torch.zeros((0, 1), dtype=torch.long)
     text_emb = _embed(teacher.model.encode_text, tokens, device, cfg.precision, cfg.batch_size, dim)
     texts = schema.texts_table(
@@ -207,14 +213,16 @@ def _write_part(
     atomic.atomic_write_table(texts, parts_dir / f"texts-{shard_index:06d}.parquet")
     # the report file is written last: its presence marks the part complete
     record = {"url": url, "skipped": report, "source": source_signature(url)}
+    if not copied and record["source"] is not None:  # the features point into this file: training checks it
+        record["source"] = {**record["source"], "sha256": atomic.sha256_file(corpus.local_path(url))}
     atomic.atomic_write_json(record, parts_dir / f"skips-{shard_index:06d}.json")
 
 
 def source_signature(url: str) -> dict | None:
     """Size and mtime of a local input shard (None for `pipe:` and URLs): a part made from another
     version of the shard is redone."""
-    path = url[len("file:"):] if url.startswith("file:") else url
-    if "://" in url or url.startswith("pipe:") or not os.path.isfile(path):
+    path = corpus.local_path(url)
+    if path is None or not os.path.isfile(path):
         return None
     stat = os.stat(path)
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -227,7 +235,7 @@ def _why_redo(record: dict, url: str) -> str | None:
     if record["skipped"].get("counts", {}).get(corpus.UNREADABLE_SHARD):
         return "it could not be read to the end last time"
     current = source_signature(url)
-    if record.get("source") != current:
+    if {k: v for k, v in (record.get("source") or {}).items() if k != "sha256"} != (current or {}):
         return f"it changed since its part was written ({record.get('source')} -> {current})"
     return None
 
@@ -461,6 +469,18 @@ def _bytes_needed(urls: list[str]) -> int:
     return int(1.1 * sum(s["size"] for s in signatures if s))
 
 
+def _check_referencable(specs: dict) -> None:
+    """With store_images false the features point into the input shards by byte offset, which only
+    holds for local uncompressed tars (not `pipe:`/URLs, not .tar.gz)."""
+    for split, spec in specs.items():
+        for url in spec.shards:
+            path = corpus.local_path(url)  # a missing local shard is an unreadable shard, counted later
+            if path is None or (os.path.exists(path) and not corpus.is_plain_local_tar(url)):
+                raise PipelineError(
+                    f"split {split!r}: {url} is not a local uncompressed .tar, so its images cannot be referenced "
+                    f"by byte offset; set extract.store_images: true to copy them into the features")
+
+
 def extract(cfg: ExtractConfig, teacher_cfg: TeacherConfig, overwrite: bool = False) -> dict:
     """Extract every split in `cfg.splits`; returns {split: split manifest} (on rank 0)."""
     for option, value, least in (("batch_size", cfg.batch_size, 1), ("num_workers", cfg.num_workers, 0), ("views", cfg.views, 0)):
@@ -472,6 +492,8 @@ def extract(cfg: ExtractConfig, teacher_cfg: TeacherConfig, overwrite: bool = Fa
     manifest = load_manifest(cfg.manifest)
     specs = {split: manifest.split(split) for split in cfg.splits}  # every split checked before any work
     tasks = list(manifest.classification.values()) if cfg.zeroshot else []
+    if not cfg.store_images:
+        _check_referencable(specs)
     if dist_info.is_main:
         atomic.prepare_output_dir(cfg.out_dir, _bytes_needed([u for spec in [*specs.values(), *tasks] for u in spec.shards]))
     teacher = load_teacher(teacher_cfg, device=device)

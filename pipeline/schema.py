@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: images referenced by offset (IMAGE_BYTES nullable), embeddings also as .npy
 
 # ---- file layout ------------------------------------------------------------------------------
 # features/<split>/images-<shard>.parquet, texts-<shard>.parquet, _manifest.json
@@ -19,6 +19,15 @@ IMAGES_PREFIX = "images"
 TEXTS_PREFIX = "texts"
 SPLIT_MANIFEST = "_manifest.json"
 PARTS_DIR = "_parts"  # per-input-shard results before dense ids are assigned (resume unit)
+# features/<split>/<column>.npy: the split's embeddings of EMBEDDING_ARRAYS in id order, the storage dtype,
+# (N, D) / (M, D) / (N, K, D), so stage two and mining read rows by position without loading the split
+EMBEDDING_ARRAYS = ("teacher_image_emb", "teacher_text_emb", "teacher_view_emb")
+
+
+def array_file(column: str) -> str:
+    return f"{column}.npy"
+
+
 # negatives/<split>/<direction>.parquet, _manifest.json
 NEIGHBOR_DIRECTIONS = ("i2t", "t2i", "i2i", "t2t")
 # features/zeroshot/<task>/images.parquet (+ LABEL), prompts.parquet, _manifest.json
@@ -31,7 +40,11 @@ IMAGE_ID = "image_id"  # int64, dense 0..N-1 within a split
 TEXT_ID = "text_id"  # int64, dense 0..M-1 within a split
 KEY = "key"  # string, the sample's key in the source WebDataset
 SOURCE_SHARD = "source_shard"  # string, the input shard the sample came from
-IMAGE_BYTES = "image_bytes"  # binary, the encoded image exactly as stored in the source
+IMAGE_BYTES = "image_bytes"  # binary, the encoded image exactly as stored in the source; null when referenced
+# where the image member's data lies in SOURCE_SHARD (an uncompressed local tar; null otherwise): with
+# extract.store_images false, stage two reads IMAGE_SIZE bytes at IMAGE_OFFSET instead of a copy
+IMAGE_OFFSET = "image_offset"  # int64
+IMAGE_SIZE = "image_size"  # int64
 IMAGE_FORMAT = "image_format"  # string, the source extension (jpg, png, webp)
 CAPTION = "caption"  # string
 CAPTION_INDEX = "caption_index"  # int32, position of the caption within its sample
@@ -88,7 +101,9 @@ def images_schema(dim: int, dtype: str = "float16", views: int = 0, metadata: di
         pa.field(KEY, pa.string(), nullable=False),
         pa.field(SOURCE_SHARD, pa.string(), nullable=False),
         pa.field(IMAGE_FORMAT, pa.string(), nullable=False),
-        pa.field(IMAGE_BYTES, pa.binary(), nullable=False),
+        pa.field(IMAGE_BYTES, pa.binary(), nullable=True),
+        pa.field(IMAGE_OFFSET, pa.int64(), nullable=True),
+        pa.field(IMAGE_SIZE, pa.int64(), nullable=True),
         pa.field(TEACHER_IMAGE_EMB, embedding_type(dim, dtype), nullable=False),
     ]
     if views:
@@ -174,12 +189,14 @@ def _per_row(values: pa.Array, per_row: int) -> pa.Array:
 
 
 def images_table(
-    keys: list[str], source_shards: list[str], image_formats: list[str], image_bytes: list[bytes],
+    keys: list[str], source_shards: list[str], image_formats: list[str], image_bytes: list[bytes | None],
     teacher_image_emb: np.ndarray, dtype: str = "float16", metadata: dict | None = None,
     teacher_view_emb: np.ndarray | None = None, view_params: list[dict] | None = None,
+    image_offsets: list[int | None] | None = None, image_sizes: list[int | None] | None = None,
 ) -> pa.Table:
     """The images table with dense ids 0..N-1. With views: `teacher_view_emb` (N, K, D) and
-    `view_params`, N * K dicts of VIEW_PARAM_FIELDS in row order."""
+    `view_params`, N * K dicts of VIEW_PARAM_FIELDS in row order. A referenced image has bytes None
+    and its offset and size in its source shard."""
     n, dim = teacher_image_emb.shape
     columns = {
         IMAGE_ID: pa.array(np.arange(n), pa.int64()),
@@ -187,6 +204,8 @@ def images_table(
         SOURCE_SHARD: pa.array(source_shards, pa.string()),
         IMAGE_FORMAT: pa.array(image_formats, pa.string()),
         IMAGE_BYTES: pa.array(image_bytes, pa.binary()),
+        IMAGE_OFFSET: pa.array(image_offsets if image_offsets is not None else [None] * n, pa.int64()),
+        IMAGE_SIZE: pa.array(image_sizes if image_sizes is not None else [None] * n, pa.int64()),
         TEACHER_IMAGE_EMB: numpy_to_embeddings(teacher_image_emb, dtype),
     }
     views = 0 if teacher_view_emb is None else teacher_view_emb.shape[1]

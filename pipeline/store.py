@@ -5,18 +5,18 @@ shards of the input corpus (`pipeline/corpus.py`). Writes go through `pipeline/a
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema
-from pipeline.atomic import atomic_write_json, atomic_write_table, sha256_file
+from pipeline.atomic import atomic_write_json, atomic_write_table, atomic_write_with, sha256_file
 from pipeline.errors import PipelineError
-
-
 
 
 class ShardError(PipelineError):
@@ -150,6 +150,7 @@ def write_split(
             name = f"{prefix}-{index:06d}.parquet"
             path = atomic_write_table(table, base / name)
             files[prefix].append({"path": name, "rows": table.num_rows, "sha256": sha256_file(path)})
+    arrays = _write_arrays(base, image_tables, text_tables)
     for prefix, listed in files.items():  # files of an earlier, larger version of the split
         for path in base.glob(f"{prefix}-*.parquet"):
             if path.name not in {f["path"] for f in listed}:
@@ -161,6 +162,201 @@ def write_split(
         "num_images": sum(f["rows"] for f in files[schema.IMAGES_PREFIX]),
         "num_texts": sum(f["rows"] for f in files[schema.TEXTS_PREFIX]),
         "files": files,
+        "arrays": arrays,
     }
     atomic_write_json(manifest, marker)
     return manifest
+
+
+# ---- embeddings as .npy, read by row --------------------------------------------------------------
+
+def _write_arrays(base: Path, image_tables: list[pa.Table], text_tables: list[pa.Table]) -> dict:
+    """The split's embedding columns also as `<column>.npy` in id order (storage dtype), written table by
+    table into a memory map, so a reader can fetch rows by position (RowFile) without loading the split."""
+    written = {}
+    for column in schema.EMBEDDING_ARRAYS:
+        tables = image_tables if column != schema.TEACHER_TEXT_EMB else text_tables
+        if column not in tables[0].schema.names:
+            continue
+        def write(tmp: Path, column=column, tables=tables) -> None:
+            pieces = (_embedding_rows(table[column]) for table in tables)
+            first = _embedding_rows(tables[0][column])
+            rows = sum(t.num_rows for t in tables)
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(rows, *first.shape[1:]))
+            start = 0
+            for piece in pieces:
+                out[start : start + len(piece)] = piece
+                start += len(piece)
+            out.flush()
+            del out
+        path = atomic_write_with(base / schema.array_file(column), write)
+        written[column] = {"path": path.name, "sha256": sha256_file(path)}
+    return written
+
+
+def _embedding_rows(column: pa.ChunkedArray) -> np.ndarray:
+    """An embedding column (fixed-size lists, or lists of them for views) as an array of its storage dtype."""
+    array = column.combine_chunks()
+    per_row = None
+    if pa.types.is_list(array.type) and pa.types.is_fixed_size_list(array.type.value_type):
+        per_row = int(np.diff(array.offsets.to_numpy())[0]) if len(array) else 0
+        array = array.flatten()
+    storage = np.float16 if array.type.value_type == pa.float16() else np.float32
+    rows = schema.embeddings_to_numpy(array, storage)
+    return rows if per_row is None else rows.reshape(-1, per_row, rows.shape[1])
+
+
+class RowFile:
+    """A `.npy` array read by row with `os.pread`: `rows[ids]` costs only the rows asked for, and, unlike a
+    memory map, pages read are not counted in the process's memory (the page cache keeps them)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        try:
+            with open(self.path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                         else np.lib.format.read_array_header_2_0)(handle)
+                self.header = handle.tell()
+        except (OSError, ValueError) as exc:
+            raise ShardError(f"{self.path}: unreadable embedding array ({exc}); re-run `dsmd extract`") from None
+        if fortran:
+            raise ShardError(f"{self.path}: Fortran-ordered arrays are not supported")
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_shape = self.shape[1:]
+        self.row_bytes = self.dtype.itemsize * math.prod(self.row_shape)
+        self._fd: int | None = None
+        self._pid = -1
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own descriptor
+        return {**self.__dict__, "_fd": None, "_pid": -1}
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, tuple):  # rows[ids, columns]: the rows, then the second index within each
+            ids, inner = index
+            return self[ids][np.arange(len(np.atleast_1d(ids))), inner]
+        if isinstance(index, slice):
+            start, stop, _ = index.indices(len(self))
+            return self._read_range(start, max(start, stop))
+        ids = np.asarray(index, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"{self.path}: row index out of range 0..{len(self) - 1}")
+        out = np.empty((ids.size, *self.row_shape), self.dtype)
+        fd = self._descriptor()
+        for j, i in enumerate(ids.reshape(-1).tolist()):
+            out[j] = np.frombuffer(os.pread(fd, self.row_bytes, self.header + i * self.row_bytes), self.dtype).reshape(self.row_shape)
+        return out.reshape(*ids.shape, *self.row_shape)
+
+    def _read_range(self, start: int, stop: int) -> np.ndarray:
+        data = os.pread(self._descriptor(), (stop - start) * self.row_bytes, self.header + start * self.row_bytes)
+        return np.frombuffer(data, self.dtype).reshape(stop - start, *self.row_shape).copy()
+
+    def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, rows[start:start + size]) over the whole array: bounded-memory passes."""
+        for start in range(0, len(self), size):
+            yield start, self[start : start + size]
+
+
+def embedding_rows(features_dir: str | Path, split: str, column: str) -> RowFile:
+    """The split's `<column>.npy` (written by `dsmd extract`), checked against its manifest's row count."""
+    manifest = load_split_manifest(features_dir, split)
+    entry = (manifest.get("arrays") or {}).get(column)
+    if entry is None:
+        raise ShardError(f"{split_dir(features_dir, split)}: no {schema.array_file(column)} listed in its "
+                         f"{schema.SPLIT_MANIFEST}; re-run `dsmd extract` (features written before schema 2)")
+    rows = RowFile(split_dir(features_dir, split) / entry["path"])
+    expected = manifest["num_texts"] if column == schema.TEACHER_TEXT_EMB else manifest["num_images"]
+    if len(rows) != expected:
+        raise ShardError(f"{rows.path}: {len(rows)} rows, but {schema.SPLIT_MANIFEST} lists {expected}")
+    return rows
+
+
+# ---- image bytes: copied, or referenced in the source shards ---------------------------------------
+
+class ImageBytes:
+    """Each image's encoded bytes by image id. Copied images (`extract.store_images: true`) are held in
+    memory; referenced ones are read per call from their source shard at the recorded byte offset."""
+
+    def __init__(self, where: str, copies: list[bytes] | None, shards: list[str] | None = None,
+                 shard_index: np.ndarray | None = None, offsets: np.ndarray | None = None, sizes: np.ndarray | None = None):
+        self.where, self.copies, self.shards = where, copies, shards or []
+        self.shard_index, self.offsets, self.sizes = shard_index, offsets, sizes
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own descriptors
+        return {**self.__dict__, "_fds": {}, "_pid": -1}
+
+    def __len__(self) -> int:
+        return len(self.copies) if self.copies is not None else len(self.offsets)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def referenced(self) -> bool:
+        return self.copies is None
+
+    def __getitem__(self, image_id: int) -> bytes:
+        if self.copies is not None:
+            return self.copies[image_id]
+        if self._pid != os.getpid():
+            self._fds, self._pid = {}, os.getpid()
+        shard = int(self.shard_index[image_id])
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        size = int(self.sizes[image_id])
+        data = os.pread(self._fds[shard], size, int(self.offsets[image_id]))
+        if len(data) != size:
+            raise ShardError(f"{self.shards[shard]}: image {image_id} ends past the end of the file; the shard changed "
+                             f"since `dsmd extract` referenced it: re-run `dsmd extract`")
+        return data
+
+
+def check_source_shards(features_dir: str | Path, split: str, used: list[str]) -> None:
+    """Every source shard the features reference still exists and is the file extracted from: same size and
+    mtime, or failing that the same sha256. A shard that vanished or changed is an error naming it."""
+    manifest = load_split_manifest(features_dir, split)
+    recorded = {part["url"]: part.get("source") or {} for part in manifest.get("shard_parts") or []}
+    for url in used:
+        path = url[len("file:"):] if url.startswith("file:") else url
+        if not os.path.isfile(path):
+            raise ShardError(f"{path}: the images of features split {split!r} are referenced in this shard, which is gone; "
+                             f"restore it or re-run `dsmd extract`")
+        source = recorded.get(url, {})
+        stat = os.stat(path)
+        if (source.get("size"), source.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+            continue
+        if source.get("sha256") != sha256_file(path):
+            raise ShardError(f"{path} changed since `dsmd extract` referenced its images for features split {split!r} "
+                             f"(sha256 differs from the one recorded); re-run `dsmd extract`")
+
+
+def image_bytes(features_dir: str | Path, split: str, count: int | None = None) -> ImageBytes:
+    """The images of a features split (the first `count`, or all), copied or referenced."""
+    manifest = load_split_manifest(features_dir, split)
+    copied = manifest.get("store_images", True)
+    columns = [schema.IMAGE_BYTES] if copied else [schema.SOURCE_SHARD, schema.IMAGE_OFFSET, schema.IMAGE_SIZE]
+    table = read_images(features_dir, split, columns=columns)
+    if count is not None:
+        table = table.slice(0, count)
+    where = str(split_dir(features_dir, split))
+    if copied:
+        return ImageBytes(where, table[schema.IMAGE_BYTES].to_pylist())
+    encoded = table[schema.SOURCE_SHARD].combine_chunks().dictionary_encode()
+    shards = encoded.dictionary.to_pylist()
+    check_source_shards(features_dir, split, shards)
+    return ImageBytes(
+        where, None, [s[len("file:"):] if s.startswith("file:") else s for s in shards],
+        encoded.indices.to_numpy().astype(np.int32),
+        table[schema.IMAGE_OFFSET].to_numpy(zero_copy_only=False).astype(np.int64),
+        table[schema.IMAGE_SIZE].to_numpy(zero_copy_only=False).astype(np.int64),
+    )

@@ -74,13 +74,13 @@ class Validation:
         from pipeline import schema
 
         try:
-            table = store.read_images(features_dir, split, columns=[schema.IMAGE_BYTES]).slice(0, images)
+            table = store.image_bytes(features_dir, split, images)
             texts = store.read_texts(features_dir, split, columns=[schema.IMAGE_ID, schema.CAPTION])
         except store.ShardError as exc:
             log.warning("no validation during training: %s", exc)
             return None
         owner = texts[schema.IMAGE_ID].to_numpy()
-        keep = owner < table.num_rows
+        keep = owner < len(table)
         return cls(table, [c for c, k in zip(texts[schema.CAPTION].to_pylist(), keep) if k], owner[keep], batch_size)
 
     def __call__(self, loaded: LoadedModel, device: torch.device) -> dict:

@@ -432,7 +432,11 @@ class _Inputs:
 def _load_inputs(cfg: TrainConfig) -> _Inputs:
     distill = cfg.loss == "dsmd"
     if cfg.source == "shards":
-        data = data_mod.load_shards_data(cfg.features_dir, cfg.split, with_teacher=distill, with_views=cfg.use_views)
+        stream = cfg.data_loading == "stream" or (
+            cfg.data_loading == "auto" and data_mod.embeddings_bytes(cfg.features_dir, cfg.split) > cfg.stream_above_mb * 2**20)
+        log.info("teacher embeddings of split %s: %s", cfg.split, "read per batch (streaming)" if stream else "in memory")
+        data = data_mod.load_shards_data(cfg.features_dir, cfg.split, with_teacher=distill, with_views=cfg.use_views,
+                                         stream=stream)
         fingerprint = store.features_fingerprint(cfg.features_dir, cfg.split)
     else:
         data = data_mod.load_corpus_data(cfg.manifest, cfg.split)

@@ -106,7 +106,7 @@ def teacher_task_metrics(task: Task) -> dict:
 def student_task_metrics(loaded: LoadedModel, task: Task, batch_size: int, device) -> dict:
     """A student's zero-shot metrics on `task`: its own embeddings of the stored images and prompts."""
     device = torch.device(device)
-    image_emb = encode_images(loaded, task.images, batch_size, device, str(task.folder))
+    image_emb = encode_images(loaded, task.images[schema.IMAGE_BYTES].to_pylist(), batch_size, device, str(task.folder))
     prompt_emb = encode_texts(loaded, task.prompts[schema.PROMPT].to_pylist(), batch_size, device, str(task.folder))
     class_emb = class_embeddings(prompt_emb, task.prompts[schema.CLASS_INDEX].to_numpy(), task.num_classes)
     return classification_metrics(image_emb, task.images[schema.LABEL].to_numpy(), class_emb)

@@ -181,7 +181,7 @@ def test_encode_split_equals_calling_the_model_directly(tmp_path):
     images = store.read_images(tmp_path / "features", "test")
     texts = store.read_texts(tmp_path / "features", "test")
     with torch.no_grad():
-        pixels = torch.stack([loaded.preprocess(decode_image(b)) for b in images[schema.IMAGE_BYTES].to_pylist()])
+        pixels = torch.stack([loaded.preprocess(decode_image(b)) for b in store.image_bytes(tmp_path / "features", "test")])
         want_images = F.normalize(loaded.model.encode_image(pixels), dim=-1).numpy()
         tokens = loaded.tokenizer(texts[schema.CAPTION].to_pylist())
         want_texts = F.normalize(loaded.model.encode_text(tokens), dim=-1).numpy()

@@ -50,7 +50,7 @@ def test_the_export_reloads_with_plain_open_clip_and_matches_the_student(trained
     tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
     student = load_student(trained / "student")
     from pipeline import store
-    image = decode_image(store.read_images(trained / "features", "train").slice(0, 1)["image_bytes"][0].as_py())
+    image = decode_image(store.image_bytes(trained / "features", "train")[0])
     with torch.no_grad():
         for m, pre in ((model.eval(), preprocess), (student.model.eval(), student.preprocess)):
             m.image_emb = m.encode_image(pre(image)[None])

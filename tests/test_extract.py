@@ -62,7 +62,7 @@ def test_embeddings_equal_direct_model_call(tmp_path, teacher_checkpoint):
 
     loaded = load_model("dsmd-test-teacher", str(teacher_checkpoint))
     with torch.no_grad():
-        pixels = torch.stack([loaded.preprocess(augment.decode_image(b)) for b in images[schema.IMAGE_BYTES].to_pylist()])
+        pixels = torch.stack([loaded.preprocess(augment.decode_image(b)) for b in store.image_bytes(out, "train")])
         direct_image = torch.nn.functional.normalize(loaded.model.encode_image(pixels), dim=-1).numpy()
         tokens = loaded.tokenizer(texts[schema.CAPTION].to_pylist())
         direct_text = torch.nn.functional.normalize(loaded.model.encode_text(tokens), dim=-1).numpy()
@@ -166,7 +166,7 @@ def test_views_store_parameters_that_reproduce_the_embedding(tmp_path, teacher_c
     params = images[schema.VIEW_PARAMS][row].as_py()
     stored = np.array(images[schema.TEACHER_VIEW_EMB][row].as_py(), np.float32)
     assert len(params) == 3 and stored.shape == (3, loaded.embed_dim)
-    image = augment.decode_image(images[schema.IMAGE_BYTES][row].as_py())
+    image = augment.decode_image(store.image_bytes(out, "train")[row])
     with torch.no_grad():
         pixels = torch.stack([loaded.preprocess(augment.apply_view(image, p)) for p in params])
         direct = torch.nn.functional.normalize(loaded.model.encode_image(pixels), dim=-1).numpy()
@@ -212,7 +212,7 @@ def test_flickr8k_sample_end_to_end(tmp_path, teacher_checkpoint, flickr8k_dir):
     assert result["train"]["num_texts"] == 1000 and result["test"]["num_texts"] == 500
     images, texts = _tables(out, "test")
     assert set(images[schema.IMAGE_FORMAT].to_pylist()) == {"jpg"}
-    assert images[schema.IMAGE_BYTES][0].as_py()[:2] == b"\xff\xd8"  # the source JPEG, byte for byte
+    assert store.image_bytes(out, "test")[0][:2] == b"\xff\xd8"  # the source JPEG, byte for byte (referenced)
     assert np.all(np.bincount(texts[schema.IMAGE_ID].to_numpy()) == 5)
     assert all(c.strip() for c in texts[schema.CAPTION].to_pylist())
 

@@ -17,7 +17,7 @@ from tests.fakes import write_fake_features
 from tests.test_data import write_negatives
 
 
-def _params(tmp_path: Path, accum_steps: int) -> Path:
+def _params(tmp_path: Path, accum_steps: int, data_loading: str) -> Path:
     features, negatives = tmp_path / "features", tmp_path / "negatives"
     if not features.exists():
         write_fake_features(features, "train", n_images=48, captions_per_image=2, dim=32, views=2, seed=3)
@@ -27,6 +27,7 @@ def _params(tmp_path: Path, accum_steps: int) -> Path:
         "features_dir": str(features),
         "negatives_dir": str(negatives),
         "batching": "hard-negative-aware",
+        "data_loading": data_loading,
         "optim": {"max_steps": 4, "batch_size": 16, "accum_steps": accum_steps, "lr": 3e-3, "warmup_steps": 2,
                   "threads": 1, "log_every": 1, "checkpoint_every": 2},
         "distill": {"queue_size": 40, "hard_negatives": 2},
@@ -37,9 +38,9 @@ def _params(tmp_path: Path, accum_steps: int) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accum_steps", [1, 2])
-def test_two_ranks_match_one_process(tmp_path, accum_steps):
-    params = _params(tmp_path, accum_steps)
+@pytest.mark.parametrize("accum_steps, data_loading", [(1, "memory"), (2, "stream")])
+def test_two_ranks_match_one_process(tmp_path, accum_steps, data_loading):
+    params = _params(tmp_path, accum_steps, data_loading)
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
     # the reference: one process, the whole global batch, no accumulation
     training.train(stage_config(params, "train", {"out_dir": str(single_dir), "optim.accum_steps": 1}))

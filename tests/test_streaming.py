@@ -1,0 +1,215 @@
+"""Corpora larger than memory: images referenced in their source shards (not copied), teacher embeddings read
+per batch from the split's .npy files, and the same training as from memory."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline import data as data_mod
+from pipeline import extract as extract_mod
+from pipeline import models, names, schema, store, training
+from pipeline.config import ExtractConfig
+from tests.conftest import REPO_ROOT
+from tests.test_extract import _teacher, teacher_checkpoint  # noqa: F401 (a fixture)
+from tests.test_training import STUDENT, Interrupted, make_cfg, read_log
+from tests.tiny_corpus import write_tiny_corpus
+
+
+def _extract(manifest: Path, out: Path, teacher: Path, **options) -> Path:
+    cfg = ExtractConfig(manifest=str(manifest), out_dir=str(out), splits=["train"], batch_size=8, num_workers=0,
+                        threads=1, zeroshot=False, **options)
+    extract_mod.extract(cfg, _teacher(teacher))
+    return out
+
+
+def _mine(features: Path, negatives: Path) -> None:
+    from tests.test_data import write_negatives
+    write_negatives(features, negatives, k=4)
+
+
+@pytest.fixture(scope="module")
+def both_stores(tmp_path_factory, teacher_checkpoint):  # noqa: F811
+    """The same tiny corpus extracted twice, with 2 augmentation views: images copied and referenced."""
+    root = tmp_path_factory.mktemp("stores")
+    manifest = write_tiny_corpus(root / "corpus", shards_per_split=3, per_shard=8, splits=("train",))
+    copied = _extract(manifest, root / "copied", teacher_checkpoint, store_images=True, views=2)
+    referenced = _extract(manifest, root / "referenced", teacher_checkpoint, store_images=False, views=2)
+    for features in (copied, referenced):
+        _mine(features, features.parent / f"{features.name}-negatives")
+    return root, copied, referenced
+
+
+def _batches(features: Path, stream: bool, keys) -> list[dict]:
+    student = models.load_model(STUDENT, "")
+    data = data_mod.load_shards_data(features, "train", stream=stream)
+    negatives = data_mod.load_negatives(features.parent / f"{features.name}-negatives", "train", data, 3, features)
+    dataset = data_mod.TrainingDataset(data, student.preprocess, student.tokenizer, seed=5, negatives=negatives)
+    return [dataset.__getitems__(chunk) for chunk in keys]
+
+
+def test_referenced_and_copied_features_give_identical_training_batches(both_stores):
+    root, copied, referenced = both_stores
+    images = store.read_images(referenced, "train")
+    assert images[schema.IMAGE_BYTES].null_count == images.num_rows  # nothing copied
+    assert store.image_bytes(referenced, "train").referenced and not store.image_bytes(copied, "train").referenced
+    keys = [[(epoch, i) for i in range(j, 24, 3)] for epoch in (0, 1) for j in range(3)]
+    want = _batches(copied, False, keys)
+    for stream in (False, True):
+        got = _batches(referenced, stream, keys)
+        for a, b in zip(want, got):
+            assert a.keys() == b.keys()
+            for name in a:
+                torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    assert (want[0][data_mod.VIEW_INDEX] >= 0).any()  # the views were re-applied, from the streamed arrays too
+
+    def size(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size(referenced) < size(copied) - sum(len(b) for b in store.image_bytes(copied, "train")) * 0.9
+
+
+def test_the_embedding_arrays_equal_the_parquet_columns(both_stores):
+    _, _, referenced = both_stores
+    images, texts = store.read_images(referenced, "train"), store.read_texts(referenced, "train")
+    rows = store.embedding_rows(referenced, "train", schema.TEACHER_TEXT_EMB)
+    parquet = schema.embeddings_to_numpy(texts[schema.TEACHER_TEXT_EMB], np.float16)
+    np.testing.assert_array_equal(rows[:], parquet)
+    np.testing.assert_array_equal(rows[[5, 0, 5, 17]], parquet[[5, 0, 5, 17]])
+    assert [start for start, _ in rows.chunks(7)] == list(range(0, len(parquet), 7))
+    views = store.embedding_rows(referenced, "train", schema.TEACHER_VIEW_EMB)
+    assert views.shape == (images.num_rows, 2, parquet.shape[1])
+    np.testing.assert_array_equal(views[[3, 4], [1, 0]], np.stack([views[:][3, 1], views[:][4, 0]]))
+
+
+def _train_cfg(features: Path, out: Path, **changes):
+    cfg = make_cfg((features, features.parent / f"{features.name}-negatives"), out, max_steps=9, batch_size=8,
+                   checkpoint_every=4, num_workers=1)
+    return dataclasses.replace(cfg, batching="hard-negative-aware", **changes)
+
+
+def _same_checkpoints(a_dir, b_dir) -> None:
+    a = torch.load(Path(a_dir) / names.CHECKPOINT_FILE, weights_only=True)
+    b = torch.load(Path(b_dir) / names.CHECKPOINT_FILE, weights_only=True)
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(a["queue"]["image"], b["queue"]["image"], rtol=0, atol=0)
+
+
+def test_streamed_training_equals_training_from_memory_and_resumes_exactly(both_stores, tmp_path, monkeypatch):
+    root, copied, referenced = both_stores
+    training.train(_train_cfg(copied, tmp_path / "memory", data_loading="memory"))
+    streamed = _train_cfg(referenced, tmp_path / "stream", data_loading="stream")
+    training.train(streamed)
+    _same_checkpoints(tmp_path / "memory", tmp_path / "stream")
+
+    cut = dataclasses.replace(streamed, out_dir=str(tmp_path / "cut"))
+    real_step, calls = training.optimizer_step, {"n": 0}
+
+    def dies_at_step_7(ctx, micro_batches):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise Interrupted()
+        return real_step(ctx, micro_batches)
+
+    monkeypatch.setattr(training, "optimizer_step", dies_at_step_7)
+    with pytest.raises(Interrupted):
+        training.train(cut)
+    monkeypatch.setattr(training, "optimizer_step", real_step)
+    assert training.train(cut, resume=True)["resumed_from_step"] == 4
+    _same_checkpoints(tmp_path / "stream", cut.out_dir)
+    assert [r["step"] for r in read_log(cut.out_dir)] == list(range(1, 10))
+
+
+def test_a_changed_or_vanished_source_shard_is_refused_with_its_name(both_stores, tmp_path):
+    root, _, referenced = both_stores
+    shard = root / "corpus" / "train-000001.tar"
+    original = shard.read_bytes()
+    stat = shard.stat()
+    try:
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes: still accepted
+        assert len(store.image_bytes(referenced, "train")) == 24
+        changed = bytearray(original)
+        changed[2000] ^= 0xFF
+        shard.write_bytes(bytes(changed))
+        with pytest.raises(store.ShardError, match=f"{shard} changed since `dsmd extract`"):
+            training.train(_train_cfg(referenced, tmp_path / "a"))
+        shard.unlink()
+        with pytest.raises(store.ShardError, match=f"{shard}: the images of features split 'train' are referenced"):
+            training.train(_train_cfg(referenced, tmp_path / "b"))
+    finally:
+        shard.write_bytes(original)
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_store_images_false_refuses_a_compressed_shard_by_name(tmp_path, teacher_checkpoint):  # noqa: F811
+    manifest = write_tiny_corpus(tmp_path / "corpus", shards_per_split=1, per_shard=4, splits=("train",))
+    plain = tmp_path / "corpus" / "train-000000.tar"
+    with tarfile.open(plain) as source, tarfile.open(tmp_path / "corpus" / "train-000000.tar.gz", "w:gz") as packed:
+        for member in source.getmembers():
+            packed.addfile(member, source.extractfile(member))
+    manifest.write_text(manifest.read_text().replace("train-{000000..000000}.tar", "train-{000000..000000}.tar.gz"))
+    with pytest.raises(extract_mod.PipelineError, match=r"train-000000.tar.gz is not a local uncompressed .tar"):
+        _extract(manifest, tmp_path / "features", teacher_checkpoint)
+    assert _extract(manifest, tmp_path / "copied", teacher_checkpoint, store_images=True).exists()  # copies are fine
+
+
+def _write_heavy_corpus(root: Path, images: int, padding: int) -> Path:
+    """PNG images each followed by `padding` bytes (decoders ignore data after the image's end), so the
+    corpus is large on disk while the model's work stays tiny."""
+    root.mkdir(parents=True)
+    filler = os.urandom(padding)
+    per_shard = 25
+    for shard in range(images // per_shard):
+        with tarfile.open(root / f"train-{shard:06d}.tar", "w") as tar:
+            for i in range(per_shard):
+                key, colour = f"s{shard}_{i:03d}", (shard * 37 % 255, i * 11 % 255, 90)
+                buf = io.BytesIO()
+                Image.new("RGB", (24, 24), colour).save(buf, format="PNG")
+                for name, data in ((f"{key}.png", buf.getvalue() + filler), (f"{key}.txt", f"colour {colour}\nsquare {i}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    manifest = {"name": "heavy", "fields": {"image": ["png"], "captions": {"source": "txt"}},
+                "splits": {"train": {"shards": f"train-{{000000..{images // per_shard - 1:06d}}}.tar"}}}
+    (root / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    return root / "manifest.yaml"
+
+
+RSS_OF_CHILD = """import resource, runpy, sys
+sys.argv = ["dsmd-train", *sys.argv[1:]]
+try:
+    runpy.run_module("stages.train", run_name="__main__")
+finally:
+    print(f"peak_rss_kib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+"""
+
+
+@pytest.mark.slow
+def test_training_on_a_corpus_several_times_larger_than_the_process_completes(tmp_path, teacher_checkpoint):  # noqa: F811
+    # 3.6 GB of image bytes; importing torch and open_clip alone takes ~0.8 GB of resident memory here
+    manifest = _write_heavy_corpus(tmp_path / "corpus", images=600, padding=6 * 2**20)
+    features = _extract(manifest, tmp_path / "features", teacher_checkpoint)
+    corpus_bytes = sum(p.stat().st_size for p in (tmp_path / "corpus").glob("*.tar"))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {
+        "model": STUDENT, "loss": "clip", "features_dir": str(features), "data_loading": "stream", "live_dir": "",
+        "val_every": 0, "optim": {"epochs": 1, "batch_size": 32, "threads": 1, "num_workers": 0, "log_every": 5},
+    }}))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", RSS_OF_CHILD, "--params", str(params), "--out-dir", str(tmp_path / "s")],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    peak = int(result.stderr.rsplit("peak_rss_kib=", 1)[1].split()[0]) * 1024
+    summary = yaml.safe_load((tmp_path / "s" / names.TRAIN_SUMMARY_FILE).read_text())
+    assert summary["steps"] == 600 // 32 + 1  # a whole epoch: every image was read
+    assert corpus_bytes > 3 * peak, (corpus_bytes, peak)
