@@ -17,3 +17,17 @@ def flickr8k_dir() -> Path:
     if not FLICKR8K_DIR.exists():
         pytest.skip("../shared/data/flickr8k-sample is not present beside the checkout")
     return FLICKR8K_DIR
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(tmp_path_factory) -> Path:
+    """A fixed random teacher saved to disk, so every run (and every process) loads the same weights."""
+    import torch
+
+    from pipeline.models import load_model
+
+    torch.manual_seed(0)
+    loaded = load_model("dsmd-test-teacher", "")
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(loaded.model.state_dict(), path)
+    return path

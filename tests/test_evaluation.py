@@ -1,5 +1,4 @@
 import json
-import math
 
 import numpy as np
 import pytest
@@ -178,7 +177,6 @@ def test_encode_split_equals_calling_the_model_directly(tmp_path):
     loaded = evaluation.load_student(tmp_path / "student")
     image_emb, text_emb, text_to_image = evaluation.encode_split(loaded, tmp_path / "features", "test", batch_size=4)
 
-    images = store.read_images(tmp_path / "features", "test")
     texts = store.read_texts(tmp_path / "features", "test")
     with torch.no_grad():
         pixels = torch.stack([loaded.preprocess(decode_image(b)) for b in store.image_bytes(tmp_path / "features", "test")])

@@ -1,9 +1,7 @@
 """`dsmd extract`: embeddings equal the model's, resume equals a clean run, ranks split the work."""
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,16 +20,6 @@ from tiny_corpus import write_tiny_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = TeacherConfig(model="dsmd-test-teacher", pretrained="")
-
-
-@pytest.fixture(scope="module")
-def teacher_checkpoint(tmp_path_factory) -> Path:
-    """A fixed random teacher saved to disk, so every run (and every process) loads the same weights."""
-    torch.manual_seed(0)
-    loaded = load_model("dsmd-test-teacher", "")
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(loaded.model.state_dict(), path)
-    return path
 
 
 def _cfg(manifest: Path, out: Path, **kw) -> ExtractConfig:

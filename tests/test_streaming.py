@@ -21,7 +21,7 @@ from pipeline import extract as extract_mod
 from pipeline import models, names, schema, store, training
 from pipeline.config import ExtractConfig
 from tests.conftest import REPO_ROOT
-from tests.test_extract import _teacher, teacher_checkpoint  # noqa: F401 (a fixture)
+from tests.test_extract import _teacher
 from tests.test_training import STUDENT, Interrupted, make_cfg, read_log
 from tests.tiny_corpus import write_tiny_corpus
 
@@ -39,7 +39,7 @@ def _mine(features: Path, negatives: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def both_stores(tmp_path_factory, teacher_checkpoint):  # noqa: F811
+def both_stores(tmp_path_factory, teacher_checkpoint):
     """The same tiny corpus extracted twice, with 2 augmentation views: images copied and referenced."""
     root = tmp_path_factory.mktemp("stores")
     manifest = write_tiny_corpus(root / "corpus", shards_per_split=3, per_shard=8, splits=("train",))
@@ -151,7 +151,7 @@ def test_a_changed_or_vanished_source_shard_is_refused_with_its_name(both_stores
         os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-def test_store_images_false_refuses_a_compressed_shard_by_name(tmp_path, teacher_checkpoint):  # noqa: F811
+def test_store_images_false_refuses_a_compressed_shard_by_name(tmp_path, teacher_checkpoint):
     manifest = write_tiny_corpus(tmp_path / "corpus", shards_per_split=1, per_shard=4, splits=("train",))
     plain = tmp_path / "corpus" / "train-000000.tar"
     with tarfile.open(plain) as source, tarfile.open(tmp_path / "corpus" / "train-000000.tar.gz", "w:gz") as packed:
@@ -195,7 +195,7 @@ finally:
 
 
 @pytest.mark.slow
-def test_training_on_a_corpus_several_times_larger_than_the_process_completes(tmp_path, teacher_checkpoint):  # noqa: F811
+def test_training_on_a_corpus_several_times_larger_than_the_process_completes(tmp_path, teacher_checkpoint):
     # 3.6 GB of image bytes; importing torch and open_clip alone takes ~0.8 GB of resident memory here
     manifest = _write_heavy_corpus(tmp_path / "corpus", images=600, padding=6 * 2**20)
     features = _extract(manifest, tmp_path / "features", teacher_checkpoint)
