@@ -153,6 +153,10 @@ class MineConfig(_Section):
     k: int = opt(16, "hard negatives kept per query and direction")
     index: IndexKind = opt(IndexKind.auto, "auto (exact below exact_threshold vectors, else IVF-Flat), flat, ivf, hnsw or ivfpq")
     exact_threshold: int = opt(100_000, "auto picks exact search below this many database vectors")
+    memory_budget_mb: int = opt(4096, "auto: exact and IVF-Flat indexes hold a float32 copy of the database; above "
+                                "this many MiB IVF-PQ is used instead (pq_m bytes a vector, candidates re-scored from "
+                                "the float16 array on disk), as autofaiss picks by memory; also caps the IVF training "
+                                "sample. 0 = no limit")
     nlist: int = opt(0, "IVF lists; 0 = 4 * sqrt(N)")
     nprobe: int = opt(16, "IVF lists searched per query")
     hnsw_m: int = opt(32, "HNSW graph degree")

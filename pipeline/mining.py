@@ -53,18 +53,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipeline.progress import progress as progress_bar
 
 from pipeline import atomic, schema, store
@@ -77,7 +82,9 @@ INDEX_KINDS = tuple(m.value for m in IndexKind)
 APPROXIMATE_KINDS = ("ivf", "hnsw", "ivfpq")
 # fields of MineConfig that change no output: they are left out of the params a re-run compares
 _NON_RESULT_FIELDS = ("features_dir", "out_dir", "splits", "threads", "query_chunk")
-_RESCORE_BLOCK_FLOATS = 1 << 23  # 32 MB of float32 per block when re-scoring IVF-PQ candidates
+_RESCORE_BLOCK_FLOATS = 1 << 21  # 8 MB of float32 per block when re-scoring IVF-PQ candidates
+_DATABASE_BLOCK_FLOATS = 1 << 23  # 32 MB of float32 per database block (index adds, exact search, checks)
+_BLOCKS_PER_WRITE = 4  # query chunks mined between two writes of a direction's output (a row group)
 # re-searches keep the full query_chunk rows per call up to this depth, then take fewer rows per call:
 # a search call holds at most query_chunk * max(K0, this) candidates (12 bytes each)
 _DEEP_SLOTS_PER_QUERY = 1024
@@ -121,13 +128,22 @@ class CaptionGroups:
     image_caption_count: np.ndarray  # captions per image
 
 
-def group_captions(captions: list[str], text_image: np.ndarray, num_images: int) -> CaptionGroups:
-    group_of: dict[str, int] = {}
-    text_group = np.fromiter(
-        (group_of.setdefault(normalise_caption(c), len(group_of)) for c in captions),
-        dtype=np.int64, count=len(captions),
+def caption_hashes(captions: Iterable[str]) -> np.ndarray:
+    """64-bit blake2b of each normalised caption: equal captions (after `normalise_caption`) get equal
+    hashes, so captions are grouped without holding the strings. Two different captions collide with
+    odds ~n^2 / 2^65: 3e-6 among 10^7 distinct captions."""
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(normalise_caption(c).encode(), digest_size=8).digest(), "little") for c in captions),
+        dtype=np.uint64,
     )
-    num_groups = max(len(group_of), 1)
+
+
+def group_captions(captions: Iterable[str] | np.ndarray, text_image: np.ndarray, num_images: int) -> CaptionGroups:
+    """Texts grouped by normalised caption; `captions` are the strings or their `caption_hashes`."""
+    hashes = captions if isinstance(captions, np.ndarray) else caption_hashes(captions)
+    _, text_group = np.unique(hashes, return_inverse=True)
+    text_group = text_group.astype(np.int64).reshape(-1)
+    num_groups = max(int(text_group.max(initial=-1)) + 1, 1)
     text_image = np.asarray(text_image, dtype=np.int64)
     pair_keys = np.unique(text_image * num_groups + text_group)
     pair_images, pair_groups = np.divmod(pair_keys, num_groups)
@@ -169,30 +185,36 @@ def _images_share_caption(groups: CaptionGroups, query_images: np.ndarray, cand_
 
 # ---- index ------------------------------------------------------------------------------------
 
-def resolve_index_kind(kind: str, database_size: int, exact_threshold: int) -> str:
-    """`auto` -> exact `flat` below `exact_threshold` database vectors, else IVF-Flat."""
+def resolve_index_kind(kind: str, database_size: int, exact_threshold: int, dim: int = 0, memory_budget_mb: int = 0) -> str:
+    """`auto` -> exact `flat` below `exact_threshold` database vectors, else IVF-Flat; both hold a float32
+    copy of the database, so when that copy exceeds `memory_budget_mb` (> 0), IVF-PQ (as autofaiss picks)."""
     if kind not in INDEX_KINDS:
         raise MineError(f"mine.index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
     if kind != "auto":
         return kind
+    if memory_budget_mb > 0 and database_size * dim * 4 > memory_budget_mb * 2**20:
+        return "ivfpq"
     return "flat" if database_size < exact_threshold else "ivf"
 
 
-def _nlist(cfg: MineConfig, n: int) -> int:
+def _nlist(cfg: MineConfig, n: int, dim: int) -> int:
     wanted = cfg.nlist if cfg.nlist > 0 else int(round(4 * math.sqrt(n)))
-    # k-means needs enough points per centroid (FAISS warns below 39); clamp rather than fail
-    cap = max(1, n // 39)
+    # k-means needs enough points per centroid (FAISS warns below 39); clamp rather than fail. Its
+    # training sample (>= 39 a list) must also fit the memory budget.
+    budget_rows = cfg.memory_budget_mb * 2**20 // (4 * dim) if cfg.memory_budget_mb > 0 else n
+    cap = max(1, min(n, budget_rows) // 39)
     if wanted > cap:
         log.warning("mine.nlist %d is too many lists for %d vectors; using %d", wanted, n, cap)
     return max(1, min(wanted, cap))
 
 
-def build_index(vectors: np.ndarray, kind: str, cfg: MineConfig) -> faiss.Index:
-    """An inner-product FAISS index over `vectors` (float32, L2-normalised): `flat` (exact
-    IndexFlatIP), `ivf` (IVF-Flat, nlist lists, nprobe probed), `hnsw` (HNSW-Flat, hnsw_m links,
-    ef_search) or `ivfpq` (IVF with pq_m x 8-bit product codes; mining re-scores its candidates
-    exactly). IVF quantisers train on a seeded sample of `train_points_per_list * nlist` vectors."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+def build_index(vectors, kind: str, cfg: MineConfig) -> faiss.Index:
+    """An inner-product FAISS index over `vectors` (float32, L2-normalised; an array or UnitRows read
+    from disk): `flat` (exact IndexFlatIP), `ivf` (IVF-Flat, nlist lists, nprobe probed), `hnsw`
+    (HNSW-Flat, hnsw_m links, ef_search) or `ivfpq` (IVF with pq_m x 8-bit product codes; mining
+    re-scores its candidates exactly). IVF quantisers train on a seeded sample of
+    `train_points_per_list * nlist` vectors (at most what `memory_budget_mb` holds); vectors are added
+    in blocks, so only the index itself grows with the database."""
     n, dim = vectors.shape
     ip = faiss.METRIC_INNER_PRODUCT
     if kind == "flat":
@@ -201,7 +223,7 @@ def build_index(vectors: np.ndarray, kind: str, cfg: MineConfig) -> faiss.Index:
         index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, ip)
         index.hnsw.efSearch = cfg.ef_search
     elif kind in ("ivf", "ivfpq"):
-        nlist = _nlist(cfg, n)
+        nlist = _nlist(cfg, n, dim)
         quantizer = faiss.IndexFlatIP(dim)
         if kind == "ivf":
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, ip)
@@ -213,15 +235,20 @@ def build_index(vectors: np.ndarray, kind: str, cfg: MineConfig) -> faiss.Index:
                 raise MineError(f"mine.index ivfpq needs at least 256 vectors to train its codebooks, the database has {n}")
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, cfg.pq_m, 8, ip)
             n_train = min(n, max(cfg.train_points_per_list * nlist, 39 * 256))
+        if cfg.memory_budget_mb > 0:  # the training sample is a float32 copy too
+            n_train = min(n_train, max(39 * nlist, cfg.memory_budget_mb * 2**20 // (4 * dim)))
         index.referenced_objects = [quantizer]  # keep the quantizer alive beside the SWIG object
         index.cp.seed = cfg.seed
         rng = np.random.default_rng(cfg.seed)
-        sample = vectors if n_train >= n else vectors[np.sort(rng.choice(n, n_train, replace=False))]
-        index.train(sample)
+        sample = vectors[:] if n_train >= n else vectors[np.sort(rng.choice(n, n_train, replace=False))]
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        del sample
         index.nprobe = min(cfg.nprobe, nlist)
     else:
         raise MineError(f"mine.index must be one of {', '.join(INDEX_KINDS[1:])} here, got {kind!r}")
-    index.add(vectors)
+    block = max(1, _DATABASE_BLOCK_FLOATS // dim)
+    for start in range(0, n, block):
+        index.add(np.ascontiguousarray(vectors[start:start + block], dtype=np.float32))
     return index
 
 
@@ -246,16 +273,48 @@ def search_chunked(index, queries: np.ndarray, k: int, chunk: int, progress: boo
 
 
 class _ExactSearcher:
-    """Brute-force inner-product search without copying the database (`faiss.knn`)."""
+    """Brute-force inner-product search without copying the database (`faiss.knn`); a database read
+    from disk (UnitRows) is searched block by block, keeping the best k of each query."""
 
     exact = True
 
-    def __init__(self, database: np.ndarray):
+    def __init__(self, database):
         self.database = database
         self.ntotal = len(database)
 
     def search(self, queries: np.ndarray, k: int):
-        return faiss.knn(np.ascontiguousarray(queries), self.database, k, metric=faiss.METRIC_INNER_PRODUCT)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if isinstance(self.database, np.ndarray):
+            return faiss.knn(queries, self.database, k, metric=faiss.METRIC_INNER_PRODUCT)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        for start, block in self.database.chunks(max(1, _DATABASE_BLOCK_FLOATS // self.database.shape[1])):
+            found_scores, found = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+            both_scores = np.concatenate([scores, found_scores], axis=1)
+            both_ids = np.concatenate([ids, np.where(found >= 0, found + start, -1)], axis=1)
+            order = np.argsort(-both_scores, axis=1, kind="stable")[:, :k]
+            scores, ids = np.take_along_axis(both_scores, order, 1), np.take_along_axis(both_ids, order, 1)
+        return scores, np.where(np.isfinite(scores), ids, -1)
+
+
+class UnitRows:
+    """float32, re-L2-normalised rows of a split's embedding array, read from disk on demand
+    (store.RowFile): mining never holds a float32 copy of the database. Indexed like an array."""
+
+    def __init__(self, rows: store.RowFile):
+        self.rows = rows
+        self.shape = (len(rows), int(rows.row_shape[0]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        x = self.rows.gather(index).astype(np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    def chunks(self, size: int):
+        for start in range(0, len(self), size):
+            yield start, self[start:start + size]
 
 
 class _IndexSearcher:
@@ -337,10 +396,12 @@ def _twin_rule(text_emb: np.ndarray, text_image: np.ndarray, num_images: int, qu
     text itself) has teacher text-text cosine above the threshold with a caption of the query's image
     (a text query: its own image's captions, the query included). Such paraphrases of a positive
     are false negatives that exact-caption matching misses."""
-    captions = _padded_captions(text_image, num_images)
+    @functools.cache
+    def padded() -> np.ndarray:  # built on first use: only runs with twin_threshold set need it
+        return _padded_captions(text_image, num_images)
 
     def sets(ids: np.ndarray, side: str) -> np.ndarray:
-        return captions[ids] if side == "image" else captions[text_image[ids]] if ids.ndim == 1 else ids[..., None]
+        return padded()[ids] if side == "image" else padded()[text_image[ids]] if ids.ndim == 1 else ids[..., None]
 
     def rule(q: np.ndarray, c: np.ndarray, threshold: float) -> np.ndarray:
         return _max_caption_cosine(text_emb, sets(q, query_side), sets(c, cand_side)) > threshold
@@ -534,23 +595,26 @@ def _validate(cfg: MineConfig) -> None:
         raise MineError("mine.splits is empty: name at least one split")
 
 
-def _normalised(emb: np.ndarray, what: str, where: Path) -> np.ndarray:
-    """Re-normalise in float32 (float16 storage leaves norms ~1e-3 off 1), so scores are cosines."""
-    if not np.isfinite(emb).all():
-        bad = int((~np.isfinite(emb).all(axis=1)).sum())
-        raise MineError(f"{where}: {bad} {what} embeddings contain NaN or inf; re-run `dsmd extract`")
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise MineError(f"{where}: {int((norms == 0).sum())} {what} embeddings are all zeros; re-run `dsmd extract`")
-    return np.ascontiguousarray(emb / norms, dtype=np.float32)  # a copy: float32 shards load read-only
+def _checked_rows(features_dir: Path, split: str, column: str, what: str) -> UnitRows:
+    """The split's embedding array as UnitRows, every row checked finite and non-zero (block by block)."""
+    where = store.split_dir(features_dir, split)
+    rows = UnitRows(store.embedding_rows(features_dir, split, column))
+    for start in range(0, len(rows), max(1, _DATABASE_BLOCK_FLOATS // max(1, rows.shape[1]))):
+        raw = rows.rows.gather(slice(start, start + _DATABASE_BLOCK_FLOATS // max(1, rows.shape[1]))).astype(np.float32)
+        if not np.isfinite(raw).all():
+            raise MineError(f"{where}: {what} embeddings from row {start} on contain NaN or inf; re-run `dsmd extract`")
+        if (np.linalg.norm(raw, axis=1) == 0).any():
+            raise MineError(f"{where}: {what} embeddings from row {start} on include all-zero rows; re-run `dsmd extract`")
+    return rows
 
 
-def _neighbors_table(direction: str, ids: np.ndarray, scores: np.ndarray, counts: np.ndarray, metadata: dict) -> pa.Table:
+def _neighbors_table(direction: str, ids: np.ndarray, scores: np.ndarray, counts: np.ndarray, metadata: dict,
+                     first_key: int = 0) -> pa.Table:
     mask = np.arange(ids.shape[1])[None, :] < counts[:, None]
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32), pa.int32())
     return pa.Table.from_arrays(
         [
-            pa.array(np.arange(len(ids)), pa.int64()),
+            pa.array(np.arange(first_key, first_key + len(ids)), pa.int64()),
             pa.ListArray.from_arrays(offsets, pa.array(ids[mask], pa.int64())),
             pa.ListArray.from_arrays(offsets, pa.array(scores[mask], pa.float32())),
         ],
@@ -575,29 +639,79 @@ def _up_to_date(out: Path, fingerprint: str, params: dict) -> Optional[dict]:
     return manifest
 
 
+def _text_columns(features_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(text_image (M,), caption hashes (M,)) read file by file in batches: the captions are never all held."""
+    owners, hashes = [], []
+    base = store.split_dir(features_dir, split)
+    for entry in store.load_split_manifest(features_dir, split)["files"][schema.TEXTS_PREFIX]:
+        for batch in pq.ParquetFile(base / entry["path"]).iter_batches(columns=[schema.IMAGE_ID, schema.CAPTION]):
+            owners.append(batch.column(schema.IMAGE_ID).to_numpy().astype(np.int64))
+            hashes.append(caption_hashes(batch.column(schema.CAPTION).to_pylist()))
+    return (np.concatenate(owners) if owners else np.zeros(0, np.int64),
+            np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
+
+
 def _load_directions(features_dir: Path, split: str, cfg: MineConfig):
-    """(image_emb, text_emb, caption groups, the four directions) of a features split, checked."""
+    """(image rows, text rows, caption groups, the four directions) of a features split, checked; the
+    embeddings stay on disk (UnitRows)."""
     where = store.split_dir(features_dir, split)
-    image_emb, text_emb, text_image = store.load_embeddings(features_dir, split)
+    image_emb = _checked_rows(features_dir, split, schema.TEACHER_IMAGE_EMB, "image")
+    text_emb = _checked_rows(features_dir, split, schema.TEACHER_TEXT_EMB, "text")
     if len(image_emb) == 0 or len(text_emb) == 0:
         raise MineError(f"{where}: split {split!r} has {len(image_emb)} images and {len(text_emb)} texts; nothing to mine")
+    text_image, hashes = _text_columns(features_dir, split)
     if text_image.min() < 0 or text_image.max() >= len(image_emb):
         raise MineError(f"{where}: a text's image_id is outside 0..{len(image_emb) - 1}; re-run `dsmd extract`")
-    image_emb = _normalised(image_emb, "image", where)
-    text_emb = _normalised(text_emb, "text", where)
-    texts = store.read_texts(features_dir, split, columns=[schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION])
-    groups = group_captions(texts[schema.CAPTION].to_pylist(), text_image, len(image_emb))
+    groups = group_captions(hashes, text_image, len(image_emb))
     need_positives = cfg.margin is not None or cfg.relative_margin is not None
     return image_emb, text_emb, groups, make_directions(image_emb, text_emb, groups, need_positives=need_positives)
 
 
-def _build_indexes(databases: dict[str, np.ndarray], cfg: MineConfig, split: str) -> tuple[dict, dict]:
-    """One index per database (images serve t2i and i2i, texts i2t and t2t): {name: (searcher, exact)}, info."""
+@dataclass
+class Ranks:
+    """This process's place among `torchrun` ranks (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            from pipeline import runtime
+            runtime.barrier(runtime.DistInfo(rank=self.rank, world_size=self.world_size))
+
+    def rows(self, total: int) -> range:
+        """This rank's contiguous share of `total` query rows."""
+        return range(self.rank * total // self.world_size, (self.rank + 1) * total // self.world_size)
+
+
+def current_ranks() -> Ranks:
+    """Join torchrun's process group (gloo) when there is one; torch is imported only then."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Ranks()
+    from pipeline import runtime
+    info = runtime.init_distributed("cpu")
+    return Ranks(info.rank, info.world_size)
+
+
+def _build_indexes(databases: dict, cfg: MineConfig, split: str, ranks: Ranks, work: Path) -> tuple[dict, dict]:
+    """One index per database (images serve t2i and i2i, texts i2t and t2t): {name: (searcher, exact)}, info.
+    Under torchrun rank 0 builds each index once and writes it to `work`; the other ranks read it."""
     indexes, index_info = {}, {}
     for name, vectors in databases.items():
-        kind = resolve_index_kind(cfg.index, len(vectors), cfg.exact_threshold)
+        kind = resolve_index_kind(cfg.index, len(vectors), cfg.exact_threshold, vectors.shape[1], cfg.memory_budget_mb)
+        path = work / f"{name}.faiss"
         t0 = time.perf_counter()
-        index = build_index(vectors, kind, cfg)
+        if ranks.is_main:
+            index = build_index(vectors, kind, cfg)
+            if ranks.world_size > 1:
+                atomic.atomic_write_with(path, lambda tmp, index=index: faiss.write_index(index, str(tmp)))
+        ranks.barrier()
+        if not ranks.is_main:
+            index = faiss.read_index(str(path))
         index_info[name] = {"kind": kind, "ntotal": int(index.ntotal), "build_seconds": round(time.perf_counter() - t0, 3)}
         if kind in ("ivf", "ivfpq"):
             index_info[name].update(nlist=int(index.nlist), nprobe=int(index.nprobe))
@@ -606,38 +720,93 @@ def _build_indexes(databases: dict[str, np.ndarray], cfg: MineConfig, split: str
     return indexes, index_info
 
 
-def _mine_one(name: str, direction, searchers, index_kind: str, cfg: MineConfig, split: str, metadata: dict,
-              rng: np.random.Generator, progress: bool) -> tuple[dict, dict]:
-    """Mine one direction and write its table; returns (report, file record)."""
+def _mine_rows(name: str, direction, searchers, cfg: MineConfig, rows: range, path: Path, metadata: dict,
+               progress: bool) -> dict:
+    """Mine `rows` of one direction, a few query chunks at a time, each appended to `path` as a row group
+    (written atomically): memory holds one block's results, never the direction's."""
     searcher, exact_searcher = searchers
+    stats = {"short_rows": 0, "retried_rows": 0, "depth": max(1, initial_depth(direction, cfg))}
+    block = cfg.query_chunk * _BLOCKS_PER_WRITE
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, schema.neighbors_schema(name, metadata), compression="zstd") as writer, \
+                progress_bar(len(rows), f"{name}", "q", enabled=progress) as bar:
+            for start in range(rows.start, rows.stop, block):
+                part = np.arange(start, min(start + block, rows.stop))
+                result = mine_direction(direction, searcher, exact_searcher, cfg, rows=part)
+                writer.write_table(_neighbors_table(name, result["ids"], result["scores"], result["counts"], metadata, start))
+                stats["short_rows"] += result["short_rows"]
+                stats["retried_rows"] += result["retried_rows"]
+                bar.update(len(part))
+
+    atomic.atomic_write_with(path, write)
+    return stats
+
+
+def _merge_parts(parts: list[Path], path: Path, name: str, metadata: dict) -> None:
+    """The ranks' part files, row group by row group, into one file in key order."""
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, schema.neighbors_schema(name, metadata), compression="zstd") as writer:
+            for part in parts:
+                found = pq.ParquetFile(part)
+                for group in range(found.num_row_groups):
+                    writer.write_table(found.read_row_group(group))
+    atomic.atomic_write_with(path, write)
+
+
+def _recall(direction, searchers, cfg: MineConfig, rng: np.random.Generator) -> dict:
+    """Recall@k of the approximate index, measured on a sample of queries against exact mining (a row's
+    result does not depend on the rows mined beside it, so the sample is mined again, not read back)."""
+    searcher, exact_searcher = searchers
+    sample = np.sort(rng.choice(len(direction.queries), min(cfg.recall_sample, len(direction.queries)), replace=False))
+    approximate = mine_direction(direction, searcher, exact_searcher, cfg, rows=sample)
+    reference = mine_direction(direction, exact_searcher, exact_searcher, cfg, rows=sample)
+    return {"recall_at_k": round(recall_at_k(approximate["ids"], reference["ids"]), 4), "recall_sample": len(sample)}
+
+
+def _mine_one(name: str, direction, searchers, index_kind: str, cfg: MineConfig, split: str, metadata: dict,
+              rng: np.random.Generator, progress: bool, ranks: Ranks, work: Path) -> tuple[dict, dict] | None:
+    """Mine one direction (this rank's rows) and write its table; rank 0 returns (report, file record)."""
     t0 = time.perf_counter()
-    result = mine_direction(direction, searcher, exact_searcher, cfg, progress=progress)
-    info = {
-        "index": index_kind, "queries": len(direction.queries), "database": len(direction.database),
-        "depth": result["depth"], "short_rows": result["short_rows"], "retried_rows": result["retried_rows"],
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    if not searcher.exact and cfg.recall_sample > 0:  # measured, not assumed: recall against exact search
-        sample = np.sort(rng.choice(len(direction.queries), min(cfg.recall_sample, len(direction.queries)), replace=False))
-        reference = mine_direction(direction, exact_searcher, exact_searcher, cfg, rows=sample)
-        info["recall_at_k"] = round(recall_at_k(result["ids"][sample], reference["ids"]), 4)
-        info["recall_sample"] = len(sample)
-        log.info("%s %s: recall@%d %.4f against exact search on %d queries", split, name, cfg.k, info["recall_at_k"], len(sample))
-    if result["short_rows"]:
+    path = store.neighbors_path(cfg.out_dir, split, name)
+    rows = ranks.rows(len(direction.queries))
+    own = path if ranks.world_size == 1 else work / f"{name}-{ranks.rank:05d}.parquet"
+    stats = _mine_rows(name, direction, searchers, cfg, rows, own, metadata, progress and ranks.is_main)
+    if ranks.world_size > 1:
+        atomic.atomic_write_json(stats, own.with_suffix(".json"))
+    ranks.barrier()
+    if not ranks.is_main:
+        return None
+    if ranks.world_size > 1:
+        parts = [work / f"{name}-{r:05d}.parquet" for r in range(ranks.world_size)]
+        _merge_parts(parts, path, name, metadata)
+        totals = [json.loads(p.with_suffix(".json").read_text()) for p in parts]
+        stats = {key: sum(t[key] for t in totals) for key in ("short_rows", "retried_rows")} | {"depth": stats["depth"]}
+    info = {"index": index_kind, "queries": len(direction.queries), "database": len(direction.database),
+            "depth": stats["depth"], "short_rows": stats["short_rows"], "retried_rows": stats["retried_rows"],
+            "seconds": round(time.perf_counter() - t0, 3)}
+    if not searchers[0].exact and cfg.recall_sample > 0:  # measured, not assumed: recall against exact search
+        info.update(_recall(direction, searchers, cfg, rng))
+        log.info("%s %s: recall@%d %.4f against exact search on %d queries", split, name, cfg.k, info["recall_at_k"],
+                 info["recall_sample"])
+    if info["short_rows"]:
         log.info("%s %s: %d rows have fewer than k=%d negatives (database exhausted after filtering)",
-                 split, name, result["short_rows"], cfg.k)
-    table = _neighbors_table(name, result["ids"], result["scores"], result["counts"], metadata)
-    path = atomic.atomic_write_table(table, store.neighbors_path(cfg.out_dir, split, name))
-    return info, {"path": path.name, "rows": table.num_rows, "bytes": path.stat().st_size, "sha256": atomic.sha256_file(path)}
+                 split, name, info["short_rows"], cfg.k)
+    rows_written = pq.ParquetFile(path).metadata.num_rows
+    return info, {"path": path.name, "rows": rows_written, "bytes": path.stat().st_size, "sha256": atomic.sha256_file(path)}
 
 
 DATABASE_OF = {"i2t": "texts", "t2i": "images", "i2i": "images", "t2t": "texts"}
+WORK_DIR = "_work"  # indexes and per-rank parts under torchrun; removed when the split is done
 
 
-def mine_split(cfg: MineConfig, split: str, progress: bool = True) -> dict:
-    """Mine one split; returns its `_manifest.json` content plus `status` (mined | up to date)."""
+def mine_split(cfg: MineConfig, split: str, progress: bool = True, ranks: Ranks | None = None) -> dict:
+    """Mine one split; returns its `_manifest.json` content plus `status` (mined | up to date). Under
+    torchrun every rank mines its share of each direction's queries; rank 0 writes the result."""
+    ranks = ranks or Ranks()
     features_dir = Path(cfg.features_dir)
     out = Path(cfg.out_dir) / split
+    work = out / WORK_DIR
     fingerprint = store.features_fingerprint(features_dir, split)
     params = mine_params(cfg)
     current = _up_to_date(out, fingerprint, params)
@@ -648,12 +817,13 @@ def mine_split(cfg: MineConfig, split: str, progress: bool = True) -> dict:
     started = time.perf_counter()
     image_emb, text_emb, groups, directions = _load_directions(features_dir, split, cfg)
     load_seconds = time.perf_counter() - started
-    indexes, index_info = _build_indexes({"images": image_emb, "texts": text_emb}, cfg, split)
-
-    out.mkdir(parents=True, exist_ok=True)
     marker = out / schema.SPLIT_MANIFEST
-    if marker.exists():
-        marker.unlink()  # from here on the split's negatives are incomplete until the new manifest lands
+    if ranks.is_main:
+        work.mkdir(parents=True, exist_ok=True)
+        if marker.exists():
+            marker.unlink()  # from here on the split's negatives are incomplete until the new manifest lands
+    ranks.barrier()
+    indexes, index_info = _build_indexes({"images": image_emb, "texts": text_emb}, cfg, split, ranks, work)
     features_manifest = store.load_split_manifest(features_dir, split)
     metadata = {schema.META_KIND: "neighbors", schema.META_SPLIT: split, schema.META_FEATURES_FINGERPRINT: fingerprint,
                 schema.META_MINE_PARAMS: params}
@@ -663,15 +833,21 @@ def mine_split(cfg: MineConfig, split: str, progress: bool = True) -> dict:
     report, files = {}, {}
     for name in schema.NEIGHBOR_DIRECTIONS:
         database = DATABASE_OF[name]
-        report[name], files[name] = _mine_one(name, directions[name], indexes[database], index_info[database]["kind"],
-                                              cfg, split, metadata, rng, progress)
+        mined = _mine_one(name, directions[name], indexes[database], index_info[database]["kind"], cfg, split, metadata,
+                          rng, progress, ranks, work)
+        if mined is not None:
+            report[name], files[name] = mined
     manifest = {
         "split": split, "schema_version": schema.SCHEMA_VERSION, "features_dir": str(features_dir),
         "features_fingerprint": fingerprint, "mine_params": params, "num_images": len(image_emb),
         "num_texts": len(text_emb), "caption_groups": groups.num_groups, "indexes": index_info, "directions": report,
         "files": files, "load_seconds": round(load_seconds, 3), "seconds": round(time.perf_counter() - started, 3),
+        "world_size": ranks.world_size,
     }
-    atomic.atomic_write_json(manifest, marker)
+    if ranks.is_main:
+        atomic.atomic_write_json(manifest, marker)
+        shutil.rmtree(work, ignore_errors=True)
+    ranks.barrier()
     return {**manifest, "status": "mined"}
 
 
@@ -679,11 +855,14 @@ def mine(cfg: MineConfig, progress: bool = True) -> dict:
     """Mine every split of `cfg.splits`; returns {split: summary} (each its `_manifest.json` plus
     `status`). FAISS threads are set to `cfg.threads` (0 = FAISS default) for the call only."""
     _validate(cfg)
-    atomic.prepare_output_dir(cfg.out_dir)
+    ranks = current_ranks()
+    if ranks.is_main:
+        atomic.prepare_output_dir(cfg.out_dir)
+    ranks.barrier()
     previous_threads = faiss.omp_get_max_threads()
     if cfg.threads > 0:
         faiss.omp_set_num_threads(cfg.threads)
     try:
-        return {split: mine_split(cfg, split, progress=progress) for split in cfg.splits}
+        return {split: mine_split(cfg, split, progress=progress, ranks=ranks) for split in cfg.splits}
     finally:
         faiss.omp_set_num_threads(previous_threads)

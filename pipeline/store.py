@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -227,9 +228,10 @@ class RowFile:
         self.row_bytes = self.dtype.itemsize * math.prod(self.row_shape)
         self._fd: int | None = None
         self._pid = -1
+        self._map: tuple[mmap.mmap, np.ndarray] | None = None
 
     def __getstate__(self) -> dict:  # DataLoader workers open their own descriptor
-        return {**self.__dict__, "_fd": None, "_pid": -1}
+        return {**self.__dict__, "_fd": None, "_pid": -1, "_map": None}
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -258,6 +260,20 @@ class RowFile:
     def _read_range(self, start: int, stop: int) -> np.ndarray:
         data = os.pread(self._descriptor(), (stop - start) * self.row_bytes, self.header + start * self.row_bytes)
         return np.frombuffer(data, self.dtype).reshape(stop - start, *self.row_shape).copy()
+
+    def gather(self, index) -> np.ndarray:
+        """rows[index] for many rows at once (any numpy index): one vectorised read through a memory
+        map whose pages are then dropped from this process (MADV_DONTNEED; the page cache keeps them),
+        so resident memory stays bounded by what one call returns."""
+        if len(self) == 0:
+            return np.empty((0, *self.row_shape), self.dtype)[index]
+        if self._map is None or self._pid != os.getpid():
+            mapped = mmap.mmap(self._descriptor(), 0, access=mmap.ACCESS_READ)
+            self._map = (mapped, np.ndarray(self.shape, self.dtype, buffer=mapped, offset=self.header))
+        mapped, array = self._map
+        out = np.array(array[index])  # a copy, before the pages go
+        mapped.madvise(mmap.MADV_DONTNEED)
+        return out
 
     def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
         """(start, rows[start:start + size]) over the whole array: bounded-memory passes."""

@@ -1,6 +1,7 @@
 """`dsmd mine`: FAISS-mined hard negatives (i2t, t2i, i2i, t2t) from the cached teacher embeddings, to Parquet."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -26,13 +27,18 @@ def main(
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Mine the k hardest negatives of every image and text (i2t, t2i, i2i, t2t), positives and
-    duplicate captions excluded. A re-run on unchanged features and params does nothing."""
+    duplicate captions excluded. A re-run on unchanged features and params does nothing.
+
+    Under `torchrun --nproc_per_node N` (or across machines) each rank searches its share of the
+    queries; the index is built once by rank 0 and read by the others; the result equals one process."""
     with user_errors():
         cfg = stage_config(params, "mine", {
             "features_dir": features_dir, "out_dir": out_dir, "splits": split or None, "k": k,
             "index": index, "threads": threads,
         }, set_)
         results = mine(cfg)
+        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+            return
         for split_name, summary in results.items():
             if summary["status"] == "up to date":
                 typer.echo(f"{split_name}: up to date -> {Path(cfg.out_dir) / split_name}")

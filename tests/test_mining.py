@@ -3,16 +3,21 @@ bounded memory, resume, the Parquet output and the CLI."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from pipeline import mining, schema, store
 from pipeline.config import ConfigError, MineConfig
+from tests.conftest import REPO_ROOT
 from tests.fakes import write_fake_features
 
 DIRECTIONS = schema.NEIGHBOR_DIRECTIONS
@@ -374,3 +379,27 @@ def test_cli(tmp_path):
     assert bad.exit_code == 2 and "error:" in bad.output and "mine.index" in bad.output
     missing = runner.invoke(app, args + ["--split", "test"])
     assert missing.exit_code == 2 and "dsmd extract" in missing.output
+
+
+@pytest.mark.slow
+def test_two_ranks_mine_what_one_process_mines(tmp_path):
+    """Under torchrun each rank searches its share of the queries with the index rank 0 built and wrote."""
+    clustered_split(tmp_path / "features", n_images=700)
+    params = tmp_path / "params.yaml"
+    mine_cfg = {"features_dir": str(tmp_path / "features"), "k": 6, "index": "ivfpq", "pq_m": 8, "query_chunk": 64,
+                "recall_sample": 100, "threads": 1}
+    params.write_text(yaml.safe_dump({"mine": mine_cfg}))
+    single = mining.mine(MineConfig(out_dir=str(tmp_path / "one"), **mine_cfg), progress=False)["train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "stages.mine", "--params", str(params), "--out-dir", str(tmp_path / "two")]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("train:") == 1  # rank 0 alone reports
+    manifest = json.loads((tmp_path / "two" / "train" / schema.SPLIT_MANIFEST).read_text())
+    assert manifest["world_size"] == 2 and not (tmp_path / "two" / "train" / mining.WORK_DIR).exists()
+    for name in DIRECTIONS:
+        assert pq.read_table(store.neighbors_path(tmp_path / "two", "train", name)).equals(
+            pq.read_table(store.neighbors_path(tmp_path / "one", "train", name))), name
+        for key in ("short_rows", "retried_rows", "recall_at_k"):
+            assert manifest["directions"][name][key] == single["directions"][name][key], (name, key)
