@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -66,7 +67,7 @@ class TrainingData:
 
     source: str  # the directory or manifest it came from, for messages
     image_bytes: Sequence[bytes]  # a list, or store.ImageBytes (copied or referenced)
-    captions: list[str]
+    captions: Sequence[str]  # a list, or Strings (one Arrow buffer: a third of a list of str objects)
     text_to_image: np.ndarray  # (M,) int64
     teacher_image: Optional[Rows] = None  # (N, D)
     teacher_text: Optional[Rows] = None  # (M, D)
@@ -113,6 +114,19 @@ def embeddings_bytes(features_dir: str | Path, split: str) -> int:
     return sum((base / entry["path"]).stat().st_size for entry in (manifest.get("arrays") or {}).values())
 
 
+class Strings:
+    """An Arrow string array indexed like a list of str: the split's captions in one buffer."""
+
+    def __init__(self, array: pa.Array) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: int) -> str:
+        return self.array[int(index)].as_py()
+
+
 def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = True, with_views: bool = True,
                      stream: bool = False) -> TrainingData:
     """Read a features split: captions and the images (copied bytes, or references read per sample), and
@@ -133,10 +147,13 @@ def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = 
     data = TrainingData(
         source=str(where),
         image_bytes=store.image_bytes(features_dir, split),
-        captions=texts[schema.CAPTION].to_pylist(),
+        captions=Strings(texts[schema.CAPTION].combine_chunks()),
         text_to_image=texts[schema.IMAGE_ID].to_numpy(),
         skipped=dict(manifest.get("skipped", {}) or {}),
     )
+    view_params = images[schema.VIEW_PARAMS].to_pylist() if with_views else None
+    del images, texts
+    pa.default_memory_pool().release_unused()  # the tables' buffers, not kept by the pool for later
     if len(data.image_bytes) != len(image_ids):
         raise DataError(f"{where}: {len(data.image_bytes)} images but {len(image_ids)} image rows; re-run `dsmd extract`")
 
@@ -153,7 +170,7 @@ def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = 
         data.teacher_views = rows(schema.TEACHER_VIEW_EMB)
         if data.teacher_views.shape[1:] != (stored_views, data.teacher_image.shape[1]):
             raise DataError(f"{where}: expected {stored_views} views per image, found shape {data.teacher_views.shape}")
-        data.view_params = images[schema.VIEW_PARAMS].to_pylist()
+        data.view_params = view_params
     return data
 
 
@@ -203,8 +220,10 @@ class MinedNegatives:
     text_to_images: np.ndarray  # (M, count) image ids, -1 = padding
 
 
-def read_i2i(negatives_dir: str | Path, split: str, data: TrainingData, features_dir: str | Path | None = None) -> np.ndarray:
-    return _read_direction(negatives_dir, split, "i2i", data.num_images, data.num_images, features_dir)
+def read_i2i(negatives_dir: str | Path, split: str, data: TrainingData, features_dir: str | Path | None = None,
+             count: int = 16) -> np.ndarray:
+    """The first `count` mined i2i neighbours of every image, (N, count) int32, -1 padded."""
+    return _read_direction(negatives_dir, split, "i2i", data.num_images, data.num_images, features_dir, count)
 
 
 def load_negatives(
@@ -214,11 +233,12 @@ def load_negatives(
     """Mined negatives for the hard-negative loss, checked against the features they were mined from;
     pass `i2i` when it was already read (see read_i2i) so the file is read once."""
     n_images, n_texts = data.num_images, len(data.captions)
-    i2t = _read_direction(negatives_dir, split, "i2t", n_images, n_texts, features_dir)
-    t2t = _read_direction(negatives_dir, split, "t2t", n_texts, n_texts, features_dir)
-    t2i = _read_direction(negatives_dir, split, "t2i", n_texts, n_images, features_dir)
+    i2t = _read_direction(negatives_dir, split, "i2t", n_images, n_texts, features_dir, count)
+    t2t = _read_direction(negatives_dir, split, "t2t", n_texts, n_texts, features_dir, count)
+    t2i = _read_direction(negatives_dir, split, "t2i", n_texts, n_images, features_dir, count)
     if i2i is None:
-        i2i = read_i2i(negatives_dir, split, data, features_dir)
+        i2i = read_i2i(negatives_dir, split, data, features_dir, count)
+    pa.default_memory_pool().release_unused()  # the Parquet batches read
     return MinedNegatives(
         image_to_texts=_first_columns(i2t, count), image_to_images=_first_columns(i2i, count),
         text_to_texts=_first_columns(t2t, count), text_to_images=_first_columns(t2i, count),
@@ -244,15 +264,16 @@ def restrict_negatives(negatives: MinedNegatives, data: TrainingData, image_ids:
 
 
 def _first_columns(ids: np.ndarray, count: int) -> np.ndarray:
-    out = np.full((len(ids), count), -1, dtype=np.int64)
+    out = np.full((len(ids), count), -1, dtype=ids.dtype)
     width = min(count, ids.shape[1])
     out[:, :width] = ids[:, :width]
     return out
 
 
-def _read_direction(negatives_dir, split, direction, num_keys, num_targets, features_dir) -> np.ndarray:
+def _read_direction(negatives_dir, split, direction, num_keys, num_targets, features_dir, count: int) -> np.ndarray:
+    """The first `count` neighbours of every key (bounded memory), checked against the features."""
     path = store.neighbors_path(negatives_dir, split, direction)
-    ids, _ = store.read_neighbors(negatives_dir, split, direction)
+    ids = store.read_neighbor_ids(negatives_dir, split, direction, count)
     if features_dir is not None:
         mined_from = schema.read_metadata(pq.read_schema(path), schema.META_FEATURES_FINGERPRINT)
         current = store.features_fingerprint(features_dir, split)

@@ -126,6 +126,33 @@ def read_neighbors(negatives_dir: str | Path, split: str, direction: str) -> tup
     return ids, scores
 
 
+def read_neighbor_ids(negatives_dir: str | Path, split: str, direction: str, count: int) -> np.ndarray:
+    """The first `count` neighbour ids of every key, (N, count) int32 with -1 padding, read a batch of rows at
+    a time: memory holds the result, never the whole lists (k per key) or their scores."""
+    path = neighbors_path(negatives_dir, split, direction)
+    if not path.exists():
+        raise ShardError(f"{path} not found: run `dsmd mine` for split {split!r} first")
+    try:
+        found = pq.ParquetFile(path)
+        out = np.full((found.metadata.num_rows, count), -1, dtype=np.int32)
+        row = 0
+        for batch in found.iter_batches(batch_size=65536, columns=[schema.neighbor_key_column(direction), schema.NEIGHBOR_IDS]):
+            keys = batch.column(0).to_numpy()
+            if not np.array_equal(keys, np.arange(row, row + len(keys))):
+                raise ShardError(f"{path}: keys are not dense and ordered")
+            lists = batch.column(1)
+            offsets = lists.offsets.to_numpy()
+            starts, lengths = offsets[:-1], np.minimum(np.diff(offsets), count)
+            flat = lists.values.to_numpy()
+            for column in range(count):
+                has = lengths > column
+                out[row + np.flatnonzero(has), column] = flat[starts[has] + column]
+            row += len(keys)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ShardError(f"{path}: unreadable Parquet ({exc})") from None
+    return out
+
+
 def write_split(
     features_dir: str | Path,
     split: str,
@@ -208,8 +235,9 @@ def _embedding_rows(column: pa.ChunkedArray) -> np.ndarray:
 
 
 class RowFile:
-    """A `.npy` array read by row with `os.pread`: `rows[ids]` costs only the rows asked for, and, unlike a
-    memory map, pages read are not counted in the process's memory (the page cache keeps them)."""
+    """A `.npy` array read by row: `rows[index]` (any numpy index) copies just those rows out of a memory map
+    and then drops the map's pages from this process (MADV_DONTNEED; the page cache keeps them), so resident
+    memory stays bounded by what one read returns, whatever the size of the array."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -225,55 +253,31 @@ class RowFile:
             raise ShardError(f"{self.path}: Fortran-ordered arrays are not supported")
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.row_shape = self.shape[1:]
-        self.row_bytes = self.dtype.itemsize * math.prod(self.row_shape)
-        self._fd: int | None = None
-        self._pid = -1
+        expected = self.header + self.dtype.itemsize * math.prod(self.shape)
+        if os.path.getsize(self.path) < expected:
+            raise ShardError(f"{self.path}: shorter than its header says ({os.path.getsize(self.path)} < {expected} bytes)")
         self._map: tuple[mmap.mmap, np.ndarray] | None = None
+        self._pid = -1
 
-    def __getstate__(self) -> dict:  # DataLoader workers open their own descriptor
-        return {**self.__dict__, "_fd": None, "_pid": -1, "_map": None}
+    def __getstate__(self) -> dict:  # DataLoader workers map the file themselves
+        return {**self.__dict__, "_map": None, "_pid": -1}
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _descriptor(self) -> int:
-        if self._fd is None or self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        return self._fd
-
     def __getitem__(self, index) -> np.ndarray:
-        if isinstance(index, tuple):  # rows[ids, columns]: the rows, then the second index within each
-            ids, inner = index
-            return self[ids][np.arange(len(np.atleast_1d(ids))), inner]
-        if isinstance(index, slice):
-            start, stop, _ = index.indices(len(self))
-            return self._read_range(start, max(start, stop))
-        ids = np.asarray(index, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
-            raise IndexError(f"{self.path}: row index out of range 0..{len(self) - 1}")
-        out = np.empty((ids.size, *self.row_shape), self.dtype)
-        fd = self._descriptor()
-        for j, i in enumerate(ids.reshape(-1).tolist()):
-            out[j] = np.frombuffer(os.pread(fd, self.row_bytes, self.header + i * self.row_bytes), self.dtype).reshape(self.row_shape)
-        return out.reshape(*ids.shape, *self.row_shape)
-
-    def _read_range(self, start: int, stop: int) -> np.ndarray:
-        data = os.pread(self._descriptor(), (stop - start) * self.row_bytes, self.header + start * self.row_bytes)
-        return np.frombuffer(data, self.dtype).reshape(stop - start, *self.row_shape).copy()
-
-    def gather(self, index) -> np.ndarray:
-        """rows[index] for many rows at once (any numpy index): one vectorised read through a memory
-        map whose pages are then dropped from this process (MADV_DONTNEED; the page cache keeps them),
-        so resident memory stays bounded by what one call returns."""
         if len(self) == 0:
-            return np.empty((0, *self.row_shape), self.dtype)[index]
+            return np.empty(self.shape, self.dtype)[index]
         if self._map is None or self._pid != os.getpid():
-            mapped = mmap.mmap(self._descriptor(), 0, access=mmap.ACCESS_READ)
-            self._map = (mapped, np.ndarray(self.shape, self.dtype, buffer=mapped, offset=self.header))
+            with open(self.path, "rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            self._map, self._pid = (mapped, np.ndarray(self.shape, self.dtype, buffer=mapped, offset=self.header)), os.getpid()
         mapped, array = self._map
         out = np.array(array[index])  # a copy, before the pages go
         mapped.madvise(mmap.MADV_DONTNEED)
         return out
+
+    gather = __getitem__  # many rows at once: the same vectorised read
 
     def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
         """(start, rows[start:start + size]) over the whole array: bounded-memory passes."""

@@ -444,7 +444,8 @@ def _load_inputs(cfg: TrainConfig) -> _Inputs:
     # the mined i2i neighbours serve both the hard-negative loss and hard-negative-aware batching: read once
     wants_mined = distill and cfg.distill.hard_negative and cfg.distill.hard_negatives > 0
     wants_grouping = cfg.batching == "hard-negative-aware"
-    mined_i2i = data_mod.read_i2i(cfg.negatives_dir, cfg.split, data, cfg.features_dir) if (wants_mined or wants_grouping) else None
+    width = max(cfg.distill.hard_negatives if wants_mined else 0, cfg.batch_neighbours if wants_grouping else 0)
+    mined_i2i = data_mod.read_i2i(cfg.negatives_dir, cfg.split, data, cfg.features_dir, width) if (wants_mined or wants_grouping) else None
     negatives = None
     if wants_mined:
         negatives = data_mod.load_negatives(

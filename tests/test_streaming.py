@@ -185,12 +185,14 @@ def _write_heavy_corpus(root: Path, images: int, padding: int) -> Path:
     return root / "manifest.yaml"
 
 
-RSS_OF_CHILD = """import resource, runpy, sys
+# VmHWM, the peak of this process image (ru_maxrss survives execve: it would start at the forking pytest's size)
+RSS_OF_CHILD = """import runpy, sys
 sys.argv = ["dsmd-train", *sys.argv[1:]]
 try:
     runpy.run_module("stages.train", run_name="__main__")
 finally:
-    print(f"peak_rss_kib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+    peak = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(f"peak_rss_kib={peak}", file=sys.stderr)
 """
 
 

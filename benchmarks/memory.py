@@ -1,0 +1,274 @@
+"""Corpora larger than memory: peak RSS of `dsmd train` and `dsmd mine` at N and 10N, loader throughput,
+the epoch time of streamed referenced shards against today's in-memory copies, and the disk they take.
+
+Each run is its own subprocess (`ru_maxrss` of that process alone). The corpus is synthetic: real tar
+shards of small PNGs (64 distinct images cycled) with 2-5 captions each, and features written as `dsmd
+extract` writes them (images referenced by byte offset, embeddings as Parquet + .npy) but with seeded
+random unit vectors for the teacher embeddings: memory and speed do not depend on what the vectors say,
+and running a teacher over 200k images would take this 2-core machine most of an hour.
+
+    .venv/bin/python benchmarks/memory.py                 # N = 20000: ~10 minutes on 2 cores
+    .venv/bin/python benchmarks/memory.py --n 2000 --steps 5   # quick
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline import atomic, corpus, schema, store  # noqa: E402
+from pipeline.extract import source_signature  # noqa: E402
+from pipeline.manifest import FieldMapping  # noqa: E402
+
+DIM = 256  # the demo teacher's embedding width
+PER_SHARD = 1000
+
+
+def write_corpus(root: Path, n: int, seed: int = 0) -> list[str]:
+    """n samples in tar shards: a 64 px PNG (one of 64) and 2-5 captions each."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pngs = []
+    for _ in range(64):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    root.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for shard in range((n + PER_SHARD - 1) // PER_SHARD):
+        path = root / f"train-{shard:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(shard * PER_SHARD, min(n, (shard + 1) * PER_SHARD)):
+                captions = "\n".join(f"a picture {i} seen in way {c}" for c in range(2 + i % 4)).encode()
+                for name, data in ((f"{i:09d}.png", pngs[i % 64]), (f"{i:09d}.txt", captions)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        urls.append(str(path))
+    return urls
+
+
+def unit_rows(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_features(urls: list[str], features: Path, copy_images: bool, seed: int = 0) -> None:
+    """A features split as `dsmd extract` writes it, one Parquet pair per shard, embeddings random."""
+    rng = np.random.default_rng(seed)
+    fields = FieldMapping(image_extensions=["png"], caption_source="txt", caption_field="")
+    image_tables, text_tables, parts = [], [], []
+    meta = {schema.META_SPLIT: "train", schema.META_MANIFEST_SHA256: "synthetic"}
+    for url in urls:
+        report = corpus.SkipReport()
+        samples = list(corpus.iter_shard(url, fields, report))
+        image_emb = unit_rows(rng, len(samples))
+        owners = np.repeat(np.arange(len(samples)), [len(s.captions) for s in samples])
+        text_emb = image_emb[owners] + 0.5 * unit_rows(rng, len(owners))
+        image_tables.append(schema.images_table(
+            [s.key for s in samples], [s.shard for s in samples], ["png"] * len(samples),
+            [s.image_bytes if copy_images else None for s in samples], image_emb, "float16", meta,
+            image_offsets=[s.image_offset for s in samples], image_sizes=[s.image_size for s in samples]))
+        text_tables.append(schema.texts_table(
+            owners, [i for s in samples for i in range(len(s.captions))], [c for s in samples for c in s.captions],
+            text_emb / np.linalg.norm(text_emb, axis=1, keepdims=True), "float16", meta))
+        parts.append({"url": url, "skipped": report.to_dict(),
+                      "source": {**source_signature(url), "sha256": atomic.sha256_file(url)}})
+    # dense split-wide ids, as extract's _finalize assigns them
+    image_offset = text_offset = 0
+    for index, (images, texts) in enumerate(zip(image_tables, text_tables)):
+        import pyarrow.compute as pc
+        image_tables[index] = images.set_column(0, schema.IMAGE_ID, pc.add(images[schema.IMAGE_ID], image_offset))
+        texts = texts.set_column(0, schema.TEXT_ID, pc.add(texts[schema.TEXT_ID], text_offset))
+        text_tables[index] = texts.set_column(1, schema.IMAGE_ID, pc.add(texts[schema.IMAGE_ID], image_offset))
+        image_offset += images.num_rows
+        text_offset += texts.num_rows
+    info = {"teacher": {"model": "synthetic", "embed_dim": DIM}, "manifest_sha256": "synthetic", "embedding_dim": DIM,
+            "embedding_dtype": "float16", "views": 0, "store_images": copy_images, "source_shards": urls,
+            "shard_parts": parts}
+    store.write_split(features, "train", image_tables, text_tables, info)
+
+
+def write_random_negatives(features: Path, negatives: Path, k: int = 16, seed: int = 0) -> None:
+    """Random neighbour lists in the four directions (memory and speed only: never trained on for quality)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = store.load_split_manifest(features, "train")
+    fingerprint = store.features_fingerprint(features, "train")
+    rng = np.random.default_rng(seed)
+    sizes = {"i": manifest["num_images"], "t": manifest["num_texts"]}
+    for direction in schema.NEIGHBOR_DIRECTIONS:
+        rows, targets = sizes[direction[0]], sizes[direction[2]]
+        ids = rng.integers(0, targets, (rows, k))
+        offsets = pa.array(np.arange(0, rows * k + 1, k, dtype=np.int32))
+        table = pa.Table.from_arrays(
+            [pa.array(np.arange(rows), pa.int64()), pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1), pa.int64())),
+             pa.ListArray.from_arrays(offsets, pa.array(np.zeros(rows * k, np.float32), pa.float32()))],
+            schema=schema.neighbors_schema(direction, {schema.META_FEATURES_FINGERPRINT: fingerprint}))
+        # row groups of 4 x query_chunk rows, as `dsmd mine` writes them
+        atomic.atomic_write_with(store.neighbors_path(negatives, "train", direction),
+                                 lambda tmp, table=table: pq.write_table(table, tmp, row_group_size=16384, compression="zstd"))
+
+
+# The stage's own peak: VmHWM of this process image. (ru_maxrss is not reset by execve: a child forked from a
+# large parent starts at the parent's size.) The peak-RSS runs use num_workers 0, so all work is this process's.
+RUN_STAGE = """import runpy, sys, time
+stage = sys.argv[1]
+sys.argv = [f"dsmd-{stage}", *sys.argv[2:]]
+started = time.perf_counter()
+try:
+    runpy.run_module(f"stages.{stage}", run_name="__main__")
+finally:
+    peak = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(f"BENCH peak_rss_kib={peak} seconds={time.perf_counter() - started:.2f}", file=sys.stderr)
+"""
+
+
+def run_stage(stage: str, params: dict, args: list[str], work: Path) -> dict:
+    path = work / f"params-{time.perf_counter_ns()}.yaml"
+    path.write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-c", RUN_STAGE, stage, "--params", str(path), *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{stage} failed:\n{result.stderr[-4000:]}")
+    line = result.stderr.rsplit("BENCH ", 1)[1].split("\n", 1)[0]
+    values = dict(item.split("=") for item in line.split())
+    return {"peak_rss_mib": int(values["peak_rss_kib"]) / 1024, "seconds": float(values["seconds"])}
+
+
+def train_params(features: Path, negatives: Path, steps: int, loading: str, epochs: float = 0.0, workers: int = 1) -> dict:
+    return {"train": {
+        "model": "dsmd-tiny-student", "features_dir": str(features), "negatives_dir": str(negatives),
+        "data_loading": loading, "live_dir": "", "val_every": 0,
+        "optim": {"max_steps": steps, "epochs": epochs or 1.0, "batch_size": 256, "threads": 2, "num_workers": workers,
+                  "log_every": 10, "warmup_steps": 5},
+    }}
+
+
+def loader_throughput(features: Path, negatives: Path, batches: int, loading: str) -> float:
+    """Samples per second of one loader process (what a DataLoader worker runs: the DSMD student's batches
+    of 256 with mined negatives, no model step), after one warm-up batch."""
+    import torch
+
+    from pipeline import data as data_mod, models
+
+    torch.set_num_threads(1)
+    student = models.load_model("dsmd-tiny-student", "")
+    data = data_mod.load_shards_data(features, "train", stream=loading == "stream")
+    negatives_found = data_mod.load_negatives(negatives, "train", data, 4, features)
+    dataset = data_mod.TrainingDataset(data, student.preprocess, student.tokenizer, negatives=negatives_found)
+    sampler = data_mod.GlobalBatchSampler(data.trainable_image_ids(), 256, batches + 1)
+    keys = list(sampler)
+    dataset.__getitems__(keys[0])
+    started = time.perf_counter()
+    for batch in keys[1:]:
+        dataset.__getitems__(batch)
+    return batches * 256 / (time.perf_counter() - started)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=20000, help="images at the small size (the large one is 10x)")
+    parser.add_argument("--steps", type=int, default=20, help="training steps of the peak-RSS runs (same at N and 10N)")
+    parser.add_argument("--mine-budget-mb", type=int, default=64,
+                        help="mine.memory_budget_mb of both mining runs (64: IVF-PQ for every database above 64 MiB of float32)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="dsmd-memory-"))
+    results: dict = {"n": args.n, "steps": args.steps, "cpu_count": os.cpu_count()}
+    sets = {}
+    for label, n in (("N", args.n), ("10N", 10 * args.n)):
+        urls = write_corpus(work / f"corpus-{label}", n)
+        for copy_images in (False, True) if label == "N" else (False,):
+            features = work / f"features-{label}-{'copied' if copy_images else 'referenced'}"
+            write_features(urls, features, copy_images)
+            write_random_negatives(features, work / f"negatives-{label}-{features.name}")
+            sets[(label, copy_images)] = (features, work / f"negatives-{label}-{features.name}")
+        print(f"{label}: {n} images written", flush=True)
+
+    train = {}
+    for label in ("N", "10N"):
+        features, negatives = sets[(label, False)]
+        train[label] = run_stage("train", train_params(features, negatives, args.steps, "stream", workers=0),
+                                 ["--out-dir", str(work / f"student-{label}")], work)
+        print(f"train {label} streamed: {train[label]}", flush=True)
+    features, negatives = sets[("10N", False)]
+    train["10N in memory"] = run_stage("train", train_params(features, negatives, args.steps, "memory", workers=0),
+                                       ["--out-dir", str(work / "student-10N-memory")], work)
+    print(f"train 10N embeddings in memory: {train['10N in memory']}", flush=True)
+    results["train_peak_rss_mib"] = train
+    results["train_rss_ratio_10N_over_N"] = train["10N"]["peak_rss_mib"] / train["N"]["peak_rss_mib"]
+
+    # an epoch at N: streamed referenced shards against today's in-memory copies, alternated, twice each
+    runs = {"streamed referenced": (False, "stream"), "in-memory copies": (True, "memory")}
+    epoch = {name: [] for name in runs}
+    for repeat in range(2):
+        for name, (copy_images, loading) in runs.items():
+            features, negatives = sets[("N", copy_images)]
+            out = work / f"epoch-{copy_images}-{repeat}"
+            run = run_stage("train", train_params(features, negatives, 0, loading, epochs=1.0), ["--out-dir", str(out)], work)
+            run["samples_per_s"] = json.loads((out / "train_summary.json").read_text())["samples_per_s"]
+            epoch[name].append(run)
+            print(f"epoch {name}: {run}", flush=True)
+    results["epoch"] = epoch
+    mean_seconds = {name: float(np.mean([r["seconds"] for r in found])) for name, found in epoch.items()}
+    results["epoch_time_ratio_streamed_over_memory"] = mean_seconds["streamed referenced"] / mean_seconds["in-memory copies"]
+
+    training_rate = float(np.mean([r["samples_per_s"] for r in epoch["streamed referenced"]]))
+    loader = {}
+    for name, (copy_images, loading) in runs.items():
+        features, negatives = sets[("N", copy_images)]
+        loader[name] = loader_throughput(features, negatives, 10, loading)
+        print(f"loader {name}: {loader[name]:.0f} samples/s (one process)", flush=True)
+    results["loader_samples_per_s"] = loader
+    results["loader_over_training_throughput"] = {name: rate / training_rate for name, rate in loader.items()}
+
+    mine = {}
+    for label in ("N", "10N"):
+        features, _ = sets[(label, False)]
+        out = work / f"mined-{label}"
+        mine[label] = run_stage("mine", {"mine": {
+            "features_dir": str(features), "out_dir": str(out), "splits": ["train"], "k": 8, "query_chunk": 4096,
+            "memory_budget_mb": args.mine_budget_mb, "refine_factor": 4, "recall_sample": 200, "threads": 2}}, [], work)
+        manifest = json.loads((out / "train" / "_manifest.json").read_text())
+        mine[label]["indexes"] = {db: info["kind"] for db, info in manifest["indexes"].items()}
+        mine[label]["recall_at_k"] = {d: info.get("recall_at_k") for d, info in manifest["directions"].items()}
+        print(f"mine {label}: {mine[label]}", flush=True)
+    results["mine"] = mine
+    results["mine_rss_ratio_10N_over_N"] = mine["10N"]["peak_rss_mib"] / mine["N"]["peak_rss_mib"]
+
+    results["features_bytes"] = {"referenced": folder_bytes(sets[("N", False)][0]), "copied": folder_bytes(sets[("N", True)][0])}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    print(f"peak RSS of dsmd train, 10N / N: {results['train_rss_ratio_10N_over_N']:.3f} (target <= 1.2)")
+    print(f"an epoch, streamed referenced / in-memory copies: {results['epoch_time_ratio_streamed_over_memory']:.3f} (target <= 1.10)")
+    for name, ratio in results["loader_over_training_throughput"].items():
+        print(f"loader ({name}) / training throughput: {ratio:.2f} (target >= 3)")
+    print(f"peak RSS of dsmd mine, 10N / N: {results['mine_rss_ratio_10N_over_N']:.3f} (target <= 1.5; "
+          f"indexes N {results['mine']['N']['indexes']}, 10N {results['mine']['10N']['indexes']})")
+
+
+if __name__ == "__main__":
+    main()
