@@ -22,7 +22,7 @@ from pipeline import models, names, schema, store, training
 from pipeline.config import ExtractConfig
 from tests.conftest import REPO_ROOT
 from tests.test_extract import _teacher
-from tests.test_training import STUDENT, Interrupted, make_cfg, read_log
+from tests.test_training import STUDENT, make_cfg, read_log, train_until_killed
 from tests.tiny_corpus import write_tiny_corpus
 
 
@@ -113,18 +113,7 @@ def test_streamed_training_equals_training_from_memory_and_resumes_exactly(both_
     _same_checkpoints(tmp_path / "memory", tmp_path / "stream")
 
     cut = dataclasses.replace(streamed, out_dir=str(tmp_path / "cut"))
-    real_step, calls = training.optimizer_step, {"n": 0}
-
-    def dies_at_step_7(ctx, micro_batches):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise Interrupted()
-        return real_step(ctx, micro_batches)
-
-    monkeypatch.setattr(training, "optimizer_step", dies_at_step_7)
-    with pytest.raises(Interrupted):
-        training.train(cut)
-    monkeypatch.setattr(training, "optimizer_step", real_step)
+    train_until_killed(monkeypatch, cut, 7)
     assert training.train(cut, resume=True)["resumed_from_step"] == 4
     _same_checkpoints(tmp_path / "stream", cut.out_dir)
     assert [r["step"] for r in read_log(cut.out_dir)] == list(range(1, 10))

@@ -14,7 +14,7 @@ from pipeline import evaluation, training
 from pipeline.retrieval import retrieval_metrics
 from tests.fakes import write_fake_features
 from tests.test_data import write_negatives
-from tests.test_training import Interrupted, make_cfg, read_log
+from tests.test_training import make_cfg, read_log, train_until_killed
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +64,7 @@ def test_a_resumed_run_logs_each_step_once_in_dvclive(shards_with_val, tmp_path,
     full = tracked_cfg(shards_with_val, tmp_path / "full")
     training.train(full)
     cut = dataclasses.replace(full, out_dir=str(tmp_path / "cut"))
-    real_step, calls = training.optimizer_step, {"n": 0}
-
-    def dies_at_step_4(ctx, micro_batches):
-        calls["n"] += 1
-        if calls["n"] == 4:  # after the step-2 checkpoint and a logged step (3) past it
-            raise Interrupted()
-        return real_step(ctx, micro_batches)
-
-    monkeypatch.setattr(training, "optimizer_step", dies_at_step_4)
-    with pytest.raises(Interrupted):
-        training.train(cut)
-    monkeypatch.setattr(training, "optimizer_step", real_step)
+    train_until_killed(monkeypatch, cut, 4)  # after the step-2 checkpoint and a logged step (3) past it
     training.train(cut, resume=True)
     got = live_steps(Path(cut.out_dir) / "dvclive", "loss_total")
     want = live_steps(Path(full.out_dir) / "dvclive", "loss_total")

@@ -104,6 +104,22 @@ class Interrupted(Exception):
     pass
 
 
+def train_until_killed(monkeypatch, cfg: TrainConfig, call: int) -> None:
+    """Run `cfg` until its `call`-th optimizer step raises (a kill stand-in), then put the real step back."""
+    real_step, calls = training.optimizer_step, {"n": 0}
+
+    def dies(ctx, micro_batches):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise Interrupted()
+        return real_step(ctx, micro_batches)
+
+    monkeypatch.setattr(training, "optimizer_step", dies)
+    with pytest.raises(Interrupted):
+        training.train(cfg)
+    monkeypatch.setattr(training, "optimizer_step", real_step)
+
+
 def test_resume_equals_an_uninterrupted_run(view_shards_dirs, tmp_path, monkeypatch):
     settings = dict(max_steps=9, checkpoint_every=4, batch_size=8, num_workers=1)
     full = make_cfg(view_shards_dirs, tmp_path / "full", **settings)
@@ -111,21 +127,9 @@ def test_resume_equals_an_uninterrupted_run(view_shards_dirs, tmp_path, monkeypa
     training.train(full)
 
     cut = dataclasses.replace(full, out_dir=str(tmp_path / "cut"))
-    real_step = training.optimizer_step
-    calls = {"n": 0}
-
-    def dies_at_step_7(ctx, micro_batches):
-        calls["n"] += 1
-        if calls["n"] == 7:  # after the step-4 checkpoint and two logged steps past it
-            raise Interrupted()
-        return real_step(ctx, micro_batches)
-
-    monkeypatch.setattr(training, "optimizer_step", dies_at_step_7)
-    with pytest.raises(Interrupted):
-        training.train(cut)
+    train_until_killed(monkeypatch, cut, 7)  # after the step-4 checkpoint and two logged steps past it
     assert [r["step"] for r in read_log(cut.out_dir, names.RUNNING_LOG_FILE)] == [1, 2, 3, 4, 5, 6]
     assert not (Path(cut.out_dir) / names.TRAIN_LOG_FILE).exists()  # the log lands when the run ends
-    monkeypatch.setattr(training, "optimizer_step", real_step)
     summary = training.train(cut, resume=True)
     assert summary["resumed_from_step"] == 4
 
