@@ -309,7 +309,7 @@ class UnitRows:
         return self.shape[0]
 
     def __getitem__(self, index) -> np.ndarray:
-        x = self.rows.gather(index).astype(np.float32)
+        x = self.rows[index].astype(np.float32)
         return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
     def chunks(self, size: int):
@@ -599,8 +599,8 @@ def _checked_rows(features_dir: Path, split: str, column: str, what: str) -> Uni
     """The split's embedding array as UnitRows, every row checked finite and non-zero (block by block)."""
     where = store.split_dir(features_dir, split)
     rows = UnitRows(store.embedding_rows(features_dir, split, column))
-    for start in range(0, len(rows), max(1, _DATABASE_BLOCK_FLOATS // max(1, rows.shape[1]))):
-        raw = rows.rows.gather(slice(start, start + _DATABASE_BLOCK_FLOATS // max(1, rows.shape[1]))).astype(np.float32)
+    for start, raw in rows.rows.chunks(max(1, _DATABASE_BLOCK_FLOATS // max(1, rows.shape[1]))):
+        raw = raw.astype(np.float32)
         if not np.isfinite(raw).all():
             raise MineError(f"{where}: {what} embeddings from row {start} on contain NaN or inf; re-run `dsmd extract`")
         if (np.linalg.norm(raw, axis=1) == 0).any():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -206,12 +207,12 @@ def _write_arrays(base: Path, image_tables: list[pa.Table], text_tables: list[pa
         if column not in tables[0].schema.names:
             continue
         def write(tmp: Path, column=column, tables=tables) -> None:
-            pieces = (_embedding_rows(table[column]) for table in tables)
-            first = _embedding_rows(tables[0][column])
-            rows = sum(t.num_rows for t in tables)
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(rows, *first.shape[1:]))
-            start = 0
-            for piece in pieces:
+            out, start = None, 0
+            for table in tables:
+                piece = _embedding_rows(table[column])
+                if out is None:  # dtype and row shape from the first table, rows from all
+                    total = sum(t.num_rows for t in tables)
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=piece.dtype, shape=(total, *piece.shape[1:]))
                 out[start : start + len(piece)] = piece
                 start += len(piece)
             out.flush()
@@ -292,8 +293,6 @@ class RowFile:
             out[j] = np.frombuffer(os.pread(fd, size, header + i * size), self.dtype).reshape(self.row_shape)
         return out.reshape(*ids.shape, *self.row_shape)
 
-    gather = __getitem__
-
     def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
         """(start, rows[start:start + size]) over the whole array: bounded-memory passes."""
         for start in range(0, len(self), size):
@@ -316,6 +315,14 @@ def embedding_rows(features_dir: str | Path, split: str, column: str) -> RowFile
 
 # ---- image bytes: copied, or referenced in the source shards ---------------------------------------
 
+_OPEN_SHARDS = 64
+
+
+def _shard_file(url: str) -> str:
+    """The file of a local shard url (`path`, `file:path`); extract refuses any other kind when referencing."""
+    return url[len("file:"):] if url.startswith("file:") else url
+
+
 class ImageBytes:
     """Each image's encoded bytes by image id. Copied images (`extract.store_images: true`) are held in
     memory; referenced ones are read per call from their source shard at the recorded byte offset."""
@@ -324,11 +331,23 @@ class ImageBytes:
                  shard_index: np.ndarray | None = None, offsets: np.ndarray | None = None, sizes: np.ndarray | None = None):
         self.where, self.copies, self.shards = where, copies, shards or []
         self.shard_index, self.offsets, self.sizes = shard_index, offsets, sizes
-        self._fds: dict[int, int] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()  # the most recently read shards' descriptors
         self._pid = -1
 
     def __getstate__(self) -> dict:  # DataLoader workers open their own descriptors
-        return {**self.__dict__, "_fds": {}, "_pid": -1}
+        return {**self.__dict__, "_fds": OrderedDict(), "_pid": -1}
+
+    def _descriptor(self, shard: int) -> int:
+        """An open descriptor of `shard`; at most _OPEN_SHARDS stay open (a corpus has thousands of shards)."""
+        if self._pid != os.getpid():
+            self._fds, self._pid = OrderedDict(), os.getpid()  # a forked worker does not share the parent's
+        if shard in self._fds:
+            self._fds.move_to_end(shard)
+        else:
+            if len(self._fds) >= _OPEN_SHARDS:
+                os.close(self._fds.popitem(last=False)[1])
+            self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        return self._fds[shard]
 
     def __len__(self) -> int:
         return len(self.copies) if self.copies is not None else len(self.offsets)
@@ -343,13 +362,9 @@ class ImageBytes:
     def __getitem__(self, image_id: int) -> bytes:
         if self.copies is not None:
             return self.copies[image_id]
-        if self._pid != os.getpid():
-            self._fds, self._pid = {}, os.getpid()
         shard = int(self.shard_index[image_id])
-        if shard not in self._fds:
-            self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
         size = int(self.sizes[image_id])
-        data = os.pread(self._fds[shard], size, int(self.offsets[image_id]))
+        data = os.pread(self._descriptor(shard), size, int(self.offsets[image_id]))
         if len(data) != size:
             raise ShardError(f"{self.shards[shard]}: image {image_id} ends past the end of the file; the shard changed "
                              f"since `dsmd extract` referenced it: re-run `dsmd extract`")
@@ -362,7 +377,7 @@ def check_source_shards(features_dir: str | Path, split: str, used: list[str]) -
     manifest = load_split_manifest(features_dir, split)
     recorded = {part["url"]: part.get("source") or {} for part in manifest.get("shard_parts") or []}
     for url in used:
-        path = url[len("file:"):] if url.startswith("file:") else url
+        path = _shard_file(url)
         if not os.path.isfile(path):
             raise ShardError(f"{path}: the images of features split {split!r} are referenced in this shard, which is gone; "
                              f"restore it or re-run `dsmd extract`")
@@ -390,7 +405,7 @@ def image_bytes(features_dir: str | Path, split: str, count: int | None = None) 
     shards = encoded.dictionary.to_pylist()
     check_source_shards(features_dir, split, shards)
     return ImageBytes(
-        where, None, [s[len("file:"):] if s.startswith("file:") else s for s in shards],
+        where, None, [_shard_file(s) for s in shards],
         encoded.indices.to_numpy().astype(np.int32),
         table[schema.IMAGE_OFFSET].to_numpy(zero_copy_only=False).astype(np.int64),
         table[schema.IMAGE_SIZE].to_numpy(zero_copy_only=False).astype(np.int64),

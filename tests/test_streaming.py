@@ -204,3 +204,14 @@ def test_training_on_a_corpus_several_times_larger_than_the_process_completes(tm
     summary = yaml.safe_load((tmp_path / "s" / names.TRAIN_SUMMARY_FILE).read_text())
     assert summary["steps"] == 600 // 32 + 1  # a whole epoch: every image was read
     assert corpus_bytes > 3 * peak, (corpus_bytes, peak)
+
+
+def test_referenced_images_keep_few_shards_open(both_stores, monkeypatch):
+    """A corpus has thousands of shards: reading across them keeps only the most recent few open, and a
+    shard closed and opened again reads the same bytes."""
+    _, copied, referenced = both_stores
+    monkeypatch.setattr(store, "_OPEN_SHARDS", 2)
+    images, copies = store.image_bytes(referenced, "train"), store.image_bytes(copied, "train")
+    order = [0, 9, 17, 1, 10, 18, 2, 23]  # shards 0, 1, 2, 0, 1, 2, ...
+    assert [images[i] for i in order] == [copies[i] for i in order]
+    assert len(images._fds) == 2 and len(set(images.shard_index[order].tolist())) == 3
