@@ -304,12 +304,12 @@ class Params:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-def _config_error(exc: OmegaConfBaseException, where: str) -> ConfigError:
-    key = f"{where}.{exc.full_key}" if where and exc.full_key else (exc.full_key or where)
-    message = str(exc.msg).splitlines()[0]
-    if isinstance(exc, (ConfigKeyError, AttributeError)):
-        message = "unknown key"
-    return ConfigError(f"{key}: {message}")
+def _config_error(exc: OmegaConfBaseException, where: str, key: str | None = None) -> ConfigError:
+    """One line naming the section and key (`train.optim.lr: ...`); `key` when the caller knows it best."""
+    key = key or exc.full_key
+    full = f"{where}.{key}" if where and key else (key or where)
+    unknown = isinstance(exc, (ConfigKeyError, AttributeError))
+    return ConfigError(f"{full}: {'unknown key' if unknown else str(exc.msg).splitlines()[0]}")
 
 
 def _typed(node: Any, where: str) -> Any:
@@ -356,8 +356,7 @@ def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "") -> 
         try:
             OmegaConf.update(node, dotted, value, merge=False)
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"{where}{'.' if where else ''}{dotted}: "
-                              f"{'unknown key' if isinstance(exc, AttributeError) else str(exc.msg).splitlines()[0]}") from None
+            raise _config_error(exc, where, dotted) from None
     return _typed(node, where)
 
 
