@@ -13,11 +13,14 @@ and the ratio to the CLIP-only student, and writes `ablation.json` and `ablation
 Needs `dvc repro` (or extract + mine) first: it reads train.features_dir / train.negatives_dir.
 Run time on the 2-core CPU: about 95 s per student at the default 391 steps, so the 15 recipes x 2
 seeds take about 50 min (--single-core beside another sweep: about 120 s per student); --quick trains
-2 recipes x 2 seeds for 10 steps (a smoke test, in the suite).
+2 recipes x 2 seeds for 10 steps (a smoke test, in the suite). To use both cores, run two halves side
+by side (`--single-core --only ...` and `--single-core --only ... --skip CLIP-only`, each with its own
+--out), then `--merge A/ablation.json B/ablation.json` writes their union as one table, JSON and chart.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from pipeline import atomic, store
@@ -64,10 +67,16 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="leave out these recipe names")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--single-core", action="store_true", help="one thread, no loader worker: for two sweeps side by side")
+    parser.add_argument("--merge", nargs="+", help="ablation.json files of runs over the same features and seeds (two "
+                                                   "halves run side by side): write their union; trains nothing")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.merge:
+        teacher, seeds, results = merge(args.merge, recipes(args.params))
+        report(results, teacher, seeds, out)
+        return
     if args.single_core:
         single_core()
-    out = Path(args.out)
     chosen = recipes(args.params)
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only or k == "CLIP-only"}
@@ -79,13 +88,29 @@ def main() -> None:
         print("stored views: not run (the features have none; extract with extract.views > 0 to include them)")
     teacher = teacher_rsum(train.features_dir, "test")
     results = run_recipes(args.params, chosen, args.seeds, out / "ablation-runs", out / "ablation.partial.json")
-    rows = [(name, r["mean"], r["std"]) for name, r in results.items()]
-    clip = results["CLIP-only"]["mean"]
-    print(f"teacher RSUM {teacher:.1f}; seeds {args.seeds}")
-    print(format_rows(rows, clip))
-    atomic.atomic_write_json(jsonable({"teacher_rsum": teacher, "seeds": args.seeds, "recipes": results}), out / "ablation.json")
-    bar_chart(rows, teacher, out / "ablation.png", f"Ablation ({len(args.seeds)} seeds)")
+    report(results, teacher, args.seeds, out)
     (out / "ablation.partial.json").unlink(missing_ok=True)
+
+
+def merge(paths: list[str], order: dict[str, dict]) -> tuple[float, list[int], dict]:
+    """The union of several ablation.json files, in recipe order; they must share the teacher and the seeds."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    for path, part in zip(paths[1:], parts[1:]):
+        if part["seeds"] != parts[0]["seeds"] or abs(part["teacher_rsum"] - parts[0]["teacher_rsum"]) > 1e-6:
+            raise SystemExit(f"{path}: seeds or teacher differ from {paths[0]}'s; merge only runs on the same features and seeds")
+    results = {name: recipe for part in parts for name, recipe in part["recipes"].items()}
+    ordered = {name: results[name] for name in order if name in results}
+    return parts[0]["teacher_rsum"], parts[0]["seeds"], {**ordered, **results}
+
+
+def report(results: dict, teacher: float, seeds: list[int], out: Path) -> None:
+    """Print the table (ratios to the CLIP-only student when it ran), write ablation.json and ablation.png."""
+    rows = [(name, r["mean"], r["std"]) for name, r in results.items()]
+    clip = results["CLIP-only"]["mean"] if "CLIP-only" in results else None
+    print(f"teacher RSUM {teacher:.1f}; seeds {seeds}")
+    print(format_rows(rows, clip))
+    atomic.atomic_write_json(jsonable({"teacher_rsum": teacher, "seeds": seeds, "recipes": results}), out / "ablation.json")
+    bar_chart(rows, teacher, out / "ablation.png", f"Ablation ({len(seeds)} seeds)")
     print(f"wrote {out / 'ablation.json'} and {out / 'ablation.png'}")
 
 

@@ -115,3 +115,19 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
         assert (project / "bench" / script.replace(".py", ".png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ablation = json.loads((project / "bench" / "ablation.json").read_text())["recipes"]
     assert list(ablation) == ["CLIP-only", "DSMD (default)"] and len(ablation["CLIP-only"]["runs"]) == 2
+
+    # --merge: two halves run side by side become one table, in recipe order; other seeds are refused
+    whole = json.loads((project / "bench" / "ablation.json").read_text())
+    halves = {"a": {"CLIP-only": whole["recipes"]["CLIP-only"]}, "b": {"DSMD (default)": whole["recipes"]["DSMD (default)"]}}
+    for name, recipes in halves.items():
+        (project / name).mkdir()
+        (project / name / "ablation.json").write_text(json.dumps({**whole, "recipes": recipes}))
+    merge = [sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--params", "params.yaml", "--out", "merged",
+             "--merge", "b/ablation.json", "a/ablation.json"]
+    done = _run(merge, project)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    merged = json.loads((project / "merged" / "ablation.json").read_text())
+    assert merged == whole and list(merged["recipes"]) == ["CLIP-only", "DSMD (default)"]
+    (project / "b" / "ablation.json").write_text(json.dumps({**whole, "seeds": [5, 6], "recipes": halves["b"]}))
+    refused = _run(merge, project)
+    assert refused.returncode != 0 and "b/ablation.json" in refused.stdout + refused.stderr
