@@ -22,7 +22,7 @@ from pipeline import data as data_mod
 from pipeline import atomic, store
 from pipeline.config import load_params
 
-from students import single_core, format_rows, jsonable, run_recipes, teacher_rsum
+from students import single_core, format_rows, jsonable, run_recipes, save_rsum_chart, teacher_rsum
 
 
 def plot(sizes, results, teacher, path: Path) -> None:
@@ -38,14 +38,7 @@ def plot(sizes, results, teacher, path: Path) -> None:
                     label="DSMD student" if loss == "dsmd" else "CLIP-only student")
     ax.axhline(teacher, color="#c44e52", linestyle="--", label=f"teacher {teacher:.1f}")
     ax.set_xscale("log")
-    ax.set_xlabel("target train images")
-    ax.set_ylabel("test RSUM (mean +/- std over seeds)")
-    ax.set_title("Distillation against training alone, by target data size")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_rsum_chart(fig, ax, "target train images", "Distillation against training alone, by target data size", path)
 
 
 def main() -> None:

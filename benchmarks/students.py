@@ -95,6 +95,20 @@ def bar_chart(rows: list[tuple[str, float, float]], teacher: float | None, path:
     plt.close(fig)
 
 
+def save_rsum_chart(fig, ax, xlabel: str, title: str, path: Path, **legend) -> None:
+    """Label an RSUM-against-x chart the same way in every benchmark and write it as PNG."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test RSUM (mean +/- std over seeds)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", **legend)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def format_rows(rows: list[tuple[str, float, float]], reference: float | None = None) -> str:
     lines = [f"{'recipe':28s} {'RSUM mean':>10s} {'std':>6s}" + ("  vs CLIP-only" if reference else "")]
     for name, mean, std in rows:

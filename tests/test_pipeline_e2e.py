@@ -103,8 +103,8 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
     ran = set(re.findall(r"Running stage '([^']+)'", second.stdout))
     assert ran == {"train_dsmd", "train_baseline", "evaluate", "export"}, second.stdout
 
-    # the ablation and scaling benchmarks, --quick, on this project's cached features
-    for script, key in (("ablation.py", "recipes"), ("scaling.py", "recipes")):
+    # the ablation, scaling and budget benchmarks, --quick, on this project's cached features
+    for script, key in (("ablation.py", "recipes"), ("scaling.py", "recipes"), ("budget.py", "recipes")):
         done = _run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--params", "params.yaml",
                      "--out", "bench"], project)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
