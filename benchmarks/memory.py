@@ -1,11 +1,11 @@
 """Corpora larger than memory: peak RSS of `dsmd train` and `dsmd mine` at N and 10N, loader throughput,
 the epoch time of streamed referenced shards against today's in-memory copies, and the disk they take.
 
-Each run is its own subprocess (`ru_maxrss` of that process alone). The corpus is synthetic: real tar
-shards of small PNGs (64 distinct images cycled) with 2-5 captions each, and features written as `dsmd
-extract` writes them (images referenced by byte offset, embeddings as Parquet + .npy) but with seeded
-random unit vectors for the teacher embeddings: memory and speed do not depend on what the vectors say,
-and running a teacher over 200k images would take this 2-core machine most of an hour.
+Each run is its own subprocess (its peak is `VmHWM`, of that process image alone). The corpus is synthetic:
+real tar shards of small PNGs (64 distinct images cycled) with 2-5 captions each, and features written as
+`dsmd extract` writes them (images referenced by byte offset, embeddings as Parquet + .npy) but with seeded
+random unit vectors for the teacher embeddings: memory and speed do not depend on what the vectors say, and
+running a teacher over 200k images would take this 2-core machine most of an hour.
 
     .venv/bin/python benchmarks/memory.py                 # N = 20000: ~10 minutes on 2 cores
     .venv/bin/python benchmarks/memory.py --n 2000 --steps 5   # quick
