@@ -19,14 +19,13 @@ by side (`--single-core --only ...` and `--single-core --only ... --skip CLIP-on
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from pipeline import atomic, store
 from pipeline.config import load_params
 
-from students import single_core, bar_chart, format_rows, jsonable, run_recipes, teacher_rsum
+from students import sweep_parser, single_core, bar_chart, format_rows, jsonable, run_recipes, teacher_rsum
 
 TERMS = ("feature", "similarity", "contrastive", "hard_negative", "affinity")
 LR_GRID = (0.002, 0.004)
@@ -59,14 +58,9 @@ def recipes(params: str) -> dict[str, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--quick", action="store_true", help="2 recipes, 10 steps each: a smoke test")
+    parser = sweep_parser(__doc__, "2 recipes, 10 steps each: a smoke test")
     parser.add_argument("--only", nargs="*", help="run only these recipe names (CLIP-only is always run)")
     parser.add_argument("--skip", nargs="*", default=[], help="leave out these recipe names")
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--single-core", action="store_true", help="one thread, no loader worker: for two sweeps side by side")
     parser.add_argument("--merge", nargs="+", help="ablation.json files of runs over the same features and seeds (two "
                                                    "halves run side by side): write their union; trains nothing")
     args = parser.parse_args()

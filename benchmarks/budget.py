@@ -14,12 +14,12 @@ seeds), DSMD / CLIP-only and DSMD / teacher, and writes `budget.json` and `budge
 training steps) in --out.
 
 Run time on the 2-core CPU, one core per student (`--single-core`, two sweeps side by side): about
-1.5-2 min per student at 20 epochs, so the whole grid (34 students x 2 seeds) takes about 2 h per core;
+1.5-2 min per student at 20 epochs, so the whole grid (12 rows x 2 losses x 2 seeds = 48 students)
+takes about 50 min per core;
 --quick trains the first row for 10 steps (a smoke test).
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import open_clip
@@ -27,7 +27,7 @@ import open_clip
 from pipeline import atomic
 from pipeline.config import load_params
 
-from students import jsonable, run_recipes, save_rsum_chart, single_core, teacher_rsum
+from students import sweep_parser, jsonable, run_recipes, save_rsum_chart, single_core, teacher_rsum
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 # (short name, open_clip config or None for params.yaml's, epoch counts, extra overrides)
@@ -86,13 +86,8 @@ def plot(table: list[dict], teacher: float, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser = sweep_parser(__doc__, "the first row, 10 steps, one seed: a smoke test")
     parser.add_argument("--only", nargs="*", help="run only these recipe names (e.g. 'dsmd t1 e25' 'clip t1 e25')")
-    parser.add_argument("--quick", action="store_true", help="the first row, 10 steps, one seed: a smoke test")
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--single-core", action="store_true", help="one thread, no loader worker: for two sweeps side by side")
     args = parser.parse_args()
     if args.single_core:
         single_core()

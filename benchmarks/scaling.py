@@ -13,7 +13,6 @@ about 25 min (19 min with --reuse of the ablation's full-size runs); --quick run
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -22,7 +21,7 @@ from pipeline import data as data_mod
 from pipeline import atomic, store
 from pipeline.config import load_params
 
-from students import single_core, format_rows, jsonable, run_recipes, save_rsum_chart, teacher_rsum
+from students import sweep_parser, single_core, format_rows, jsonable, run_recipes, save_rsum_chart, teacher_rsum
 
 
 def plot(sizes, results, teacher, path: Path) -> None:
@@ -42,13 +41,8 @@ def plot(sizes, results, teacher, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
+    parser = sweep_parser(__doc__, "2 sizes, 1 seed, 10 steps: a smoke test")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 3500, 5000])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--quick", action="store_true", help="2 sizes, 1 seed, 10 steps: a smoke test")
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--single-core", action="store_true", help="one thread, no loader worker: for two sweeps side by side")
     parser.add_argument("--reuse", nargs="*", help="ablation.json / scaling.json of the same params: runs of the same recipe, "
                                                    "steps and seeds found there (the ablation's CLIP-only and DSMD (default) "
                                                    "are the full-size points) are not trained again")

@@ -2,6 +2,7 @@
 them on the test split, each recipe over several seeds (mean and standard deviation of RSUM)."""
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import statistics
@@ -31,6 +32,17 @@ def student_rsum(student_dir: Path, features_dir: str, split: str) -> float:
 # Two sweeps side by side on a 2-core machine: each on one core, data loading in the main process,
 # (`--threads 1`) trains more students per hour than both fighting over two threads and a loader each.
 PROCESS_OVERRIDES: dict[str, Any] = {}
+
+
+def sweep_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every student sweep takes: --params, --seeds, --quick, --out, --single-core."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--single-core", action="store_true", help="one thread, no loader worker: for two sweeps side by side")
+    return parser
 
 
 def single_core() -> None:
