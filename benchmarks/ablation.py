@@ -88,7 +88,15 @@ def main() -> None:
 
 def merge(paths: list[str], order: dict[str, dict]) -> tuple[float, list[int], dict]:
     """The union of several ablation.json files, in recipe order; they must share the teacher and the seeds."""
-    parts = [json.loads(Path(p).read_text()) for p in paths]
+    parts = []
+    for path in paths:
+        try:
+            part = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{path}: cannot read an ablation.json here ({exc})") from None
+        if not {"seeds", "teacher_rsum", "recipes"} <= set(part):
+            raise SystemExit(f"{path}: not an ablation.json (needs seeds, teacher_rsum and recipes)")
+        parts.append(part)
     for path, part in zip(paths[1:], parts[1:]):
         if part["seeds"] != parts[0]["seeds"] or abs(part["teacher_rsum"] - parts[0]["teacher_rsum"]) > 1e-6:
             raise SystemExit(f"{path}: seeds or teacher differ from {paths[0]}'s; merge only runs on the same features and seeds")

@@ -131,3 +131,6 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
     (project / "b" / "ablation.json").write_text(json.dumps({**whole, "seeds": [5, 6], "recipes": halves["b"]}))
     refused = _run(merge, project)
     assert refused.returncode != 0 and "b/ablation.json" in refused.stdout + refused.stderr
+    (project / "b" / "ablation.json").write_text("{not json")
+    broken = _run(merge, project)
+    assert broken.returncode != 0 and "b/ablation.json: cannot read" in broken.stderr and "Traceback" not in broken.stderr
