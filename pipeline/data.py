@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from pipeline import schema, store
-from pipeline.augment import CorruptImageError, apply_view, decode_image
+from pipeline.augment import CorruptImageError, apply_view, decode_image, preprocess_batch
 from pipeline.config import Batching, ConfigError
 from pipeline.errors import PipelineError
 
@@ -294,6 +295,10 @@ def sample_rng(seed: int, epoch: int, image_id: int) -> np.random.Generator:
     return np.random.default_rng((seed, epoch, image_id))
 
 
+# Captions whose tokens TrainingDataset keeps: 262k x 77 int64 tokens is about 160 MiB per loader worker.
+TOKEN_CACHE_TEXTS = 2**18
+
+
 class TrainingDataset(torch.utils.data.Dataset):
     """Map-style over `(epoch, image_id)` keys: one caption of the image (drawn per epoch), the
     image decoded, with a stored view re-applied when one is drawn, then the student's preprocessing;
@@ -314,6 +319,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.use_views = use_views and data.num_views > 0
         self.negatives = negatives
+        self._token_rows: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return self.data.num_images
@@ -340,8 +346,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         chosen = np.array([self.choose(int(epoch), int(image_id)) for epoch, image_id in keys], dtype=np.int64).reshape(-1, 2)
         text_ids, views = chosen[:, 0], chosen[:, 1]
         batch = {
-            IMAGE: torch.stack([self._image(int(i), int(v)) for i, v in zip(image_ids, views)]),
-            TEXT: self.tokenizer([self.data.captions[t] for t in text_ids]),
+            IMAGE: preprocess_batch(self.preprocess, [self._image(int(i), int(v)) for i, v in zip(image_ids, views)]),
+            TEXT: self._tokens(text_ids),
             IMAGE_ID: torch.from_numpy(image_ids),
             TEXT_ID: torch.from_numpy(text_ids.copy()),
             VIEW_INDEX: torch.from_numpy(views.copy()),
@@ -357,14 +363,24 @@ class TrainingDataset(torch.utils.data.Dataset):
             batch.update(self._mined(image_ids, text_ids))
         return batch
 
-    def _image(self, image_id: int, view: int) -> torch.Tensor:
+    def _tokens(self, text_ids: np.ndarray) -> torch.Tensor:
+        """Each caption tokenised once and kept (open_clip's BPE tokenizer was a sixth of a CPU batch's
+        loading time), up to TOKEN_CACHE_TEXTS captions per worker; beyond that, per batch."""
+        if len(self._token_rows) >= TOKEN_CACHE_TEXTS:
+            return self.tokenizer([self.data.captions[t] for t in text_ids])
+        missing = [t for t in dict.fromkeys(text_ids.tolist()) if t not in self._token_rows]
+        if missing:
+            self._token_rows.update(zip(missing, self.tokenizer([self.data.captions[t] for t in missing])))
+        return torch.stack([self._token_rows[t] for t in text_ids.tolist()])
+
+    def _image(self, image_id: int, view: int) -> Image.Image:
         try:
             image = decode_image(self.data.image_bytes[image_id])
         except CorruptImageError as exc:
             raise DataError(f"{self.data.source}: image {image_id}: {exc}") from None
         if view >= 0:
             image = apply_view(image, self.data.view_params[image_id][view])
-        return self.preprocess(image)
+        return image
 
     def _mined(self, image_ids: np.ndarray, text_ids: np.ndarray) -> dict[str, torch.Tensor]:
         """Teacher embeddings of the mined negatives of each sample's image (i2t, i2i) and caption

@@ -8,7 +8,9 @@ import torch
 
 from pipeline import data as data_mod
 from pipeline import atomic, models, schema, store
-from pipeline.augment import apply_view, decode_image
+from PIL import Image
+
+from pipeline.augment import apply_view, decode_image, preprocess_batch
 from pipeline.config import ConfigError
 from tests.fakes import write_fake_features
 from tests.tiny_corpus import write_tiny_corpus
@@ -85,6 +87,42 @@ def test_one_caption_per_image_per_epoch_deterministic_and_changing(features, st
     np.testing.assert_allclose(item[data_mod.TEACHER_TEXT].numpy(), text_emb[text_id], atol=1e-3)
     other_seed = make_dataset(features, student, seed=4)
     assert [other_seed.choose(0, i)[0] for i in range(data.num_images)] != per_epoch[0]
+
+
+def test_batch_preprocess_is_bit_identical_to_per_image(student):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((20, 20), (31, 17), (8, 40))]
+    images.append(Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)))  # grey: converted to RGB first
+    expected = torch.stack([student.preprocess(image) for image in images])
+    assert torch.equal(preprocess_batch(student.preprocess, images), expected)
+    # any other pipeline runs image by image
+    flip = lambda image: student.preprocess(image).flip(-1)  # noqa: E731
+    assert torch.equal(preprocess_batch(flip, images), expected.flip(-1))
+
+
+def test_a_batch_equals_its_samples_and_tokenises_each_caption_once(features, student):
+    calls = []
+
+    def counting_tokenizer(texts):
+        calls.append(len(texts))
+        return student.tokenizer(texts)
+
+    data = data_mod.load_shards_data(features, "train")
+    dataset = data_mod.TrainingDataset(data, student.preprocess, counting_tokenizer, seed=0, use_views=True)
+    keys = [(0, i) for i in range(16)]
+    batch = dataset.__getitems__(keys)
+    assert calls == [16]
+    again = dataset.__getitems__(keys)
+    assert calls == [16]  # every caption already tokenised
+    assert torch.equal(again[data_mod.TEXT], batch[data_mod.TEXT])
+    for row, key in enumerate(keys):
+        text_id, view = dataset.choose(*key)
+        image = decode_image(data.image_bytes[key[1]])
+        if view >= 0:
+            image = apply_view(image, data.view_params[key[1]][view])
+        assert torch.equal(batch[data_mod.IMAGE][row], student.preprocess(image))
+        assert torch.equal(batch[data_mod.TEXT][row], student.tokenizer([data.captions[text_id]])[0])
+    assert set(batch[data_mod.VIEW_INDEX].tolist()) == {-1, 0, 1}  # crops of several sizes in one batch
 
 
 def test_stored_views_are_reapplied_with_their_teacher_embedding(features, student):
