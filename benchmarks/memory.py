@@ -33,7 +33,7 @@ from pipeline import atomic, corpus, schema, store  # noqa: E402
 from pipeline.extract import source_signature  # noqa: E402
 from pipeline.manifest import FieldMapping  # noqa: E402
 
-DIM = 256  # the demo teacher's embedding width
+DIM = 256  # a teacher embedding width twice the demo teacher's 128: the memory figures err on the large side
 PER_SHARD = 1000
 
 
