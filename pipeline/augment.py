@@ -42,8 +42,7 @@ def preprocess_batch(preprocess: Callable, images: Sequence[Image.Image]) -> tor
         return torch.stack([preprocess(image) for image in images])
     head = T.Compose(steps[:-2])
     pils = [head(image) for image in images]
-    first = pils[0] if pils else None
-    if not all(isinstance(p, Image.Image) and p.mode == "RGB" and p.size == first.size for p in pils):
+    if not all(isinstance(p, Image.Image) and p.mode == "RGB" and p.size == pils[0].size for p in pils):
         return torch.stack([steps[-1](steps[-2](p)) for p in pils])
     # ToTensor's own steps on a (B, H, W, C) uint8 stack: to CHW, to the default float dtype, / 255;
     # then Normalize in place (the same arithmetic, without two more batch-sized temporaries)

@@ -295,7 +295,7 @@ def sample_rng(seed: int, epoch: int, image_id: int) -> np.random.Generator:
     return np.random.default_rng((seed, epoch, image_id))
 
 
-# Captions whose tokens TrainingDataset keeps: 262k x 77 int64 tokens is about 160 MiB per loader worker.
+# Captions whose tokens TrainingDataset keeps: 262k x 77 int64 tokens is about 155 MiB per loader worker.
 TOKEN_CACHE_TEXTS = 2**18
 
 
@@ -366,12 +366,13 @@ class TrainingDataset(torch.utils.data.Dataset):
     def _tokens(self, text_ids: np.ndarray) -> torch.Tensor:
         """Each caption tokenised once and kept (open_clip's BPE tokenizer was a sixth of a CPU batch's
         loading time), up to TOKEN_CACHE_TEXTS captions per worker; beyond that, per batch."""
+        ids = text_ids.tolist()
         if len(self._token_rows) >= TOKEN_CACHE_TEXTS:
-            return self.tokenizer([self.data.captions[t] for t in text_ids])
-        missing = [t for t in dict.fromkeys(text_ids.tolist()) if t not in self._token_rows]
+            return self.tokenizer([self.data.captions[t] for t in ids])
+        missing = [t for t in dict.fromkeys(ids) if t not in self._token_rows]
         if missing:
             self._token_rows.update(zip(missing, self.tokenizer([self.data.captions[t] for t in missing])))
-        return torch.stack([self._token_rows[t] for t in text_ids.tolist()])
+        return torch.stack([self._token_rows[t] for t in ids])
 
     def _image(self, image_id: int, view: int) -> Image.Image:
         try:

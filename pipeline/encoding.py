@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import runtime, schema, store
-from pipeline.augment import CorruptImageError, decode_image
+from pipeline.augment import CorruptImageError, decode_image, preprocess_batch
 from pipeline.config import ConfigError
 from pipeline.models import LoadedModel
 from pipeline.progress import progress
@@ -26,15 +26,15 @@ def encode_images(loaded: LoadedModel, images: Sequence[bytes], batch_size: int,
     with torch.inference_mode(), runtime.autocast(device), \
             progress(len(images), f"encode {where}", "img", enabled=show_progress) as bar:
         for start in range(0, len(images), batch_size):
-            pixels = []
+            decoded = []
             for row in range(start, min(start + batch_size, len(images))):
                 try:
-                    pixels.append(loaded.preprocess(decode_image(images[row])))
+                    decoded.append(decode_image(images[row]))
                 except CorruptImageError as exc:
                     raise store.ShardError(f"{where}: image row {row}: {exc}") from None
-            emb = model.encode_image(torch.stack(pixels).to(device))
+            emb = model.encode_image(preprocess_batch(loaded.preprocess, decoded).to(device))
             chunks.append(F.normalize(emb.float(), dim=-1).cpu())
-            bar.update(len(pixels))
+            bar.update(len(decoded))
     return torch.cat(chunks).numpy().astype(np.float32, copy=False) if chunks else np.zeros((0, loaded.embed_dim), np.float32)
 
 
