@@ -38,7 +38,7 @@ IndexKind = _choices("IndexKind", "auto", "flat", "ivf", "hnsw", "ivfpq")
 BalancerMode = _choices("BalancerMode", "calibrated", "dynamic", "authors", "fixed", "uniform")
 MarginMode = _choices("MarginMode", "teacher", "fixed")
 LossMode = _choices("LossMode", "dsmd", "clip")
-Source = _choices("Source", "shards", "corpus")
+Source = _choices("Source", "shards", "corpus", "world")
 Batching = _choices("Batching", "random", "hard-negative-aware")
 ProjectionInit = _choices("ProjectionInit", "orthogonal", "default")
 DataLoading = _choices("DataLoading", "auto", "memory", "stream")
@@ -110,17 +110,33 @@ class OptimConfig(_Section):
     log_every: int = opt(10, "optimizer steps between log lines")
 
 
+def _pretrain_optim() -> "OptimConfig":
+    return OptimConfig(epochs=1.0, batch_size=256, lr=0.004, warmup_steps=150, num_workers=1, threads=2,
+                       checkpoint_every=100, log_every=20)
+
+
+@dataclass
+class PretrainConfig(_Section):
+    """`dsmd pretrain`: the demo teacher's pretraining on the synthetic world of the corpus section."""
+
+    world_images: int = opt(819200, "fresh scenes of the world the teacher sees, each once: rendered in the loader "
+                            "workers, never written (the target corpus is 5,000 images)")
+    work_dir: str = opt("outputs/teacher-pretrain", "the run's checkpoint and logs (resumable with --resume)")
+    out_dir: str = opt("pipeline/pretrained/dsmd-demo-teacher", "the open_clip local-dir folder written at the end "
+                       "(safetensors, open_clip_config.json, card.json): where `pretrained: demo` finds it")
+    optim: OptimConfig = opt(doc="the pretraining loop", factory=_pretrain_optim)
+
+
 @dataclass
 class TeacherConfig(_Section):
-    """`dsmd teacher`: which open_clip model is the teacher; with `pretrained: demo`, how to pretrain it here."""
+    """`dsmd teacher`: which open_clip model is the teacher and where its weights come from."""
 
     model: str = opt("dsmd-demo-teacher", "open_clip model config of the teacher (ViT-L-14, hf-hub:org/name, ...)")
-    pretrained: str = opt("demo", "demo (pretrain on the corpus here), an open_clip tag (openai), hf-hub:org/name, "
-                          "a local checkpoint path, or \"\" for random weights (tests only)")
-    out_dir: str = opt("outputs/teacher", "where the teacher's checkpoint and identity go")
-    manifest: str = opt("data/synthetic/manifest.yaml", "corpus manifest the demo teacher pretrains on")
-    split: str = opt("web", "the manifest split the demo teacher pretrains on (the students never see it)")
-    optim: OptimConfig = opt(doc="the demo teacher's optimisation loop", factory=OptimConfig)
+    pretrained: str = opt("demo", "demo (the weights shipped in pipeline/pretrained/<model>, made by `dsmd pretrain`), "
+                          "an open_clip tag (openai), hf-hub:org/name, local-dir:<folder>, a local checkpoint path, "
+                          "or \"\" for random weights (tests only)")
+    out_dir: str = opt("outputs/teacher", "where the teacher's identity goes")
+    pretrain: PretrainConfig = opt(doc="`dsmd pretrain`: how the demo teacher was made", factory=PretrainConfig)
 
 
 @dataclass
@@ -227,7 +243,8 @@ class TrainConfig(_Section):
     model: str = opt("dsmd-tiny-student", "open_clip model config of the student")
     pretrained: str = opt("", "initial student weights: \"\" = random, or a checkpoint path")
     loss: LossMode = opt(LossMode.dsmd, "dsmd (distillation + task loss) or clip (CLIP loss alone)")
-    source: Source = opt(Source.shards, "shards (the features) or corpus (the manifest's WebDataset shards; clip loss only)")
+    source: Source = opt(Source.shards, "shards (the features), corpus (the manifest's WebDataset shards; clip loss "
+                         "only) or world (the synthetic world rendered on the fly: `dsmd pretrain` only)")
     features_dir: str = opt("outputs/features", "cached teacher features written by `dsmd extract`")
     negatives_dir: str = opt("outputs/negatives", "mined hard negatives written by `dsmd mine`")
     manifest: str = opt("data/synthetic/manifest.yaml", "corpus manifest used with source corpus")
@@ -239,6 +256,8 @@ class TrainConfig(_Section):
     use_views: bool = opt(True, "re-apply stored augmentation views when the shards have them")
     projection_init: ProjectionInit = opt(ProjectionInit.orthogonal, "the student -> teacher width projection starts with "
                                           "orthonormal columns (orthogonal) or as torch's default Linear init (default)")
+    init_logit_scale: float = opt(0.0, "the CLIP logit scale (1 / temperature) the student starts from; 0 = the model "
+                                  "config's (open_clip: 1 / 0.07 = 14.3)")
     max_images: int = opt(0, "> 0: train on the first max_images images of the split only; mined negatives outside "
                           "them are dropped")
     data_loading: DataLoading = opt(DataLoading.auto, "the teacher embeddings (source shards): memory (loaded whole), "

@@ -375,8 +375,11 @@ class TrainingDataset(torch.utils.data.Dataset):
         return torch.stack([self._token_rows[t] for t in ids])
 
     def _image(self, image_id: int, view: int) -> Image.Image:
+        raw = self.data.image_bytes[image_id]
+        if isinstance(raw, Image.Image):  # the world source (pipeline.pretrain) renders instead of decoding
+            return raw
         try:
-            image = decode_image(self.data.image_bytes[image_id])
+            image = decode_image(raw)
         except CorruptImageError as exc:
             raise DataError(f"{self.data.source}: image {image_id}: {exc}") from None
         if view >= 0:

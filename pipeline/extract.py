@@ -497,6 +497,7 @@ def extract(cfg: ExtractConfig, teacher_cfg: TeacherConfig, overwrite: bool = Fa
     if dist_info.is_main:
         atomic.prepare_output_dir(cfg.out_dir, _bytes_needed([u for spec in [*specs.values(), *tasks] for u in spec.shards]))
     teacher = load_teacher(teacher_cfg, device=device)
+    models.check_world(teacher.identity, manifest.world, str(cfg.manifest))
     teacher.model.eval()
     info = _run_info(teacher, manifest.sha256, cfg)
     results = {}

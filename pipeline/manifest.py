@@ -3,6 +3,7 @@
 ```yaml
 name: synthetic-shapes
 description: free text
+world: {name: synthetic-shapes, version: 3}   # optional: a generated corpus's world (see pipeline/synthetic.py)
 fields:
   image: [png, jpg, jpeg, webp]        # extensions tried in order; the first one present is the image
   captions: {source: txt}              # txt: one caption a line (blank lines ignored)
@@ -40,7 +41,7 @@ class ManifestError(PipelineError):
     """A manifest that is missing, malformed or names shards that do not exist; the message names the file."""
 
 
-TOP_LEVEL_KEYS = ("name", "description", "fields", "splits", "classification")
+TOP_LEVEL_KEYS = ("name", "description", "world", "fields", "splits", "classification")
 TASK_KEYS = ("root", "split", "shards", "classnames", "templates", "num_samples")
 # CLIP_benchmark's file names inside a task's root
 CLASSNAMES_FILE = "classnames.txt"
@@ -93,6 +94,7 @@ class Manifest:
     splits: dict[str, SplitSpec]
     sha256: str  # of the manifest file's bytes: recorded in every output derived from it
     classification: dict[str, TaskSpec] = field(default_factory=dict)
+    world: dict | None = None  # a generated corpus's world (name, version, ...); a teacher pretrained on one checks it
 
     def split(self, name: str) -> SplitSpec:
         if name not in self.splits:
@@ -276,6 +278,10 @@ def load_manifest(path: str | Path) -> Manifest:
     if not isinstance(description, str):
         raise _fail(path, f"'description' must be a string, got {description!r}")
 
+    world = data.get("world")
+    if world is not None and not (isinstance(world, dict) and isinstance(world.get("name"), str) and "version" in world):
+        raise _fail(path, f"'world' must be a mapping with a name and a version, got {world!r}")
+
     fields = _parse_fields(path, data.get("fields"))
 
     splits_data = data.get("splits")
@@ -305,6 +311,7 @@ def load_manifest(path: str | Path) -> Manifest:
         splits=splits,
         sha256=hashlib.sha256(raw).hexdigest(),
         classification=tasks,
+        world=world,
     )
 
 

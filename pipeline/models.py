@@ -22,6 +22,7 @@ from pipeline import atomic
 from pipeline.errors import PipelineError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"  # shipped demo weights, one open_clip local-dir folder a model
 
 _registered = False
 
@@ -49,16 +50,45 @@ class LoadedModel:
     image_size: int
 
 
-def resolve_pretrained(pretrained: str, demo_dir: str | Path | None = None) -> str:
-    """Map `pretrained` to what open_clip takes: `demo` -> the demo teacher's checkpoint file."""
+def demo_dir(model_name: str) -> Path:
+    """Where `pretrained: demo` finds `model_name`'s shipped weights (written by `dsmd pretrain`)."""
+    return PRETRAINED_DIR / model_name
+
+
+def resolve_pretrained(pretrained: str, model_name: str = "") -> str:
+    """Map `pretrained` to what open_clip takes: `demo` -> the shipped demo weights of `model_name`."""
     if pretrained == "demo":
-        if demo_dir is None:
-            raise ModelError("pretrained 'demo' needs the teacher's out_dir")
-        path = Path(demo_dir) / names.WEIGHTS_FILE
-        if not path.exists():
-            raise ModelError(f"demo teacher checkpoint {path} not found: run `dsmd teacher` first")
+        path = demo_dir(model_name) / names.SAFETENSORS_FILE
+        if not path.is_file():
+            raise ModelError(f"no demo weights for {model_name!r} at {path}: ship them with `dsmd pretrain` "
+                             f"(shipped: {sorted(p.name for p in PRETRAINED_DIR.glob('*/') if p.is_dir())})")
         return str(path)
     return pretrained
+
+
+def demo_card(weights: str) -> dict | None:
+    """The card beside a demo teacher's weights (a file or a `local-dir:` folder): samples seen, world, sha256."""
+    if not weights:
+        return None
+    folder = Path(weights[len("local-dir:"):]) if weights.startswith("local-dir:") else Path(weights).parent
+    card = folder / names.DEMO_CARD
+    data = json.loads(card.read_text()) if card.is_file() else None
+    return data if isinstance(data, dict) and isinstance(data.get("world"), dict) else None
+
+
+def check_world(identity: dict, world: dict | None, where: str) -> None:
+    """A teacher pretrained on the synthetic world understands only its version: refuse another's corpus."""
+    trained_on = identity.get("world")
+    if not trained_on or not world:
+        return
+    same = (trained_on.get("name"), trained_on.get("version")) == (world.get("name"), world.get("version"))
+    if same and trained_on.get("fingerprint") and world.get("fingerprint"):
+        same = trained_on["fingerprint"] == world["fingerprint"]  # the generator changed without a version bump
+    if not same:
+        raise ModelError(
+            f"{where} is world {world.get('name')} v{world.get('version')}, but the teacher {identity.get('model')} was "
+            f"pretrained on {trained_on.get('name')} v{trained_on.get('version')}: regenerate the corpus with this "
+            f"code's generator, or pretrain a teacher on this world (`dsmd pretrain`)")
 
 
 def _preprocess_description(model: torch.nn.Module) -> dict:
@@ -191,7 +221,11 @@ def load_identity_file(path: str | Path) -> dict:
 
 def load_teacher(cfg, device: str | torch.device = "cpu") -> LoadedModel:
     """The teacher of `cfg` (pipeline.config.TeacherConfig): its open_clip model with the weights
-    `teacher.pretrained` names (`demo` = the demo teacher's checkpoint in `teacher.out_dir`)."""
-    loaded = load_model(cfg.model, resolve_pretrained(cfg.pretrained, cfg.out_dir), device=device)
+    `teacher.pretrained` names (`demo` = the shipped demo weights of `teacher.model`)."""
+    weights = resolve_pretrained(cfg.pretrained, cfg.model)
+    loaded = load_model(cfg.model, weights, device=device)
     loaded.identity["pretrained_source"] = cfg.pretrained or None
+    card = demo_card(weights if cfg.pretrained else cfg.model)
+    if card is not None:
+        loaded.identity["world"] = card["world"]
     return loaded

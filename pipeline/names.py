@@ -4,6 +4,7 @@ names are in `schema.py`). Readers and writers import them from here."""
 # an open_clip model folder (teacher, student): loadable with open_clip's `local-dir:` schema
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"  # state dict (torch.load(weights_only=True))
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # model_name, model_cfg, preprocess_cfg
+DEMO_CARD = "card.json"  # beside shipped demo weights: samples seen, world, wall time, sha256
 IDENTITY_FILE = "teacher_identity.json"  # in the teacher folder: what every Parquet file records
 
 # a training run's folder (student, or demo teacher)

@@ -100,6 +100,9 @@ def build_student(cfg: TrainConfig, teacher_dim: Optional[int], device: torch.de
     starts from the same weights) with a projection when distilling into a different width."""
     runtime.seed_everything(cfg.optim.seed)
     loaded = models.load_model(cfg.model, cfg.pretrained, device="cpu")
+    if cfg.init_logit_scale > 0:  # where CLIP from scratch on small batches may stall: a knob to tune
+        with torch.no_grad():
+            loaded.model.logit_scale.fill_(math.log(cfg.init_logit_scale))
     projection = None
     distills = cfg.loss == "dsmd" and any(getattr(cfg.distill, n) for n in LOSS_NAMES if n != "task")
     if distills and teacher_dim is not None and teacher_dim != loaded.embed_dim:
@@ -398,19 +401,24 @@ def _check_config(cfg: TrainConfig) -> None:
                           f"max_steps {cfg.optim.max_steps}")
     if cfg.max_images < 0:
         raise ConfigError(f"train.max_images must be >= 0 (0 = all), got {cfg.max_images}")
+    if not 0 <= cfg.init_logit_scale <= 100:
+        raise ConfigError(f"train.init_logit_scale must be in (0, 100] (or 0: the model's), got {cfg.init_logit_scale}")
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, world: Optional[data_mod.TrainingData] = None) -> dict:
     """Train the student described by `cfg`; returns the run summary (also in train_summary.json).
 
     loss dsmd: the DSMD terms on cached teacher embeddings plus the CLIP task loss.
-    loss clip: the CLIP loss alone, from the shards (teacher embeddings ignored) or from the corpus.
+    loss clip: the CLIP loss alone, from the shards (teacher embeddings ignored), the corpus, or (source
+    world) `world`, the synthetic world rendered on the fly (`pretrain.load_world_data`).
     """
     _check_config(cfg)
+    if (cfg.source == "world") != (world is not None):
+        raise ConfigError("train.source world is the demo teacher's pretraining (`dsmd pretrain`), with its world data")
     owns_process_group = not (dist.is_available() and dist.is_initialized())
     info = runtime.init_distributed(cfg.optim.device)
     try:
-        return _train(cfg, resume, info)
+        return _train(cfg, resume, info, world)
     finally:
         if owns_process_group and info.distributed:
             runtime.shutdown_distributed()
@@ -429,9 +437,11 @@ class _Inputs:
     steps: int
 
 
-def _load_inputs(cfg: TrainConfig) -> _Inputs:
+def _load_inputs(cfg: TrainConfig, world: Optional[data_mod.TrainingData] = None) -> _Inputs:
     distill = cfg.loss == "dsmd"
-    if cfg.source == "shards":
+    if world is not None:
+        data, fingerprint = world, None
+    elif cfg.source == "shards":
         stream = cfg.data_loading == "stream" or (
             cfg.data_loading == "auto" and data_mod.embeddings_bytes(cfg.features_dir, cfg.split) > cfg.stream_above_mb * 2**20)
         log.info("teacher embeddings of split %s: %s", cfg.split, "read per batch (streaming)" if stream else "in memory")
@@ -508,7 +518,7 @@ def _batches(cfg: TrainConfig, inputs: _Inputs, loaded, start_step: int, info: r
     return sampler, loader
 
 
-def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
+def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo, world: Optional[data_mod.TrainingData]) -> dict:
     started = time.perf_counter()
     optim = cfg.optim
     device = runtime.device_for(info, optim.device)
@@ -518,7 +528,7 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo) -> dict:
         atomic.prepare_output_dir(out_dir)  # writable, no temporaries of killed runs
 
     # inputs, then the student, its projection, the losses, AdamW and the schedule
-    inputs = _load_inputs(cfg)
+    inputs = _load_inputs(cfg, world)
     loaded, ctx = build_context(cfg, inputs.teacher_dim, inputs.steps, device, info.distributed)
     if info.is_main:  # a checkpoint holds the weights and AdamW's two moments; the student its weights
         weight_bytes = sum(p.numel() * p.element_size() for group in ctx.optimizer.param_groups for p in group["params"])

@@ -1,4 +1,4 @@
-"""`dsmd teacher`: resolve the teacher; with `pretrained: demo`, pretrain the demo teacher on the corpus."""
+"""`dsmd teacher`: resolve the teacher (an open_clip tag, hf-hub:, local-dir:, a checkpoint, or the shipped demo) and record its identity."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,14 +21,12 @@ def main(
     model: Optional[str] = typer.Option(None, help=option_help("teacher", "model")),
     pretrained: Optional[str] = typer.Option(None, help=option_help("teacher", "pretrained")),
     out_dir: Optional[str] = typer.Option(None, help=option_help("teacher", "out_dir")),
-    manifest: Optional[str] = typer.Option(None, help=option_help("teacher", "manifest")),
-    resume: bool = typer.Option(False, "--resume/--no-resume", help="continue an interrupted demo-teacher pretraining from its checkpoint"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
-    """Write the teacher's identity (and, for `demo`, its pretrained weights) to the teacher directory."""
+    """Load the teacher once and write its identity to the teacher directory (nothing is trained)."""
     with user_errors():
-        cfg = stage_config(params, "teacher", {"model": model, "pretrained": pretrained, "out_dir": out_dir, "manifest": manifest}, set_)
-        identity = prepare_teacher(cfg, resume=resume)
+        cfg = stage_config(params, "teacher", {"model": model, "pretrained": pretrained, "out_dir": out_dir}, set_)
+        identity = prepare_teacher(cfg)
         where = Path(cfg.out_dir) / IDENTITY_FILE
         typer.echo(f"teacher {identity.get('model')} ({cfg.pretrained or 'random weights'}): identity in {where}")
 

@@ -1,8 +1,8 @@
 """The whole pipeline through DVC and the CLIs, with tiny configs, in a temporary project.
 
-Runs `dvc repro` on the repository's own dvc.yaml (corpus -> teacher -> extract -> mine -> train x2 ->
-evaluate -> export), checks the metrics file, then changes a `train.*` param and checks that only the training
-stages and evaluation run again.
+Pretrains a tiny demo teacher with `dsmd pretrain` (as the shipped one was made), then runs `dvc repro` on the
+repository's own dvc.yaml (corpus -> teacher -> extract -> mine -> train x2 -> evaluate -> export) with it, checks
+the metrics file, then changes a `train.*` param and checks that only the training stages and evaluation run again.
 """
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 TINY_PARAMS = {
     "corpus": {"out_dir": "data/synthetic", "train_images": 192, "val_images": 32, "test_images": 48,
-               "web_images": 128, "image_size": 32, "samples_per_shard": 64},
-    "teacher": {"model": "dsmd-test-teacher", "pretrained": "demo", "out_dir": "outputs/teacher",
-                "manifest": "data/synthetic/manifest.yaml",
-                "optim": {"max_steps": 8, "batch_size": 32, "warmup_steps": 1, "threads": 1, "lr": 0.002}},
+               "web_images": 0, "image_size": 32, "samples_per_shard": 64},
+    "teacher": {"model": "dsmd-test-teacher", "pretrained": "teacher-demo/open_clip_model.safetensors",
+                "out_dir": "outputs/teacher",
+                "pretrain": {"world_images": 256, "work_dir": "teacher-run", "out_dir": "teacher-demo",
+                             "optim": {"batch_size": 32, "warmup_steps": 1, "threads": 1, "lr": 0.002,
+                                       "num_workers": 0}}},
     "extract": {"manifest": "data/synthetic/manifest.yaml", "out_dir": "outputs/features", "batch_size": 64,
                 "num_workers": 0, "threads": 1},
     "mine": {"features_dir": "outputs/features", "out_dir": "outputs/negatives", "k": 4, "threads": 1},
@@ -58,12 +60,17 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
     shutil.copytree(REPO / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     (project / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     assert _dvc("init", "--no-scm", "-q", cwd=project).returncode == 0
+    pretrained = _run(["dsmd", "pretrain", "--params", "params.yaml"], project)
+    assert pretrained.returncode == 0, pretrained.stdout[-3000:] + pretrained.stderr[-3000:]
+    assert json.loads((project / "teacher-demo" / "card.json").read_text())["samples_seen"] == 256
 
     first = _dvc("repro", cwd=project)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     metrics = json.loads((project / "outputs" / "metrics.json").read_text())
     teacher_rsum = metrics["teacher"]["rsum"]
+    identity = json.loads((project / "outputs" / "teacher" / "teacher_identity.json").read_text())
+    assert identity["world"]["version"] == json.loads((project / "teacher-demo" / "card.json").read_text())["world"]["version"]
     assert 0 < teacher_rsum <= 600
     for name in ("dsmd", "baseline"):
         student = metrics["students"][name]
