@@ -7,7 +7,9 @@ output so that features from different teachers are never mixed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pickle
 from dataclasses import dataclass
@@ -145,6 +147,26 @@ def _embed_dim(model: torch.nn.Module) -> int:
         return int(model.encode_image(torch.zeros(1, 3, size, size)).shape[-1])
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _random_init_expected(expected: bool):
+    """open_clip warns on the root logger when a model starts from random weights; for a student (or a test
+    model) that is the intended start, so say nothing then. Any other warning still shows."""
+    if not expected:
+        yield
+        return
+    root, quiet = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def load_model(model_name: str, pretrained: str = "", device: str | torch.device = "cpu") -> LoadedModel:
     """Create an open_clip model with weights from `pretrained` (already resolved, see resolve_pretrained)."""
     register_model_configs()
@@ -165,9 +187,10 @@ def load_model(model_name: str, pretrained: str = "", device: str | torch.device
                 f"pretrained {pretrained!r} for {model_name!r} is neither a file nor a known tag {tags}"
             )
     try:
-        model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained or None, device=device, weights_only=True
-        )
+        with _random_init_expected(not pretrained):
+            model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained or None, device=device, weights_only=True
+            )
     except (RuntimeError, ValueError, OSError, KeyError, EOFError, pickle.UnpicklingError) as exc:
         # a foreign or damaged weights file fails deep in torch/pickle: name it
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__

@@ -1,0 +1,156 @@
+"""Does the DSMD student's lead survive more training? Both students (CLIP-only and DSMD, the train section
+of params.yaml otherwise) at several training budgets, each a full run with its own schedule, over several
+seeds, from ONE set of cached features; the teacher as a line.
+
+    python benchmarks/convergence.py [--params params.yaml] [--seeds 0 1 2] [--multiples 0.5 1 2 3]
+                                     [--losses clip dsmd] [--single-core] [--out benchmarks/results]
+    python benchmarks/convergence.py --assemble A/convergence.clip.json B/convergence.dsmd.json
+
+Each budget is a multiple of the default (params.yaml's train.optim.epochs). `--losses clip` and `--losses
+dsmd` with `--single-core` run the two halves side by side on two cores; each writes convergence.<loss>.json,
+and `--assemble` joins them. With both losses it writes `convergence.json` directly, in this shape:
+
+    {"teacher_rsum": float, "default_steps": int, "seeds": [int],
+     "budgets": [{"steps": int, "clip": {"runs": [float], "mean": float, "std": float}, "dsmd": {...}}]}
+
+and `convergence.png` (test RSUM against training steps). It prints the issue's checks: teacher / CLIP-only's
+best, DSMD / CLIP-only at the default budget and best against best, each gap against 3 combined standard
+deviations, and DSMD's spread as a share of its mean.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from pipeline import atomic
+from pipeline.config import load_params
+from pipeline.data import total_steps
+
+from students import jsonable, run_recipe, save_rsum_chart, single_core, sweep_parser, teacher_rsum
+
+LOSSES = ("clip", "dsmd")
+
+
+def overrides(loss: str, epochs: float) -> dict:
+    extra = {"batching": "random"} if loss == "clip" else {}
+    return {"loss": loss, "optim.epochs": epochs, "val_every": 0, "live_dir": "", **extra}
+
+
+def run_half(params: str, loss: str, multiples: list[float], seeds: list[int], out: Path, extra: dict | None = None) -> dict:
+    """{multiple: {"steps", "runs"}} for one loss; written after every run, so a killed sweep keeps its figures."""
+    base = load_params(params).train
+    half: dict = {"loss": loss, "seeds": seeds, "default_epochs": base.optim.epochs, "budgets": {}}
+    for multiple in multiples:
+        runs = []
+        for seed in seeds:
+            run = run_recipe(params, {**overrides(loss, base.optim.epochs * multiple), **(extra or {})}, seed,
+                             out / f"convergence-runs-{loss}")
+            runs.append(run["rsum"])
+            print(f"{loss:4s} x{multiple:<4g} ({run['steps']} steps) seed {seed}: RSUM {run['rsum']:.1f} "
+                  f"({run['seconds']:.0f} s)", flush=True)
+            half["budgets"][str(multiple)] = {"steps": run["steps"], "runs": runs}
+            atomic.atomic_write_json(jsonable(half), out / f"convergence.{loss}.json")
+    return half
+
+
+def summary(runs: list[float]) -> dict:
+    return {"runs": runs, "mean": statistics.fmean(runs), "std": statistics.stdev(runs) if len(runs) > 1 else 0.0}
+
+
+def assemble(halves: dict[str, dict], teacher: float, default_steps: int) -> dict:
+    seeds = {tuple(h["seeds"]) for h in halves.values()}
+    if len(seeds) != 1:
+        raise SystemExit(f"the halves were run with different seeds: {sorted(seeds)}")
+    multiples = sorted(set.intersection(*(set(h["budgets"]) for h in halves.values())), key=float)
+    budgets = [{"steps": halves["clip"]["budgets"][m]["steps"], "multiple": float(m),
+                **{loss: summary(halves[loss]["budgets"][m]["runs"]) for loss in LOSSES}} for m in multiples]
+    return {"teacher_rsum": teacher, "default_steps": default_steps, "seeds": list(seeds.pop()), "budgets": budgets}
+
+
+def checks(result: dict) -> list[str]:
+    """The issue's targets, read back from the JSON alone."""
+    budgets, teacher = result["budgets"], result["teacher_rsum"]
+    default = next(b for b in budgets if b["steps"] == result["default_steps"])
+    best = {loss: max(budgets, key=lambda b: b[loss]["mean"])[loss] for loss in LOSSES}
+
+    def gap(a: dict, b: dict) -> str:
+        combined = 3 * math.sqrt(a["std"] ** 2 + b["std"] ** 2)
+        return f"gap {a['mean'] - b['mean']:.1f} vs 3 combined std {combined:.1f}: {'yes' if a['mean'] - b['mean'] > combined else 'NO'}"
+
+    dsmd = default["dsmd"]
+    return [
+        f"teacher / CLIP-only's best:        {teacher / best['clip']['mean']:.3f} (target >= 1.15)",
+        f"DSMD / CLIP-only, default budget:  {dsmd['mean'] / default['clip']['mean']:.3f} (target >= 1.10); {gap(dsmd, default['clip'])}",
+        f"DSMD's best / CLIP-only's best:    {best['dsmd']['mean'] / best['clip']['mean']:.3f} (target >= 1.07); {gap(best['dsmd'], best['clip'])}",
+        f"DSMD / teacher, default budget:    {dsmd['mean'] / teacher:.3f} (target >= 0.90)",
+        f"DSMD's seed spread, default:       {100 * dsmd['std'] / dsmd['mean']:.2f}% of its mean (target <= 2%)",
+    ]
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    steps = [b["steps"] for b in result["budgets"]]
+    for loss, colour, label in (("dsmd", "#4c72b0", "DSMD student"), ("clip", "#8c8c8c", "CLIP-only student")):
+        ax.errorbar(steps, [b[loss]["mean"] for b in result["budgets"]], yerr=[b[loss]["std"] for b in result["budgets"]],
+                    marker="o", capsize=3, color=colour, label=label)
+    ax.axhline(result["teacher_rsum"], color="#c44e52", linestyle="--", label=f"teacher {result['teacher_rsum']:.1f}")
+    ax.axvline(result["default_steps"], color="#bbbbbb", linestyle=":", label="default budget")
+    save_rsum_chart(fig, ax, "training steps", f"Convergence, seeds {result['seeds']}", path)
+
+
+def main() -> None:
+    parser = sweep_parser(__doc__, "two budgets of 10 steps, one seed: a smoke test")
+    parser.set_defaults(seeds=[0, 1, 2])
+    parser.add_argument("--multiples", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0])
+    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
+    parser.add_argument("--assemble", nargs=2, metavar="HALF", help="join convergence.clip.json and convergence.dsmd.json")
+    args = parser.parse_args()
+    out = Path(args.out)
+    train = load_params(args.params).train
+    from pipeline.data import load_shards_data
+
+    num_images = load_shards_data(train.features_dir, "train", with_teacher=False).num_images if train.max_images == 0 else train.max_images
+    default_steps = total_steps(num_images, train.optim.batch_size, train.optim.epochs, train.optim.max_steps)
+    if args.assemble:
+        halves = {}
+        for path in args.assemble:
+            try:
+                half = json.loads(Path(path).read_text())
+            except (OSError, ValueError) as exc:
+                sys.exit(f"{path}: cannot read ({exc})")
+            halves[half.get("loss")] = half
+        if set(halves) != set(LOSSES):
+            sys.exit(f"--assemble needs one half per loss {LOSSES}, got {sorted(map(str, halves))}")
+    else:
+        if args.single_core:
+            single_core()
+        multiples, seeds, extra = args.multiples, args.seeds, {}
+        if args.quick:
+            multiples, seeds, extra = multiples[:2], seeds[:1], {"optim.max_steps": 10, "optim.batch_size": 32}
+        halves = {loss: run_half(args.params, loss, multiples, seeds, out, extra) for loss in args.losses}
+        if set(halves) != set(LOSSES):
+            print(f"wrote {out}/convergence.{args.losses[0]}.json: join the other half with --assemble")
+            return
+    result = assemble(halves, teacher_rsum(train.features_dir, "test"), default_steps)
+    print(f"teacher RSUM {result['teacher_rsum']:.1f}; seeds {result['seeds']}; default {default_steps} steps")
+    print(f"{'steps':>6s} {'CLIP-only':>16s} {'DSMD':>16s} {'DSMD/CLIP':>9s}")
+    for b in result["budgets"]:
+        print(f"{b['steps']:6d} {b['clip']['mean']:9.1f} +/-{b['clip']['std']:5.1f} {b['dsmd']['mean']:9.1f} "
+              f"+/-{b['dsmd']['std']:5.1f} {b['dsmd']['mean'] / b['clip']['mean']:9.3f}")
+    if any(b["steps"] == default_steps for b in result["budgets"]):
+        print("\n".join(checks(result)))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.atomic_write_json(jsonable(result), out / "convergence.json")
+    plot(result, out / "convergence.png")
+    print(f"wrote {out / 'convergence.json'} and {out / 'convergence.png'}")
+
+
+if __name__ == "__main__":
+    main()
