@@ -4,7 +4,7 @@ seeds, from ONE set of cached features; the teacher as a line.
 
     python benchmarks/convergence.py [--params params.yaml] [--seeds 0 1 2] [--multiples 0.5 1 2 3]
                                      [--losses clip dsmd] [--single-core] [--out benchmarks/results]
-    python benchmarks/convergence.py --assemble A/convergence.clip.json B/convergence.dsmd.json
+    python benchmarks/convergence.py --assemble A/convergence.clip.json B/convergence.dsmd.json [C/convergence.dsmd.json]
 
 Each budget is a multiple of the default (params.yaml's train.optim.epochs). `--losses clip` and `--losses
 dsmd` with `--single-core` run the two halves side by side on two cores; each writes convergence.<loss>.json,
@@ -60,6 +60,23 @@ def summary(runs: list[float]) -> dict:
     return {"runs": runs, "mean": statistics.fmean(runs), "std": statistics.stdev(runs) if len(runs) > 1 else 0.0}
 
 
+def merge(parts: list[dict]) -> dict[str, dict]:
+    """One half per loss from partial files (a loss's seeds may be split over several processes): {loss: half},
+    each half's runs keyed by seed. Only budgets every seed of a loss finished are kept."""
+    halves: dict[str, dict] = {}
+    for part in parts:
+        half = halves.setdefault(part["loss"], {"loss": part["loss"], "seeds": [], "budgets": {}})
+        for multiple, budget in part["budgets"].items():
+            slot = half["budgets"].setdefault(multiple, {"steps": budget["steps"], "by_seed": {}})
+            slot["by_seed"].update(zip(part["seeds"], budget["runs"]))
+        half["seeds"] += [s for s in part["seeds"] if s not in half["seeds"]]
+    for half in halves.values():
+        half["seeds"].sort()
+        half["budgets"] = {m: {"steps": b["steps"], "runs": [b["by_seed"][s] for s in half["seeds"]]}
+                           for m, b in half["budgets"].items() if set(b["by_seed"]) == set(half["seeds"])}
+    return halves
+
+
 def assemble(halves: dict[str, dict], teacher: float, default_steps: int) -> dict:
     seeds = {tuple(h["seeds"]) for h in halves.values()}
     if len(seeds) != 1:
@@ -110,7 +127,8 @@ def main() -> None:
     parser.set_defaults(seeds=[0, 1, 2])
     parser.add_argument("--multiples", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0])
     parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
-    parser.add_argument("--assemble", nargs=2, metavar="HALF", help="join convergence.clip.json and convergence.dsmd.json")
+    parser.add_argument("--assemble", nargs="+", metavar="PART", help="join convergence.<loss>.json files (a loss's seeds "
+                        "may be split over several)")
     args = parser.parse_args()
     out = Path(args.out)
     train = load_params(args.params).train
@@ -119,13 +137,13 @@ def main() -> None:
     num_images = load_shards_data(train.features_dir, "train", with_teacher=False).num_images if train.max_images == 0 else train.max_images
     default_steps = total_steps(num_images, train.optim.batch_size, train.optim.epochs, train.optim.max_steps)
     if args.assemble:
-        halves = {}
+        parts = []
         for path in args.assemble:
             try:
-                half = json.loads(Path(path).read_text())
+                parts.append(json.loads(Path(path).read_text()))
             except (OSError, ValueError) as exc:
                 sys.exit(f"{path}: cannot read ({exc})")
-            halves[half.get("loss")] = half
+        halves = merge(parts)
         if set(halves) != set(LOSSES):
             sys.exit(f"--assemble needs one half per loss {LOSSES}, got {sorted(map(str, halves))}")
     else:

@@ -23,6 +23,7 @@ GRID = {  # name -> overrides of the train section
     "warmup 100": {"optim.warmup_steps": 100},
     "logit scale 30": {"init_logit_scale": 30.0},
     "logit scale 5": {"init_logit_scale": 5.0},
+    "logit scale 50": {"init_logit_scale": 50.0},
 }
 
 

@@ -10,7 +10,5 @@ def test_random_init_is_the_intended_start_and_says_nothing(caplog):
     with caplog.at_level(logging.WARNING):
         models.load_model("dsmd-test-student", "")
     assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
-    # the filter is gone afterwards: open_clip's own warning still reaches a root-logger handler
-    with caplog.at_level(logging.WARNING):
-        logging.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
-    assert any("No pretrained weights" in r.getMessage() for r in caplog.records)
+    # the filter is gone afterwards: open_clip's other warnings (and this one elsewhere) are not swallowed
+    assert not any(isinstance(f, models._DropRandomInitWarning) for f in logging.getLogger().filters)

@@ -120,6 +120,19 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
         runs = [run for recipe in result[key].values() for run in recipe["runs"]]
         assert runs and all(0 <= run["rsum"] <= 600 and run["steps"] == 10 for run in runs)
         assert (project / "bench" / script.replace(".py", ".png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the convergence and tuning benchmarks, --quick: both students, in the shapes their docs promise
+    done = _run([sys.executable, str(REPO / "benchmarks" / "convergence.py"), "--quick", "--params", "params.yaml",
+                 "--out", "bench"], project)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    convergence = json.loads((project / "bench" / "convergence.json").read_text())
+    assert convergence["teacher_rsum"] == pytest.approx(teacher_rsum, rel=1e-6) and convergence["seeds"] == [0]
+    assert [set(b) >= {"steps", "clip", "dsmd"} for b in convergence["budgets"]] == [True, True]
+    assert all(len(b[loss]["runs"]) == 1 and b[loss]["mean"] == b[loss]["runs"][0] for b in convergence["budgets"]
+               for loss in ("clip", "dsmd"))
+    done = _run([sys.executable, str(REPO / "benchmarks" / "tuning.py"), "--quick", "--params", "params.yaml",
+                 "--losses", "clip", "--out", "bench"], project)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert list(json.loads((project / "bench" / "tuning.clip.json").read_text())["recipes"]) == ["clip default", "clip lr 0.001"]
     ablation = json.loads((project / "bench" / "ablation.json").read_text())["recipes"]
     assert list(ablation) == ["CLIP-only", "DSMD (default)"] and len(ablation["CLIP-only"]["runs"]) == 2
 

@@ -1,0 +1,26 @@
+"""The benchmark scripts' own bookkeeping (their runs are covered, --quick, by the end-to-end test)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import convergence  # noqa: E402
+
+
+def test_convergence_joins_a_loss_split_over_processes_and_keeps_only_finished_budgets():
+    parts = [
+        {"loss": "clip", "seeds": [0, 1, 2], "budgets": {"1.0": {"steps": 10, "runs": [1, 2, 3]}, "2.0": {"steps": 20, "runs": [4, 5, 6]}}},
+        {"loss": "dsmd", "seeds": [2], "budgets": {"1.0": {"steps": 10, "runs": [9]}, "2.0": {"steps": 20, "runs": [10]}}},
+        {"loss": "dsmd", "seeds": [0, 1], "budgets": {"1.0": {"steps": 10, "runs": [7, 8]}}},
+    ]
+    halves = convergence.merge(parts)
+    assert halves["dsmd"]["seeds"] == [0, 1, 2] and halves["dsmd"]["budgets"] == {"1.0": {"steps": 10, "runs": [7, 8, 9]}}
+    result = convergence.assemble(halves, teacher=100.0, default_steps=10)
+    assert result["seeds"] == [0, 1, 2] and [b["steps"] for b in result["budgets"]] == [10]  # 2.0 lacks dsmd seeds 0, 1
+    budget = result["budgets"][0]
+    assert budget["clip"] == {"runs": [1, 2, 3], "mean": 2.0, "std": 1.0} and budget["dsmd"]["mean"] == 8.0
+    lines = convergence.checks(result)
+    assert lines[0].split(":")[1].strip().startswith("50.000")  # teacher / CLIP-only's best
+    assert "gap 6.0 vs 3 combined std 4.2: yes" in lines[1]
