@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.progress import progress as progress_bar
 
-from pipeline import atomic, augment, corpus, models, runtime, schema, store, zeroshot
+from pipeline import atomic, augment, corpus, models, runtime, schema, store
 from pipeline.config import ExtractConfig, TeacherConfig
 from pipeline.errors import PipelineError
 from pipeline.manifest import TaskSpec, load_manifest
@@ -404,7 +404,7 @@ def extract_task(task: TaskSpec, image_extensions: list[str], teacher: LoadedMod
                  device: torch.device) -> dict:
     """The teacher's embeddings of a zero-shot task's images and prompts, in `features/zeroshot/<task>/`.
     Tasks are evaluation sets (small next to the corpus): one process, redone whole when anything changed."""
-    out = zeroshot.task_dir(cfg.out_dir, task.name)
+    out = schema.task_dir(cfg.out_dir, task.name)
     marker = out / schema.SPLIT_MANIFEST
     task_info = {**info, "task": task.name, "classnames": task.classnames, "templates": task.templates,
                  "source_shards": task.shards, "sources": [source_signature(u) for u in task.shards]}
@@ -445,7 +445,7 @@ def extract_task(task: TaskSpec, image_extensions: list[str], teacher: LoadedMod
         [s.key for s in samples], [s.shard for s in samples], [s.image_format for s in samples],
         [s.image_bytes for s in samples], np.concatenate(embs), cfg.embedding_dtype, meta,
     )
-    class_index, template_index, prompts = zeroshot.prompts_for(task.classnames, task.templates)
+    class_index, template_index, prompts = schema.prompts_for(task.classnames, task.templates)
     prompt_emb = _embed(teacher.model.encode_text, teacher.tokenizer(prompts), device, cfg.precision, cfg.batch_size, teacher.embed_dim)
     if marker.exists():
         marker.unlink()  # the task is being rewritten: incomplete until the new manifest lands

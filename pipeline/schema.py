@@ -6,6 +6,7 @@ Writers build their tables with the schema functions here; readers use the const
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -255,3 +256,22 @@ def prompts_table(
          pa.array(prompts, pa.string()), numpy_to_embeddings(teacher_text_emb, dtype)],
         schema=pa.schema(fields, metadata=encode_metadata({**(metadata or {}), META_KIND: "prompts"})),
     )
+
+
+# ---- zero-shot tasks: where extraction writes them and how their prompts are laid out ----------------
+def task_dir(features_dir: str | Path, task: str) -> Path:
+    """A zero-shot task's folder inside the features (images.parquet, prompts.parquet, _manifest.json)."""
+    return Path(features_dir) / ZEROSHOT_DIR / task
+
+
+def list_tasks(features_dir: str | Path) -> list[str]:
+    """The finished tasks in `features_dir` (those with a `_manifest.json`), sorted."""
+    root = Path(features_dir) / ZEROSHOT_DIR
+    return sorted(p.parent.name for p in root.glob(f"*/{SPLIT_MANIFEST}")) if root.is_dir() else []
+
+
+def prompts_for(classnames: list[str], templates: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(class_index, template_index, prompt) of every template for every class, class-major."""
+    pairs = [(c, t) for c in range(len(classnames)) for t in range(len(templates))]
+    prompts = [templates[t].format(c=classnames[c]) for c, t in pairs]
+    return np.array([c for c, _ in pairs], np.int32), np.array([t for _, t in pairs], np.int32), prompts

@@ -25,27 +25,11 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import schema, store
+from pipeline.schema import list_tasks, prompts_for, task_dir  # the layout, shared with extraction (stage one)
 from pipeline.encoding import encode_images, encode_texts
 from pipeline.models import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-def task_dir(features_dir: str | Path, task: str) -> Path:
-    return Path(features_dir) / schema.ZEROSHOT_DIR / task
-
-
-def list_tasks(features_dir: str | Path) -> list[str]:
-    """The finished tasks in `features_dir` (those with a `_manifest.json`), sorted."""
-    root = Path(features_dir) / schema.ZEROSHOT_DIR
-    return sorted(p.parent.name for p in root.glob(f"*/{schema.SPLIT_MANIFEST}")) if root.is_dir() else []
-
-
-def prompts_for(classnames: list[str], templates: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(class_index, template_index, prompt) of every template for every class, class-major."""
-    pairs = [(c, t) for c in range(len(classnames)) for t in range(len(templates))]
-    prompts = [templates[t].format(c=classnames[c]) for c, t in pairs]
-    return np.array([c for c, _ in pairs], np.int32), np.array([t for _, t in pairs], np.int32), prompts
 
 
 def class_embeddings(prompt_emb: np.ndarray, class_index: np.ndarray, num_classes: int) -> np.ndarray:

@@ -50,3 +50,18 @@ def test_closure_follows_imports_inside_functions():
     closure = code_closure(REPO / "stages" / "train.py")
     assert "pipeline/corpus.py" in closure  # data.load_corpus_data imports it inside the function
     assert "pipeline/training.py" in closure and "pipeline/extract.py" not in closure
+
+
+# Stage one (the teacher pass, paid once) may depend only on what determines its outputs: an edit to the
+# training, evaluation or export code must never make DVC re-run it.
+NOT_STAGE_ONE = {f"pipeline/{name}.py" for name in (
+    "training", "losses", "balancer", "data", "tracking", "pretrain", "evaluation", "encoding", "zeroshot",
+    "retrieval", "cost", "plots", "export")}
+
+
+def test_stage_one_never_depends_on_training_evaluation_or_export_code():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name in ("corpus", "teacher", "extract", "mine"):
+        listed = {d for d in stages[name]["deps"] if d.startswith("pipeline/")}
+        assert not listed & NOT_STAGE_ONE, (name, sorted(listed & NOT_STAGE_ONE))
+        assert not code_closure(REPO / "stages" / f"{name}.py") & NOT_STAGE_ONE, name
