@@ -76,8 +76,8 @@ class CorpusConfig(_Section):
     train_images: int = opt(5000, "images of the target train split (the students train on it)")
     val_images: int = opt(500, "images of the val split (validation during training)")
     test_images: int = opt(1000, "images of the test split (evaluation)")
-    web_images: int = opt(40000, "images of the web split: only the demo teacher pretrains on it, as a real "
-                          "teacher saw LAION and not the target corpus")
+    web_images: int = opt(0, "images of an optional web split written as tars (the demo teacher now pretrains on "
+                          "the world rendered on the fly, `dsmd pretrain`); none of its scenes is described like a test scene")
     zipf: float = opt(1.2, "colours, shapes and patterns have frequencies p(rank r) ~ 1 / (r + 1) ** zipf; 0 = uniform")
     image_size: int = opt(64, "side of the square images in pixels")
     samples_per_shard: int = opt(1000, "samples per .tar shard")

@@ -65,3 +65,15 @@ def test_stage_one_never_depends_on_training_evaluation_or_export_code():
         listed = {d for d in stages[name]["deps"] if d.startswith("pipeline/")}
         assert not listed & NOT_STAGE_ONE, (name, sorted(listed & NOT_STAGE_ONE))
         assert not code_closure(REPO / "stages" / f"{name}.py") & NOT_STAGE_ONE, name
+
+
+# what the baseline's command fixes itself (--loss clip, --batching random, --out-dir) or never reads
+BASELINE_IGNORES = {"distill", "negatives_dir", "batching", "out_dir", "projection_init"}
+
+
+def test_the_baseline_tracks_every_train_key_it_reads_and_no_distill_key():
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train_baseline"]
+    tracked = {p.split(".", 1)[1] for p in stage["params"]}
+    keys = set(yaml.safe_load((REPO / "params.yaml").read_text())["train"])
+    assert tracked == keys - BASELINE_IGNORES, (sorted(keys - BASELINE_IGNORES - tracked), sorted(tracked - keys))
+    assert "--loss clip" in stage["cmd"] and "--batching random" in stage["cmd"]

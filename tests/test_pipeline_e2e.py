@@ -31,7 +31,7 @@ TINY_PARAMS = {
                 "num_workers": 0, "threads": 1},
     "mine": {"features_dir": "outputs/features", "out_dir": "outputs/negatives", "k": 4, "threads": 1},
     "train": {"model": "dsmd-test-student", "features_dir": "outputs/features", "negatives_dir": "outputs/negatives",
-              "out_dir": "outputs/students/dsmd", "batching": "hard-negative-aware",
+              "out_dir": "outputs/students/dsmd", "batching": "hard-negative-aware", "init_logit_scale": 30.0,
               "optim": {"max_steps": 6, "batch_size": 32, "warmup_steps": 1, "threads": 1, "lr": 0.002},
               "distill": {"queue_size": 64, "hard_negatives": 2}},
     "evaluate": {"features_dir": "outputs/features", "teacher_dir": "outputs/teacher", "latency_repeats": 2,
@@ -109,6 +109,21 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     ran = set(re.findall(r"Running stage '([^']+)'", second.stdout))
     assert ran == {"train_dsmd", "train_baseline", "evaluate", "export"}, second.stdout
+
+    # a distillation key never re-runs the CLIP-only student
+    params["train"]["distill"]["temperature"] = 0.07
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    status = _dvc("status", "--json", cwd=project)
+    assert set(json.loads(status.stdout)) == {"train_dsmd"}, status.stdout
+    # stage one is paid once: editing every training, evaluation and export module leaves it up to date
+    from test_dvc_deps import NOT_STAGE_ONE
+    for module in NOT_STAGE_ONE:
+        path = project / module
+        path.write_text(path.read_text() + "\n# edited\n")
+    status = _dvc("status", "--json", cwd=project)
+    changed = set(json.loads(status.stdout))
+    assert changed and not changed & {"corpus", "teacher", "extract", "mine"}, changed
+    assert changed <= {"train_dsmd", "train_baseline", "evaluate", "export"}, changed
 
     # the ablation, scaling and budget benchmarks, --quick, on this project's cached features
     for script, key in (("ablation.py", "recipes"), ("scaling.py", "recipes"), ("budget.py", "recipes")):
