@@ -8,6 +8,7 @@ output so that features from different teachers are never mixed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -120,19 +121,31 @@ def model_identity(model_name: str, pretrained: str, model: torch.nn.Module, emb
         "model": model_name,
         "pretrained": pretrained or None,
         **weights,
+        "weights_sha256": weights_sha256(model),
         "preprocess": _preprocess_description(model),
         "embed_dim": embed_dim,
         "open_clip_version": open_clip.__version__,
     }
 
 
-# Identity fields that say how the weights were named, not what they are: a checkpoint file is
-# identified by its sha256, so "demo", a relative and an absolute path to it are the same teacher.
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the weights actually loaded (every state-dict tensor's name, dtype, shape and bytes): two
+    random-weight teachers, or a tag whose weights changed upstream, are two teachers. About a second per GB."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+# Identity fields that say how the weights were named, not what they are: weights are identified by their
+# sha256, so "demo", a relative and an absolute path to them are the same teacher.
 NAMING_KEYS = ("pretrained", "pretrained_source")
 
 
 def comparable_identity(identity: dict) -> dict:
-    if identity.get("checkpoint_sha256"):
+    if identity.get("weights_sha256") or identity.get("checkpoint_sha256"):
         return {k: v for k, v in identity.items() if k not in NAMING_KEYS}
     return {k: v for k, v in identity.items() if k != "pretrained_source"}
 

@@ -12,3 +12,39 @@ def test_random_init_is_the_intended_start_and_says_nothing(caplog):
     assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
     # the filter is gone afterwards: open_clip's other warnings (and this one elsewhere) are not swallowed
     assert not any(isinstance(f, models._DropRandomInitWarning) for f in logging.getLogger().filters)
+
+
+def test_the_identity_pins_the_weights_actually_loaded(tmp_path):
+    import torch
+
+    first, second = models.load_model("dsmd-test-teacher", ""), models.load_model("dsmd-test-teacher", "")
+    # two random-weight teachers are two teachers, though named alike
+    assert first.identity["pretrained"] == second.identity["pretrained"] is None
+    assert first.identity["weights_sha256"] != second.identity["weights_sha256"]
+    assert models.comparable_identity(first.identity) != models.comparable_identity(second.identity)
+    # the same weights, by another path, are the same teacher
+    path = tmp_path / "teacher.pt"
+    torch.save(first.model.state_dict(), path)
+    (tmp_path / "sub").mkdir()
+    again = models.load_model("dsmd-test-teacher", str(tmp_path / "sub" / ".." / "teacher.pt"))
+    assert again.identity["weights_sha256"] == first.identity["weights_sha256"]
+    reloaded = models.load_model("dsmd-test-teacher", str(path))
+    assert models.comparable_identity(reloaded.identity) == models.comparable_identity(again.identity)
+    # one changed weight is another teacher
+    with torch.no_grad():
+        next(reloaded.model.parameters()).view(-1)[0] += 1e-3
+    assert models.weights_sha256(reloaded.model) != first.identity["weights_sha256"]
+
+
+def test_an_extraction_resumed_with_other_weights_is_refused_naming_them(tmp_path):
+    from pipeline import extract
+    from pipeline.config import ExtractConfig
+
+    cfg = ExtractConfig()
+    info = [extract._run_info(models.load_model("dsmd-test-teacher", ""), "m", cfg) for _ in range(2)]
+    with __import__("pytest").raises(extract.ExtractMismatchError, match="teacher.weights_sha256"):
+        extract._check_compatible(tmp_path / "_run.json", info[0], info[1])
+    legacy = {**info[0], "teacher": {k: v for k, v in info[0]["teacher"].items() if k != "weights_sha256"}}
+    extract._check_compatible(tmp_path / "_run.json", info[0], info[0])  # the same teacher resumes
+    with __import__("pytest").raises(extract.ExtractMismatchError, match="weights_sha256: None"):
+        extract._check_compatible(tmp_path / "_run.json", legacy, info[0])  # written before the fingerprint
