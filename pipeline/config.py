@@ -258,6 +258,9 @@ class TrainConfig(_Section):
                                           "orthonormal columns (orthogonal) or as torch's default Linear init (default)")
     init_logit_scale: float = opt(0.0, "the CLIP logit scale (1 / temperature) the student starts from; 0 = the model "
                                   "config's (open_clip: 1 / 0.07 = 14.3)")
+    image_mean: list[float] = opt(doc="the student's input normalisation, per RGB channel in [0, 1] pixels (saved in "
+                                  "its open_clip_config.json preprocess_cfg); [] = the model's (OpenAI's)", factory=list)
+    image_std: list[float] = opt(doc="the student's input normalisation std, per RGB channel; [] = the model's", factory=list)
     max_images: int = opt(0, "> 0: train on the first max_images images of the split only; mined negatives outside "
                           "them are dropped")
     data_loading: DataLoading = opt(DataLoading.auto, "the teacher embeddings (source shards): memory (loaded whole), "

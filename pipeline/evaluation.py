@@ -58,11 +58,13 @@ def load_student(student_dir: str | Path, device: str | torch.device = "cpu") ->
     for path in (config_path, weights):
         if not path.exists():
             raise EvaluationError(f"student {student_dir}: {path.name} not found (train the student first)")
-    model_name = _read_json(config_path, "the student's open_clip config").get("model_name")
+    config = _read_json(config_path, "the student's open_clip config")
+    model_name = config.get("model_name")
     if not model_name:
         raise EvaluationError(f"{config_path}: no 'model_name'")
+    preprocess = config.get("preprocess_cfg") or {}  # the normalisation it was trained with (train.image_mean)
     try:
-        return load_model(model_name, str(weights), device)
+        return load_model(model_name, str(weights), device, preprocess.get("mean", ()), preprocess.get("std", ()))
     except ModelError as known_name_failed:
         # a config not registered here (trained elsewhere): open_clip reads it from the folder itself
         try:

@@ -15,7 +15,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import open_clip
 import torch
@@ -24,7 +24,10 @@ from pipeline import names
 from pipeline import atomic
 from pipeline.errors import PipelineError
 
+# Teachers' configs (a dependency of stage one) apart from the students' (of stage two only): editing a
+# student's architecture must never make DVC re-run the teacher pass.
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+STUDENT_CONFIG_DIR = Path(__file__).parent / "student_configs"
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"  # shipped demo weights, one open_clip local-dir folder a model
 
 _registered = False
@@ -39,6 +42,7 @@ def register_model_configs() -> None:
     global _registered
     if not _registered:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
+        open_clip.add_model_config(STUDENT_CONFIG_DIR)
         _registered = True
 
 
@@ -180,8 +184,10 @@ def _random_init_expected(expected: bool):
         root.removeFilter(quiet)
 
 
-def load_model(model_name: str, pretrained: str = "", device: str | torch.device = "cpu") -> LoadedModel:
-    """Create an open_clip model with weights from `pretrained` (already resolved, see resolve_pretrained)."""
+def load_model(model_name: str, pretrained: str = "", device: str | torch.device = "cpu",
+               image_mean: Sequence[float] = (), image_std: Sequence[float] = ()) -> LoadedModel:
+    """Create an open_clip model with weights from `pretrained` (already resolved, see resolve_pretrained);
+    `image_mean` / `image_std` override its input normalisation (open_clip's force_preprocess_cfg)."""
     register_model_configs()
     pretrained = pretrained or ""
     if pretrained.startswith("local-dir:") or pretrained.startswith("hf-hub:"):
@@ -191,7 +197,8 @@ def load_model(model_name: str, pretrained: str = "", device: str | torch.device
     if not schema_name and model_name.replace("/", "-") not in open_clip.list_models():
         raise ModelError(
             f"unknown open_clip model {model_name!r}; in-repo configs: "
-            f"{sorted(p.stem for p in MODEL_CONFIG_DIR.glob('*.json'))}, or any of open_clip.list_models()"
+            f"{sorted(p.stem for d in (MODEL_CONFIG_DIR, STUDENT_CONFIG_DIR) for p in d.glob('*.json'))}, "
+            f"or any of open_clip.list_models()"
         )
     if pretrained and not schema_name and not os.path.isfile(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(model_name)
@@ -202,7 +209,8 @@ def load_model(model_name: str, pretrained: str = "", device: str | torch.device
     try:
         with _random_init_expected(not pretrained):
             model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=pretrained or None, device=device, weights_only=True
+                model_name, pretrained=pretrained or None, device=device, weights_only=True,
+                image_mean=tuple(image_mean) or None, image_std=tuple(image_std) or None,
             )
     except (RuntimeError, ValueError, OSError, KeyError, EOFError, pickle.UnpicklingError) as exc:
         # a foreign or damaged weights file fails deep in torch/pickle: name it

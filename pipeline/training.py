@@ -99,7 +99,7 @@ def build_student(cfg: TrainConfig, teacher_dim: Optional[int], device: torch.de
     """The student from `cfg.model` / `cfg.pretrained` (seeded, so every rank and every resume
     starts from the same weights) with a projection when distilling into a different width."""
     runtime.seed_everything(cfg.optim.seed)
-    loaded = models.load_model(cfg.model, cfg.pretrained, device="cpu")
+    loaded = models.load_model(cfg.model, cfg.pretrained, device="cpu", image_mean=cfg.image_mean, image_std=cfg.image_std)
     if cfg.init_logit_scale > 0:  # where CLIP from scratch on small batches may stall: a knob to tune
         with torch.no_grad():
             loaded.model.logit_scale.fill_(math.log(cfg.init_logit_scale))
@@ -403,6 +403,12 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"train.max_images must be >= 0 (0 = all), got {cfg.max_images}")
     if not 0 <= cfg.init_logit_scale <= 100:
         raise ConfigError(f"train.init_logit_scale must be in (0, 100] (or 0: the model's), got {cfg.init_logit_scale}")
+    for key in ("image_mean", "image_std"):
+        value = getattr(cfg, key)
+        if value and (len(value) != 3 or (key == "image_std" and min(value) <= 0)):
+            raise ConfigError(f"train.{key} must be [] or 3 numbers (R, G, B){' > 0' if key == 'image_std' else ''}, got {value}")
+    if bool(cfg.image_mean) != bool(cfg.image_std):
+        raise ConfigError("train.image_mean and train.image_std go together: set both or neither")
 
 
 def train(cfg: TrainConfig, resume: bool = False, world: Optional[data_mod.TrainingData] = None) -> dict:
@@ -481,6 +487,7 @@ def _run_identity(cfg: TrainConfig, inputs: _Inputs, ctx: StepContext) -> dict:
     return {
         "model": cfg.model, "loss": cfg.loss, "source": cfg.source, "split": cfg.split, "batching": cfg.batching,
         "batch_neighbours": cfg.batch_neighbours, "max_images": cfg.max_images, "projection_init": cfg.projection_init,
+        "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std),
         "batch_size": cfg.optim.batch_size, "seed": cfg.optim.seed, "features_fingerprint": inputs.fingerprint,
         "loss_terms": list(ctx.balancer.names),
     }

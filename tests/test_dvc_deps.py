@@ -44,6 +44,8 @@ def test_every_stage_depends_on_exactly_the_code_it_imports():
         assert listed == expected, (name, "missing", sorted(expected - listed), "extra", sorted(listed - expected))
         uses_models = "pipeline/models.py" in expected
         assert ("pipeline/model_configs" in stage["deps"]) == uses_models, name
+        stage_two = name not in STAGE_ONE
+        assert ("pipeline/student_configs" in stage["deps"]) == (uses_models and stage_two), name
 
 
 def test_closure_follows_imports_inside_functions():
@@ -51,6 +53,8 @@ def test_closure_follows_imports_inside_functions():
     assert "pipeline/corpus.py" in closure  # data.load_corpus_data imports it inside the function
     assert "pipeline/training.py" in closure and "pipeline/extract.py" not in closure
 
+
+STAGE_ONE = ("corpus", "teacher", "extract", "mine")
 
 # Stage one (the teacher pass, paid once) may depend only on what determines its outputs: an edit to the
 # training, evaluation or export code must never make DVC re-run it.
@@ -61,7 +65,7 @@ NOT_STAGE_ONE = {f"pipeline/{name}.py" for name in (
 
 def test_stage_one_never_depends_on_training_evaluation_or_export_code():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for name in ("corpus", "teacher", "extract", "mine"):
+    for name in STAGE_ONE:
         listed = {d for d in stages[name]["deps"] if d.startswith("pipeline/")}
         assert not listed & NOT_STAGE_ONE, (name, sorted(listed & NOT_STAGE_ONE))
         assert not code_closure(REPO / "stages" / f"{name}.py") & NOT_STAGE_ONE, name

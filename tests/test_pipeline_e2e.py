@@ -115,11 +115,14 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     status = _dvc("status", "--json", cwd=project)
     assert set(json.loads(status.stdout)) == {"train_dsmd"}, status.stdout
-    # stage one is paid once: editing every training, evaluation and export module leaves it up to date
+    # stage one is paid once: editing every training, evaluation and export module, and every student's
+    # architecture, leaves it up to date
     from test_dvc_deps import NOT_STAGE_ONE
     for module in NOT_STAGE_ONE:
         path = project / module
         path.write_text(path.read_text() + "\n# edited\n")
+    for config in (project / "pipeline" / "student_configs").glob("*.json"):
+        config.write_text(config.read_text() + "\n")
     status = _dvc("status", "--json", cwd=project)
     changed = set(json.loads(status.stdout))
     assert changed and not changed & {"corpus", "teacher", "extract", "mine"}, changed

@@ -229,6 +229,30 @@ def test_saved_student_loads_with_open_clip_and_gives_the_same_embeddings(shards
     assert set(torch.load(out / names.WEIGHTS_FILE, weights_only=True)) == set(by_name.state_dict())
 
 
+def test_the_students_own_normalisation_trains_saves_and_reloads(shards_dirs, tmp_path):
+    from pipeline.evaluation import load_student
+    mean, std = [0.9, 0.8, 0.7], [0.1, 0.2, 0.3]
+    cfg = dataclasses.replace(make_cfg(shards_dirs, tmp_path / "out", max_steps=2), image_mean=mean, image_std=std)
+    training.train(cfg)
+    saved = json.loads((tmp_path / "out" / names.OPEN_CLIP_CONFIG).read_text())["preprocess_cfg"]
+    assert saved["mean"] == pytest.approx(mean) and saved["std"] == pytest.approx(std)
+    from PIL import Image
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))  # the model's size
+    pixels = torchvision_to_tensor(image)
+    for loaded in (load_student(tmp_path / "out"), models.load_model(f"local-dir:{tmp_path / 'out'}")):
+        expected = (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        torch.testing.assert_close(loaded.preprocess(image), expected)
+    # the training batches were normalised the same way: a resumed run with another normalisation is refused
+    other = dataclasses.replace(cfg, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    with pytest.raises(training.TrainingError, match="image_mean"):
+        training.train(other, resume=True)
+
+
+def torchvision_to_tensor(image):
+    import torchvision.transforms.functional as TF
+    return TF.to_tensor(image.convert("RGB"))
+
+
 def test_the_train_stage_never_loads_the_teacher(shards_dirs, tmp_path, monkeypatch):
     # a teacher that existed once, whose checkpoint is gone
     teacher_dir = tmp_path / "teacher"
@@ -286,6 +310,9 @@ def test_the_train_stage_reports_bad_input_without_a_traceback(tmp_path):
     ({"optim.epochs": -1.0}, "optim.epochs and optim.max_steps must be >= 0"),
     ({"optim.epochs": 0.0}, "optim.epochs must be > 0"),
     ({"max_images": -5}, "max_images"),
+    ({"image_mean": [0.5, 0.5]}, "image_mean must be"),
+    ({"image_mean": [0.5] * 3, "image_std": [0.2, 0.0, 0.2]}, "image_std must be"),
+    ({"image_mean": [0.5] * 3}, "go together"),
 ])
 def test_bad_training_options_fail_before_any_work(shards_dirs, tmp_path, override, message):
     from pipeline.config import apply_overrides
