@@ -25,14 +25,14 @@ from pathlib import Path
 from pipeline import atomic, store
 from pipeline.config import load_params
 
-from students import sweep_parser, single_core, bar_chart, format_rows, jsonable, run_recipes, teacher_rsum
+from students import base_config, sweep_parser, single_core, bar_chart, format_rows, jsonable, run_recipes, teacher_rsum
 
 TERMS = ("feature", "similarity", "contrastive", "hard_negative", "affinity")
 LR_GRID = (0.002, 0.004)
 
 
 def recipes(params: str) -> dict[str, dict]:
-    train = load_params(params).train
+    train = base_config(load_params(params), "dsmd")
     out = {"CLIP-only": {"loss": "clip", "batching": "random"}, "DSMD (default)": {"loss": "dsmd"}}
     for lr in LR_GRID:  # both students see the same learning-rate grid
         if lr != train.optim.lr:

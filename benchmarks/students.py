@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pipeline import atomic, evaluation, store
-from pipeline.config import apply_overrides, load_params
+from pipeline.config import Params, TrainConfig, apply_overrides, load_params
 from pipeline.training import train
 
 
@@ -49,9 +49,18 @@ def single_core() -> None:
     PROCESS_OVERRIDES.update({"optim.threads": 1, "optim.num_workers": 0})
 
 
+def base_config(params: Params, loss: str | None) -> TrainConfig:
+    """What a recipe of `loss` starts from: the first student of the students section with that loss (the DSMD
+    student's distill terms and negatives), else the train section."""
+    for name in params.students:
+        if params.student(name).loss == loss:
+            return params.student(name)
+    return params.train
+
+
 def run_recipe(params: str, overrides: dict[str, Any], seed: int, work_dir: Path, split: str = "test") -> dict:
-    """Train one student (params.yaml's train section + `overrides`, seed `seed`) and score it."""
-    base = load_params(params).train
+    """Train one student (params.yaml's student of the recipe's loss + `overrides`, seed `seed`) and score it."""
+    base = base_config(load_params(params), overrides.get("loss"))
     out_dir = work_dir / f"seed{seed}"
     cfg = apply_overrides(base, {**overrides, **PROCESS_OVERRIDES, "optim.seed": seed, "out_dir": str(out_dir),
                                  "optim.log_every": 50})

@@ -283,8 +283,9 @@ class EvaluateConfig(_Section):
     features_dir: str = opt("outputs/features", "features directory (the teacher's embeddings and the test images)")
     split: str = opt("test", "split evaluated")
     teacher_dir: str = opt("outputs/teacher", "the teacher's directory (its identity, and weights for the cost)")
-    students: dict[str, str] = opt(doc="name -> student directory", factory=lambda: {
-        "dsmd": "outputs/students/dsmd", "baseline": "outputs/students/baseline"})
+    students: dict[str, str] = opt(doc="name -> student directory; {} = every student of the students section, "
+                                   "in students_dir/<name>", factory=dict)
+    students_dir: str = opt("outputs/students", "where the students of the students section are trained (dvc.yaml)")
     ks: list[int] = opt(doc="recall cut-offs", factory=lambda: [1, 5, 10])
     chunk_size: int = opt(1024, "query rows scored at once")
     batch_size: int = opt(256, "images or captions per student forward pass")
@@ -297,6 +298,10 @@ class EvaluateConfig(_Section):
     metrics_file: str = opt("outputs/metrics.json", "the metrics JSON")
     plots_dir: str = opt("outputs/plots", "where the PNG plots and their data go")
     zeroshot: bool = opt(True, "zero-shot classification on every task extracted into features_dir/zeroshot/")
+    report_dir: str = opt("outputs/report", "index.html: the metrics, the plots and what each model retrieves for "
+                          "chosen test captions and images (a static page); \"\" = none")
+    report_queries: int = opt(8, "test captions of the report's gallery (half naming the split's rarest words)")
+    report_images: int = opt(4, "test images of the report's gallery (each model's top captions)")
 
 
 @dataclass
@@ -315,6 +320,10 @@ class ExportConfig(_Section):
     onnx_tolerance: float = opt(1e-4, "max abs difference of onnxruntime's embeddings from PyTorch's (fp32)")
 
 
+def _default_students() -> dict[str, Any]:
+    return {"dsmd": {"loss": "dsmd"}, "baseline": {"loss": "clip"}}
+
+
 @dataclass
 class Params:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -322,8 +331,39 @@ class Params:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     mine: MineConfig = field(default_factory=MineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # name -> the keys of the train section this student sets differently (its loss, its distill terms, ...):
+    # dvc.yaml trains one stage per entry (foreach), each tracking `train` and its own entry only
+    students: dict[str, Any] = field(default_factory=dict)  # none declared: _default_students()
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        if not self.students:  # (a dataclass default would be merged with, not replaced by, params.yaml's section)
+            self.students = _default_students()
+        for name in self.students:
+            self.student(name)  # every entry is checked like the train section, at load
+        if not self.evaluate.students:
+            self.evaluate.students = {name: f"{self.evaluate.students_dir}/{name}" for name in self.students}
+
+    def student(self, name: str) -> "TrainConfig":
+        """The train section with student `name`'s entry of the students section applied."""
+        if name not in self.students:
+            raise ConfigError(f"students.{name}: no such student; the students section declares {sorted(self.students)}")
+        entry = self.students[name] or {}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"students.{name}: expected a mapping of train keys, got {entry!r}")
+        return apply_overrides(self.train, _dotted(entry), f"students.{name}")
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"distill": {"margin": 0.2}} -> {"distill.margin": 0.2}: an entry overrides single keys, never a whole section."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _config_error(exc: OmegaConfBaseException, where: str, key: str | None = None) -> ConfigError:
@@ -399,12 +439,14 @@ def to_dict(config: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True)
 
 
-def stage_config(params_path: str | Path | None, section: str, options: dict[str, Any], sets: list[str] | None = None) -> Any:
-    """The typed config a stage runs with: params.yaml's `section`, then `--set` overrides, then
-    explicit CLI options (None = not given). A missing default `params.yaml` means all defaults."""
+def stage_config(params_path: str | Path | None, section: str, options: dict[str, Any], sets: list[str] | None = None,
+                 student: str | None = None) -> Any:
+    """The typed config a stage runs with: params.yaml's `section` (for `train` with `student`: that entry of the
+    students section over it), then `--set` overrides, then explicit CLI options (None = not given). A missing
+    default `params.yaml` means all defaults."""
     path = Path(params_path) if params_path is not None else None
     params = load_params(path if path is not None and (path.exists() or path.name != "params.yaml") else None)
-    config = getattr(params, section)
+    config = params.student(student) if student else getattr(params, section)
     config = apply_overrides(config, parse_set_options(sets), section)
     return apply_overrides(config, options, section)
 

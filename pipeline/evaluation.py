@@ -29,6 +29,7 @@ from pipeline.cost import compare_encoder_costs, encoder_cost, parameter_counts 
 from pipeline.plots import TEACHER, plot_quality_vs_time, plot_training_curves, quality_figure, read_train_log  # noqa: F401
 from pipeline.retrieval import _check_ks, metrics_from_ranks, retrieval_metrics, retrieval_ranks  # noqa: F401
 from pipeline.models import LoadedModel, ModelError, load_model
+from pipeline.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise ConfigError(f"evaluate.chunk_size must be >= 1, got {cfg.chunk_size}")
     runtime.set_threads(cfg.threads)
     device = _resolve_device(cfg.device)
-    for folder in {Path(cfg.metrics_file).parent, Path(cfg.plots_dir)}:  # before any work, not after it
+    for folder in {Path(cfg.metrics_file).parent, Path(cfg.plots_dir)} | ({Path(cfg.report_dir)} if cfg.report_dir else set()):
+        # before any work, not after it
         atomic.prepare_output_dir(folder)
     split_manifest = store.load_split_manifest(cfg.features_dir, cfg.split)
     students = load_students(cfg.students, cfg.allow_missing, device)
@@ -153,11 +155,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     log.info("split %s: %d images, %d texts", cfg.split, len(teacher_image), len(teacher_text))
     teacher = retrieval_metrics(teacher_image, teacher_text, text_to_image, ks, cfg.chunk_size, device)
     student_metrics = {}
+    embeddings = {TEACHER: (teacher_image, teacher_text)}  # for the report's gallery
     for name, (_, loaded) in students.items():
         image_emb, text_emb, student_text_to_image = encode_split(loaded, cfg.features_dir, cfg.split, cfg.batch_size, device)
         if not np.array_equal(student_text_to_image, text_to_image):
             raise store.ShardError(f"{store.split_dir(cfg.features_dir, cfg.split)}: texts changed while reading")
         student_metrics[name] = retrieval_metrics(image_emb, text_emb, text_to_image, ks, cfg.chunk_size, device)
+        embeddings[name] = (image_emb, text_emb)
     tasks = [zeroshot.load_task(cfg.features_dir, t) for t in zeroshot.list_tasks(cfg.features_dir)] if cfg.zeroshot else []
     if tasks:
         teacher["zeroshot"] = {task.name: zeroshot.teacher_task_metrics(task) for task in tasks}
@@ -195,7 +199,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             "cost": cost,
         }
     atomic.atomic_write_json(metrics, cfg.metrics_file)
-    write_plots(metrics, {name: folder for name, (folder, _) in students.items()}, cfg.plots_dir)
+    plots = write_plots(metrics, {name: folder for name, (folder, _) in students.items()}, cfg.plots_dir)
+    if cfg.report_dir:
+        page = write_report(cfg.report_dir, metrics, plots, cfg.features_dir, cfg.split, embeddings, text_to_image,
+                            cfg.report_queries, cfg.report_images)
+        log.info("report: %s", page)
     return metrics
 
 

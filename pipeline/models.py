@@ -269,7 +269,9 @@ def load_teacher(cfg, device: str | torch.device = "cpu") -> LoadedModel:
     weights = resolve_pretrained(cfg.pretrained, cfg.model)
     loaded = load_model(cfg.model, weights, device=device)
     loaded.identity["pretrained_source"] = cfg.pretrained or None
-    card = demo_card(weights if cfg.pretrained else cfg.model)
+    # the card sits beside the weights file, or in a `local-dir:` model's folder; a plain model name has none
+    # (Path("ViT-B-32").parent would be the working directory, and a card.json there is not this model's)
+    card = demo_card(weights if cfg.pretrained else (cfg.model if cfg.model.startswith("local-dir:") else ""))
     if card is not None:
         loaded.identity["world"] = card["world"]
     return loaded

@@ -25,3 +25,7 @@ MODEL_CARD = "README.md"
 QUALITY_PLOT = "quality_vs_time.png"
 QUALITY_DATA = "quality_vs_time.json"
 CURVES_PLOT = "training_curves.png"
+
+# dsmd evaluate's report folder (evaluate.report_dir): a static page and what it shows
+REPORT_FILE = "index.html"
+REPORT_THUMBS = "thumbs"  # <image row>.png, decoded from the split's image bytes

@@ -18,6 +18,8 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command(epilog=EPILOG)
 def main(
     params: Path = params_option(),
+    student: Optional[str] = typer.Option(None, help="a student of params.yaml's students section: its entry applies over "
+                                          "the train section (as in dvc.yaml's train@<name> stages)"),
     features_dir: Optional[str] = typer.Option(None, help=option_help("train", "features_dir")),
     negatives_dir: Optional[str] = typer.Option(None, help=option_help("train", "negatives_dir")),
     out_dir: Optional[str] = typer.Option(None, help=option_help("train", "out_dir")),
@@ -42,7 +44,7 @@ def main(
             "features_dir": features_dir, "negatives_dir": negatives_dir, "out_dir": out_dir, "model": model,
             "loss": loss, "source": source, "manifest": manifest, "batching": batching, "optim.epochs": epochs,
             "optim.max_steps": max_steps, "optim.batch_size": batch_size, "optim.lr": lr,
-        }, set_)
+        }, set_, student=student)
         summary = train(cfg, resume=resume)
         if os.environ.get("RANK", "0") == "0":  # one line per run, not per rank
             typer.echo(f"student saved to {cfg.out_dir} ({summary['steps']} steps, {summary['samples_per_s']:.0f} samples/s)")

@@ -73,7 +73,7 @@ def _keys(cls, prefix=""):
             yield f"{prefix}{f.name}", f
 
 
-@pytest.mark.parametrize("section", [f.name for f in dataclasses.fields(Params)])
+@pytest.mark.parametrize("section", [f.name for f in dataclasses.fields(Params) if f.name != "students"])  # train's keys
 def test_every_option_has_one_description_and_the_stage_help_lists_it(section):
     from stages.cli import app
     cls = typing.get_type_hints(Params)[section]
@@ -83,3 +83,24 @@ def test_every_option_has_one_description_and_the_stage_help_lists_it(section):
     assert result.exit_code == 0
     listed = {line.split(" = ")[0].strip(" │") for line in result.output.splitlines() if " = " in line}
     assert set(keys) <= listed, sorted(set(keys) - listed)
+
+
+def test_a_student_is_the_train_section_with_its_own_entry_applied(tmp_path):
+    from pipeline.config import ConfigError, load_params, stage_config
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  optim: {lr: 0.003}\n  distill: {margin: 0.1}\n"
+                      "students:\n  small: {loss: clip}\n  kd: {loss: dsmd, distill: {balancer: {mode: dynamic}}}\n")
+    loaded = load_params(params)
+    kd = loaded.student("kd")
+    # the entry overrides single keys: the rest of the section (and of distill) stays the shared one
+    assert (kd.loss, kd.distill.balancer.mode, kd.distill.margin, kd.optim.lr) == ("dsmd", "dynamic", 0.1, 0.003)
+    assert stage_config(params, "train", {"optim.lr": 0.01}, None, student="small").optim.lr == 0.01
+    assert loaded.evaluate.students == {"small": "outputs/students/small", "kd": "outputs/students/kd"}
+    with pytest.raises(ConfigError, match=r"students.nope: no such student; the students section declares \['kd', 'small'\]"):
+        loaded.student("nope")
+    params.write_text("students:\n  small: {loss: kd}\n")
+    with pytest.raises(ConfigError, match="students.small.loss: Invalid value 'kd'"):
+        load_params(params)
+    params.write_text("students:\n  small: {optim: {nope: 1}}\n")
+    with pytest.raises(ConfigError, match="students.small.optim.nope: unknown key"):
+        load_params(params)

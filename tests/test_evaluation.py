@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,6 +226,7 @@ def small_config(tmp_path, students, **overrides):
         students={k: str(v) for k, v in students.items()}, chunk_size=7, batch_size=8,
         latency_repeats=2, throughput_batch=8, throughput_repeats=1, device="cpu", threads=1,
         metrics_file=str(tmp_path / "out" / "metrics.json"), plots_dir=str(tmp_path / "out" / "plots"),
+        report_dir=str(tmp_path / "out" / "report"),
     )
     values.update(overrides)
     return EvaluateConfig(**values)
@@ -280,6 +282,47 @@ def test_evaluate_writes_consistent_metrics_and_valid_plots(tmp_path):
     curves = evaluation.read_train_log(tmp_path / "students" / "dsmd" / names.TRAIN_LOG_FILE)
     assert [r["step"] for r in curves] == [1, 2, 3, 4, 5]  # the bad line is skipped
     assert not list(plots.glob("*.csv"))  # the per-step curves for `dvc plots` are DVCLive's (dsmd train)
+
+
+def test_the_report_shows_each_models_true_retrievals_from_the_source_images(tmp_path):
+    import re
+    from pipeline import report
+    write_fake_features(tmp_path / "features", "test", n_images=24, captions_per_image=5, dim=32)
+    write_teacher_manifest_identity(tmp_path / "features", "test", "dsmd-test-teacher")
+    save_student(tmp_path / "students" / "dsmd", seed=1)
+    cfg = small_config(tmp_path, {"dsmd": tmp_path / "students" / "dsmd"}, report_queries=6, report_images=3)
+    evaluation.evaluate(cfg)
+    folder = tmp_path / "out" / "report"
+    page = (folder / names.REPORT_FILE).read_text()
+    sources = re.findall(r"src='([^']+)'", page)
+    assert sources and all((folder / src).is_file() for src in sources)  # opens from disk: every image is there
+    assert {names.QUALITY_PLOT, names.CURVES_PLOT} <= set(sources)
+    image_emb, text_emb, text_to_image = store.load_embeddings(tmp_path / "features", "test")
+    blocks = re.findall(r"<div class='query caption' data-text-row='(\d+)' data-true-image='(\d+)'>(.*?)</div>\s*(?=<div class='query|<h2)",
+                        page, re.S)
+    assert len(blocks) == 6
+    source = store.image_bytes(tmp_path / "features", "test")
+    for row, true, body in blocks:
+        row, true = int(row), int(true)
+        assert true == text_to_image[row]  # the marked image is the caption's own
+        models = re.findall(r"<b>([^<]+)</b>(.*?)</div>", body, re.S)
+        assert [m for m, _ in models] == ["teacher", "dsmd"]
+        for _, cells in models:
+            for cls, image in re.findall(r"<span class='(hit|miss)' data-image='(\d+)'>", cells):
+                assert (cls == "hit") == (int(image) == true)
+        # the teacher's top 5 are its own best cosines, by brute force
+        teacher_top = [int(i) for i in re.findall(r"data-image='(\d+)'", models[0][1])]
+        assert teacher_top == list(np.argsort(-(image_emb @ text_emb[row]), kind="stable")[:5])
+    # thumbnails are the stored images, decoded (not re-rendered)
+    shown = int(re.search(r"thumbs/(\d+)\.png", page).group(1))
+    with Image.open(folder / f"thumbs/{shown}.png") as thumb:
+        from pipeline.augment import decode_image
+        original = decode_image(source[shown]).convert("RGB")
+        original.thumbnail((report.THUMB_SIZE, report.THUMB_SIZE))
+        assert np.array_equal(np.asarray(thumb.convert("RGB")), np.asarray(original))
+    # half of the captions name the split's rarest words
+    captions = store.read_texts(tmp_path / "features", "test", columns=["caption"])["caption"].to_pylist()
+    assert report.pick_captions(captions, 6, 0)[:3] == report.pick_captions(captions, 6, 1)[:3]
 
 
 def test_teacher_architecture_from_teacher_dir_when_identity_is_unknown(tmp_path):
@@ -348,3 +391,20 @@ def test_quality_plot_labels_stay_inside_the_axes_below_the_title_and_apart():
             assert not a.overlaps(b)
     import matplotlib.pyplot as plt
     plt.close(fig)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian's chromium is not installed")
+def test_the_report_renders_in_headless_chromium(tmp_path):
+    import subprocess
+    write_fake_features(tmp_path / "features", "test", n_images=12, captions_per_image=3, dim=32)
+    write_teacher_manifest_identity(tmp_path / "features", "test", "dsmd-test-teacher")
+    save_student(tmp_path / "students" / "dsmd", seed=1)
+    evaluation.evaluate(small_config(tmp_path, {"dsmd": tmp_path / "students" / "dsmd"}, report_queries=2, report_images=1))
+    shot = tmp_path / "shot.png"
+    subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1400", f"--screenshot={shot}",
+                    (tmp_path / "out" / "report" / names.REPORT_FILE).as_uri()], capture_output=True, timeout=120)
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("L"))
+    assert pixels.shape == (1400, 1000) and pixels.std() > 10  # a page with content, not a blank or error screen

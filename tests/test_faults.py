@@ -259,7 +259,7 @@ def test_an_unwritable_output_folder_fails_before_evaluation_does_any_work(tmp_p
     blocker = tmp_path / "outputs"
     blocker.write_text("a file where the metrics folder should be")
     cfg = EvaluateConfig(features_dir=str(tmp_path / "no-features"), metrics_file=str(blocker / "metrics.json"),
-                         plots_dir=str(tmp_path / "plots"), students={})
+                         plots_dir=str(tmp_path / "plots"), report_dir=str(tmp_path / "report"), students={})
     with pytest.raises(atomic.OutputError, match="outputs is a file"):
         evaluation.evaluate(cfg)
 

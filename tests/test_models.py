@@ -48,3 +48,13 @@ def test_an_extraction_resumed_with_other_weights_is_refused_naming_them(tmp_pat
     extract._check_compatible(tmp_path / "_run.json", info[0], info[0])  # the same teacher resumes
     with __import__("pytest").raises(extract.ExtractMismatchError, match="weights_sha256: None"):
         extract._check_compatible(tmp_path / "_run.json", legacy, info[0])  # written before the fingerprint
+
+
+def test_a_plain_model_name_never_reads_a_card_from_the_working_directory(tmp_path, monkeypatch):
+    import json
+    from pipeline.config import TeacherConfig
+    # a card.json that belongs to something else, where a plain name's Path(name).parent would look
+    (tmp_path / "card.json").write_text(json.dumps({"world": {"name": "synthetic", "version": 1}}))
+    monkeypatch.chdir(tmp_path)
+    loaded = models.load_teacher(TeacherConfig(model="dsmd-test-teacher", pretrained=""))
+    assert "world" not in loaded.identity

@@ -30,10 +30,11 @@ TINY_PARAMS = {
     "extract": {"manifest": "data/synthetic/manifest.yaml", "out_dir": "outputs/features", "batch_size": 64,
                 "num_workers": 0, "threads": 1},
     "mine": {"features_dir": "outputs/features", "out_dir": "outputs/negatives", "k": 4, "threads": 1},
-    "train": {"model": "dsmd-test-student", "features_dir": "outputs/features", "negatives_dir": "outputs/negatives",
-              "out_dir": "outputs/students/dsmd", "batching": "hard-negative-aware", "init_logit_scale": 30.0,
-              "optim": {"max_steps": 6, "batch_size": 32, "warmup_steps": 1, "threads": 1, "lr": 0.002},
-              "distill": {"queue_size": 64, "hard_negatives": 2}},
+    "train": {"model": "dsmd-test-student", "features_dir": "outputs/features", "init_logit_scale": 30.0,
+              "optim": {"max_steps": 6, "batch_size": 32, "warmup_steps": 1, "threads": 1, "lr": 0.002}},
+    "students": {"dsmd": {"loss": "dsmd", "negatives_dir": "outputs/negatives", "batching": "hard-negative-aware",
+                          "distill": {"queue_size": 64, "hard_negatives": 2}},
+                 "baseline": {"loss": "clip"}},
     "evaluate": {"features_dir": "outputs/features", "teacher_dir": "outputs/teacher", "latency_repeats": 2,
                  "throughput_batch": 16, "throughput_repeats": 1, "threads": 1,
                  "metrics_file": "outputs/metrics.json", "plots_dir": "outputs/plots"},
@@ -103,18 +104,23 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     status = _dvc("status", "--json", cwd=project)
     assert status.returncode == 0, status.stderr
-    assert set(json.loads(status.stdout)) == {"train_dsmd", "train_baseline"}
+    assert set(json.loads(status.stdout)) == {"train@dsmd", "train@baseline"}
 
     second = _dvc("repro", cwd=project)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     ran = set(re.findall(r"Running stage '([^']+)'", second.stdout))
-    assert ran == {"train_dsmd", "train_baseline", "evaluate", "export"}, second.stdout
+    assert ran == {"train@dsmd", "train@baseline", "evaluate", "export"}, second.stdout
 
-    # a distillation key never re-runs the CLIP-only student
-    params["train"]["distill"]["temperature"] = 0.07
+    # a distillation key never re-runs the CLIP-only student; a third student is one params entry, trained
+    # by its own stage without touching the others
+    params["students"]["dsmd"]["distill"]["temperature"] = 0.07
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    status = _dvc("status", "--json", cwd=project)
-    assert set(json.loads(status.stdout)) == {"train_dsmd"}, status.stdout
+    status = set(json.loads(_dvc("status", "--json", cwd=project).stdout))
+    assert status == {"train@dsmd", "evaluate"}, status  # evaluate: after any student, and it tracks their names
+    params["students"]["short"] = {"loss": "clip", "optim": {"max_steps": 3}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    status = set(json.loads(_dvc("status", "--json", cwd=project).stdout))
+    assert {s for s in status if s.startswith("train")} == {"train@dsmd", "train@short"}, status
     # stage one is paid once: editing every training, evaluation and export module, and every student's
     # architecture, leaves it up to date
     from test_dvc_deps import NOT_STAGE_ONE
@@ -126,7 +132,7 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
     status = _dvc("status", "--json", cwd=project)
     changed = set(json.loads(status.stdout))
     assert changed and not changed & {"corpus", "teacher", "extract", "mine"}, changed
-    assert changed <= {"train_dsmd", "train_baseline", "evaluate", "export"}, changed
+    assert changed <= {"train@dsmd", "train@baseline", "train@short", "evaluate", "export"}, changed
 
     # the ablation, scaling and budget benchmarks, --quick, on this project's cached features
     for script, key in (("ablation.py", "recipes"), ("scaling.py", "recipes"), ("budget.py", "recipes")):
