@@ -15,6 +15,14 @@ _FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, err
 SET_HELP = "override any param of this stage's section, e.g. --set optim.lr=0.001 (repeatable)"
 
 
+BREAK_LOCK_HELP = ("take the output folder's lock even when another host holds it (that run is gone); a dead "
+                   "holder on this host is taken over without it")
+
+
+def break_lock_option() -> bool:
+    return typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP)
+
+
 def params_option() -> Path:
     return typer.Option(Path("params.yaml"), "--params", help=PARAMS_HELP)
 

@@ -6,10 +6,11 @@ from typing import Optional
 
 import typer
 
+from pipeline import locking
 from pipeline.config import option_help, section_help, stage_config
 from pipeline.manifest import load_manifest
 from pipeline.synthetic import generate_corpus
-from stages._common import SET_HELP, params_option, user_errors
+from stages._common import SET_HELP, break_lock_option, params_option, user_errors
 
 EPILOG = section_help("corpus")
 app = typer.Typer(add_completion=False)
@@ -18,6 +19,7 @@ app = typer.Typer(add_completion=False)
 @app.command(epilog=EPILOG)
 def main(
     params: Path = params_option(),
+    break_lock: bool = break_lock_option(),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help=option_help("corpus", "out_dir")),
     seed: Optional[int] = typer.Option(None, "--seed", help=option_help("corpus", "seed")),
     train_images: Optional[int] = typer.Option(None, "--train-images", help=option_help("corpus", "train_images")),
@@ -46,7 +48,8 @@ def main(
             },
             set_,
         )
-        manifest_path = generate_corpus(cfg)
+        with locking.hold(cfg.out_dir, break_lock=break_lock):
+            manifest_path = generate_corpus(cfg)
         manifest = load_manifest(manifest_path)
     typer.echo(f"manifest: {manifest_path}")
     for name, spec in manifest.splits.items():

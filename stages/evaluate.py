@@ -6,9 +6,10 @@ from typing import Optional
 
 import typer
 
+from pipeline import locking
 from pipeline.config import option_help, section_help, stage_config
 from pipeline.evaluation import evaluate, format_table, parse_student_options
-from stages._common import SET_HELP, params_option, user_errors
+from stages._common import SET_HELP, break_lock_option, params_option, user_errors
 
 EPILOG = section_help("evaluate")
 app = typer.Typer(add_completion=False)
@@ -17,6 +18,7 @@ app = typer.Typer(add_completion=False)
 @app.command(epilog=EPILOG)
 def main(
     params: Path = params_option(),
+    break_lock: bool = break_lock_option(),
     features_dir: Optional[Path] = typer.Option(None, "--features-dir", help=option_help("evaluate", "features_dir")),
     split: Optional[str] = typer.Option(None, "--split", help=option_help("evaluate", "split")),
     student: list[str] = typer.Option(None, "--student", help="NAME=DIR of a trained student (repeatable; replaces evaluate.students)"),
@@ -47,7 +49,8 @@ def main(
             },
             set_,
         )
-        metrics = evaluate(cfg)
+        with locking.hold(cfg.plots_dir, cfg.report_dir, break_lock=break_lock):
+            metrics = evaluate(cfg)
     typer.echo(format_table(metrics))
     typer.echo(f"metrics: {cfg.metrics_file}; plots: {cfg.plots_dir}")
 

@@ -6,9 +6,10 @@ from typing import Optional
 
 import typer
 
+from pipeline import locking
 from pipeline.config import option_help, section_help, stage_config
 from pipeline.export import export
-from stages._common import SET_HELP, params_option, user_errors
+from stages._common import SET_HELP, break_lock_option, params_option, user_errors
 
 EPILOG = section_help("export")
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -17,6 +18,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command(epilog=EPILOG)
 def main(
     params: Path = params_option(),
+    break_lock: bool = break_lock_option(),
     student: Optional[str] = typer.Option(None, help=option_help("export", "student")),
     student_dir: Optional[str] = typer.Option(None, help=option_help("export", "student_dir")),
     out_dir: Optional[str] = typer.Option(None, help=option_help("export", "out_dir")),
@@ -30,7 +32,8 @@ def main(
     with user_errors():
         cfg = stage_config(params, "export", {"student": student, "student_dir": student_dir, "out_dir": out_dir,
                                               "onnx": onnx}, set_)
-        report = export(cfg)
+        with locking.hold(cfg.out_dir, break_lock=break_lock):
+            report = export(cfg)
         checks = ", ".join(f"{k} {v:.1e}" for k, v in report.items() if k.endswith("max_abs_diff"))
         typer.echo(f"exported {cfg.student_dir} -> {cfg.out_dir} ({checks})")
 

@@ -6,10 +6,11 @@ from typing import Optional
 
 import typer
 
+from pipeline import locking
 from pipeline.config import option_help, section_help, stage_config
 from pipeline.corpus import UNREADABLE_SHARD
 from pipeline.extract import extract
-from stages._common import SET_HELP, params_option, user_errors
+from stages._common import SET_HELP, break_lock_option, params_option, user_errors
 
 EPILOG = section_help("extract")
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -18,6 +19,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command(epilog=EPILOG)
 def main(
     params: Path = params_option(),
+    break_lock: bool = break_lock_option(),
     manifest: Optional[str] = typer.Option(None, help=option_help("extract", "manifest")),
     out_dir: Optional[str] = typer.Option(None, help=option_help("extract", "out_dir")),
     split: Optional[list[str]] = typer.Option(None, "--split", help=option_help("extract", "splits")),
@@ -44,7 +46,8 @@ def main(
             "precision": precision, "threads": threads,
         }, set_)
         teacher_cfg = stage_config(params, "teacher", {"model": teacher_model, "pretrained": teacher_pretrained})
-        results = extract(cfg, teacher_cfg, overwrite=overwrite)
+        with locking.hold(cfg.out_dir, break_lock=break_lock):
+            results = extract(cfg, teacher_cfg, overwrite=overwrite)
         for split_name, manifest_info in results.items():
             if manifest_info and "task" in manifest_info:
                 typer.echo(f"{split_name}: {manifest_info['num_images']} images, {manifest_info['num_prompts']} prompts "

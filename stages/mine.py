@@ -7,9 +7,10 @@ from typing import Optional
 
 import typer
 
+from pipeline import locking
 from pipeline.config import option_help, section_help, stage_config
 from pipeline.mining import mine
-from stages._common import SET_HELP, params_option, user_errors
+from stages._common import SET_HELP, break_lock_option, params_option, user_errors
 
 EPILOG = section_help("mine")
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -18,6 +19,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command(epilog=EPILOG)
 def main(
     params: Path = params_option(),
+    break_lock: bool = break_lock_option(),
     features_dir: Optional[str] = typer.Option(None, help=option_help("mine", "features_dir")),
     out_dir: Optional[str] = typer.Option(None, help=option_help("mine", "out_dir")),
     split: Optional[list[str]] = typer.Option(None, "--split", help=option_help("mine", "splits")),
@@ -36,7 +38,8 @@ def main(
             "features_dir": features_dir, "out_dir": out_dir, "splits": split or None, "k": k,
             "index": index, "threads": threads,
         }, set_)
-        results = mine(cfg)
+        with locking.hold(cfg.out_dir, break_lock=break_lock):
+            results = mine(cfg)
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
             return
         for split_name, summary in results.items():

@@ -7,9 +7,10 @@ from typing import Optional
 
 import typer
 
+from pipeline import locking
 from pipeline.config import option_help, section_help, stage_config
 from pipeline.training import train
-from stages._common import SET_HELP, params_option, user_errors
+from stages._common import SET_HELP, break_lock_option, params_option, user_errors
 
 EPILOG = section_help("train")
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -18,6 +19,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command(epilog=EPILOG)
 def main(
     params: Path = params_option(),
+    break_lock: bool = break_lock_option(),
     student: Optional[str] = typer.Option(None, help="a student of params.yaml's students section: its entry applies over "
                                           "the train section (as in dvc.yaml's train@<name> stages)"),
     features_dir: Optional[str] = typer.Option(None, help=option_help("train", "features_dir")),
@@ -45,7 +47,8 @@ def main(
             "loss": loss, "source": source, "manifest": manifest, "batching": batching, "optim.epochs": epochs,
             "optim.max_steps": max_steps, "optim.batch_size": batch_size, "optim.lr": lr,
         }, set_, student=student)
-        summary = train(cfg, resume=resume)
+        with locking.hold(cfg.out_dir, break_lock=break_lock):
+            summary = train(cfg, resume=resume)
         if os.environ.get("RANK", "0") == "0":  # one line per run, not per rank
             typer.echo(f"student saved to {cfg.out_dir} ({summary['steps']} steps, {summary['samples_per_s']:.0f} samples/s)")
 

@@ -4,11 +4,13 @@ outlives the run), a file size limit standing in for a full disk, bad options an
 `error:` line, exit 2), a damaged input shard restored, and the checks a stage makes before work."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import atomic, evaluation, extract as extract_mod, models, names, store
+from pipeline import atomic, evaluation, extract as extract_mod, locking, models, names, store
 from pipeline.config import EvaluateConfig, ExtractConfig, TeacherConfig
 from pipeline.errors import PipelineError
 from tests.fakes import write_fake_features
@@ -354,3 +356,65 @@ def test_bad_options_and_files_are_one_error_line(train_setup, extract_setup, tm
         assert str(tmp_path) in error  # the file is named
     assert not (tmp_path / "PWNED").exists()  # nothing was unpickled
     assert not temporaries(tmp_path)
+
+
+# ---- one writer per output folder ----------------------------------------------------------------
+
+def _only_one_wins(first: subprocess.Popen, second: subprocess.Popen) -> str:
+    """Both ran into one folder at once: exactly one finished, the other refused in one line naming the holder."""
+    results = [finish(first), finish(second)]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    code, output = next(r for r in results if r[0] == 2)
+    line = the_error_line(code, output)
+    assert "is being written by pid" in line and "wait for it to finish" in line, line
+    return line
+
+
+def test_two_extracts_into_one_folder_one_refuses_and_the_other_equals_a_lone_run(extract_setup, tmp_path):
+    out = tmp_path / "features"
+    args = ["extract", "--params", str(extract_setup["params"]), "--out-dir", str(out)]
+    _only_one_wins(dsmd(args, tmp_path), dsmd(args, tmp_path))
+    assert_same_tables(out, extract_setup["clean"])
+    assert not list(out.rglob("_parts")) and not temporaries(out)
+    assert not locking.lock_path(out).exists()
+
+
+def test_two_trainings_into_one_folder_one_refuses_and_the_other_equals_a_lone_run(train_setup, tmp_path):
+    out = tmp_path / "student"
+    args = ["train", "--params", str(train_setup["params"]), "--out-dir", str(out)]
+    _only_one_wins(dsmd(args, tmp_path), dsmd(args, tmp_path))
+    assert_same_student(out, train_setup["clean"])
+    assert not temporaries(out) and not locking.lock_path(out).exists()
+
+
+def _write_lock(folder: Path, host: str, pid: int) -> None:
+    path = locking.lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": host, "pid": pid, "started": "2026-12-01T00:00:00", "command": "dsmd mine"}))
+
+
+def test_mine_refuses_a_live_holder_takes_over_a_dead_one_and_breaks_another_hosts_lock_only_when_told(tmp_path):
+    write_fake_features(tmp_path / "features", "train", n_images=40, captions_per_image=2, dim=16, seed=0)
+    out = tmp_path / "negatives"
+    args = ["mine", "--features-dir", str(tmp_path / "features"), "--out-dir", str(out), "--k", "4", "--threads", "1"]
+    here = socket.gethostname()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        _write_lock(out, here, holder.pid)
+        line = the_error_line(*finish(dsmd(args, tmp_path)))
+        assert f"is being written by pid {holder.pid} on {here}" in line
+        assert not out.exists()  # refused before any work
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed (-9 leaves its lock): taken over with a warning, and released at the end
+    code, output = finish(dsmd(args, tmp_path))
+    assert code == 0 and "taking over the lock" in output and "its process is gone" in output, output
+    assert (out / "train").is_dir() and not locking.lock_path(out).exists()
+    # another host's lock cannot be checked from here: refused, unless --break-lock
+    _write_lock(out, "another-host", 1)
+    line = the_error_line(*finish(dsmd(args, tmp_path)))
+    assert "on another-host" in line and "--break-lock" in line
+    code, output = finish(dsmd(args + ["--break-lock"], tmp_path))
+    assert code == 0, output
+    assert not locking.lock_path(out).exists()
