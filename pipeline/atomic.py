@@ -150,3 +150,23 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def staging_dir(final: str | Path) -> Path:
+    """Where a folder that must appear whole is written first: `.<name>.partial` beside it."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.partial")
+
+
+def publish_dir(staging: str | Path, final: str | Path) -> Path:
+    """Put the finished `staging` folder in place of `final`. At every instant `final` is the old complete
+    folder, absent, or the new complete one; never half written (a killed run leaves only the staging folder,
+    which the next run removes)."""
+    staging, final = Path(staging), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -145,7 +145,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise ConfigError(f"evaluate.chunk_size must be >= 1, got {cfg.chunk_size}")
     runtime.set_threads(cfg.threads)
     device = _resolve_device(cfg.device)
-    for folder in {Path(cfg.metrics_file).parent, Path(cfg.plots_dir)} | ({Path(cfg.report_dir)} if cfg.report_dir else set()):
+    # (the report is written beside its folder and put in place whole: its parent must be writable)
+    for folder in {Path(cfg.metrics_file).parent, Path(cfg.plots_dir)} | ({Path(cfg.report_dir).parent} if cfg.report_dir else set()):
         # before any work, not after it
         atomic.prepare_output_dir(folder)
     split_manifest = store.load_split_manifest(cfg.features_dir, cfg.split)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import warnings
 from pathlib import Path
 
@@ -121,8 +122,11 @@ def run_checks(cfg: ExportConfig, student: models.LoadedModel, out_dir: Path) ->
 
 
 def export(cfg: ExportConfig) -> dict:
-    """Export `cfg.student_dir` into `cfg.out_dir`; returns the report (also in export_report.json)."""
-    out_dir = atomic.prepare_output_dir(cfg.out_dir)
+    """Export `cfg.student_dir` into `cfg.out_dir`; returns the report (also in export_report.json). The folder is
+    written beside it and put in place whole once checked: `local-dir:` never finds a half-written export."""
+    staging = atomic.staging_dir(cfg.out_dir)
+    shutil.rmtree(staging, ignore_errors=True)  # a killed export's (the stage's lock says no export is running)
+    out_dir = atomic.prepare_output_dir(staging)
     if cfg.check_images < 1:
         raise ExportError(f"export.check_images must be >= 1, got {cfg.check_images}")
     metrics = _read_json(Path(cfg.metrics_file), "the metrics of `dsmd evaluate`")
@@ -141,7 +145,8 @@ def export(cfg: ExportConfig) -> dict:
     card = model_card(cfg, model_name, metrics, split_manifest, summary, report)
     atomic.atomic_write_text(card, out_dir / names.MODEL_CARD)
     atomic.atomic_write_json(report, out_dir / names.EXPORT_REPORT)
-    log.info("exported %s to %s", cfg.student_dir, out_dir)
+    atomic.publish_dir(staging, cfg.out_dir)
+    log.info("exported %s to %s", cfg.student_dir, cfg.out_dir)
     return report
 
 

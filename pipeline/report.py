@@ -73,7 +73,9 @@ def write_report(out_dir: str | Path, metrics: dict, plots: list[Path], features
                  queries: int = 8, images: int = 4, seed: int = 0, top_images: int = 5, top_captions: int = 3) -> Path:
     """Write `out_dir/index.html` and its thumbnails and plots. `embeddings`: model name -> (image (N, D), text
     (M, D)) unit vectors in image_id / text_id order, the teacher's first."""
-    out_dir = atomic.prepare_output_dir(Path(out_dir))
+    final, out_dir = Path(out_dir), atomic.staging_dir(out_dir)  # put in place whole: a killed run leaves no mixed page
+    shutil.rmtree(out_dir, ignore_errors=True)
+    atomic.prepare_output_dir(out_dir)
     thumbs = out_dir / names.REPORT_THUMBS
     thumbs.mkdir(exist_ok=True)
     captions = store.read_texts(features_dir, split, columns=[schema.CAPTION])[schema.CAPTION].to_pylist()
@@ -116,4 +118,5 @@ def write_report(out_dir: str | Path, metrics: dict, plots: list[Path], features
             parts.append(f"<div class='model'><b>{html.escape(model)}</b><ol>{items}</ol></div>")
         parts.append("</div>")
     parts.append("</body></html>")
-    return atomic.atomic_write_text("\n".join(parts), out_dir / names.REPORT_FILE)
+    atomic.atomic_write_text("\n".join(parts), out_dir / names.REPORT_FILE)
+    return atomic.publish_dir(out_dir, final) / names.REPORT_FILE

@@ -418,3 +418,83 @@ def test_mine_refuses_a_live_holder_takes_over_a_dead_one_and_breaks_another_hos
     code, output = finish(dsmd(args + ["--break-lock"], tmp_path))
     assert code == 0, output
     assert not locking.lock_path(out).exists()
+
+
+# ---- a killed export or evaluation leaves nothing a user could mistake for a result -------------------
+
+@pytest.fixture(scope="module")
+def export_setup(tmp_path_factory):
+    from tests.test_training import make_cfg
+    from pipeline import training
+    root = tmp_path_factory.mktemp("export-faults")
+    write_fake_features(root / "features", "train", n_images=64, captions_per_image=2, dim=32, seed=0)
+    cfg = make_cfg((root / "features", root / "negatives"), root / "student", max_steps=3)
+    cfg.loss = "clip"
+    training.train(cfg)
+    cost = {"params_total": 10, "params_image": 4, "image_ms_per_image": 0.5}
+    quality = {"i2t_r1": 40.0, "t2i_r1": 38.5, "rsum": 321.5}
+    (root / "metrics.json").write_text(json.dumps({
+        "split": "train", "num_images": 64, "num_texts": 128, "device_name": "cpu", "threads": 1,
+        "teacher": {**quality, "rsum": 400.0, "cost": {**cost, "image_ms_per_image": 2.0}},
+        "students": {"tiny": {**quality, "quality_ratio": 0.80375, "image_time_ratio": 0.25, "cost": cost}}}))
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump({"export": {
+        "student": "tiny", "student_dir": str(root / "student"), "features_dir": str(root / "features"), "split": "train",
+        "metrics_file": str(root / "metrics.json"), "check_images": 8}}))
+    started = time.monotonic()
+    code, out = finish(dsmd(["export", "--params", str(params), "--out-dir", str(root / "clean")], root))
+    assert code == 0, out
+    return {"root": root, "params": params, "clean": root / "clean", "seconds": time.monotonic() - started}
+
+
+EXPORT_FILES = {names.SAFETENSORS_FILE, names.OPEN_CLIP_CONFIG, names.IMAGE_ONNX, names.TEXT_ONNX, names.MODEL_CARD,
+                names.EXPORT_REPORT}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_export_killed_anywhere_leaves_no_half_written_model_folder(export_setup, tmp_path, seed):
+    out = tmp_path / "export"
+    args = ["export", "--params", str(export_setup["params"]), "--out-dir", str(out)]
+    staging = atomic.staging_dir(out)
+    # seed 0: once the weights are written, before the ONNX towers and the card
+    kill_seeded(dsmd(args, tmp_path), seed, lambda: (staging / names.SAFETENSORS_FILE).exists(), export_setup["seconds"])
+    # what `local-dir:` would find: nothing, or a whole checked export
+    assert not out.exists() or {p.name for p in out.iterdir()} == EXPORT_FILES
+    code, output = finish(dsmd(args, tmp_path))
+    assert code == 0, output
+    assert {p.name for p in out.iterdir()} == EXPORT_FILES and not staging.exists()
+    assert json.loads((out / names.EXPORT_REPORT).read_text()) == json.loads((export_setup["clean"] / names.EXPORT_REPORT).read_text())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_evaluate_killed_anywhere_leaves_whole_outputs_and_a_rerun_equals_a_clean_one(tmp_path, seed):
+    from tests.test_evaluation import save_student, write_teacher_manifest_identity
+    write_fake_features(tmp_path / "features", "test", n_images=24, captions_per_image=3, dim=32)
+    write_teacher_manifest_identity(tmp_path / "features", "test", TEACHER)
+    save_student(tmp_path / "students" / "dsmd", seed=1)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"evaluate": {
+        "features_dir": str(tmp_path / "features"), "teacher_dir": str(tmp_path / "teacher"), "students": {"dsmd": str(tmp_path / "students" / "dsmd")},
+        "latency_repeats": 2, "throughput_batch": 8, "throughput_repeats": 1, "threads": 1, "device": "cpu",
+        "metrics_file": str(tmp_path / "out" / "metrics.json"), "plots_dir": str(tmp_path / "out" / "plots"),
+        "report_dir": str(tmp_path / "out" / "report")}}))
+    started = time.monotonic()
+    code, output = finish(dsmd(["evaluate", "--params", str(params)], tmp_path))
+    assert code == 0, output
+    clean = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    shutil.rmtree(tmp_path / "out")
+    # seed 0: once the plots are written, while the report is being made
+    kill_seeded(dsmd(["evaluate", "--params", str(params)], tmp_path), seed,
+                lambda: (tmp_path / "out" / "plots" / names.CURVES_PLOT).exists(), time.monotonic() - started)
+    report = tmp_path / "out" / "report"
+    assert not report.exists() or (report / names.REPORT_FILE).exists()  # no page without its thumbnails, or half of one
+    metrics = tmp_path / "out" / "metrics.json"
+    assert not metrics.exists() or json.loads(metrics.read_text())["students"]["dsmd"]["rsum"] == clean["students"]["dsmd"]["rsum"]
+    code, output = finish(dsmd(["evaluate", "--params", str(params)], tmp_path))
+    assert code == 0, output
+    again = json.loads(metrics.read_text())
+    for model in ("teacher", "dsmd"):
+        got, want = (m["teacher"] if model == "teacher" else m["students"]["dsmd"] for m in (again, clean))
+        timing = lambda k: k == "cost" or k.endswith(("time_ratio", "latency_ratio"))  # noqa: E731 (measured each run)
+        assert {k: v for k, v in got.items() if not timing(k)} == {k: v for k, v in want.items() if not timing(k)}
+    assert not temporaries(tmp_path / "out") and not atomic.staging_dir(report).exists()
