@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import corpus, evaluate, export, extract, mine, pretrain, teacher, train
+from stages import corpus, evaluate, export, extract, mine, plan, pretrain, teacher, train
 
 app = typer.Typer(
     add_completion=False,
@@ -11,6 +11,6 @@ app = typer.Typer(
     help="DSMD distillation pipeline: corpus -> teacher -> extract -> mine -> train -> evaluate -> export.",
 )
 
-for _name, _module in (("corpus", corpus), ("pretrain", pretrain), ("teacher", teacher), ("extract", extract), ("mine", mine),
+for _name, _module in (("plan", plan), ("corpus", corpus), ("pretrain", pretrain), ("teacher", teacher), ("extract", extract), ("mine", mine),
                        ("train", train), ("evaluate", evaluate), ("export", export)):
     app.command(name=_name, help=_module.main.__doc__, epilog=_module.EPILOG)(_module.main)

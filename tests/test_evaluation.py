@@ -357,7 +357,7 @@ def test_cli_runs_and_reports_bad_options(tmp_path, monkeypatch):
     params = tmp_path / "params.yaml"
     params.write_text(
         "evaluate:\n  latency_repeats: 1\n  throughput_batch: 4\n  throughput_repeats: 1\n  device: cpu\n"
-        f"  teacher_dir: {tmp_path / 'teacher'}\n"
+        f"  teacher_dir: {tmp_path / 'teacher'}\n  report_dir: {tmp_path / 'report'}\n"
     )
     runner = CliRunner()
     base = ["--params", str(params), "--features-dir", str(tmp_path / "features"),

@@ -1,0 +1,188 @@
+"""`dsmd plan`: what a run will cost, measured before it on this device.
+
+Reads params.yaml and the corpus manifest, times a few real batches (the teacher on the corpus's own images and
+captions; each student's optimizer step with its loss on batches of the same images and random teacher targets of
+the teacher's width), and projects: extraction time, the features' disk size, mining's memory and time, and each
+student's time per epoch, for one process and for N ranks (ranks split the work evenly; no communication cost is
+counted, so treat the N-rank figures as a lower bound).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline import data as data_mod
+from pipeline import models, runtime, training
+from pipeline.augment import decode_image, preprocess_batch
+from pipeline.config import Params
+from pipeline.corpus import SkipReport, iter_samples
+from pipeline.manifest import load_manifest
+
+log = logging.getLogger(__name__)
+PARQUET_OVERHEAD = 1.10  # ids, captions, keys and Parquet framing around the embedding arrays, measured on the demo
+
+
+@dataclass
+class Batch:
+    images: list  # decoded PIL images
+    captions: list[str]
+
+
+def _read_batches(params: Params, batch_size: int, count: int) -> tuple[list[Batch], float]:
+    """`count` batches of the first split's samples (images decoded), and the mean captions per image."""
+    manifest = load_manifest(params.extract.manifest)
+    split = manifest.splits[params.extract.splits[0]]
+    samples = iter_samples(split.shards, manifest.fields, SkipReport())
+    batches, captions = [], []
+    for _ in range(count):
+        chunk = list(itertools.islice(samples, batch_size))
+        if not chunk:
+            break
+        batches.append(Batch([decode_image(s.image_bytes) for s in chunk], [c for s in chunk for c in s.captions]))
+        captions += [len(s.captions) for s in chunk]
+    return batches, float(np.mean(captions)) if captions else 1.0
+
+
+def _num_samples(manifest, split: str) -> int:
+    """The manifest's num_samples of `split`, or (when it has none) its samples counted by reading its shards."""
+    spec = manifest.splits[split]
+    if spec.num_samples:
+        return int(spec.num_samples)
+    log.info("split %s: no num_samples in the manifest; counting its samples (reads every shard)", split)
+    return sum(1 for _ in iter_samples(spec.shards, manifest.fields, SkipReport()))
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def time_teacher(params: Params, batches: list[Batch], device: torch.device, repeats: int) -> tuple[float, int]:
+    """(seconds per image of extraction: preprocessing, the image tower, the captions' text tower; teacher width)."""
+    teacher = models.load_teacher(params.teacher, device=device)
+    teacher.model.eval()
+    batch = batches[0]
+
+    @torch.inference_mode()
+    def step():
+        pixels = preprocess_batch(teacher.preprocess, batch.images).to(device)
+        with runtime.autocast(device, params.extract.precision):
+            teacher.model.encode_image(pixels)
+            teacher.model.encode_text(teacher.tokenizer(batch.captions).to(device))
+
+    return _timed(step, repeats) / len(batch.images), teacher.embed_dim
+
+
+def _fake_targets(cfg, size: int, dim: int, num_images: int) -> dict[str, torch.Tensor]:
+    """Random unit teacher targets of the teacher's width, and mined lists as wide as configured."""
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, dim), dim=-1)  # noqa: E731
+    hard = max(1, cfg.distill.hard_negatives)
+    ids = lambda: torch.randint(0, num_images, (size, hard))  # noqa: E731
+    return {
+        data_mod.IMAGE_ID: torch.arange(size), data_mod.TEACHER_IMAGE: unit(size), data_mod.TEACHER_TEXT: unit(size),
+        data_mod.MINED_TEACHER_IMAGE: unit(size, hard), data_mod.MINED_TEACHER_TEXT: unit(size, hard),
+        data_mod.MINED_IMAGE_IDS: ids(), data_mod.MINED_TEXT_IMAGE_IDS: ids(),
+        data_mod.MINED_T2T_TEACHER_TEXT: unit(size, hard), data_mod.MINED_T2T_IMAGE_IDS: ids(),
+        data_mod.MINED_T2I_TEACHER_IMAGE: unit(size, hard), data_mod.MINED_T2I_IMAGE_IDS: ids(),
+    }
+
+
+def time_student(cfg, images: list, captions: list[str], teacher_dim: int, device: torch.device, repeats: int) -> float:
+    """Seconds per optimizer step of student `cfg`: decoding-free batch preparation, forward, loss, backward, AdamW."""
+    size = cfg.optim.batch_size
+    pool = list(itertools.islice(itertools.cycle(zip(images, captions)), size))
+    loaded, ctx = training.build_context(cfg, teacher_dim, total_steps=10 * (repeats + 1), device=device)
+    targets = _fake_targets(cfg, size, teacher_dim, num_images=max(size, 1000))
+
+    def step():
+        batch = {data_mod.IMAGE: preprocess_batch(loaded.preprocess, [im for im, _ in pool]),
+                 data_mod.TEXT: loaded.tokenizer([c for _, c in pool]), **targets}
+        training.optimizer_step(ctx, [batch])
+
+    return _timed(step, repeats)
+
+
+def time_flat_search(dim: int, queries: int = 512, base: int = 8192) -> float:
+    """Seconds per (query x base vector) of an exact inner-product FAISS search at width `dim`."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    index = faiss.IndexFlatIP(dim)
+    index.add(rng.standard_normal((base, dim), dtype=np.float32))
+    q = rng.standard_normal((queries, dim), dtype=np.float32)
+    return _timed(lambda: index.search(q, 17), 2) / (queries * base)
+
+
+def plan(params: Params, ranks: int = 1, repeats: int = 3) -> dict:
+    """The projected costs of `params`' run (see the module doc); every time in seconds, every size in bytes."""
+    device = runtime.resolve_device(params.extract.device)
+    runtime.set_threads(params.extract.threads)
+    manifest = load_manifest(params.extract.manifest)
+    counts = {name: _num_samples(manifest, name) for name in params.extract.splits}
+    batches, captions_per_image = _read_batches(params, params.extract.batch_size, 1)
+    per_image, dim = time_teacher(params, batches, device, repeats)
+    width = 2 if params.extract.embedding_dtype == "float16" else 4
+    images_total = sum(counts.values())
+    texts_total = images_total * captions_per_image
+    out: dict = {
+        "device": str(device), "ranks": ranks, "teacher_dim": dim, "captions_per_image": captions_per_image,
+        "split_images": counts,
+        "extract_seconds_per_image": per_image,
+        "extract_seconds": {name: n * per_image / ranks for name, n in counts.items()},
+        "features_bytes": int(PARQUET_OVERHEAD * width * dim * (images_total * (1 + params.extract.views) + texts_total)),
+    }
+    train_images = counts.get(params.train.split, 0)
+    train_texts = train_images * captions_per_image
+    pair_seconds = time_flat_search(dim)
+    # the four lists of dsmd mine: i2t, t2i, i2i, t2t, each a search of every query against every key
+    searches = train_images * train_texts * 2 + train_images ** 2 + train_texts ** 2
+    out["mine_seconds"] = searches * pair_seconds / ranks
+    out["mine_memory_bytes"] = int(4 * dim * (train_images + train_texts))  # the exact indexes, float32
+    runtime.set_threads(params.train.optim.threads)
+    out["students"] = {}
+    for name in params.students:
+        cfg = params.student(name)
+        step = time_student(cfg, batches[0].images, batches[0].captions, dim, device, repeats)
+        steps = math.ceil(train_images / cfg.optim.batch_size)
+        out["students"][name] = {"seconds_per_step": step, "steps_per_epoch": steps,
+                                 "epoch_seconds": steps * step / ranks,
+                                 "run_seconds": data_mod.total_steps(train_images, cfg.optim.batch_size, cfg.optim.epochs,
+                                                                     cfg.optim.max_steps) * step / ranks}
+    return out
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def format_plan(p: dict) -> str:
+    lines = [f"on {p['device']}, {p['ranks']} rank(s) (even split, no communication counted):",
+             f"extract  {_duration(sum(p['extract_seconds'].values()))}  "
+             f"({', '.join(f'{k} {v} img' for k, v in p['split_images'].items())}; {1 / p['extract_seconds_per_image']:.0f} img/s "
+             f"a rank, {p['captions_per_image']:.1f} captions an image)",
+             f"features {_size(p['features_bytes'])} on disk (teacher width {p['teacher_dim']})",
+             f"mine     {_duration(p['mine_seconds'])}, {_size(p['mine_memory_bytes'])} of exact indexes"]
+    for name, s in p["students"].items():
+        lines.append(f"train {name}: {_duration(s['epoch_seconds'])} an epoch ({s['steps_per_epoch']} steps of "
+                     f"{s['seconds_per_step']:.2f} s), {_duration(s['run_seconds'])} for the configured run")
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""`dsmd plan`: the projected costs come from timing the configured teacher and students on the corpus's images."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline import plan as plan_mod
+from pipeline.config import load_params
+from tests.tiny_corpus import write_tiny_corpus
+
+
+@pytest.fixture(scope="module")
+def params_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    manifest = write_tiny_corpus(root / "corpus", shards_per_split=1, per_shard=24, image_size=32)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump({
+        "teacher": {"model": "dsmd-test-teacher", "pretrained": ""},
+        "extract": {"manifest": str(manifest), "splits": ["train", "test"], "batch_size": 8, "threads": 1},
+        "train": {"model": "dsmd-test-student", "optim": {"batch_size": 8, "epochs": 2, "threads": 1}},
+        "students": {"dsmd": {"loss": "dsmd", "distill": {"queue_size": 16, "hard_negatives": 2}}, "clip": {"loss": "clip"}},
+    }))
+    return path
+
+
+def test_the_plan_times_every_student_and_scales_with_the_corpus_and_the_ranks(params_file):
+    params = load_params(params_file)
+    one = plan_mod.plan(params, ranks=1, repeats=1)
+    assert one["split_images"] == {"train": 24, "test": 24} and one["teacher_dim"] == 32
+    assert set(one["students"]) == {"dsmd", "clip"}
+    for student in one["students"].values():
+        assert student["seconds_per_step"] > 0 and student["steps_per_epoch"] == 3  # ceil(24 / 8)
+        assert student["run_seconds"] == pytest.approx(2 * student["epoch_seconds"])  # 2 epochs of 3 steps
+    assert one["extract_seconds"]["train"] == pytest.approx(24 * one["extract_seconds_per_image"])
+    # the embeddings alone: (images + texts) x width x 2 bytes (float16), plus the tables around them
+    texts = 48 * one["captions_per_image"]
+    assert one["features_bytes"] == int(plan_mod.PARQUET_OVERHEAD * 2 * 32 * (48 + texts))
+    two = plan_mod.plan(params, ranks=2, repeats=1)
+    assert two["extract_seconds"]["train"] == pytest.approx(24 * two["extract_seconds_per_image"] / 2)
+    assert two["students"]["clip"]["epoch_seconds"] == pytest.approx(3 * two["students"]["clip"]["seconds_per_step"] / 2)
+
+
+def test_the_cli_prints_the_plan_or_json(params_file):
+    from stages.cli import app
+    result = CliRunner().invoke(app, ["plan", "--params", str(params_file), "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    assert "extract" in result.output and "train dsmd" in result.output and "train clip" in result.output
+    result = CliRunner().invoke(app, ["plan", "--params", str(params_file), "--repeats", "1", "--json", "--ranks", "4"])
+    assert result.exit_code == 0 and json.loads(result.output)["ranks"] == 4
