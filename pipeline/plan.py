@@ -25,11 +25,14 @@ from pipeline.corpus import SkipReport, iter_samples
 from pipeline.manifest import load_manifest
 
 log = logging.getLogger(__name__)
-PARQUET_OVERHEAD = 1.10  # ids, captions, keys and Parquet framing around the embedding arrays, measured on the demo
+# Each embedding is stored twice (a Parquet column, and the split's .npy array that training streams rows from);
+# ids, keys, compressed captions and references add about this much a row (measured on the demo features)
+ROW_OVERHEAD_BYTES = 24
 
 
 @dataclass
 class Batch:
+    encoded: list[bytes]  # the images as stored
     images: list  # decoded PIL images
     captions: list[str]
 
@@ -44,7 +47,8 @@ def _read_batches(params: Params, batch_size: int, count: int) -> tuple[list[Bat
         chunk = list(itertools.islice(samples, batch_size))
         if not chunk:
             break
-        batches.append(Batch([decode_image(s.image_bytes) for s in chunk], [c for s in chunk for c in s.captions]))
+        batches.append(Batch([s.image_bytes for s in chunk], [decode_image(s.image_bytes) for s in chunk],
+                             [c for s in chunk for c in s.captions]))
         captions += [len(s.captions) for s in chunk]
     return batches, float(np.mean(captions)) if captions else 1.0
 
@@ -70,19 +74,27 @@ def _timed(fn, repeats: int) -> float:
 
 
 def time_teacher(params: Params, batches: list[Batch], device: torch.device, repeats: int) -> tuple[float, int]:
-    """(seconds per image of extraction: preprocessing, the image tower, the captions' text tower; teacher width)."""
+    """(seconds per image of extraction, the teacher's width). Decoding and preprocessing run in the loader
+    workers (`extract.num_workers`) beside the towers, so a batch costs the slower of the two; with no worker, both."""
     teacher = models.load_teacher(params.teacher, device=device)
     teacher.model.eval()
     batch = batches[0]
 
+    def prepare():
+        return torch.stack([teacher.preprocess(decode_image(data)) for data in batch.encoded])
+
+    pixels = prepare().to(device)
+
     @torch.inference_mode()
-    def step():
-        pixels = preprocess_batch(teacher.preprocess, batch.images).to(device)
+    def encode():
         with runtime.autocast(device, params.extract.precision):
             teacher.model.encode_image(pixels)
             teacher.model.encode_text(teacher.tokenizer(batch.captions).to(device))
 
-    return _timed(step, repeats) / len(batch.images), teacher.embed_dim
+    loading, towers = _timed(prepare, repeats), _timed(encode, repeats)
+    workers = params.extract.num_workers
+    per_batch = max(towers, loading / workers) if workers > 0 else towers + loading
+    return per_batch / len(batch.encoded), teacher.embed_dim
 
 
 def _fake_targets(cfg, size: int, dim: int, num_images: int) -> dict[str, torch.Tensor]:
@@ -141,7 +153,7 @@ def plan(params: Params, ranks: int = 1, repeats: int = 3) -> dict:
         "split_images": counts,
         "extract_seconds_per_image": per_image,
         "extract_seconds": {name: n * per_image / ranks for name, n in counts.items()},
-        "features_bytes": int(PARQUET_OVERHEAD * width * dim * (images_total * (1 + params.extract.views) + texts_total)),
+        "features_bytes": int((2 * width * dim + ROW_OVERHEAD_BYTES) * (images_total * (1 + params.extract.views) + texts_total)),
     }
     train_images = counts.get(params.train.split, 0)
     train_texts = train_images * captions_per_image

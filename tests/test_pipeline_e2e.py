@@ -37,7 +37,7 @@ TINY_PARAMS = {
                  "baseline": {"loss": "clip"}},
     "evaluate": {"features_dir": "outputs/features", "teacher_dir": "outputs/teacher", "latency_repeats": 2,
                  "throughput_batch": 16, "throughput_repeats": 1, "threads": 1,
-                 "metrics_file": "outputs/metrics.json", "plots_dir": "outputs/plots"},
+                 "metrics_file": "outputs/metrics.json", "plots_dir": "outputs/plots", "report_dir": "outputs/report"},
     "export": {"student": "dsmd", "student_dir": "outputs/students/dsmd", "features_dir": "outputs/features",
                "metrics_file": "outputs/metrics.json", "out_dir": "outputs/export/dsmd", "check_images": 8},
 }

@@ -35,9 +35,9 @@ def test_the_plan_times_every_student_and_scales_with_the_corpus_and_the_ranks(p
         assert student["seconds_per_step"] > 0 and student["steps_per_epoch"] == 3  # ceil(24 / 8)
         assert student["run_seconds"] == pytest.approx(2 * student["epoch_seconds"])  # 2 epochs of 3 steps
     assert one["extract_seconds"]["train"] == pytest.approx(24 * one["extract_seconds_per_image"])
-    # the embeddings alone: (images + texts) x width x 2 bytes (float16), plus the tables around them
+    # each embedding twice (Parquet and .npy) x width x 2 bytes (float16), plus the rest of each row
     texts = 48 * one["captions_per_image"]
-    assert one["features_bytes"] == int(plan_mod.PARQUET_OVERHEAD * 2 * 32 * (48 + texts))
+    assert one["features_bytes"] == int((2 * 2 * 32 + plan_mod.ROW_OVERHEAD_BYTES) * (48 + texts))
     two = plan_mod.plan(params, ranks=2, repeats=1)
     assert two["extract_seconds"]["train"] == pytest.approx(24 * two["extract_seconds_per_image"] / 2)
     assert two["students"]["clip"]["epoch_seconds"] == pytest.approx(3 * two["students"]["clip"]["seconds_per_step"] / 2)
