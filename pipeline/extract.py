@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.progress import progress as progress_bar
 
@@ -96,16 +97,17 @@ class _ShardStream(IterableDataset):
                 report.add("corrupt_image", url, sample.key)
                 continue
             good.append(sample)
-            images.append(self.preprocess(image))
+            images.append(image)
             if self.views:
                 rng = view_rng(self.seed, sample.key)
                 params = [augment.sample_view(rng) for _ in range(self.views)]
                 view_params.extend(params)
-                views.extend(self.preprocess(augment.apply_view(image, v)) for v in params)
+                views.extend(augment.apply_view(image, v) for v in params)
         chunk = _Chunk(shard_index, url, good, read=len(samples), view_params=view_params)
         if good:
-            chunk.images = torch.stack(images)
-            chunk.views = torch.stack(views) if views else None
+            # ToTensor + Normalize once on the chunk (bit for bit the per-image result, tests/test_augment.py)
+            chunk.images = augment.preprocess_batch(self.preprocess, images)
+            chunk.views = augment.preprocess_batch(self.preprocess, views) if views else None
             chunk.tokens = self.tokenizer([c for s in good for c in s.captions])
         return chunk
 
@@ -416,11 +418,11 @@ def extract_task(task: TaskSpec, image_extensions: list[str], teacher: LoadedMod
             return existing
     report = corpus.SkipReport()
     samples, embs = [], []
-    pending: list[tuple[corpus.LabelledSample, torch.Tensor]] = []
+    pending: list[tuple[corpus.LabelledSample, Image.Image]] = []
 
     def embed_pending() -> None:
         if pending:
-            pixels = torch.stack([pixels for _, pixels in pending])
+            pixels = augment.preprocess_batch(teacher.preprocess, [image for _, image in pending])
             embs.append(_embed(teacher.model.encode_image, pixels, device, cfg.precision, cfg.batch_size, teacher.embed_dim))
             samples.extend(sample for sample, _ in pending)
             pending.clear()
@@ -429,7 +431,7 @@ def extract_task(task: TaskSpec, image_extensions: list[str], teacher: LoadedMod
         for url in task.shards:
             for sample in corpus.iter_labelled(url, image_extensions, len(task.classnames), report):
                 try:
-                    pending.append((sample, teacher.preprocess(augment.decode_image(sample.image_bytes))))
+                    pending.append((sample, augment.decode_image(sample.image_bytes)))
                 except augment.CorruptImageError:
                     report.add(corpus.CORRUPT_IMAGE, url, sample.key)
                 if len(pending) == cfg.batch_size:
