@@ -10,7 +10,7 @@ Style follows open_clip's `loss.py`: each loss is a small nn.Module whose docstr
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline import runtime
-from pipeline.config import MarginMode
 
 LOSS_NAMES = ("feature", "similarity", "contrastive", "hard_negative", "affinity", "task")
 DISTILL_NAMES = LOSS_NAMES[:-1]  # DSMDLoss's terms; "task" is ClipLoss
-MARGIN_MODES = tuple(m.value for m in MarginMode)
+MARGIN_MODES = ("teacher", "fixed")  # pipeline.config.MarginMode's values (tests/test_losses.py keeps them equal)
 
 # owner id of an empty queue entry / a padded mined negative
 INVALID_ID = -1
@@ -369,7 +368,7 @@ class ClipLoss(nn.Module):
 
 
 class DSMDLoss(nn.Module):
-    """The enabled distillation terms (flags of `pipeline.config.DistillConfig`) and the teacher queue.
+    """The enabled distillation terms and the teacher queue (built from the config by `training.create_losses`).
 
     Called with the model's output and the batch's targets, as open_clip's losses are
     (`dsmd_loss(**features, **targets)`), over the global batch; returns the raw, unweighted terms as
@@ -383,19 +382,23 @@ class DSMDLoss(nn.Module):
     `optimizer.step()` with the global batch (identical on every rank, so every rank holds the same queue).
     """
 
-    def __init__(self, config, dim: int):
+    def __init__(self, terms: Sequence[str], dim: int, temperature: float = 0.05, queue_size: int = 8192,
+                 margin: float = 0.2, margin_mode: str = "teacher", affinity_temperature: float = 0.05):
+        """`terms`: the enabled distillation terms (names of DISTILL_NAMES); `dim`: the teacher's width."""
         super().__init__()
-        self.enabled = tuple(name for name in DISTILL_NAMES if getattr(config, name))
+        unknown = [t for t in terms if t not in DISTILL_NAMES]
+        if unknown:
+            raise ValueError(f"unknown distillation terms {unknown}; known: {DISTILL_NAMES}")
+        self.enabled = tuple(name for name in DISTILL_NAMES if name in terms)
         if not self.enabled:
-            raise ValueError(f"train.distill: every distillation term is switched off; enable at least one of {DISTILL_NAMES}")
-        self.feature = FeatureDistillLoss() if config.feature else None
-        self.similarity = SimilarityDistillLoss() if config.similarity else None
-        self.contrastive = ContrastiveDistillLoss(config.temperature) if config.contrastive else None
-        self.queue = TeacherQueue(config.queue_size, dim) if config.contrastive else None
-        self.hard_negative = (
-            HardNegativeDistillLoss(config.margin, margin_mode=config.margin_mode) if config.hard_negative else None
-        )
-        self.affinity = AffinityDistillLoss(config.affinity_temperature) if config.affinity else None
+            raise ValueError(f"every distillation term is switched off; enable at least one of {DISTILL_NAMES}")
+        on = set(self.enabled)
+        self.feature = FeatureDistillLoss() if "feature" in on else None
+        self.similarity = SimilarityDistillLoss() if "similarity" in on else None
+        self.contrastive = ContrastiveDistillLoss(temperature) if "contrastive" in on else None
+        self.queue = TeacherQueue(queue_size, dim) if "contrastive" in on else None
+        self.hard_negative = HardNegativeDistillLoss(margin, margin_mode=margin_mode) if "hard_negative" in on else None
+        self.affinity = AffinityDistillLoss(affinity_temperature) if "affinity" in on else None
 
     @property
     def names(self) -> tuple[str, ...]:

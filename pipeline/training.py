@@ -141,28 +141,40 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / decay_steps)))
 
 
+def create_losses(cfg: TrainConfig, teacher_dim: Optional[int], total_steps: int) -> tuple[Optional[DSMDLoss], Optional[ClipLoss], LossBalancer]:
+    """The one place the config meets the losses (as open_clip's `create_loss(args)`): the distillation terms, the
+    task term and the balancer, built from plain arguments."""
+    if cfg.loss != "dsmd":
+        return None, ClipLoss(), LossBalancer(["task"], mode="uniform")
+    distill = cfg.distill
+    if teacher_dim is None:
+        raise ConfigError("train.loss dsmd needs the teacher's embedding width (from the features)")
+    names = [n for n in LOSS_NAMES if getattr(distill, n)]
+    if not names:
+        raise ConfigError(f"train.distill: every loss term is switched off; enable at least one of {LOSS_NAMES}")
+    terms = [n for n in names if n != "task"]
+    dsmd_loss = DSMDLoss(terms, teacher_dim, temperature=distill.temperature, queue_size=distill.queue_size,
+                         margin=distill.margin, margin_mode=distill.margin_mode,
+                         affinity_temperature=distill.affinity_temperature) if terms else None
+    b = distill.balancer
+    try:
+        balancer = LossBalancer(names, mode=b.mode, temperature=b.temperature, fixed_weights=b.weights,
+                                max_weight=b.max_weight, task_share=b.task_share, calibration_steps=b.calibration_steps,
+                                window=b.window, task_share_end=b.task_share_end, total_steps=total_steps)
+    except ValueError as exc:  # the balancer checks its own arguments; name where they came from
+        raise ConfigError(f"train.distill.balancer: {exc}") from None
+    return dsmd_loss, ClipLoss() if distill.task else None, balancer
+
+
 def build_context(cfg: TrainConfig, teacher_dim: Optional[int], total_steps: int, device: torch.device, distributed: bool = False) -> tuple[models.LoadedModel, StepContext]:
     """The student (+ projection), the losses and balancer, AdamW and its schedule, for `cfg`."""
     optim = cfg.optim
     loaded, net = build_student(cfg, teacher_dim, device)
-    dsmd_loss = clip_loss = None
-    if cfg.loss == "dsmd":
-        if teacher_dim is None:
-            raise ConfigError("train.loss dsmd needs the teacher's embedding width (from the features)")
-        if any(getattr(cfg.distill, name) for name in DISTILL_NAMES):
-            dsmd_loss = DSMDLoss(cfg.distill, teacher_dim).to(device)
-        if cfg.distill.task:
-            clip_loss = ClipLoss()
-        else:
-            net.model.logit_scale.requires_grad_(False)  # nothing uses it; DDP wants every parameter used
-        names = [n for n in LOSS_NAMES if getattr(cfg.distill, n)]
-        if not names:
-            raise ConfigError(f"train.distill: every loss term is switched off; enable at least one of {LOSS_NAMES}")
-        balancer = LossBalancer.from_config(names, cfg.distill.balancer)
-        balancer.total_steps = total_steps
-    else:
-        clip_loss = ClipLoss()
-        balancer = LossBalancer(["task"], mode="uniform")
+    dsmd_loss, clip_loss, balancer = create_losses(cfg, teacher_dim, total_steps)
+    if dsmd_loss is not None:
+        dsmd_loss = dsmd_loss.to(device)
+    if clip_loss is None:
+        net.model.logit_scale.requires_grad_(False)  # nothing uses it; DDP wants every parameter used
     optimizer = build_optimizer(net, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, optim.warmup_steps))
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and optim.precision == "fp16" else None

@@ -85,9 +85,9 @@ def test_uniform_and_fixed():
 
 
 def test_bad_settings_are_clear_errors():
-    with pytest.raises(ConfigError, match=r"missing \['hard_negative'\]"):
+    with pytest.raises(ValueError, match=r"missing \['hard_negative'\]"):
         LossBalancer(NAMES, mode="fixed", fixed_weights={"feature": 1.0, "contrastive": 1.0})
-    with pytest.raises(PipelineError, match="mode"):
+    with pytest.raises(ValueError, match="mode"):
         LossBalancer(NAMES, mode="adaptive")
     with pytest.raises(ValueError, match="temperature"):
         LossBalancer(NAMES, temperature=0.0)
@@ -124,10 +124,19 @@ def test_zero_loss_rate_and_weight_cap():
     assert weights["a"] == 100.0 and weights["b"] == pytest.approx(1.0)
 
 
-def test_from_config():
-    config = BalancerConfig(mode="fixed", weights={"a": 2.0, "b": 3.0})
-    _, weights = LossBalancer.from_config(("a", "b"), config)({"a": torch.tensor(1.0), "b": torch.tensor(1.0)})
-    assert weights == {"a": 2.0, "b": 3.0}
+def test_the_config_reaches_the_balancer_only_through_the_factory_and_its_modes_agree(tmp_path):
+    from pipeline import balancer as balancer_mod, training
+    from pipeline.config import BalancerMode, DistillConfig, TrainConfig
+    assert set(balancer_mod.BALANCER_MODES) == {m.value for m in BalancerMode}
+    cfg = TrainConfig(distill=DistillConfig(feature=False, similarity=False, contrastive=False, hard_negative=False,
+                                            balancer=BalancerConfig(mode="fixed", weights={"task": 2.0})))
+    _, _, built = training.create_losses(cfg, teacher_dim=8, total_steps=10)
+    _, weights = built({"task": torch.tensor(1.0)})
+    assert weights == {"task": 2.0} and built.total_steps == 10
+    # a bad value is one error naming where it came from
+    cfg.distill.balancer = BalancerConfig(mode="fixed", weights={})
+    with pytest.raises(ConfigError, match=r"train.distill.balancer: weights: mode 'fixed' needs a weight"):
+        training.create_losses(cfg, teacher_dim=8, total_steps=10)
 
 
 def test_state_dict_round_trip(tmp_path):

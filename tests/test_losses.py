@@ -370,6 +370,20 @@ def dsmd_batch(dim=8, seed=0, requires_grad=True):
     }
 
 
+def dsmd_loss_of(config: DistillConfig, dim: int) -> DSMDLoss:
+    """The DSMD loss the training factory builds from `config` (plain arguments: the losses never see the config)."""
+    from pipeline import training
+    from pipeline.config import TrainConfig
+    dsmd, _, _ = training.create_losses(TrainConfig(distill=config), teacher_dim=dim, total_steps=1)
+    return dsmd
+
+
+def test_margin_modes_agree_with_the_config():
+    from pipeline.config import MarginMode
+    from pipeline.losses import MARGIN_MODES
+    assert set(MARGIN_MODES) == {m.value for m in MarginMode}
+
+
 @pytest.mark.parametrize(
     "flags",
     [
@@ -381,7 +395,7 @@ def dsmd_batch(dim=8, seed=0, requires_grad=True):
 )
 def test_dsmd_loss_returns_exactly_the_enabled_terms(flags):
     config = DistillConfig(queue_size=8, temperature=0.1, margin=0.25, **flags)
-    dsmd = DSMDLoss(config, dim=8)
+    dsmd = dsmd_loss_of(config, dim=8)
     b = dsmd_batch()
     dsmd.prefill(unit(8, 8, seed=50).float(), unit(8, 8, seed=51).float(), torch.arange(8) + 100)
     losses = dsmd(**b)
@@ -405,11 +419,11 @@ def test_dsmd_loss_returns_exactly_the_enabled_terms(flags):
 def test_dsmd_loss_all_off_is_an_error():
     off = dict(feature=False, similarity=False, contrastive=False, hard_negative=False)
     with pytest.raises(ValueError, match="switched off"):
-        DSMDLoss(DistillConfig(**off), dim=8)
+        DSMDLoss([], dim=8)
 
 
 def test_gradient_reaches_students_not_teachers():
-    dsmd = DSMDLoss(DistillConfig(queue_size=8), dim=8)
+    dsmd = dsmd_loss_of(DistillConfig(queue_size=8), dim=8)
     dsmd.prefill(unit(8, 8, seed=50).float(), unit(8, 8, seed=51).float(), torch.arange(8) + 100)
     b = dsmd_batch()
     losses = dsmd(**b)
@@ -425,7 +439,7 @@ def test_gradient_reaches_students_not_teachers():
 
 
 def test_dsmd_enqueue_is_explicit():
-    dsmd = DSMDLoss(DistillConfig(queue_size=8), dim=8)
+    dsmd = dsmd_loss_of(DistillConfig(queue_size=8), dim=8)
     b = dsmd_batch(requires_grad=False)
     dsmd(**b)
     assert int(dsmd.queue.num_valid) == 0  # forward never touches the queue
@@ -457,7 +471,7 @@ def _two_rank_worker(rank, port, result_dir):
         loss = ClipLoss()(gather_with_grad(local_image), gather_with_grad(text[local]), 5.0,
                           image_ids=gather_no_grad(ids[local]))
         loss.backward()
-        dsmd = DSMDLoss(DistillConfig(queue_size=16, hard_negative=False), dim=6)
+        dsmd = dsmd_loss_of(DistillConfig(queue_size=16, hard_negative=False), dim=6)
         n = 3 if rank == 0 else 2  # unequal last batches
         dsmd.enqueue(gather_no_grad(unit(n, 6, seed=10 + rank).float()), gather_no_grad(unit(n, 6, seed=20 + rank).float()),
                      gather_no_grad(torch.arange(n) + 10 * rank))
