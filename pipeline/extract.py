@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.progress import progress as progress_bar
 
-from pipeline import atomic, augment, corpus, models, runtime, schema, store
+from pipeline import atomic, augment, corpus, models, names, runtime, schema, store
 from pipeline.config import ExtractConfig, TeacherConfig
 from pipeline.errors import PipelineError
 from pipeline.manifest import TaskSpec, load_manifest
@@ -33,7 +33,7 @@ from pipeline.models import LoadedModel, load_teacher
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "_run.json"  # inside _parts/: what the parts were computed with
+RUN_FILE = names.EXTRACT_RUN_FILE
 
 
 class ExtractMismatchError(PipelineError):

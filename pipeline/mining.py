@@ -72,7 +72,7 @@ import pyarrow.parquet as pq
 
 from pipeline.progress import progress as progress_bar
 
-from pipeline import atomic, schema, store
+from pipeline import atomic, names, schema, store
 from pipeline.config import IndexKind, MineConfig
 from pipeline.errors import PipelineError
 
@@ -797,7 +797,7 @@ def _mine_one(name: str, direction, searchers, index_kind: str, cfg: MineConfig,
 
 
 DATABASE_OF = {"i2t": "texts", "t2i": "images", "i2i": "images", "t2t": "texts"}
-WORK_DIR = "_work"  # indexes and per-rank parts under torchrun; removed when the split is done
+WORK_DIR = names.MINE_WORK_DIR
 
 
 def mine_split(cfg: MineConfig, split: str, progress: bool = True, ranks: Ranks | None = None) -> dict:

@@ -29,3 +29,13 @@ CURVES_PLOT = "training_curves.png"
 # dsmd evaluate's report folder (evaluate.report_dir): a static page and what it shows
 REPORT_FILE = "index.html"
 REPORT_THUMBS = "thumbs"  # <image row>.png, decoded from the split's image bytes
+
+# dsmd corpus's folder (the synthetic world)
+CORPUS_MANIFEST = "manifest.yaml"
+CORPUS_REPORT = "corpus_report.json"  # concept frequencies per split, test ambiguity
+CORPUS_CONFIG_RECORD = "corpus_config.json"  # hash of the config the shards in out_dir were generated with
+CORPUS_ZEROSHOT_DIR = "zeroshot"  # <task>/: labelled shards of the zero-shot tasks
+
+# work files inside a stage's output folder, gone when the stage finishes
+EXTRACT_RUN_FILE = "_run.json"  # inside a split's _parts/: what the parts were computed with
+MINE_WORK_DIR = "_work"  # indexes and per-rank parts under torchrun; removed when the split is done

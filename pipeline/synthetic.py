@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 from pipeline.progress import progress as progress_bar
 
+from pipeline import names
 from pipeline.config import ConfigError, CorpusConfig
 from pipeline.manifest import CLASSNAMES_FILE, TEMPLATES_FILE, write_manifest
 from pipeline.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_output_dir
@@ -62,9 +63,7 @@ WORLD_NAME = "synthetic-shapes"
 WORLD_VERSION = 3
 SPLITS = ("train", "val", "test", "web")
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "web": 3, "world": 4}
-REPORT_NAME = "corpus_report.json"  # concept frequencies per split, test ambiguity
-MANIFEST_NAME = "manifest.yaml"
-CONFIG_RECORD = "corpus_config.json"  # hash of the config the shards in out_dir were generated with
+REPORT_NAME, MANIFEST_NAME, CONFIG_RECORD = names.CORPUS_REPORT, names.CORPUS_MANIFEST, names.CORPUS_CONFIG_RECORD
 CORPUS_NAME = "synthetic-shapes"
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG"}
 SUPERSAMPLE = 2  # shapes are drawn at 2x and box-filtered down: cheap anti-aliasing
@@ -876,7 +875,7 @@ def generate_corpus(cfg: CorpusConfig) -> Path:
 # Built from the test split's scene records, in CLIP_benchmark's WebDataset layout, so the embedded
 # run reports zero-shot accuracy as ImageNet users do. task -> (class names, templates, label of a scene
 # or None to leave the scene out). Templates avoid "a"/"an", which would give the class name away.
-ZEROSHOT_DIR = "zeroshot"
+ZEROSHOT_DIR = names.CORPUS_ZEROSHOT_DIR
 COUNT_NAMES = ("a single shape", "two shapes", "three shapes")
 ZEROSHOT_TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Any]] = {
     "shape": (tuple(SHAPES), ("one {c}", "a picture of one {c}", "there is one {c} in the picture", "{c}"),
