@@ -360,20 +360,30 @@ def test_bad_options_and_files_are_one_error_line(train_setup, extract_setup, tm
 
 # ---- one writer per output folder ----------------------------------------------------------------
 
-def _only_one_wins(first: subprocess.Popen, second: subprocess.Popen) -> str:
-    """Both ran into one folder at once: exactly one finished, the other refused in one line naming the holder."""
-    results = [finish(first), finish(second)]
-    assert sorted(code for code, _ in results) == [0, 2], results
-    code, output = next(r for r in results if r[0] == 2)
+def _only_one_wins(args: list[str], cwd: Path, folder: Path) -> str:
+    """Two runs into one folder at once: the first is paused once it holds the folder (mid-run for sure, however
+    loaded the machine), the second must refuse in one line naming it; then the first finishes."""
+    first = dsmd(args, cwd)
+    deadline = time.monotonic() + 120
+    while not locking.lock_path(folder).exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
+        time.sleep(0.01)
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        code, output = finish(dsmd(args, cwd))
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
     line = the_error_line(code, output)
-    assert "is being written by pid" in line and "wait for it to finish" in line, line
+    assert f"is being written by pid {first.pid}" in line and "wait for it to finish" in line, line
+    code, output = finish(first)
+    assert code == 0, output
     return line
 
 
 def test_two_extracts_into_one_folder_one_refuses_and_the_other_equals_a_lone_run(extract_setup, tmp_path):
     out = tmp_path / "features"
     args = ["extract", "--params", str(extract_setup["params"]), "--out-dir", str(out)]
-    _only_one_wins(dsmd(args, tmp_path), dsmd(args, tmp_path))
+    _only_one_wins(args, tmp_path, out)
     assert_same_tables(out, extract_setup["clean"])
     assert not list(out.rglob("_parts")) and not temporaries(out)
     assert not locking.lock_path(out).exists()
@@ -382,7 +392,7 @@ def test_two_extracts_into_one_folder_one_refuses_and_the_other_equals_a_lone_ru
 def test_two_trainings_into_one_folder_one_refuses_and_the_other_equals_a_lone_run(train_setup, tmp_path):
     out = tmp_path / "student"
     args = ["train", "--params", str(train_setup["params"]), "--out-dir", str(out)]
-    _only_one_wins(dsmd(args, tmp_path), dsmd(args, tmp_path))
+    _only_one_wins(args, tmp_path, out)
     assert_same_student(out, train_setup["clean"])
     assert not temporaries(out) and not locking.lock_path(out).exists()
 
