@@ -461,7 +461,7 @@ EXPORT_FILES = {names.SAFETENSORS_FILE, names.OPEN_CLIP_CONFIG, names.IMAGE_ONNX
                 names.EXPORT_REPORT}
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_export_killed_anywhere_leaves_no_half_written_model_folder(export_setup, tmp_path, seed):
     out = tmp_path / "export"
     args = ["export", "--params", str(export_setup["params"]), "--out-dir", str(out)]
@@ -476,7 +476,7 @@ def test_export_killed_anywhere_leaves_no_half_written_model_folder(export_setup
     assert json.loads((out / names.EXPORT_REPORT).read_text()) == json.loads((export_setup["clean"] / names.EXPORT_REPORT).read_text())
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 def test_evaluate_killed_anywhere_leaves_whole_outputs_and_a_rerun_equals_a_clean_one(tmp_path, seed):
     from tests.test_evaluation import save_student, write_teacher_manifest_identity
     write_fake_features(tmp_path / "features", "test", n_images=24, captions_per_image=3, dim=32)
