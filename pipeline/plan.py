@@ -37,10 +37,9 @@ class Batch:
     captions: list[str]
 
 
-def _read_batches(params: Params, batch_size: int, count: int) -> tuple[list[Batch], float]:
-    """`count` batches of the first split's samples (images decoded), and the mean captions per image."""
-    manifest = load_manifest(params.extract.manifest)
-    split = manifest.splits[params.extract.splits[0]]
+def _read_batches(manifest, split_name: str, batch_size: int, count: int) -> tuple[list[Batch], float]:
+    """`count` batches of the split's samples (images decoded), and the mean captions per image."""
+    split = manifest.splits[split_name]
     samples = iter_samples(split.shards, manifest.fields, SkipReport())
     batches, captions = [], []
     for _ in range(count):
@@ -143,7 +142,7 @@ def plan(params: Params, ranks: int = 1, repeats: int = 3) -> dict:
     runtime.set_threads(params.extract.threads)
     manifest = load_manifest(params.extract.manifest)
     counts = {name: _num_samples(manifest, name) for name in params.extract.splits}
-    batches, captions_per_image = _read_batches(params, params.extract.batch_size, 1)
+    batches, captions_per_image = _read_batches(manifest, params.extract.splits[0], params.extract.batch_size, 1)
     per_image, dim = time_teacher(params, batches, device, repeats)
     width = 2 if params.extract.embedding_dtype == "float16" else 4
     images_total = sum(counts.values())

@@ -18,10 +18,8 @@ from tests.fakes import write_fake_features
 from tests.test_training import make_cfg
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A student trained a few steps from fake features, and a metrics file naming it."""
-    root = tmp_path_factory.mktemp("export")
+def train_student_with_metrics(root: Path) -> Path:
+    """A student trained a few steps from fake features in `root`, and a metrics file naming it `tiny`."""
     write_fake_features(root / "features", "train", n_images=64, captions_per_image=2, dim=32, seed=0)
     cfg = make_cfg((root / "features", root / "negatives"), root / "student", max_steps=3)
     cfg.loss = "clip"
@@ -33,6 +31,11 @@ def trained(tmp_path_factory):
                "students": {"tiny": {**quality, "quality_ratio": 0.80375, "image_time_ratio": 0.25, "cost": cost}}}
     (root / "metrics.json").write_text(json.dumps(metrics))
     return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_student_with_metrics(tmp_path_factory.mktemp("export"))
 
 
 def _export(root: Path, **kw) -> tuple[ExportConfig, dict]:

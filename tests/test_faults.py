@@ -434,19 +434,8 @@ def test_mine_refuses_a_live_holder_takes_over_a_dead_one_and_breaks_another_hos
 
 @pytest.fixture(scope="module")
 def export_setup(tmp_path_factory):
-    from tests.test_training import make_cfg
-    from pipeline import training
-    root = tmp_path_factory.mktemp("export-faults")
-    write_fake_features(root / "features", "train", n_images=64, captions_per_image=2, dim=32, seed=0)
-    cfg = make_cfg((root / "features", root / "negatives"), root / "student", max_steps=3)
-    cfg.loss = "clip"
-    training.train(cfg)
-    cost = {"params_total": 10, "params_image": 4, "image_ms_per_image": 0.5}
-    quality = {"i2t_r1": 40.0, "t2i_r1": 38.5, "rsum": 321.5}
-    (root / "metrics.json").write_text(json.dumps({
-        "split": "train", "num_images": 64, "num_texts": 128, "device_name": "cpu", "threads": 1,
-        "teacher": {**quality, "rsum": 400.0, "cost": {**cost, "image_ms_per_image": 2.0}},
-        "students": {"tiny": {**quality, "quality_ratio": 0.80375, "image_time_ratio": 0.25, "cost": cost}}}))
+    from tests.test_export import train_student_with_metrics
+    root = train_student_with_metrics(tmp_path_factory.mktemp("export-faults"))
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump({"export": {
         "student": "tiny", "student_dir": str(root / "student"), "features_dir": str(root / "features"), "split": "train",
