@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline import atomic, store
-from pipeline.config import load_params
+from pipeline.common import atomic
+from pipeline.common.config import load_params
+from pipeline.features import store
 
 from students import base_config, sweep_parser, single_core, bar_chart, format_rows, jsonable, run_recipes, teacher_rsum
 

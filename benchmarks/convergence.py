@@ -25,9 +25,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from pipeline import atomic
-from pipeline.config import load_params
-from pipeline.data import total_steps
+from pipeline.common import atomic
+from pipeline.common.config import load_params
+from pipeline.training.data import total_steps
 
 from students import jsonable, run_recipe, save_rsum_chart, single_core, sweep_parser, teacher_rsum
 
@@ -132,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     train = load_params(args.params).train
-    from pipeline.data import load_shards_data
+    from pipeline.training.data import load_shards_data
 
     num_images = load_shards_data(train.features_dir, "train", with_teacher=False).num_images if train.max_images == 0 else train.max_images
     default_steps = total_steps(num_images, train.optim.batch_size, train.optim.epochs, train.optim.max_steps)

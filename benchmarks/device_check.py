@@ -63,10 +63,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA device here (torch.cuda.is_available() is False): run this check on a GPU machine")
 
-    from pipeline.config import CorpusConfig, ExtractConfig, TeacherConfig, TrainConfig, OptimConfig
-    from pipeline.extract import extract
-    from pipeline.synthetic import generate_corpus
-    from pipeline.training import train
+    from pipeline.common.config import CorpusConfig, ExtractConfig, OptimConfig, TeacherConfig, TrainConfig
+    from pipeline.corpus.synthetic import generate_corpus
+    from pipeline.features.extract import extract
+    from pipeline.training.loop import train
 
     work = Path(tempfile.mkdtemp(prefix="dsmd-device-check-"))
     report: dict = {"device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "torch": torch.__version__,

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import load_params  # noqa: E402
-from pipeline.evaluation import load_student  # noqa: E402
-from pipeline import names  # noqa: E402
+from pipeline.common.config import load_params  # noqa: E402
+from pipeline.models import load_student  # noqa: E402
+from pipeline.common import names  # noqa: E402
 
 
 def _time(fn) -> float:

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline import augment, corpus, extract as extract_mod
-from pipeline.config import CorpusConfig, ExtractConfig, TeacherConfig
-from pipeline.manifest import load_manifest
+from pipeline.common.config import CorpusConfig, ExtractConfig, TeacherConfig
+from pipeline.corpus import augment, reader
+from pipeline.corpus.manifest import load_manifest
+from pipeline.corpus.synthetic import generate_corpus
+from pipeline.features import extract as extract_mod
 from pipeline.models import load_model
-from pipeline.synthetic import generate_corpus
 
 
 @torch.inference_mode()
@@ -59,7 +60,7 @@ def main() -> None:
 
         # the bare path gets its inputs decoded, preprocessed and tokenised for free
         manifest = load_manifest(manifest_path)
-        samples = list(corpus.iter_samples(manifest.split("train").shards, manifest.fields, corpus.SkipReport()))
+        samples = list(reader.iter_samples(manifest.split("train").shards, manifest.fields, reader.SkipReport()))
         pixels = torch.stack([loaded.preprocess(augment.decode_image(s.image_bytes)) for s in samples])
         tokens = loaded.tokenizer([c for s in samples for c in s.captions])
         n_images, n_texts = len(pixels), len(tokens)

@@ -29,9 +29,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import atomic, corpus, schema, store  # noqa: E402
-from pipeline.extract import source_signature  # noqa: E402
-from pipeline.manifest import FieldMapping  # noqa: E402
+from pipeline.common import atomic
+from pipeline.corpus import reader
+from pipeline.features import schema, store  # noqa: E402
+from pipeline.features.extract import source_signature  # noqa: E402
+from pipeline.corpus.manifest import FieldMapping  # noqa: E402
 
 DIM = 256  # a teacher embedding width twice the demo teacher's 128: the memory figures err on the large side
 PER_SHARD = 1000
@@ -74,8 +76,8 @@ def write_features(urls: list[str], features: Path, copy_images: bool, seed: int
     image_tables, text_tables, parts = [], [], []
     meta = {schema.META_SPLIT: "train", schema.META_MANIFEST_SHA256: "synthetic"}
     for url in urls:
-        report = corpus.SkipReport()
-        samples = list(corpus.iter_shard(url, fields, report))
+        report = reader.SkipReport()
+        samples = list(reader.iter_shard(url, fields, report))
         image_emb = unit_rows(rng, len(samples))
         owners = np.repeat(np.arange(len(samples)), [len(s.captions) for s in samples])
         text_emb = image_emb[owners] + 0.5 * unit_rows(rng, len(owners))
@@ -166,7 +168,8 @@ def loader_throughput(features: Path, negatives: Path, batches: int, loading: st
     of 256 with mined negatives, no model step), after one warm-up batch."""
     import torch
 
-    from pipeline import data as data_mod, models
+    from pipeline import models
+    from pipeline.training import data as data_mod
 
     torch.set_num_threads(1)
     student = models.load_model("dsmd-tiny-student", "")

@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import schema, store  # noqa: E402
-from pipeline.config import MineConfig  # noqa: E402
+from pipeline.features import schema, store  # noqa: E402
+from pipeline.common.config import MineConfig  # noqa: E402
 
 
 def clustered(n: int, dim: int, clusters: int, noise: float, seed: int) -> np.ndarray:
@@ -74,7 +74,7 @@ def write_features(features_dir: Path, image_emb: np.ndarray, text_emb: np.ndarr
 def overhead(args) -> dict:
     import faiss
 
-    from pipeline import mining
+    from pipeline.mining import negatives
 
     n, dim, captions = args.overhead_n, args.dim, args.captions
     image_emb = clustered(n, dim, max(10, n // 200), args.noise, seed=1)
@@ -107,7 +107,7 @@ def overhead(args) -> dict:
             cfg = MineConfig(features_dir=str(features), out_dir=str(Path(tmp) / f"neg{run}"), k=args.k, index="flat",
                              threads=args.threads)
             t0 = time.perf_counter()
-            mining.mine(cfg, progress=False)
+            negatives.mine(cfg, progress=False)
             return time.perf_counter() - t0
 
         # interleaved, best of `repeats` each: the machine may be shared, the minimum is the least disturbed
@@ -125,7 +125,7 @@ def worker(args) -> None:
     """Runs in a subprocess: one index over the N vectors; prints one JSON line."""
     import faiss
 
-    from pipeline import mining
+    from pipeline.mining import negatives
 
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
@@ -135,11 +135,11 @@ def worker(args) -> None:
     cfg = MineConfig()
     kind = args.worker
     t0 = time.perf_counter()
-    index = mining.build_index(vectors, kind, cfg)
+    index = negatives.build_index(vectors, kind, cfg)
     build_s = time.perf_counter() - t0
-    searcher = mining._IndexSearcher(index, kind, vectors, cfg)
+    searcher = negatives._IndexSearcher(index, kind, vectors, cfg)
     t0 = time.perf_counter()
-    _, ids = mining.search_chunked(searcher, vectors[sample], args.k, cfg.query_chunk)
+    _, ids = negatives.search_chunked(searcher, vectors[sample], args.k, cfg.query_chunk)
     search_s = time.perf_counter() - t0
     rss_peak = maxrss_mb()
     truth_path = Path(args.truth)
@@ -147,7 +147,7 @@ def worker(args) -> None:
         np.save(truth_path, ids)
         recall = 1.0
     else:
-        recall = mining.recall_at_k(ids, np.load(truth_path))
+        recall = negatives.recall_at_k(ids, np.load(truth_path))
     extra = {"nlist": int(index.nlist), "nprobe": int(index.nprobe)} if kind in ("ivf", "ivfpq") else {}
     print(json.dumps({"kind": kind, "build_s": build_s, "search_s": search_s, "queries": len(sample),
                       "recall": recall, "rss_data_mb": rss_data, "rss_peak_mb": rss_peak, **extra}))

@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
-from pipeline import atomic, augment, models
-from pipeline.config import load_params
-from pipeline.data import load_shards_data
+from pipeline import models
+from pipeline.common import atomic
+from pipeline.common.config import load_params
+from pipeline.corpus import augment
+from pipeline.training.data import load_shards_data
 
 
 def channel_statistics(images: list) -> tuple[list[float], list[float]]:

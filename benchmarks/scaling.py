@@ -17,9 +17,10 @@ import json
 import math
 from pathlib import Path
 
-from pipeline import data as data_mod
-from pipeline import atomic, store
-from pipeline.config import load_params
+from pipeline.common import atomic
+from pipeline.common.config import load_params
+from pipeline.features import store
+from pipeline.training import data as data_mod
 
 from students import sweep_parser, single_core, format_rows, jsonable, run_recipes, save_rsum_chart, teacher_rsum
 

@@ -13,20 +13,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import atomic, evaluation, store
-from pipeline.config import Params, TrainConfig, apply_overrides, load_params
-from pipeline.training import train
+from pipeline import models
+from pipeline.common import atomic
+from pipeline.common.config import apply_overrides, load_params, Params, TrainConfig
+from pipeline.evaluation import evaluate
+from pipeline.features import store
+from pipeline.training.loop import train
 
 
 def teacher_rsum(features_dir: str, split: str) -> float:
     image, text, text_to_image = store.load_embeddings(features_dir, split)
-    return evaluation.retrieval_metrics(image, text, text_to_image)["rsum"]
+    return evaluate.retrieval_metrics(image, text, text_to_image)["rsum"]
 
 
 def student_rsum(student_dir: Path, features_dir: str, split: str) -> float:
-    loaded = evaluation.load_student(student_dir)
-    image, text, text_to_image = evaluation.encode_split(loaded, features_dir, split)
-    return evaluation.retrieval_metrics(image, text, text_to_image)["rsum"]
+    loaded = models.load_student(student_dir)
+    image, text, text_to_image = evaluate.encode_split(loaded, features_dir, split)
+    return evaluate.retrieval_metrics(image, text, text_to_image)["rsum"]
 
 
 # Two sweeps side by side on a 2-core machine: each on one core, data loading in the main process,

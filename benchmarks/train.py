@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline import data as data_mod
-from pipeline import extract as extract_mod
-from pipeline import models, training
-from pipeline.augment import decode_image
-from pipeline.config import CorpusConfig, ExtractConfig, TeacherConfig, TrainConfig
-from pipeline.synthetic import generate_corpus
+from pipeline import models
+from pipeline.common.config import CorpusConfig, ExtractConfig, TeacherConfig, TrainConfig
+from pipeline.corpus.augment import decode_image
+from pipeline.corpus.synthetic import generate_corpus
+from pipeline.features import extract as extract_mod
+from pipeline.training import data as data_mod, loop
 
 
 class OnlineDataset(data_mod.TrainingDataset):
@@ -51,7 +51,7 @@ def make_loader(dataset, image_ids, batch_size, steps, num_workers, seed=0):
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=data_mod.keep_batch)
 
 
-def run_epochs(ctx: training.StepContext, loader, teacher: models.LoadedModel | None = None) -> float:
+def run_epochs(ctx: loop.StepContext, loader, teacher: models.LoadedModel | None = None) -> float:
     """Seconds for every step of `loader`; with `teacher`, its embeddings are computed in the loop."""
     started = time.perf_counter()
     for batch in loader:
@@ -59,7 +59,7 @@ def run_epochs(ctx: training.StepContext, loader, teacher: models.LoadedModel | 
             with torch.no_grad():
                 batch[data_mod.TEACHER_IMAGE] = F.normalize(teacher.model.encode_image(batch["teacher_pixels"]), dim=-1)
                 batch[data_mod.TEACHER_TEXT] = F.normalize(teacher.model.encode_text(batch["teacher_tokens"]), dim=-1)
-        training.optimizer_step(ctx, [batch])
+        loop.optimizer_step(ctx, [batch])
     return time.perf_counter() - started
 
 
@@ -93,13 +93,13 @@ def main() -> None:
         cpu = torch.device("cpu")
         # hard negatives in-batch only on both sides: online distillation has no mined cache to look up
         cfg = dataclasses.replace(train_cfg, distill=dataclasses.replace(train_cfg.distill, hard_negatives=0))
-        student, _ = training.build_context(cfg, data.embedding_dim, steps, cpu)
+        student, _ = loop.build_context(cfg, data.embedding_dim, steps, cpu)
         cached_set = data_mod.TrainingDataset(data, student.preprocess, student.tokenizer)
         online_set = OnlineDataset(data, student.preprocess, student.tokenizer, teacher=teacher)
 
-        def fresh_context() -> training.StepContext:
-            _, ctx = training.build_context(cfg, data.embedding_dim, steps, cpu)
-            training._prefill_queue(ctx.dsmd_loss, data, image_ids, 0, cpu)
+        def fresh_context() -> loop.StepContext:
+            _, ctx = loop.build_context(cfg, data.embedding_dim, steps, cpu)
+            loop._prefill_queue(ctx.dsmd_loss, data, image_ids, 0, cpu)
             return ctx
 
         cached_s, online_s, loader_s, compute_s = [], [], [], []
@@ -117,7 +117,7 @@ def main() -> None:
             ctx = fresh_context()
             started = time.perf_counter()
             for batch in batches:
-                training.optimizer_step(ctx, [batch])
+                loop.optimizer_step(ctx, [batch])
             compute_s.append(time.perf_counter() - started)
 
         samples = steps * args.batch_size

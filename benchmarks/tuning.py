@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import atomic
-from pipeline.config import load_params
+from pipeline.common import atomic
+from pipeline.common.config import load_params
 
 from students import bar_chart, format_rows, jsonable, run_recipes, single_core, sweep_parser, teacher_rsum
 

@@ -19,8 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, mining, schema, store, synthetic
-from pipeline.config import load_params
+from pipeline.common import atomic
+from pipeline.common.config import load_params
+from pipeline.corpus import synthetic
+from pipeline.features import schema, store
+from pipeline.mining import negatives
 
 from students import jsonable
 
@@ -85,7 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, filters in settings.items():
             run = dataclasses.replace(cfg, out_dir=str(Path(tmp) / name.replace(" ", "_")), splits=[split], **filters)
-            mining.mine(run, progress=False)
+            negatives.mine(run, progress=False)
             results[name] = {"filters": filters, "directions": leak(Path(run.out_dir), split, descriptions, n_objects, partner, text_image, args.top)}
     print(f"semantic twins among the top {args.top} mined neighbours (train split), and near-duplicate partners kept")
     print(f"{'setting':24s} " + " ".join(f"{d + ' twins':>11s} {'(1-obj)':>8s} {'dup kept':>8s}" for d in schema.NEIGHBOR_DIRECTIONS))

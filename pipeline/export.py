@@ -22,12 +22,13 @@ import numpy as np
 import open_clip
 import torch
 
-from pipeline import names
-from pipeline import atomic, models, schema, store
-from pipeline.config import ExportConfig
-from pipeline.augment import decode_image
-from pipeline.errors import PipelineError
-from pipeline.evaluation import load_student
+from pipeline import models
+from pipeline.common import atomic, names
+from pipeline.common.config import ExportConfig
+from pipeline.common.errors import PipelineError
+from pipeline.corpus.augment import decode_image
+from pipeline.features import schema, store
+from pipeline.models import load_student
 
 log = logging.getLogger(__name__)
 

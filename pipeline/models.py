@@ -20,9 +20,8 @@ from typing import Any, Callable, Sequence
 import open_clip
 import torch
 
-from pipeline import names
-from pipeline import atomic
-from pipeline.errors import PipelineError
+from pipeline.common import atomic, names
+from pipeline.common.errors import PipelineError
 
 # Teachers' configs (a dependency of stage one) apart from the students' (of stage two only): editing a
 # student's architecture must never make DVC re-run the teacher pass.
@@ -257,6 +256,39 @@ def save_open_clip_dir(model: torch.nn.Module, model_name: str, out_dir: str | P
     }
     atomic.atomic_write_json(config, out_dir / names.OPEN_CLIP_CONFIG)
     return out_dir / names.WEIGHTS_FILE
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: cannot read {what} ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+def load_student(student_dir: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """A student written by `save_open_clip_dir` (the reader beside its writer): `open_clip_config.json` names the model config,
+    `open_clip_pytorch_model.bin` holds the weights (loaded with weights_only=True)."""
+    student_dir = Path(student_dir)
+    config_path, weights = student_dir / names.OPEN_CLIP_CONFIG, student_dir / names.WEIGHTS_FILE
+    for path in (config_path, weights):
+        if not path.exists():
+            raise ModelError(f"student {student_dir}: {path.name} not found (train the student first)")
+    config = read_json_object(config_path, "the student's open_clip config")
+    model_name = config.get("model_name")
+    if not model_name:
+        raise ModelError(f"{config_path}: no 'model_name'")
+    preprocess = config.get("preprocess_cfg") or {}  # the normalisation it was trained with (train.image_mean)
+    try:
+        return load_model(model_name, str(weights), device, preprocess.get("mean", ()), preprocess.get("std", ()))
+    except ModelError as known_name_failed:
+        # a config not registered here (trained elsewhere): open_clip reads it from the folder itself
+        try:
+            return load_model(f"local-dir:{student_dir}", "", device)
+        except ModelError:
+            raise ModelError(f"student {student_dir}: {known_name_failed}") from None
 
 
 def load_identity_file(path: str | Path) -> dict:

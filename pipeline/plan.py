@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline import data as data_mod
-from pipeline import models, runtime, training
-from pipeline.augment import decode_image, preprocess_batch
-from pipeline.config import Params
-from pipeline.corpus import SkipReport, iter_samples
-from pipeline.manifest import load_manifest
+from pipeline import models
+from pipeline.common import runtime
+from pipeline.common.config import Params
+from pipeline.corpus.augment import decode_image, preprocess_batch
+from pipeline.corpus.manifest import load_manifest
+from pipeline.corpus.reader import iter_samples, SkipReport
+from pipeline.training import data as data_mod, loop
 
 log = logging.getLogger(__name__)
 # Each embedding is stored twice (a Parquet column, and the split's .npy array that training streams rows from);
@@ -103,10 +104,8 @@ def _fake_targets(cfg, size: int, dim: int, num_images: int) -> dict[str, torch.
     ids = lambda: torch.randint(0, num_images, (size, hard))  # noqa: E731
     return {
         data_mod.IMAGE_ID: torch.arange(size), data_mod.TEACHER_IMAGE: unit(size), data_mod.TEACHER_TEXT: unit(size),
-        data_mod.MINED_TEACHER_IMAGE: unit(size, hard), data_mod.MINED_TEACHER_TEXT: unit(size, hard),
-        data_mod.MINED_IMAGE_IDS: ids(), data_mod.MINED_TEXT_IMAGE_IDS: ids(),
-        data_mod.MINED_T2T_TEACHER_TEXT: unit(size, hard), data_mod.MINED_T2T_IMAGE_IDS: ids(),
-        data_mod.MINED_T2I_TEACHER_IMAGE: unit(size, hard), data_mod.MINED_T2I_IMAGE_IDS: ids(),
+        **{emb: unit(size, hard) for emb, _ in data_mod.MINED.values()},
+        **{owner: ids() for _, owner in data_mod.MINED.values()},
     }
 
 
@@ -114,13 +113,13 @@ def time_student(cfg, images: list, captions: list[str], teacher_dim: int, devic
     """Seconds per optimizer step of student `cfg`: decoding-free batch preparation, forward, loss, backward, AdamW."""
     size = cfg.optim.batch_size
     pool = list(itertools.islice(itertools.cycle(zip(images, captions)), size))
-    loaded, ctx = training.build_context(cfg, teacher_dim, total_steps=10 * (repeats + 1), device=device)
+    loaded, ctx = loop.build_context(cfg, teacher_dim, total_steps=10 * (repeats + 1), device=device)
     targets = _fake_targets(cfg, size, teacher_dim, num_images=max(size, 1000))
 
     def step():
         batch = {data_mod.IMAGE: preprocess_batch(loaded.preprocess, [im for im, _ in pool]),
                  data_mod.TEXT: loaded.tokenizer([c for _, c in pool]), **targets}
-        training.optimizer_step(ctx, [batch])
+        loop.optimizer_step(ctx, [batch])
 
     return _timed(step, repeats)
 

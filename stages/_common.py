@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 
 PARAMS_HELP = "params file (YAML); the stage reads its own section. A missing default params.yaml means built-in defaults."
 _FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import corpus, evaluate, export, extract, mine, plan, pretrain, teacher, train
+from stages import corpus, evaluate, export, extract, mine, plan, pretrain, teacher, train, verify
 
 app = typer.Typer(
     add_completion=False,
@@ -12,5 +12,5 @@ app = typer.Typer(
 )
 
 for _name, _module in (("plan", plan), ("corpus", corpus), ("pretrain", pretrain), ("teacher", teacher), ("extract", extract), ("mine", mine),
-                       ("train", train), ("evaluate", evaluate), ("export", export)):
+                       ("verify", verify), ("train", train), ("evaluate", evaluate), ("export", export)):
     app.command(name=_name, help=_module.main.__doc__, epilog=_module.EPILOG)(_module.main)

@@ -6,10 +6,10 @@ from typing import Optional
 
 import typer
 
-from pipeline import locking
-from pipeline.config import option_help, section_help, stage_config
-from pipeline.manifest import load_manifest
-from pipeline.synthetic import generate_corpus
+from pipeline.common import locking
+from pipeline.common.config import option_help, section_help, stage_config
+from pipeline.corpus.manifest import load_manifest
+from pipeline.corpus.synthetic import generate_corpus
 from stages._common import SET_HELP, break_lock_option, params_option, user_errors
 
 EPILOG = section_help("corpus")

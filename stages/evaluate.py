@@ -6,9 +6,9 @@ from typing import Optional
 
 import typer
 
-from pipeline import locking
-from pipeline.config import option_help, section_help, stage_config
-from pipeline.evaluation import evaluate, format_table, parse_student_options
+from pipeline.common import locking
+from pipeline.common.config import option_help, section_help, stage_config
+from pipeline.evaluation.evaluate import evaluate, format_table, parse_student_options
 from stages._common import SET_HELP, break_lock_option, params_option, user_errors
 
 EPILOG = section_help("evaluate")

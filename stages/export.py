@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from pipeline import locking
-from pipeline.config import option_help, section_help, stage_config
+from pipeline.common import locking
+from pipeline.common.config import option_help, section_help, stage_config
 from pipeline.export import export
 from stages._common import SET_HELP, break_lock_option, params_option, user_errors
 

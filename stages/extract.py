@@ -6,10 +6,10 @@ from typing import Optional
 
 import typer
 
-from pipeline import locking
-from pipeline.config import option_help, section_help, stage_config
-from pipeline.corpus import UNREADABLE_SHARD
-from pipeline.extract import extract
+from pipeline.common import locking
+from pipeline.common.config import option_help, section_help, stage_config
+from pipeline.corpus.reader import UNREADABLE_SHARD
+from pipeline.features.extract import extract
 from stages._common import SET_HELP, break_lock_option, params_option, user_errors
 
 EPILOG = section_help("extract")

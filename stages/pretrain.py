@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from pipeline.config import option_help, section_help, stage_config
-from pipeline.pretrain import pretrain_teacher
+from pipeline.common.config import option_help, section_help, stage_config
+from pipeline.training.pretrain import pretrain_teacher
 from stages._common import SET_HELP, params_option, user_errors
 
 EPILOG = section_help("teacher")

@@ -6,10 +6,10 @@ from typing import Optional
 
 import typer
 
-from pipeline import locking
-from pipeline.config import option_help, section_help, stage_config
-from pipeline.names import IDENTITY_FILE
-from pipeline.teacher import prepare_teacher
+from pipeline.common import locking
+from pipeline.common.config import option_help, section_help, stage_config
+from pipeline.common.names import IDENTITY_FILE
+from pipeline.features.teacher import prepare_teacher
 from stages._common import SET_HELP, break_lock_option, params_option, user_errors
 
 EPILOG = section_help("teacher")

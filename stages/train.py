@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from pipeline import locking
-from pipeline.config import option_help, section_help, stage_config
-from pipeline.training import train
+from pipeline.common import locking
+from pipeline.common.config import option_help, section_help, stage_config
+from pipeline.training.loop import train
 from stages._common import SET_HELP, break_lock_option, params_option, user_errors
 
 EPILOG = section_help("train")

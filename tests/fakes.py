@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline import schema, store
+from pipeline.features import schema, store
 
 
 def _png(rng: np.random.Generator, size: int = 24) -> bytes:

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from pipeline.balancer import LossBalancer
-from pipeline.config import BalancerConfig, ConfigError
-from pipeline.errors import PipelineError
+from pipeline.common.config import BalancerConfig, ConfigError
+from pipeline.common.errors import PipelineError
+from pipeline.training.balancer import LossBalancer
 
 NAMES = ("feature", "contrastive", "hard_negative")
 
@@ -125,18 +125,18 @@ def test_zero_loss_rate_and_weight_cap():
 
 
 def test_the_config_reaches_the_balancer_only_through_the_factory_and_its_modes_agree(tmp_path):
-    from pipeline import balancer as balancer_mod, training
-    from pipeline.config import BalancerMode, DistillConfig, TrainConfig
+    from pipeline.common.config import BalancerMode, DistillConfig, TrainConfig
+    from pipeline.training import balancer as balancer_mod, loop
     assert set(balancer_mod.BALANCER_MODES) == {m.value for m in BalancerMode}
     cfg = TrainConfig(distill=DistillConfig(feature=False, similarity=False, contrastive=False, hard_negative=False,
                                             balancer=BalancerConfig(mode="fixed", weights={"task": 2.0})))
-    _, _, built = training.create_losses(cfg, teacher_dim=8, total_steps=10)
+    _, _, built = loop.create_losses(cfg, teacher_dim=8, total_steps=10)
     _, weights = built({"task": torch.tensor(1.0)})
     assert weights == {"task": 2.0} and built.total_steps == 10
     # a bad value is one error naming where it came from
     cfg.distill.balancer = BalancerConfig(mode="fixed", weights={})
     with pytest.raises(ConfigError, match=r"train.distill.balancer: weights: mode 'fixed' needs a weight"):
-        training.create_losses(cfg, teacher_dim=8, total_steps=10)
+        loop.create_losses(cfg, teacher_dim=8, total_steps=10)
 
 
 def test_state_dict_round_trip(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline import config
-from pipeline.config import ConfigError, Params, TrainConfig, load_params, stage_config
+from pipeline.common import config
+from pipeline.common.config import ConfigError, load_params, Params, stage_config, TrainConfig
 
 
 def write(tmp_path, text):
@@ -86,7 +86,7 @@ def test_every_option_has_one_description_and_the_stage_help_lists_it(section):
 
 
 def test_a_student_is_the_train_section_with_its_own_entry_applied(tmp_path):
-    from pipeline.config import ConfigError, load_params, stage_config
+    from pipeline.common.config import ConfigError, load_params, stage_config
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  optim: {lr: 0.003}\n  distill: {margin: 0.1}\n"
                       "students:\n  small: {loss: clip}\n  kd: {loss: dsmd, distill: {balancer: {mode: dynamic}}}\n")

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.augment import decode_image
-from pipeline.corpus import (
+from pipeline.corpus.augment import decode_image
+from pipeline.corpus.reader import (
     BAD_CAPTION_JSON,
     BAD_CAPTION_TEXT,
     CORRUPT_IMAGE,
@@ -21,7 +21,7 @@ from pipeline.corpus import (
     iter_samples,
     iter_shard,
 )
-from pipeline.manifest import FieldMapping, load_manifest
+from pipeline.corpus.manifest import FieldMapping, load_manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TXT = FieldMapping(["png", "jpg"], "txt", "")

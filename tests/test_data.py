@@ -6,12 +6,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline import data as data_mod
-from pipeline import atomic, models, schema, store
+from pipeline import models
+from pipeline.common import atomic
+from pipeline.features import schema, store
+from pipeline.training import data as data_mod
 from PIL import Image
 
-from pipeline.augment import apply_view, decode_image, preprocess_batch
-from pipeline.config import ConfigError
+from pipeline.common.config import ConfigError
+from pipeline.corpus.augment import apply_view, decode_image, preprocess_batch
 from tests.fakes import write_fake_features
 from tests.tiny_corpus import write_tiny_corpus
 
@@ -158,21 +160,21 @@ def test_mined_negatives_are_looked_up_by_id(features, student, tmp_path):
     for image_id in (0, 17, 39):
         item = dataset[(1, image_id)]
         # 3 mined, then padding up to the 5 asked for
-        assert item[data_mod.MINED_IMAGE_IDS].tolist() == i2i[image_id].tolist() + [-1, -1]
-        owners = item[data_mod.MINED_TEXT_IMAGE_IDS].tolist()
+        assert item[data_mod.MINED["i2i"][1]].tolist() == i2i[image_id].tolist() + [-1, -1]
+        owners = item[data_mod.MINED["i2t"][1]].tolist()
         assert owners == data.text_to_image[i2t[image_id]].tolist() + [-1, -1]
         assert image_id not in owners
-        np.testing.assert_array_equal(item[data_mod.MINED_TEACHER_TEXT][:3].numpy(), data.teacher_text[i2t[image_id]].astype(np.float32))
-        np.testing.assert_array_equal(item[data_mod.MINED_TEACHER_IMAGE][:3].numpy(), data.teacher_image[i2i[image_id]].astype(np.float32))
-        assert not item[data_mod.MINED_TEACHER_IMAGE][3:].any()
+        np.testing.assert_array_equal(item[data_mod.MINED["i2t"][0]][:3].numpy(), data.teacher_text[i2t[image_id]].astype(np.float32))
+        np.testing.assert_array_equal(item[data_mod.MINED["i2i"][0]][:3].numpy(), data.teacher_image[i2i[image_id]].astype(np.float32))
+        assert not item[data_mod.MINED["i2i"][0]][3:].any()
         # the caption's own lists (t2t, t2i) for text anchors
         text_id = item[data_mod.TEXT_ID]
         t2t, _ = store.read_neighbors(tmp_path / "negatives", "train", "t2t")
         t2i, _ = store.read_neighbors(tmp_path / "negatives", "train", "t2i")
-        assert item[data_mod.MINED_T2I_IMAGE_IDS].tolist() == t2i[text_id].tolist() + [-1, -1]
-        assert item[data_mod.MINED_T2T_IMAGE_IDS].tolist() == data.text_to_image[t2t[text_id]].tolist() + [-1, -1]
-        np.testing.assert_array_equal(item[data_mod.MINED_T2T_TEACHER_TEXT][:3].numpy(), data.teacher_text[t2t[text_id]].astype(np.float32))
-        np.testing.assert_array_equal(item[data_mod.MINED_T2I_TEACHER_IMAGE][:3].numpy(), data.teacher_image[t2i[text_id]].astype(np.float32))
+        assert item[data_mod.MINED["t2i"][1]].tolist() == t2i[text_id].tolist() + [-1, -1]
+        assert item[data_mod.MINED["t2t"][1]].tolist() == data.text_to_image[t2t[text_id]].tolist() + [-1, -1]
+        np.testing.assert_array_equal(item[data_mod.MINED["t2t"][0]][:3].numpy(), data.teacher_text[t2t[text_id]].astype(np.float32))
+        np.testing.assert_array_equal(item[data_mod.MINED["t2i"][0]][:3].numpy(), data.teacher_image[t2i[text_id]].astype(np.float32))
 
 
 def test_negatives_outside_a_training_subset_become_padding(features, tmp_path):
@@ -260,14 +262,23 @@ def test_loader_batches_collate(features, student, tmp_path):
     batches = list(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=1, collate_fn=data_mod.keep_batch))
     assert len(batches) == 3
     assert batches[0][data_mod.IMAGE].shape == (8, 3, 16, 16)
-    assert batches[0][data_mod.MINED_TEACHER_TEXT].shape == (8, 2, 32)
+    assert batches[0][data_mod.MINED["i2t"][0]].shape == (8, 2, 32)
     assert batches[1][data_mod.IMAGE_ID].tolist() == sampler.global_batch(1).tolist()
 
 
-def test_clip_from_shards_reads_no_teacher_embeddings(features):
+def test_clip_from_shards_reads_no_teacher_embeddings_but_the_same_views(features, student):
     data = data_mod.load_shards_data(features, "train", with_teacher=False)
     assert data.teacher_image is None and data.teacher_text is None and data.teacher_views is None
     assert data.num_images == 40 and len(data.captions) == 120
+    # the CLIP-only student is shown exactly the images (plain or view) the distilled student is shown
+    clip = data_mod.TrainingDataset(data, student.preprocess, student.tokenizer, seed=0, use_views=True)
+    dsmd = make_dataset(features, student, seed=0, use_views=True)
+    keys = [(1, i) for i in range(16)]
+    clip_batch, dsmd_batch = clip.__getitems__(keys), dsmd.__getitems__(keys)
+    assert set(clip_batch[data_mod.VIEW_INDEX].tolist()) == {-1, 0, 1}
+    for name in (data_mod.IMAGE, data_mod.TEXT, data_mod.VIEW_INDEX):
+        assert torch.equal(clip_batch[name], dsmd_batch[name]), name
+    assert data_mod.TEACHER_IMAGE not in clip_batch
 
 
 def test_corpus_source_counts_and_skips_corrupt_images(tmp_path, student):

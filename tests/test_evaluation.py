@@ -8,10 +8,12 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline import names, retrieval
-from pipeline import atomic, evaluation, schema, store
-from pipeline.augment import decode_image
-from pipeline.config import ConfigError, EvaluateConfig
+from pipeline import models
+from pipeline.common import atomic, names
+from pipeline.common.config import ConfigError, EvaluateConfig
+from pipeline.corpus.augment import decode_image
+from pipeline.evaluation import evaluate, retrieval
+from pipeline.features import schema, store
 from pipeline.models import load_model, save_open_clip_dir
 from tests.fakes import unit, write_fake_features
 
@@ -65,12 +67,12 @@ def test_chunked_metrics_match_brute_force_on_random_data(chunk_size, captions):
     rng.shuffle(text_to_image)  # captions need not be grouped by image
     image_emb = unit(rng, n_images, dim)
     text_emb = image_emb[text_to_image] + 1.5 * unit(rng, len(text_to_image), dim)  # noisy: ranks spread out
-    got_i2t, got_t2i = evaluation.retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size)
+    got_i2t, got_t2i = evaluate.retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size)
     want_i2t, want_t2i = brute_force_ranks(image_emb, text_emb, text_to_image)
     np.testing.assert_array_equal(got_i2t, want_i2t)
     np.testing.assert_array_equal(got_t2i, want_t2i)
     assert want_i2t.max() > 5 and want_t2i.max() > 5  # the case actually exercises ranking
-    got = evaluation.retrieval_metrics(image_emb, text_emb, text_to_image, (1, 5, 10), chunk_size)
+    got = evaluate.retrieval_metrics(image_emb, text_emb, text_to_image, (1, 5, 10), chunk_size)
     want = brute_force_metrics(image_emb, text_emb, text_to_image)
     assert set(got) == set(want)
     for key in want:
@@ -85,7 +87,7 @@ def test_ties_are_counted_in_the_querys_favour_like_the_reference(chunk_size):
     text_emb = quantised(rng, 200, 3, levels=1)
     scores = image_emb @ text_emb.T
     assert len(np.unique(scores)) < 20  # heavy ties
-    got = evaluation.retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size)
+    got = evaluate.retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size)
     want = brute_force_ranks(image_emb, text_emb, text_to_image)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
@@ -95,7 +97,7 @@ def test_perfect_embeddings_give_100():
     rng = np.random.default_rng(2)
     image_emb = unit(rng, 30, 32)
     text_to_image = np.repeat(np.arange(30), 5)
-    metrics = evaluation.retrieval_metrics(image_emb, image_emb[text_to_image], text_to_image, chunk_size=4)
+    metrics = evaluate.retrieval_metrics(image_emb, image_emb[text_to_image], text_to_image, chunk_size=4)
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
         assert metrics[key] == 100.0
     assert metrics["rsum"] == 600.0
@@ -111,7 +113,7 @@ def test_hand_computed_case():
     # i2t image 0: scores t0=0, t1=1, t2=0.8 -> best own caption t1 is first -> rank 1
     # i2t image 1: scores t0=1, t1=0, t2=0.6 -> own caption t2 is behind t0 -> rank 2
     # t2i text 0: image 0 scores 0, image 1 scores 1 -> rank 2; text 1: rank 1; text 2: 0.8 vs 0.6 -> rank 2
-    m = evaluation.retrieval_metrics(image_emb, text_emb, text_to_image, ks=(1, 2), chunk_size=1)
+    m = evaluate.retrieval_metrics(image_emb, text_emb, text_to_image, ks=(1, 2), chunk_size=1)
     assert m["i2t_r1"] == 50.0 and m["i2t_r2"] == 100.0
     assert m["t2i_r1"] == pytest.approx(100 / 3) and m["t2i_r2"] == 100.0
     assert m["i2t_mean_rank"] == 1.5 and m["i2t_median_rank"] == 1.5
@@ -132,7 +134,7 @@ def test_chunking_never_builds_the_full_matrix(monkeypatch):
     rng = np.random.default_rng(3)
     n, m, chunk = 50, 250, 16
     text_to_image = np.repeat(np.arange(n), 5)
-    evaluation.retrieval_ranks(unit(rng, n, 8), unit(rng, m, 8), text_to_image, chunk_size=chunk)
+    evaluate.retrieval_ranks(unit(rng, n, 8), unit(rng, m, 8), text_to_image, chunk_size=chunk)
     assert shapes, "scores must go through _chunk_scores"
     assert all(rows <= chunk for rows, _ in shapes)
     assert sum(rows for rows, cols in shapes if cols == m) == n  # every image queried once
@@ -143,22 +145,22 @@ def test_image_without_captions_is_left_out_of_i2t():
     rng = np.random.default_rng(4)
     image_emb = unit(rng, 5, 4)
     text_to_image = np.array([0, 1, 2, 3])  # image 4 has no caption
-    i2t, _ = evaluation.retrieval_ranks(image_emb, image_emb[text_to_image], text_to_image, chunk_size=2)
+    i2t, _ = evaluate.retrieval_ranks(image_emb, image_emb[text_to_image], text_to_image, chunk_size=2)
     assert i2t[4] == 0 and (i2t[:4] == 1).all()
-    m = evaluation.metrics_from_ranks(i2t, np.ones(4, dtype=np.int64))
+    m = evaluate.metrics_from_ranks(i2t, np.ones(4, dtype=np.int64))
     assert m["i2t_r1"] == 100.0 and m["images_without_captions"] == 1
 
 
 def test_bad_inputs_raise_clear_errors():
     rng = np.random.default_rng(5)
     with pytest.raises(ValueError, match="text_to_image"):
-        evaluation.retrieval_ranks(unit(rng, 3, 4), unit(rng, 3, 4), np.array([0, 1, 3]))
+        evaluate.retrieval_ranks(unit(rng, 3, 4), unit(rng, 3, 4), np.array([0, 1, 3]))
     with pytest.raises(ValueError, match="NaN"):
         bad = unit(rng, 3, 4)
         bad[0, 0] = np.nan
-        evaluation.retrieval_ranks(bad, unit(rng, 3, 4), np.array([0, 1, 2]))
+        evaluate.retrieval_ranks(bad, unit(rng, 3, 4), np.array([0, 1, 2]))
     with pytest.raises(ConfigError, match="ks"):
-        evaluation.metrics_from_ranks(np.ones(3), np.ones(3), ks=[0])
+        evaluate.metrics_from_ranks(np.ones(3), np.ones(3), ks=[0])
 
 
 # ---- encoding, cost, the whole stage ----------------------------------------------------------
@@ -175,8 +177,8 @@ def save_student(folder, seed, log_lines=None):
 def test_encode_split_equals_calling_the_model_directly(tmp_path):
     write_fake_features(tmp_path / "features", "test", n_images=10, captions_per_image=3, dim=32)
     save_student(tmp_path / "student", seed=0)
-    loaded = evaluation.load_student(tmp_path / "student")
-    image_emb, text_emb, text_to_image = evaluation.encode_split(loaded, tmp_path / "features", "test", batch_size=4)
+    loaded = models.load_student(tmp_path / "student")
+    image_emb, text_emb, text_to_image = evaluate.encode_split(loaded, tmp_path / "features", "test", batch_size=4)
 
     texts = store.read_texts(tmp_path / "features", "test")
     with torch.no_grad():
@@ -195,7 +197,7 @@ def test_encode_split_equals_calling_the_model_directly(tmp_path):
 
 def test_encoder_cost_is_positive_and_counts_parameters():
     loaded = load_model("dsmd-test-student", "")
-    cost = evaluation.encoder_cost(loaded, "cpu", latency_repeats=3, throughput_batch=8, throughput_repeats=2)
+    cost = evaluate.encoder_cost(loaded, "cpu", latency_repeats=3, throughput_batch=8, throughput_repeats=2)
     model = loaded.model
     assert cost["params_total"] == sum(p.numel() for p in model.parameters())
     assert cost["params_image"] == sum(p.numel() for p in model.visual.parameters())
@@ -208,7 +210,7 @@ def test_encoder_cost_is_positive_and_counts_parameters():
 def test_compare_encoder_costs_ranks_a_bigger_model_as_slower():
     small = load_model("dsmd-test-student", "")
     big = load_model("dsmd-tiny-student", "")  # 2 layers x 64 wide vs 1 x 16: far more work per image
-    costs = evaluation.compare_encoder_costs({"small": small, "big": big}, "cpu", 3, 16, 3)
+    costs = evaluate.compare_encoder_costs({"small": small, "big": big}, "cpu", 3, 16, 3)
     assert costs["big"]["params_total"] > costs["small"]["params_total"]
     assert costs["big"]["image_ms_per_image"] > costs["small"]["image_ms_per_image"]
 
@@ -245,7 +247,7 @@ def test_evaluate_writes_consistent_metrics_and_valid_plots(tmp_path):
     save_student(tmp_path / "students" / "dsmd", seed=1, log_lines=LOG_LINES)
     save_student(tmp_path / "students" / "baseline", seed=2)
     cfg = small_config(tmp_path, {"dsmd": tmp_path / "students" / "dsmd", "baseline": tmp_path / "students" / "baseline"})
-    metrics = evaluation.evaluate(cfg)
+    metrics = evaluate.evaluate(cfg)
 
     on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
@@ -267,8 +269,8 @@ def test_evaluate_writes_consistent_metrics_and_valid_plots(tmp_path):
         assert student["text_time_ratio"] == pytest.approx(cost["text_ms_per_text"] / teacher_cost["text_ms_per_text"])
         assert cost["params_total"] < teacher_cost["params_total"]
     # student quality equals metrics recomputed from its own embeddings
-    dsmd = evaluation.load_student(tmp_path / "students" / "dsmd")
-    s_img, s_txt, s_t2i = evaluation.encode_split(dsmd, tmp_path / "features", "test")
+    dsmd = models.load_student(tmp_path / "students" / "dsmd")
+    s_img, s_txt, s_t2i = evaluate.encode_split(dsmd, tmp_path / "features", "test")
     want_dsmd = brute_force_metrics(s_img, s_txt, s_t2i)
     assert on_disk["students"]["dsmd"]["rsum"] == pytest.approx(want_dsmd["rsum"])
 
@@ -279,19 +281,19 @@ def test_evaluate_writes_consistent_metrics_and_valid_plots(tmp_path):
             assert image.format == "PNG"
     points = json.loads((plots / names.QUALITY_DATA).read_text())
     assert [p["model"] for p in points] == ["teacher", "dsmd", "baseline"]
-    curves = evaluation.read_train_log(tmp_path / "students" / "dsmd" / names.TRAIN_LOG_FILE)
+    curves = evaluate.read_train_log(tmp_path / "students" / "dsmd" / names.TRAIN_LOG_FILE)
     assert [r["step"] for r in curves] == [1, 2, 3, 4, 5]  # the bad line is skipped
     assert not list(plots.glob("*.csv"))  # the per-step curves for `dvc plots` are DVCLive's (dsmd train)
 
 
 def test_the_report_shows_each_models_true_retrievals_from_the_source_images(tmp_path):
     import re
-    from pipeline import report
+    from pipeline.evaluation import report
     write_fake_features(tmp_path / "features", "test", n_images=24, captions_per_image=5, dim=32)
     write_teacher_manifest_identity(tmp_path / "features", "test", "dsmd-test-teacher")
     save_student(tmp_path / "students" / "dsmd", seed=1)
     cfg = small_config(tmp_path, {"dsmd": tmp_path / "students" / "dsmd"}, report_queries=6, report_images=3)
-    evaluation.evaluate(cfg)
+    evaluate.evaluate(cfg)
     folder = tmp_path / "out" / "report"
     page = (folder / names.REPORT_FILE).read_text()
     sources = re.findall(r"src='([^']+)'", page)
@@ -316,7 +318,7 @@ def test_the_report_shows_each_models_true_retrievals_from_the_source_images(tmp
     # thumbnails are the stored images, decoded (not re-rendered)
     shown = int(re.search(r"thumbs/(\d+)\.png", page).group(1))
     with Image.open(folder / f"thumbs/{shown}.png") as thumb:
-        from pipeline.augment import decode_image
+        from pipeline.corpus.augment import decode_image
         original = decode_image(source[shown]).convert("RGB")
         original.thumbnail((report.THUMB_SIZE, report.THUMB_SIZE))
         assert np.array_equal(np.asarray(thumb.convert("RGB")), np.asarray(original))
@@ -328,10 +330,10 @@ def test_the_report_shows_each_models_true_retrievals_from_the_source_images(tmp
 def test_teacher_architecture_from_teacher_dir_when_identity_is_unknown(tmp_path):
     write_fake_features(tmp_path / "features", "test", n_images=4, captions_per_image=1, dim=32)
     manifest = store.load_split_manifest(tmp_path / "features", "test")  # model: fake-teacher
-    with pytest.raises(evaluation.EvaluationError, match="fake-teacher"):
-        evaluation.load_teacher_architecture(manifest, tmp_path / "teacher", "cpu")
+    with pytest.raises(evaluate.EvaluationError, match="fake-teacher"):
+        evaluate.load_teacher_architecture(manifest, tmp_path / "teacher", "cpu")
     save_open_clip_dir(load_model("dsmd-test-teacher").model, "dsmd-test-teacher", tmp_path / "teacher")
-    teacher = evaluation.load_teacher_architecture(manifest, tmp_path / "teacher", "cpu")
+    teacher = evaluate.load_teacher_architecture(manifest, tmp_path / "teacher", "cpu")
     assert teacher.identity["model"] == "dsmd-test-teacher" and teacher.embed_dim == 32
 
 
@@ -340,10 +342,10 @@ def test_missing_student_is_an_error_or_a_logged_skip(tmp_path, caplog):
     write_teacher_manifest_identity(tmp_path / "features", "test", "dsmd-test-teacher")
     save_student(tmp_path / "dsmd", seed=0)
     students = {"dsmd": tmp_path / "dsmd", "baseline": tmp_path / "nowhere"}
-    with pytest.raises(evaluation.EvaluationError, match="nowhere"):
-        evaluation.evaluate(small_config(tmp_path, students))
+    with pytest.raises(evaluate.EvaluationError, match="nowhere"):
+        evaluate.evaluate(small_config(tmp_path, students))
     assert not (tmp_path / "out" / "metrics.json").exists()
-    metrics = evaluation.evaluate(small_config(tmp_path, students, allow_missing=True))
+    metrics = evaluate.evaluate(small_config(tmp_path, students, allow_missing=True))
     assert set(metrics["students"]) == {"dsmd"}
     assert "nowhere" in caplog.text
 
@@ -378,7 +380,7 @@ def test_quality_plot_labels_stay_inside_the_axes_below_the_title_and_apart():
               {"model": "dsmd", "rsum": 394.3, "image_ms_per_image": 0.084},
               {"model": "baseline", "rsum": 371.3, "image_ms_per_image": 0.080},
               {"model": "dsmd-lr4", "rsum": 390.0, "image_ms_per_image": 0.083}]
-    fig, ax, labels = evaluation.quality_figure(points)
+    fig, ax, labels = evaluate.quality_figure(points)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     axes_box, title_box = ax.get_window_extent(renderer), ax.title.get_window_extent(renderer)
@@ -399,7 +401,7 @@ def test_the_report_renders_in_headless_chromium(tmp_path):
     write_fake_features(tmp_path / "features", "test", n_images=12, captions_per_image=3, dim=32)
     write_teacher_manifest_identity(tmp_path / "features", "test", "dsmd-test-teacher")
     save_student(tmp_path / "students" / "dsmd", seed=1)
-    evaluation.evaluate(small_config(tmp_path, {"dsmd": tmp_path / "students" / "dsmd"}, report_queries=2, report_images=1))
+    evaluate.evaluate(small_config(tmp_path, {"dsmd": tmp_path / "students" / "dsmd"}, report_queries=2, report_images=1))
     shot = tmp_path / "shot.png"
     subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",

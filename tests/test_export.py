@@ -10,10 +10,11 @@ import open_clip
 import pytest
 import torch
 
-from pipeline import export as export_mod, training
-from pipeline.augment import decode_image
-from pipeline.config import ExportConfig
-from pipeline.evaluation import load_student
+from pipeline import export as export_mod
+from pipeline.common.config import ExportConfig
+from pipeline.corpus.augment import decode_image
+from pipeline.models import load_student
+from pipeline.training import loop
 from tests.fakes import write_fake_features
 from tests.test_training import make_cfg
 
@@ -23,7 +24,7 @@ def train_student_with_metrics(root: Path) -> Path:
     write_fake_features(root / "features", "train", n_images=64, captions_per_image=2, dim=32, seed=0)
     cfg = make_cfg((root / "features", root / "negatives"), root / "student", max_steps=3)
     cfg.loss = "clip"
-    training.train(cfg)
+    loop.train(cfg)
     cost = {"params_total": 10, "params_image": 4, "image_ms_per_image": 0.5}
     quality = {"i2t_r1": 40.0, "t2i_r1": 38.5, "rsum": 321.5}
     metrics = {"split": "train", "num_images": 64, "num_texts": 128, "device_name": "cpu", "threads": 1,
@@ -52,7 +53,7 @@ def test_the_export_reloads_with_plain_open_clip_and_matches_the_student(trained
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
     student = load_student(trained / "student")
-    from pipeline import store
+    from pipeline.features import store
     image = decode_image(store.image_bytes(trained / "features", "train")[0])
     with torch.no_grad():
         for m, pre in ((model.eval(), preprocess), (student.model.eval(), student.preprocess)):

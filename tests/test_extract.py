@@ -12,8 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import atomic, augment, extract as extract_mod, schema, store
-from pipeline.config import ExtractConfig, TeacherConfig
+from pipeline.common import atomic
+from pipeline.common.config import ExtractConfig, TeacherConfig
+from pipeline.corpus import augment
+from pipeline.features import extract as extract_mod, schema, store
 from pipeline.models import load_model
 from stages.extract import app
 from tiny_corpus import write_tiny_corpus

@@ -21,9 +21,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline import atomic, evaluation, extract as extract_mod, locking, models, names, store
-from pipeline.config import EvaluateConfig, ExtractConfig, TeacherConfig
-from pipeline.errors import PipelineError
+from pipeline import models
+from pipeline.common import atomic, locking, names
+from pipeline.common.config import EvaluateConfig, ExtractConfig, TeacherConfig
+from pipeline.common.errors import PipelineError
+from pipeline.evaluation import evaluate
+from pipeline.features import extract as extract_mod, store
 from tests.fakes import write_fake_features
 from tests.test_data import write_negatives
 from tests.tiny_corpus import write_tiny_corpus
@@ -109,7 +112,7 @@ def temporaries(folder: Path) -> list[Path]:
 _BLOCKED_WORKER = """
 import sys, time
 from torch.utils.data import DataLoader, IterableDataset
-from pipeline import runtime
+from pipeline.common import runtime
 
 class Blocked(IterableDataset):
     def __iter__(self):  # a worker busy for long (a big shard, a slow pipe)
@@ -263,7 +266,7 @@ def test_an_unwritable_output_folder_fails_before_evaluation_does_any_work(tmp_p
     cfg = EvaluateConfig(features_dir=str(tmp_path / "no-features"), metrics_file=str(blocker / "metrics.json"),
                          plots_dir=str(tmp_path / "plots"), report_dir=str(tmp_path / "report"), students={})
     with pytest.raises(atomic.OutputError, match="outputs is a file"):
-        evaluation.evaluate(cfg)
+        evaluate.evaluate(cfg)
 
 
 # ---- train -------------------------------------------------------------------------------------

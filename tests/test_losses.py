@@ -11,9 +11,10 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pipeline.config import DistillConfig
-from pipeline.losses import (
+from pipeline.common.config import DistillConfig
+from pipeline.training.losses import (
     DISTILL_NAMES,
+    Mined,
     AffinityDistillLoss,
     ClipLoss,
     ContrastiveDistillLoss,
@@ -229,12 +230,12 @@ def test_triplet_hand_computed():
     # a mined negative for anchor 1 harder than anything in the batch: [.2 + .8 - .6]+ = .4 more
     mined = torch.tensor([[[0.0, 1.0]], [[0.6, 0.8]]])
     mined_ids = torch.tensor([[-1], [5]])
-    assert HardNegativeDistillLoss(0.2, "sum").triplet(a, b, ids, mined, mined_ids).item() == pytest.approx(0.8)
+    assert HardNegativeDistillLoss(0.2, "sum").triplet(a, b, ids, Mined(mined, mined_ids)).item() == pytest.approx(0.8)
     # anchor 0's mined entry (which would violate by .2 + 0 - 1 -> 0 anyway) is padding; anchor 1's
     # mined entry is ignored when it is padding or belongs to anchor 1's own image
     for ignored in (-1, 1):
         masked_ids = torch.tensor([[-1], [ignored]])
-        assert HardNegativeDistillLoss(0.2, "sum").triplet(a, b, ids, mined, masked_ids).item() == pytest.approx(0.4)
+        assert HardNegativeDistillLoss(0.2, "sum").triplet(a, b, ids, Mined(mined, masked_ids)).item() == pytest.approx(0.4)
 
 
 def hn_inputs(seed=0):
@@ -263,7 +264,9 @@ def test_hard_negative_matches_loop(use_mined, margin_mode):
     ):
         expected.append(triplet_loop(anchor, positive, ids, margin, mined, mined_ids, teacher_anchor if teacher else None))
     total_sum = sum(sum(costs) for costs in expected)
-    args = (s_v, s_t, t_v, t_t, ids, m_v, m_t, m_v_ids, m_t_ids, m_tt, m_tt_ids, m_ti, m_ti_ids)
+    mined = None if not use_mined else {
+        "i2i": Mined(m_v, m_v_ids), "i2t": Mined(m_t, m_t_ids), "t2t": Mined(m_tt, m_tt_ids), "t2i": Mined(m_ti, m_ti_ids)}
+    args = (s_v, s_t, t_v, t_t, ids, mined)
     summed = HardNegativeDistillLoss(margin, "sum", margin_mode)(*args)
     averaged = HardNegativeDistillLoss(margin, "mean", margin_mode)(*args)
     assert summed.item() == pytest.approx(total_sum, rel=1e-9)
@@ -273,7 +276,7 @@ def test_hard_negative_matches_loop(use_mined, margin_mode):
 
 def test_teacher_margin_costs_nothing_for_a_student_equal_to_the_teacher():
     (s_v, s_t, t_v, t_t, ids), (m_v, m_t, m_v_ids, m_t_ids) = hn_inputs(seed=4)
-    mined = (m_v, m_t, m_v_ids, m_t_ids, m_t, m_t_ids, m_v, m_v_ids)
+    mined = ({"i2i": Mined(m_v, m_v_ids), "i2t": Mined(m_t, m_t_ids), "t2t": Mined(m_t, m_t_ids), "t2i": Mined(m_v, m_v_ids)},)
     teacher_margin = HardNegativeDistillLoss(0.2, margin_mode="teacher")
     assert teacher_margin(t_v, t_t, t_v, t_t, ids, *mined).item() == pytest.approx(0.0, abs=1e-12)
     assert HardNegativeDistillLoss(0.2, margin_mode="fixed")(t_v, t_t, t_v, t_t, ids, *mined).item() > 0.1
@@ -287,9 +290,10 @@ def test_hard_negative_mined_harder_than_batch_raises_loss():
     # each sample's mined negative is its own student embedding's direction: the hardest possible
     mined_image, mined_text = s_v[:, None, :].clone(), s_t[:, None, :].clone()
     mined_ids = torch.full((6, 1), 100)
-    harder = loss(s_v, s_t, t_v, t_t, ids, mined_image, mined_text, mined_ids, mined_ids).item()
+    harder = loss(s_v, s_t, t_v, t_t, ids, {"i2i": Mined(mined_image, mined_ids), "i2t": Mined(mined_text, mined_ids)}).item()
     assert harder > base
-    padded = loss(s_v, s_t, t_v, t_t, ids, mined_image, mined_text, torch.full((6, 1), -1), torch.full((6, 1), -1)).item()
+    padding = torch.full((6, 1), -1)
+    padded = loss(s_v, s_t, t_v, t_t, ids, {"i2i": Mined(mined_image, padding), "i2t": Mined(mined_text, padding)}).item()
     assert padded == pytest.approx(base)
 
 
@@ -363,24 +367,24 @@ def dsmd_batch(dim=8, seed=0, requires_grad=True):
         "teacher_image": t_v.requires_grad_(requires_grad),
         "teacher_text": t_t.requires_grad_(requires_grad),
         "image_ids": ids,
-        "mined_teacher_image": unit(6, 3, dim, seed=seed + 30).float().requires_grad_(requires_grad),
-        "mined_teacher_text": unit(6, 3, dim, seed=seed + 31).float().requires_grad_(requires_grad),
-        "mined_image_ids": m_v_ids,
-        "mined_text_image_ids": m_t_ids,
+        "mined": {
+            "i2i": Mined(unit(6, 3, dim, seed=seed + 30).float().requires_grad_(requires_grad), m_v_ids),
+            "i2t": Mined(unit(6, 3, dim, seed=seed + 31).float().requires_grad_(requires_grad), m_t_ids),
+        },
     }
 
 
 def dsmd_loss_of(config: DistillConfig, dim: int) -> DSMDLoss:
     """The DSMD loss the training factory builds from `config` (plain arguments: the losses never see the config)."""
-    from pipeline import training
-    from pipeline.config import TrainConfig
-    dsmd, _, _ = training.create_losses(TrainConfig(distill=config), teacher_dim=dim, total_steps=1)
+    from pipeline.common.config import TrainConfig
+    from pipeline.training import loop
+    dsmd, _, _ = loop.create_losses(TrainConfig(distill=config), teacher_dim=dim, total_steps=1)
     return dsmd
 
 
 def test_margin_modes_agree_with_the_config():
-    from pipeline.config import MarginMode
-    from pipeline.losses import MARGIN_MODES
+    from pipeline.common.config import MarginMode
+    from pipeline.training.losses import MARGIN_MODES
     assert set(MARGIN_MODES) == {m.value for m in MarginMode}
 
 
@@ -408,8 +412,7 @@ def test_dsmd_loss_returns_exactly_the_enabled_terms(flags):
         "similarity": lambda: SimilarityDistillLoss()(*args),
         "contrastive": lambda: ContrastiveDistillLoss(0.1)(*args, b["image_ids"], dsmd.queue),
         "hard_negative": lambda: HardNegativeDistillLoss(0.25, margin_mode="teacher")(
-            *args, b["image_ids"], b["mined_teacher_image"], b["mined_teacher_text"],
-            b["mined_image_ids"], b["mined_text_image_ids"]),
+            *args, b["image_ids"], b["mined"]),
         "affinity": lambda: AffinityDistillLoss(0.05)(*args, b["image_ids"]),
     }
     for name, value in losses.items():
@@ -433,8 +436,9 @@ def test_gradient_reaches_students_not_teachers():
         )
         assert any(g is not None and g.abs().sum() > 0 for g in grads), name
     sum(losses.values()).backward()
-    for key in ("teacher_image", "teacher_text", "mined_teacher_image", "mined_teacher_text"):
+    for key in ("teacher_image", "teacher_text"):
         assert b[key].grad is None, key
+    assert all(mined.emb.grad is None for mined in b["mined"].values())
     assert not dsmd.queue.image.requires_grad
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.errors import PipelineError
-from pipeline.manifest import (
+from pipeline.common.errors import PipelineError
+from pipeline.corpus.manifest import (
     FieldMapping,
     ManifestError,
     expand_pattern,

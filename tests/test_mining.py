@@ -15,8 +15,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline import mining, schema, store
-from pipeline.config import ConfigError, MineConfig
+from pipeline.common.config import ConfigError, MineConfig
+from pipeline.features import schema, store
+from pipeline.mining import negatives
 from tests.conftest import REPO_ROOT
 from tests.fakes import write_fake_features
 
@@ -78,7 +79,7 @@ def _inputs(features_dir, split="train"):
 def reference_negatives(features_dir, cfg: MineConfig, split="train") -> dict:
     """Brute force: the full similarity matrix, the exclusion rules spelled out with Python sets."""
     image_emb, text_emb, text_image, captions = _inputs(features_dir, split)
-    norm = [mining.normalise_caption(c) for c in captions]
+    norm = [negatives.normalise_caption(c) for c in captions]
     n_images, n_texts = len(image_emb), len(text_emb)
     groups_of_image = [set() for _ in range(n_images)]
     texts_of_image = [[] for _ in range(n_images)]
@@ -123,8 +124,8 @@ def reference_negatives(features_dir, cfg: MineConfig, split="train") -> dict:
 
 def _directions(features_dir, cfg, split="train"):
     image_emb, text_emb, text_image, captions = _inputs(features_dir, split)
-    groups = mining.group_captions(captions, text_image, len(image_emb))
-    return mining.make_directions(image_emb, text_emb, groups, need_positives=False).values()
+    groups = negatives.group_captions(captions, text_image, len(image_emb))
+    return negatives.make_directions(image_emb, text_emb, groups, need_positives=False).values()
 
 
 def _as_lists(out_dir, split, direction):
@@ -133,10 +134,10 @@ def _as_lists(out_dir, split, direction):
 
 
 def test_normalise_caption():
-    assert mining.normalise_caption("  A Dog,\tRUNNING!  ") == "a dog running"
-    assert mining.normalise_caption("don't stop") == mining.normalise_caption("Dont   stop.")
-    assert mining.normalise_caption("a dog running") != mining.normalise_caption("a dog sitting")
-    assert mining.normalise_caption("Ｆｕｌｌ－width") == "fullwidth"
+    assert negatives.normalise_caption("  A Dog,\tRUNNING!  ") == "a dog running"
+    assert negatives.normalise_caption("don't stop") == negatives.normalise_caption("Dont   stop.")
+    assert negatives.normalise_caption("a dog running") != negatives.normalise_caption("a dog sitting")
+    assert negatives.normalise_caption("Ｆｕｌｌ－width") == "fullwidth"
 
 
 @pytest.mark.parametrize("filters", [
@@ -152,7 +153,7 @@ def test_exact_matches_brute_force(tmp_path, filters):
     duplicate_heavy_split(tmp_path / "features")
     cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=6, index="flat",
                      query_chunk=7, **filters)
-    summary = mining.mine(cfg, progress=False)["train"]
+    summary = negatives.mine(cfg, progress=False)["train"]
     reference = reference_negatives(tmp_path / "features", cfg)
     for name in DIRECTIONS:
         ids, scores = _as_lists(cfg.out_dir, "train", name)
@@ -167,7 +168,7 @@ def test_exact_matches_brute_force(tmp_path, filters):
 def test_rows_are_short_only_when_the_database_is_exhausted(tmp_path):
     duplicate_heavy_split(tmp_path / "features", n_images=9)
     cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=12, index="flat", query_chunk=2)
-    summary = mining.mine(cfg, progress=False)["train"]
+    summary = negatives.mine(cfg, progress=False)["train"]
     reference = reference_negatives(tmp_path / "features", cfg)
     ids, _ = _as_lists(cfg.out_dir, "train", "i2i")
     # 9 images: every i2i row is short, and holds every image that is not excluded
@@ -178,12 +179,12 @@ def test_rows_are_short_only_when_the_database_is_exhausted(tmp_path):
 def test_approximate_rows_fall_back_to_exact_search_before_coming_up_short(tmp_path, monkeypatch):
     duplicate_heavy_split(tmp_path / "features", n_images=200, seed=5)
     searchers = []
-    real = mining._search_block
-    monkeypatch.setattr(mining, "_search_block", lambda s, q, k: searchers.append(s.exact) or real(s, q, k))
+    real = negatives._search_block
+    monkeypatch.setattr(negatives, "_search_block", lambda s, q, k: searchers.append(s.exact) or real(s, q, k))
     # one probed list of many: IVF alone runs out of candidates once max_score drops the nearest ones
     cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=6, index="ivf",
                      nlist=5, nprobe=1, max_score=0.0, query_chunk=32, recall_sample=0)
-    summary = mining.mine(cfg, progress=False)["train"]
+    summary = negatives.mine(cfg, progress=False)["train"]
     reference = reference_negatives(tmp_path / "features", cfg)
     for name in DIRECTIONS:
         ids, scores = _as_lists(cfg.out_dir, "train", name)
@@ -196,8 +197,8 @@ def test_approximate_rows_fall_back_to_exact_search_before_coming_up_short(tmp_p
 def test_search_chunked_equals_one_brute_force_search():
     rng = np.random.default_rng(0)
     database, queries = _unit(rng.standard_normal((300, 8))), _unit(rng.standard_normal((50, 8)))
-    index = mining.build_index(database, "flat", MineConfig())
-    scores, ids = mining.search_chunked(index, queries, 7, chunk=9)
+    index = negatives.build_index(database, "flat", MineConfig())
+    scores, ids = negatives.search_chunked(index, queries, 7, chunk=9)
     sim = queries @ database.T
     np.testing.assert_array_equal(ids, np.argsort(-sim, axis=1)[:, :7])
     np.testing.assert_allclose(scores, np.take_along_axis(sim, ids, axis=1), atol=1e-6)
@@ -207,9 +208,9 @@ def test_search_chunked_equals_one_brute_force_search():
 def test_positives_and_duplicate_captions_never_appear(tmp_path, index):
     duplicate_heavy_split(tmp_path / "features", n_images=300, seed=3)
     cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=8, index=index, query_chunk=64)
-    mining.mine(cfg, progress=False)
+    negatives.mine(cfg, progress=False)
     image_emb, text_emb, text_image, captions = _inputs(tmp_path / "features")
-    norm = np.array([mining.normalise_caption(c) for c in captions])
+    norm = np.array([negatives.normalise_caption(c) for c in captions])
     groups_of_image = [set(norm[text_image == i]) for i in range(len(image_emb))]
     violations = {name: 0 for name in DIRECTIONS}
     for q, row in enumerate(_as_lists(cfg.out_dir, "train", "i2t")[0]):
@@ -240,14 +241,14 @@ def clustered_split(features_dir, n_images=2000, dim=32, clusters=40, seed=0) ->
 def test_approximate_index_keeps_recall(tmp_path, index):
     clustered_split(tmp_path / "features")
     common = dict(features_dir=str(tmp_path / "features"), k=10, query_chunk=256, recall_sample=300, pq_m=8)
-    exact = mining.mine(MineConfig(out_dir=str(tmp_path / "exact"), index="flat", **common), progress=False)["train"]
-    approx = mining.mine(MineConfig(out_dir=str(tmp_path / index), index=index, **common), progress=False)["train"]
+    exact = negatives.mine(MineConfig(out_dir=str(tmp_path / "exact"), index="flat", **common), progress=False)["train"]
+    approx = negatives.mine(MineConfig(out_dir=str(tmp_path / index), index=index, **common), progress=False)["train"]
     assert all(exact["indexes"][db]["kind"] == "flat" for db in ("images", "texts"))
     assert all(approx["indexes"][db]["kind"] == index for db in ("images", "texts"))
     for name in DIRECTIONS:
         want, _ = store.read_neighbors(tmp_path / "exact", "train", name)
         got, got_scores = store.read_neighbors(tmp_path / index, "train", name)
-        recall = mining.recall_at_k(got, want)
+        recall = negatives.recall_at_k(got, want)
         assert recall >= 0.95, (name, recall)
         assert approx["directions"][name]["recall_at_k"] >= 0.95
         assert abs(approx["directions"][name]["recall_at_k"] - recall) < 0.05  # the sample estimates the whole
@@ -262,8 +263,8 @@ def test_approximate_index_keeps_recall(tmp_path, index):
 def test_auto_picks_exact_below_threshold_and_approximate_above(tmp_path):
     clustered_split(tmp_path / "features", n_images=600)
     base = dict(features_dir=str(tmp_path / "features"), k=5, recall_sample=50)
-    small = mining.mine(MineConfig(out_dir=str(tmp_path / "a"), exact_threshold=601, **base), progress=False)["train"]
-    large = mining.mine(MineConfig(out_dir=str(tmp_path / "b"), exact_threshold=600, **base), progress=False)["train"]
+    small = negatives.mine(MineConfig(out_dir=str(tmp_path / "a"), exact_threshold=601, **base), progress=False)["train"]
+    large = negatives.mine(MineConfig(out_dir=str(tmp_path / "b"), exact_threshold=600, **base), progress=False)["train"]
     assert small["indexes"]["images"]["kind"] == "flat" and large["indexes"]["images"]["kind"] == "ivf"
     manifest = json.loads((tmp_path / "b" / "train" / schema.SPLIT_MANIFEST).read_text())
     assert manifest["directions"]["i2i"]["recall_sample"] == 50 and 0 <= manifest["directions"]["i2i"]["recall_at_k"] <= 1
@@ -272,29 +273,29 @@ def test_auto_picks_exact_below_threshold_and_approximate_above(tmp_path):
 def test_search_calls_never_exceed_query_chunk(tmp_path, monkeypatch):
     write_fake_features(tmp_path / "features", n_images=400, captions_per_image=2, dim=16, dtype="float32")
     calls = []
-    real = mining._search_block
+    real = negatives._search_block
 
     def watched(searcher, queries, k):
         calls.append((len(queries), k))
         return real(searcher, queries, k)
 
-    monkeypatch.setattr(mining, "_search_block", watched)
+    monkeypatch.setattr(negatives, "_search_block", watched)
     cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=8, index="flat",
                      query_chunk=16, max_score=0.4)  # max_score forces deeper re-searches of some rows
-    mining.mine(cfg, progress=False)
+    negatives.mine(cfg, progress=False)
     assert max(rows for rows, _ in calls) <= cfg.query_chunk
     assert max(k for _, k in calls) > 4 * cfg.k  # re-searches went deep, within the per-call budget
-    budget = cfg.query_chunk * max(max(mining.initial_depth(d, cfg) for d in _directions(tmp_path / "features", cfg)),
-                                   mining._DEEP_SLOTS_PER_QUERY)
+    budget = cfg.query_chunk * max(max(negatives.initial_depth(d, cfg) for d in _directions(tmp_path / "features", cfg)),
+                                   negatives._DEEP_SLOTS_PER_QUERY)
     assert all(rows * k <= budget or rows == 1 for rows, k in calls)
 
 
 def test_chunking_bounds_memory(tmp_path):
     write_fake_features(tmp_path / "features", n_images=1000, captions_per_image=2, dim=16, dtype="float32")
     base = dict(features_dir=str(tmp_path / "features"), k=8, index="flat")
-    mining.mine(MineConfig(out_dir=str(tmp_path / "warm-up"), **base), progress=False)  # one-time imports, tables
+    negatives.mine(MineConfig(out_dir=str(tmp_path / "warm-up"), **base), progress=False)  # one-time imports, tables
     tracemalloc.start()
-    mining.mine(MineConfig(out_dir=str(tmp_path / "neg"), query_chunk=32, **base), progress=False)
+    negatives.mine(MineConfig(out_dir=str(tmp_path / "neg"), query_chunk=32, **base), progress=False)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     # numpy allocations are traced: one 2000 x 2000 (t2t) or 1000 x 2000 (i2t) float32 similarity
@@ -307,35 +308,35 @@ def test_rerun_is_a_no_op_and_changed_inputs_recompute(tmp_path):
     features = tmp_path / "features"
     write_fake_features(features, n_images=50, captions_per_image=2, dim=16)
     cfg = MineConfig(features_dir=str(features), out_dir=str(tmp_path / "neg"), k=4, query_chunk=8)
-    first = mining.mine(cfg, progress=False)["train"]
+    first = negatives.mine(cfg, progress=False)["train"]
     assert first["status"] == "mined"
     out = tmp_path / "neg" / "train"
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert set(stamps) == {schema.SPLIT_MANIFEST} | {f"{d}.parquet" for d in DIRECTIONS}
 
-    again = mining.mine(MineConfig(**{**cfg.__dict__, "threads": 1, "query_chunk": 3}), progress=False)["train"]
+    again = negatives.mine(MineConfig(**{**cfg.__dict__, "threads": 1, "query_chunk": 3}), progress=False)["train"]
     assert again["status"] == "up to date"
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
-    assert mining.mine(MineConfig(**{**cfg.__dict__, "k": 5}), progress=False)["train"]["status"] == "mined"
+    assert negatives.mine(MineConfig(**{**cfg.__dict__, "k": 5}), progress=False)["train"]["status"] == "mined"
     assert store.read_neighbors(tmp_path / "neg", "train", "i2t")[0].shape[1] == 5
 
     write_fake_features(features, n_images=50, captions_per_image=2, dim=16, seed=1)  # a new extraction
     cfg5 = MineConfig(**{**cfg.__dict__, "k": 5})
-    redo = mining.mine(cfg5, progress=False)["train"]
+    redo = negatives.mine(cfg5, progress=False)["train"]
     assert redo["status"] == "mined" and redo["features_fingerprint"] == store.features_fingerprint(features, "train")
     file_schema = pq.read_schema(out / "t2t.parquet")
     assert schema.read_metadata(file_schema, schema.META_FEATURES_FINGERPRINT) == redo["features_fingerprint"]
 
     (out / "i2i.parquet").unlink()  # a damaged output is redone, not trusted
-    assert mining.mine(cfg5, progress=False)["train"]["status"] == "mined"
+    assert negatives.mine(cfg5, progress=False)["train"]["status"] == "mined"
     assert (out / "i2i.parquet").exists()
 
 
 def test_output_schema_and_order(tmp_path):
     write_fake_features(tmp_path / "features", n_images=40, captions_per_image=3, dim=16)
     cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=5, range_min=1)
-    mining.mine(cfg, progress=False)
+    negatives.mine(cfg, progress=False)
     for name in DIRECTIONS:
         table = pq.read_table(store.neighbors_path(cfg.out_dir, "train", name))
         key = schema.neighbor_key_column(name)
@@ -344,7 +345,7 @@ def test_output_schema_and_order(tmp_path):
         assert table.schema.field(schema.NEIGHBOR_SCORES).type == pa.list_(pa.float32())
         assert table[key].to_pylist() == list(range(40 if name[0] == "i" else 120))
         assert schema.read_metadata(table.schema, schema.META_DIRECTION) == name
-        assert schema.read_metadata(table.schema, schema.META_MINE_PARAMS, as_json=True) == mining.mine_params(cfg)
+        assert schema.read_metadata(table.schema, schema.META_MINE_PARAMS, as_json=True) == negatives.mine_params(cfg)
         for row in table[schema.NEIGHBOR_SCORES].to_pylist():
             assert len(row) == 5 and all(a >= b for a, b in zip(row, row[1:]))
 
@@ -352,14 +353,14 @@ def test_output_schema_and_order(tmp_path):
 def test_bad_options_give_clear_errors(tmp_path):
     write_fake_features(tmp_path / "features", n_images=300, captions_per_image=1, dim=24)
     base = dict(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"))
-    with pytest.raises(mining.MineError, match="pq_m"):
-        mining.mine(MineConfig(index="ivfpq", pq_m=7, **base), progress=False)
+    with pytest.raises(negatives.MineError, match="pq_m"):
+        negatives.mine(MineConfig(index="ivfpq", pq_m=7, **base), progress=False)
     with pytest.raises(ConfigError, match="MineConfig.index: invalid value 'annoy'"):  # at construction, before any work
         MineConfig(index="annoy", **base)
-    with pytest.raises(mining.MineError, match="mine.k"):
-        mining.mine(MineConfig(k=0, **base), progress=False)
+    with pytest.raises(negatives.MineError, match="mine.k"):
+        negatives.mine(MineConfig(k=0, **base), progress=False)
     with pytest.raises(store.ShardError, match="dsmd extract"):
-        mining.mine(MineConfig(**{**base, "splits": ["val"]}), progress=False)
+        negatives.mine(MineConfig(**{**base, "splits": ["val"]}), progress=False)
 
 
 def test_cli(tmp_path):
@@ -389,7 +390,7 @@ def test_two_ranks_mine_what_one_process_mines(tmp_path):
     mine_cfg = {"features_dir": str(tmp_path / "features"), "k": 6, "index": "ivfpq", "pq_m": 8, "query_chunk": 64,
                 "recall_sample": 100, "threads": 1}
     params.write_text(yaml.safe_dump({"mine": mine_cfg}))
-    single = mining.mine(MineConfig(out_dir=str(tmp_path / "one"), **mine_cfg), progress=False)["train"]
+    single = negatives.mine(MineConfig(out_dir=str(tmp_path / "one"), **mine_cfg), progress=False)["train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "stages.mine", "--params", str(params), "--out-dir", str(tmp_path / "two")]
@@ -397,7 +398,7 @@ def test_two_ranks_mine_what_one_process_mines(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("train:") == 1  # rank 0 alone reports
     manifest = json.loads((tmp_path / "two" / "train" / schema.SPLIT_MANIFEST).read_text())
-    assert manifest["world_size"] == 2 and not (tmp_path / "two" / "train" / mining.WORK_DIR).exists()
+    assert manifest["world_size"] == 2 and not (tmp_path / "two" / "train" / negatives.WORK_DIR).exists()
     for name in DIRECTIONS:
         assert pq.read_table(store.neighbors_path(tmp_path / "two", "train", name)).equals(
             pq.read_table(store.neighbors_path(tmp_path / "one", "train", name))), name

@@ -37,8 +37,8 @@ def test_the_identity_pins_the_weights_actually_loaded(tmp_path):
 
 
 def test_an_extraction_resumed_with_other_weights_is_refused_naming_them(tmp_path):
-    from pipeline import extract
-    from pipeline.config import ExtractConfig
+    from pipeline.common.config import ExtractConfig
+    from pipeline.features import extract
 
     cfg = ExtractConfig()
     info = [extract._run_info(models.load_model("dsmd-test-teacher", ""), "m", cfg) for _ in range(2)]
@@ -52,7 +52,7 @@ def test_an_extraction_resumed_with_other_weights_is_refused_naming_them(tmp_pat
 
 def test_a_plain_model_name_never_reads_a_card_from_the_working_directory(tmp_path, monkeypatch):
     import json
-    from pipeline.config import TeacherConfig
+    from pipeline.common.config import TeacherConfig
     # a card.json that belongs to something else, where a plain name's Path(name).parent would look
     (tmp_path / "card.json").write_text(json.dumps({"world": {"name": "synthetic", "version": 1}}))
     monkeypatch.chdir(tmp_path)

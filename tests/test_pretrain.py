@@ -10,10 +10,12 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from pipeline import atomic, models, names, synthetic
-from pipeline.config import CorpusConfig, OptimConfig, PretrainConfig, TeacherConfig
+from pipeline import models
+from pipeline.common import atomic, names
+from pipeline.common.config import CorpusConfig, OptimConfig, PretrainConfig, TeacherConfig
+from pipeline.corpus import synthetic
 from pipeline.models import ModelError
-from pipeline.pretrain import load_world_data, pretrain_teacher
+from pipeline.training.pretrain import load_world_data, pretrain_teacher
 
 WORLD = CorpusConfig(seed=5, train_images=20, val_images=0, test_images=40, web_images=0, image_size=32)
 
@@ -35,7 +37,7 @@ def test_world_stream_is_deterministic_fresh_and_never_shows_a_test_scene():
 
 
 def test_world_data_trains_through_the_students_dataset():
-    from pipeline.data import TrainingDataset
+    from pipeline.training.data import TrainingDataset
 
     data = load_world_data(WORLD, 12)
     assert data.num_images == 12 and len(data.captions) == 12
@@ -104,9 +106,9 @@ def test_teacher_identity_records_the_world_and_refuses_another(tiny_demo, tmp_p
 
 
 def test_extract_refuses_a_corpus_of_another_world(tiny_demo, tmp_path):
-    from pipeline import extract as extract_mod
-    from pipeline.config import ExtractConfig
-    from pipeline.errors import PipelineError
+    from pipeline.common.config import ExtractConfig
+    from pipeline.common.errors import PipelineError
+    from pipeline.features import extract as extract_mod
 
     cfg, folder = tiny_demo
     corpus = dataclasses.replace(WORLD, out_dir=str(tmp_path / "corpus"), train_images=8, test_images=0, workers=1)

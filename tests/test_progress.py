@@ -1,11 +1,11 @@
 """Progress in a piped log: bounded-rate log lines with rate and ETA instead of a disabled bar."""
 import logging
 
-from pipeline.progress import LogProgress, progress
+from pipeline.common.progress import LogProgress, progress
 
 
 def test_log_progress_reports_every_tenth_and_the_end(caplog):
-    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    caplog.set_level(logging.INFO, logger="pipeline.common.progress")
     with LogProgress(total=95, desc="train dsmd", unit="step", every_s=3600) as bar:
         for _ in range(95):
             bar.set_postfix(loss="0.5")
@@ -17,9 +17,9 @@ def test_log_progress_reports_every_tenth_and_the_end(caplog):
 
 
 def test_log_progress_also_reports_on_time(caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    caplog.set_level(logging.INFO, logger="pipeline.common.progress")
     clock = iter(range(0, 10_000, 40))  # every update 40 s later
-    monkeypatch.setattr("pipeline.progress.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("pipeline.common.progress.time.perf_counter", lambda: next(clock))
     bar = LogProgress(total=1000, desc="extract", unit="img", every_s=30)
     for _ in range(5):
         bar.update(1)  # 0.5% of the work each: only the clock triggers lines
@@ -32,9 +32,9 @@ def test_piped_output_gets_log_lines_not_a_bar(monkeypatch):
 
 
 def test_unknown_total_reports_on_time_only(caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    caplog.set_level(logging.INFO, logger="pipeline.common.progress")
     clock = iter(range(0, 10_000, 20))
-    monkeypatch.setattr("pipeline.progress.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("pipeline.common.progress.time.perf_counter", lambda: next(clock))
     bar = LogProgress(total=None, desc="extract train", unit="img", every_s=30)
     for _ in range(6):
         bar.update(100)  # 20 s apart: a line every other update
@@ -47,8 +47,8 @@ def test_stage_logging_keeps_pipeline_warnings_and_drops_open_clip_chatter():
     def record(name, level, message):
         return logging.LogRecord(name, level, __file__, 1, message, None, None)
 
-    assert _quiet_open_clip(record("pipeline.corpus", logging.WARNING, "3 sample(s) skipped: corrupt_image"))
-    assert _quiet_open_clip(record("pipeline.extract", logging.INFO, "resuming: 2 of 5 shards done"))
+    assert _quiet_open_clip(record("pipeline.corpus.reader", logging.WARNING, "3 sample(s) skipped: corrupt_image"))
+    assert _quiet_open_clip(record("pipeline.features.extract", logging.INFO, "resuming: 2 of 5 shards done"))
     assert _quiet_open_clip(record("root", logging.ERROR, "something open_clip considers an error"))
     assert not _quiet_open_clip(record("root", logging.INFO, "Loaded dsmd-tiny-student model config."))
     assert not _quiet_open_clip(record("root", logging.WARNING, "No pretrained weights loaded for model 'x'."))

@@ -16,10 +16,11 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import data as data_mod
-from pipeline import extract as extract_mod
-from pipeline import models, names, schema, store, training
-from pipeline.config import ExtractConfig
+from pipeline import models
+from pipeline.common import names
+from pipeline.common.config import ExtractConfig
+from pipeline.features import extract as extract_mod, schema, store
+from pipeline.training import data as data_mod, loop
 from tests.conftest import REPO_ROOT
 from tests.test_extract import _teacher
 from tests.test_training import STUDENT, make_cfg, read_log, train_until_killed
@@ -107,14 +108,14 @@ def _same_checkpoints(a_dir, b_dir) -> None:
 
 def test_streamed_training_equals_training_from_memory_and_resumes_exactly(both_stores, tmp_path, monkeypatch):
     root, copied, referenced = both_stores
-    training.train(_train_cfg(copied, tmp_path / "memory", data_loading="memory"))
+    loop.train(_train_cfg(copied, tmp_path / "memory", data_loading="memory"))
     streamed = _train_cfg(referenced, tmp_path / "stream", data_loading="stream")
-    training.train(streamed)
+    loop.train(streamed)
     _same_checkpoints(tmp_path / "memory", tmp_path / "stream")
 
     cut = dataclasses.replace(streamed, out_dir=str(tmp_path / "cut"))
     train_until_killed(monkeypatch, cut, 7)
-    assert training.train(cut, resume=True)["resumed_from_step"] == 4
+    assert loop.train(cut, resume=True)["resumed_from_step"] == 4
     _same_checkpoints(tmp_path / "stream", cut.out_dir)
     assert [r["step"] for r in read_log(cut.out_dir)] == list(range(1, 10))
 
@@ -131,10 +132,10 @@ def test_a_changed_or_vanished_source_shard_is_refused_with_its_name(both_stores
         changed[2000] ^= 0xFF
         shard.write_bytes(bytes(changed))
         with pytest.raises(store.ShardError, match=f"{shard} changed since `dsmd extract`"):
-            training.train(_train_cfg(referenced, tmp_path / "a"))
+            loop.train(_train_cfg(referenced, tmp_path / "a"))
         shard.unlink()
         with pytest.raises(store.ShardError, match=f"{shard}: the images of features split 'train' are referenced"):
-            training.train(_train_cfg(referenced, tmp_path / "b"))
+            loop.train(_train_cfg(referenced, tmp_path / "b"))
     finally:
         shard.write_bytes(original)
         os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))

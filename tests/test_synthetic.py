@@ -7,12 +7,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.augment import decode_image
-from pipeline.config import ConfigError, CorpusConfig
-from pipeline.corpus import SkipReport, iter_samples
-from pipeline.manifest import dump_manifest, load_manifest
-from pipeline import synthetic
-from pipeline.synthetic import (
+from pipeline.common.config import ConfigError, CorpusConfig
+from pipeline.corpus import synthetic
+from pipeline.corpus.augment import decode_image
+from pipeline.corpus.manifest import dump_manifest, load_manifest
+from pipeline.corpus.reader import iter_samples, SkipReport
+from pipeline.corpus.synthetic import (
     COLOURS,
     INVERSE,
     REGION_PHRASES,

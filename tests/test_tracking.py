@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import evaluation, training
-from pipeline.retrieval import retrieval_metrics
+from pipeline import models
+from pipeline.evaluation import evaluate
+from pipeline.evaluation.retrieval import retrieval_metrics
+from pipeline.training import loop
 from tests.fakes import write_fake_features
 from tests.test_data import write_negatives
 from tests.test_training import make_cfg, read_log, train_until_killed
@@ -38,7 +40,7 @@ def live_steps(live_dir: Path, metric: str) -> list[tuple[int, float]]:
 
 def test_dvclive_holds_the_logged_records_and_the_final_summary(shards_with_val, tmp_path):
     cfg = tracked_cfg(shards_with_val, tmp_path / "out")
-    training.train(cfg)
+    loop.train(cfg)
     log = read_log(cfg.out_dir)
     live = Path(cfg.out_dir) / "dvclive"
     assert live_steps(live, "loss_total") == [(r["step"], pytest.approx(r["loss_total"])) for r in log]
@@ -50,10 +52,10 @@ def test_dvclive_holds_the_logged_records_and_the_final_summary(shards_with_val,
 
 def test_the_validation_check_is_the_students_retrieval_on_the_first_val_images(shards_with_val, tmp_path):
     cfg = tracked_cfg(shards_with_val, tmp_path / "out")
-    training.train(cfg)
+    loop.train(cfg)
     final = read_log(cfg.out_dir)[-1]
-    student = evaluation.load_student(cfg.out_dir)
-    image_emb, text_emb, text_to_image = evaluation.encode_split(student, cfg.features_dir, "val")
+    student = models.load_student(cfg.out_dir)
+    image_emb, text_emb, text_to_image = evaluate.encode_split(student, cfg.features_dir, "val")
     keep = text_to_image < 16
     want = retrieval_metrics(image_emb[:16], text_emb[keep], text_to_image[keep])
     assert final["val_rsum"] == pytest.approx(want["rsum"])
@@ -62,10 +64,10 @@ def test_the_validation_check_is_the_students_retrieval_on_the_first_val_images(
 
 def test_a_resumed_run_logs_each_step_once_in_dvclive(shards_with_val, tmp_path, monkeypatch):
     full = tracked_cfg(shards_with_val, tmp_path / "full")
-    training.train(full)
+    loop.train(full)
     cut = dataclasses.replace(full, out_dir=str(tmp_path / "cut"))
     train_until_killed(monkeypatch, cut, 4)  # after the step-2 checkpoint and a logged step (3) past it
-    training.train(cut, resume=True)
+    loop.train(cut, resume=True)
     got = live_steps(Path(cut.out_dir) / "dvclive", "loss_total")
     want = live_steps(Path(full.out_dir) / "dvclive", "loss_total")
     assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]
@@ -74,6 +76,6 @@ def test_a_resumed_run_logs_each_step_once_in_dvclive(shards_with_val, tmp_path,
 
 def test_tracking_can_be_switched_off(shards_with_val, tmp_path):
     cfg = dataclasses.replace(tracked_cfg(shards_with_val, tmp_path / "out"), live_dir="", val_every=0)
-    training.train(cfg)
+    loop.train(cfg)
     assert not (Path(cfg.out_dir) / "dvclive").exists()
     assert "val_rsum" not in read_log(cfg.out_dir)[-1]

@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline import names, training
-from pipeline.config import stage_config
+from pipeline.common import names
+from pipeline.common.config import stage_config
+from pipeline.training import loop
 from tests.conftest import REPO_ROOT
 from tests.fakes import write_fake_features
 from tests.test_data import write_negatives
@@ -43,7 +44,7 @@ def test_two_ranks_match_one_process(tmp_path, accum_steps, data_loading):
     params = _params(tmp_path, accum_steps, data_loading)
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
     # the reference: one process, the whole global batch, no accumulation
-    training.train(stage_config(params, "train", {"out_dir": str(single_dir), "optim.accum_steps": 1}))
+    loop.train(stage_config(params, "train", {"out_dir": str(single_dir), "optim.accum_steps": 1}))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
     command = [

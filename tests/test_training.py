@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from pipeline import names
-from pipeline import data as data_mod
-from pipeline import models, training
-from pipeline.config import DistillConfig, OptimConfig, TrainConfig, from_dict
-from pipeline.augment import decode_image
+from pipeline import models
+from pipeline.common import names
+from pipeline.common.config import DistillConfig, from_dict, OptimConfig, TrainConfig
+from pipeline.corpus.augment import decode_image
+from pipeline.training import data as data_mod, loop
 from tests.fakes import write_fake_features
 from tests.test_data import write_negatives
 from tests.tiny_corpus import write_tiny_corpus
@@ -55,8 +55,8 @@ def read_log(out_dir, name: str = names.TRAIN_LOG_FILE) -> list[dict]:
     return [json.loads(line) for line in (Path(out_dir) / name).read_text().splitlines()]
 
 
-def load_trained(cfg: TrainConfig, teacher_dim: int = 32) -> training.StudentWithProjection:
-    _, net = training.build_student(cfg, teacher_dim, torch.device("cpu"))
+def load_trained(cfg: TrainConfig, teacher_dim: int = 32) -> loop.StudentWithProjection:
+    _, net = loop.build_student(cfg, teacher_dim, torch.device("cpu"))
     state = torch.load(Path(cfg.out_dir) / names.CHECKPOINT_FILE, weights_only=True)
     net.model.load_state_dict(state["model"])
     if net.projection is not None:
@@ -64,7 +64,7 @@ def load_trained(cfg: TrainConfig, teacher_dim: int = 32) -> training.StudentWit
     return net.eval()
 
 
-def teacher_cosine(net: training.StudentWithProjection, cfg: TrainConfig) -> float:
+def teacher_cosine(net: loop.StudentWithProjection, cfg: TrainConfig) -> float:
     """Mean cosine between the student's projected embeddings and the cached teacher's, plain images, first captions."""
     data = data_mod.load_shards_data(cfg.features_dir, cfg.split)
     loaded = models.load_model(cfg.model, "")
@@ -80,9 +80,9 @@ def teacher_cosine(net: training.StudentWithProjection, cfg: TrainConfig) -> flo
 
 def test_distillation_lowers_the_losses_and_raises_teacher_cosine(shards_dirs, tmp_path):
     cfg = make_cfg(shards_dirs, tmp_path / "out", max_steps=50, lr=1e-2, warmup_steps=5)
-    _, initial = training.build_student(cfg, 32, torch.device("cpu"))
+    _, initial = loop.build_student(cfg, 32, torch.device("cpu"))
     before = teacher_cosine(initial.eval(), cfg)
-    summary = training.train(cfg)
+    summary = loop.train(cfg)
     assert summary["steps"] == 50 and summary["projection"]
     rows = read_log(cfg.out_dir)
     assert [r["step"] for r in rows] == list(range(1, 51))
@@ -106,7 +106,7 @@ class Interrupted(Exception):
 
 def train_until_killed(monkeypatch, cfg: TrainConfig, call: int) -> None:
     """Run `cfg` until its `call`-th optimizer step raises (a kill stand-in), then put the real step back."""
-    real_step, calls = training.optimizer_step, {"n": 0}
+    real_step, calls = loop.optimizer_step, {"n": 0}
 
     def dies(ctx, micro_batches):
         calls["n"] += 1
@@ -114,23 +114,23 @@ def train_until_killed(monkeypatch, cfg: TrainConfig, call: int) -> None:
             raise Interrupted()
         return real_step(ctx, micro_batches)
 
-    monkeypatch.setattr(training, "optimizer_step", dies)
+    monkeypatch.setattr(loop, "optimizer_step", dies)
     with pytest.raises(Interrupted):
-        training.train(cfg)
-    monkeypatch.setattr(training, "optimizer_step", real_step)
+        loop.train(cfg)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
 
 
 def test_resume_equals_an_uninterrupted_run(view_shards_dirs, tmp_path, monkeypatch):
     settings = dict(max_steps=9, checkpoint_every=4, batch_size=8, num_workers=1)
     full = make_cfg(view_shards_dirs, tmp_path / "full", **settings)
     full = dataclasses.replace(full, batching="hard-negative-aware")
-    training.train(full)
+    loop.train(full)
 
     cut = dataclasses.replace(full, out_dir=str(tmp_path / "cut"))
     train_until_killed(monkeypatch, cut, 7)  # after the step-4 checkpoint and two logged steps past it
     assert [r["step"] for r in read_log(cut.out_dir, names.RUNNING_LOG_FILE)] == [1, 2, 3, 4, 5, 6]
     assert not (Path(cut.out_dir) / names.TRAIN_LOG_FILE).exists()  # the log lands when the run ends
-    summary = training.train(cut, resume=True)
+    summary = loop.train(cut, resume=True)
     assert summary["resumed_from_step"] == 4
 
     a = torch.load(Path(full.out_dir) / names.CHECKPOINT_FILE, weights_only=True)
@@ -148,10 +148,10 @@ def test_resume_equals_an_uninterrupted_run(view_shards_dirs, tmp_path, monkeypa
 
 def test_resume_refuses_a_checkpoint_of_another_run(shards_dirs, tmp_path):
     cfg = make_cfg(shards_dirs, tmp_path / "out", max_steps=2)
-    training.train(cfg)
+    loop.train(cfg)
     other = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=8))
-    with pytest.raises(training.TrainingError, match="batch_size"):
-        training.train(other, resume=True)
+    with pytest.raises(loop.TrainingError, match="batch_size"):
+        loop.train(other, resume=True)
 
 
 def _step_grads(cfg: TrainConfig, accum: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -159,12 +159,12 @@ def _step_grads(cfg: TrainConfig, accum: int) -> tuple[dict[str, float], dict[st
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, accum_steps=accum, grad_clip=0.0))
     data = data_mod.load_shards_data(cfg.features_dir, cfg.split)
     negatives = data_mod.load_negatives(cfg.negatives_dir, cfg.split, data, cfg.distill.hard_negatives, cfg.features_dir)
-    loaded, ctx = training.build_context(cfg, 32, total_steps=10, device=torch.device("cpu"))
-    training._prefill_queue(ctx.dsmd_loss, data, data.trainable_image_ids(), 0, torch.device("cpu"))
+    loaded, ctx = loop.build_context(cfg, 32, total_steps=10, device=torch.device("cpu"))
+    loop._prefill_queue(ctx.dsmd_loss, data, data.trainable_image_ids(), 0, torch.device("cpu"))
     dataset = data_mod.TrainingDataset(data, loaded.preprocess, loaded.tokenizer, negatives=negatives)
     sampler = data_mod.GlobalBatchSampler(data.trainable_image_ids(), cfg.optim.batch_size, 10, accum_steps=accum)
     micro_batches = [dataset.__getitems__(keys) for keys in sampler.micro_batches(0)]
-    result = training.optimizer_step(ctx, micro_batches)
+    result = loop.optimizer_step(ctx, micro_batches)
     grads = {n: p.grad.clone() for n, p in ctx.net.named_parameters() if p.grad is not None}
     return result, grads
 
@@ -191,7 +191,7 @@ def test_clip_loss_from_the_corpus(tmp_path):
         model=STUDENT, loss="clip", source="corpus", manifest=str(manifest), out_dir=str(tmp_path / "teacher"),
         optim=OptimConfig(max_steps=4, batch_size=4, warmup_steps=1, threads=1, log_every=1),
     )
-    summary = training.train(cfg)
+    summary = loop.train(cfg)
     assert summary["num_images"] == 11 and summary["skipped"]["counts"] == {"corrupt_image": 1}
     rows = read_log(cfg.out_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -202,16 +202,16 @@ def test_clip_loss_from_the_corpus(tmp_path):
 
 def test_dsmd_needs_the_shards_and_clip_from_shards_ignores_the_teacher(shards_dirs, tmp_path):
     cfg = make_cfg(shards_dirs, tmp_path / "out")
-    with pytest.raises(training.ConfigError, match="source shards"):
-        training.train(dataclasses.replace(cfg, source="corpus"))
+    with pytest.raises(loop.ConfigError, match="source shards"):
+        loop.train(dataclasses.replace(cfg, source="corpus"))
     clip = dataclasses.replace(cfg, loss="clip", optim=dataclasses.replace(cfg.optim, max_steps=2))
-    summary = training.train(clip)
+    summary = loop.train(clip)
     assert summary["teacher_dim"] is None and not summary["projection"]
 
 
 def test_saved_student_loads_with_open_clip_and_gives_the_same_embeddings(shards_dirs, tmp_path):
     cfg = make_cfg(shards_dirs, tmp_path / "out", max_steps=3)
-    training.train(cfg)
+    loop.train(cfg)
     trained = load_trained(cfg)
     out = Path(cfg.out_dir)
     assert json.loads((out / names.OPEN_CLIP_CONFIG).read_text())["model_name"] == STUDENT
@@ -230,10 +230,10 @@ def test_saved_student_loads_with_open_clip_and_gives_the_same_embeddings(shards
 
 
 def test_the_students_own_normalisation_trains_saves_and_reloads(shards_dirs, tmp_path):
-    from pipeline.evaluation import load_student
+    from pipeline.models import load_student
     mean, std = [0.9, 0.8, 0.7], [0.1, 0.2, 0.3]
     cfg = dataclasses.replace(make_cfg(shards_dirs, tmp_path / "out", max_steps=2), image_mean=mean, image_std=std)
-    training.train(cfg)
+    loop.train(cfg)
     saved = json.loads((tmp_path / "out" / names.OPEN_CLIP_CONFIG).read_text())["preprocess_cfg"]
     assert saved["mean"] == pytest.approx(mean) and saved["std"] == pytest.approx(std)
     from PIL import Image
@@ -244,8 +244,8 @@ def test_the_students_own_normalisation_trains_saves_and_reloads(shards_dirs, tm
         torch.testing.assert_close(loaded.preprocess(image), expected)
     # the training batches were normalised the same way: a resumed run with another normalisation is refused
     other = dataclasses.replace(cfg, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    with pytest.raises(training.TrainingError, match="image_mean"):
-        training.train(other, resume=True)
+    with pytest.raises(loop.TrainingError, match="image_mean"):
+        loop.train(other, resume=True)
 
 
 def torchvision_to_tensor(image):
@@ -315,22 +315,22 @@ def test_the_train_stage_reports_bad_input_without_a_traceback(tmp_path):
     ({"image_mean": [0.5] * 3}, "go together"),
 ])
 def test_bad_training_options_fail_before_any_work(shards_dirs, tmp_path, override, message):
-    from pipeline.config import apply_overrides
+    from pipeline.common.config import apply_overrides
     cfg = apply_overrides(make_cfg(shards_dirs, tmp_path / "out", max_steps=0, epochs=1.0), override)
-    with pytest.raises(training.ConfigError, match=message):
-        training.train(cfg)
+    with pytest.raises(loop.ConfigError, match=message):
+        loop.train(cfg)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_run_that_fails_its_checks_leaves_the_previous_log_alone(shards_dirs, tmp_path):
     cfg = make_cfg(shards_dirs, tmp_path / "out", max_steps=3)
-    training.train(cfg)
+    loop.train(cfg)
     log_path = tmp_path / "out" / names.TRAIN_LOG_FILE
     before = log_path.read_bytes()
     assert before
     too_big = make_cfg(shards_dirs, tmp_path / "out", max_steps=3, batch_size=1024)  # more than the 64 images
-    with pytest.raises(training.ConfigError, match="larger than"):
-        training.train(too_big)
+    with pytest.raises(loop.ConfigError, match="larger than"):
+        loop.train(too_big)
     assert log_path.read_bytes() == before
 
 
@@ -340,7 +340,7 @@ def test_orthogonal_projection_init_starts_with_the_students_own_cosines(shards_
     gaps = {}
     for init in ("orthogonal", "default"):
         cfg = dataclasses.replace(make_cfg(shards_dirs, tmp_path / "out"), projection_init=init)
-        _, net = training.build_student(cfg, 32, torch.device("cpu"))
+        _, net = loop.build_student(cfg, 32, torch.device("cpu"))
         w = net.projection.weight.detach()
         with torch.no_grad():
             out = net.eval()(images, texts)

@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pipeline import corpus, extract as extract_mod, zeroshot
-from pipeline.augment import decode_image
-from pipeline.config import CorpusConfig, ExtractConfig, TeacherConfig
-from pipeline.manifest import ManifestError, load_manifest
+from pipeline.common.config import CorpusConfig, ExtractConfig, TeacherConfig
+from pipeline.corpus import reader
+from pipeline.corpus.augment import decode_image
+from pipeline.corpus.manifest import load_manifest, ManifestError
+from pipeline.corpus.synthetic import generate_corpus, ZEROSHOT_TASKS
+from pipeline.evaluation import zeroshot
+from pipeline.features import extract as extract_mod
 from pipeline.models import load_model
-from pipeline.synthetic import ZEROSHOT_TASKS, generate_corpus
 
 TEACHER = "dsmd-test-teacher"
 
@@ -96,8 +98,8 @@ def test_a_clip_benchmark_task_is_read_through_the_manifest_and_bad_labels_are_c
     _manifest(tmp_path / "m.yaml", {"pets": {"root": "wds_pets"}})
     task = load_manifest(tmp_path / "m.yaml").classification["pets"]
     assert task.classnames == ["cat", "dog", "fox"] and task.templates == ["a photo of a {c}.", "{c}"]
-    report = corpus.SkipReport()
-    samples = list(corpus.iter_labelled(task.shards[0], ["png"], len(task.classnames), report))
+    report = reader.SkipReport()
+    samples = list(reader.iter_labelled(task.shards[0], ["png"], len(task.classnames), report))
     assert [s.label for s in samples] == [0, 1, 2, 1]
     assert report.counts == {"bad_label": 2}
 
@@ -141,7 +143,7 @@ def _as_clip_benchmark(model, preprocess, tokenizer, task) -> dict:
             emb = F.normalize(model.encode_text(tokenizer([t.format(c=name) for t in task.templates])), dim=-1).mean(0)
             weights.append(emb / emb.norm())
         classifier = torch.stack(weights, dim=1)
-        samples = list(corpus.iter_labelled(task.shards[0], ["png"], len(task.classnames), corpus.SkipReport()))
+        samples = list(reader.iter_labelled(task.shards[0], ["png"], len(task.classnames), reader.SkipReport()))
         images = torch.stack([preprocess(decode_image(s.image_bytes)) for s in samples])
         logits = F.normalize(model.encode_image(images), dim=-1) @ classifier
     labels = np.array([s.label for s in samples])

@@ -10,11 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import runtime, schema, store
-from pipeline.augment import CorruptImageError, decode_image, preprocess_batch
-from pipeline.config import ConfigError
+from pipeline.common import runtime
+from pipeline.common.config import ConfigError
+from pipeline.common.progress import progress
+from pipeline.corpus.augment import CorruptImageError, decode_image, preprocess_batch
+from pipeline.features import schema, store
 from pipeline.models import LoadedModel
-from pipeline.progress import progress
 
 
 def encode_images(loaded: LoadedModel, images: Sequence[bytes], batch_size: int, device: torch.device, where: str,

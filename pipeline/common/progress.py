@@ -8,7 +8,7 @@ import time
 
 from tqdm import tqdm
 
-log = logging.getLogger("pipeline.progress")
+log = logging.getLogger("pipeline.common.progress")
 
 
 class LogProgress:

@@ -10,7 +10,7 @@ Style follows open_clip's `loss.py`: each loss is a small nn.Module whose docstr
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline import runtime
+from pipeline.common import runtime
 
 LOSS_NAMES = ("feature", "similarity", "contrastive", "hard_negative", "affinity", "task")
 DISTILL_NAMES = LOSS_NAMES[:-1]  # DSMDLoss's terms; "task" is ClipLoss
@@ -199,6 +199,18 @@ class ContrastiveDistillLoss(nn.Module):
         return image_term + text_term
 
 
+class Mined(NamedTuple):
+    """One direction's mined teacher negatives of a batch (`dsmd mine`): `emb` (B, H, D) the teacher's embeddings of
+    each sample's H hardest negatives, `owner` (B, H) the image each belongs to (INVALID_ID: padding)."""
+
+    emb: Tensor
+    owner: Tensor
+
+
+# which mined lists each anchor takes, by the direction they were mined in (image anchors: i2i, i2t; text: t2t, t2i)
+MINED_DIRECTIONS = ("i2i", "i2t", "t2t", "t2i")
+
+
 class HardNegativeDistillLoss(nn.Module):
     """Local-ranking distillation: VSE++ max-violation triplet loss between student anchors a and
     teacher embeddings b, with S = a b^T:
@@ -246,11 +258,10 @@ class HardNegativeDistillLoss(nn.Module):
         anchor: Tensor,
         positive: Tensor,
         image_ids: Tensor,
-        mined: Optional[Tensor] = None,
-        mined_ids: Optional[Tensor] = None,
+        mined: Optional[Mined] = None,
         teacher_anchor: Optional[Tensor] = None,
     ) -> Tensor:
-        """T(anchor, positive) for one pair of modalities; `mined` (B, H, D) with owner ids (B, H);
+        """T(anchor, positive) for one pair of modalities, with the anchors' `mined` teacher negatives;
         `teacher_anchor` (B, D), the teacher's embedding of each anchor, for margin_mode teacher."""
         if self.margin_mode == "teacher" and teacher_anchor is None:
             raise ValueError("margin_mode 'teacher' needs the teacher's embedding of the anchors")
@@ -265,13 +276,11 @@ class HardNegativeDistillLoss(nn.Module):
         # row i: anchor a_i against teacher negatives b_j
         row_cost = self._cost(scores, positive_scores[:, None], teacher, None if teacher is None else teacher_positive[:, None])
         row_hardest = row_cost.masked_fill(same_image, 0).max(dim=1).values
-        if mined is not None and mined.shape[1] > 0:
-            if mined_ids is None:
-                raise ValueError("mined teacher negatives given without their owner image ids")
-            mined = _teacher(mined, anchor)
-            mined_scores = torch.einsum("bd,bhd->bh", anchor, mined)
-            mined_teacher = None if teacher_anchor is None else torch.einsum("bd,bhd->bh", teacher_anchor, mined)
-            ignore = (mined_ids == INVALID_ID) | (mined_ids == image_ids[:, None])
+        if mined is not None and mined.emb.shape[1] > 0:
+            negatives = _teacher(mined.emb, anchor)
+            mined_scores = torch.einsum("bd,bhd->bh", anchor, negatives)
+            mined_teacher = None if teacher_anchor is None else torch.einsum("bd,bhd->bh", teacher_anchor, negatives)
+            ignore = (mined.owner == INVALID_ID) | (mined.owner == image_ids[:, None])
             mined_cost = self._cost(mined_scores, positive_scores[:, None], mined_teacher,
                                     None if teacher is None else teacher_positive[:, None])
             row_hardest = torch.maximum(row_hardest, mined_cost.masked_fill(ignore, 0).max(dim=1).values)
@@ -288,24 +297,18 @@ class HardNegativeDistillLoss(nn.Module):
         teacher_image: Tensor,
         teacher_text: Tensor,
         image_ids: Tensor,
-        mined_teacher_image: Optional[Tensor] = None,
-        mined_teacher_text: Optional[Tensor] = None,
-        mined_image_ids: Optional[Tensor] = None,
-        mined_text_image_ids: Optional[Tensor] = None,
-        mined_t2t_teacher_text: Optional[Tensor] = None,
-        mined_t2t_image_ids: Optional[Tensor] = None,
-        mined_t2i_teacher_image: Optional[Tensor] = None,
-        mined_t2i_image_ids: Optional[Tensor] = None,
+        mined: Optional[Mapping[str, Mined]] = None,
     ) -> Tensor:
-        """Image anchors take the i2i / i2t lists (`mined_teacher_image`, `mined_teacher_text`), text
-        anchors the t2t / t2i lists; without text-keyed lists text anchors see in-batch negatives only."""
+        """`mined`: direction (MINED_DIRECTIONS) -> the batch's mined negatives; image anchors take the i2i and
+        i2t lists, text anchors t2t and t2i; a direction left out means in-batch negatives only."""
+        mined = mined or {}
         t_v = _teacher(teacher_image, projected_image)
         t_t = _teacher(teacher_text, projected_text)
         return (
-            self.triplet(projected_image, t_v, image_ids, mined_teacher_image, mined_image_ids, teacher_anchor=t_v)
-            + self.triplet(projected_text, t_t, image_ids, mined_t2t_teacher_text, mined_t2t_image_ids, teacher_anchor=t_t)
-            + self.triplet(projected_image, t_t, image_ids, mined_teacher_text, mined_text_image_ids, teacher_anchor=t_v)
-            + self.triplet(projected_text, t_v, image_ids, mined_t2i_teacher_image, mined_t2i_image_ids, teacher_anchor=t_t)
+            self.triplet(projected_image, t_v, image_ids, mined.get("i2i"), teacher_anchor=t_v)
+            + self.triplet(projected_text, t_t, image_ids, mined.get("t2t"), teacher_anchor=t_t)
+            + self.triplet(projected_image, t_t, image_ids, mined.get("i2t"), teacher_anchor=t_v)
+            + self.triplet(projected_text, t_v, image_ids, mined.get("t2i"), teacher_anchor=t_t)
         )
 
 
@@ -377,7 +380,7 @@ class DSMDLoss(nn.Module):
 
     Names (the model's output, `pipeline.data`'s batch keys): projected_image, projected_text (the
     student's embeddings projected to the teacher's width), teacher_image, teacher_text, image_ids, and
-    optionally image, text (the student's own embeddings, for the affinity term) and the mined_* keys.
+    optionally image, text (the student's own embeddings, for the affinity term) and `mined` (direction -> Mined).
     The queue changes only through `enqueue()`, which the caller runs once per optimizer step after
     `optimizer.step()` with the global batch (identical on every rank, so every rank holds the same queue).
     """
@@ -408,10 +411,7 @@ class DSMDLoss(nn.Module):
     def forward(
         self, projected_image: Tensor, projected_text: Tensor, teacher_image: Tensor, teacher_text: Tensor,
         image_ids: Tensor, image: Optional[Tensor] = None, text: Optional[Tensor] = None,
-        mined_teacher_image: Optional[Tensor] = None, mined_teacher_text: Optional[Tensor] = None,
-        mined_image_ids: Optional[Tensor] = None, mined_text_image_ids: Optional[Tensor] = None,
-        mined_t2t_teacher_text: Optional[Tensor] = None, mined_t2t_image_ids: Optional[Tensor] = None,
-        mined_t2i_teacher_image: Optional[Tensor] = None, mined_t2i_image_ids: Optional[Tensor] = None,
+        mined: Optional[Mapping[str, Mined]] = None,
     ) -> dict[str, Tensor]:
         s_v, s_t, t_v, t_t = projected_image, projected_text, teacher_image, teacher_text
         losses: dict[str, Tensor] = {}
@@ -422,13 +422,7 @@ class DSMDLoss(nn.Module):
         if self.contrastive is not None:
             losses["contrastive"] = self.contrastive(s_v, s_t, t_v, t_t, image_ids, self.queue)
         if self.hard_negative is not None:
-            losses["hard_negative"] = self.hard_negative(
-                s_v, s_t, t_v, t_t, image_ids,
-                mined_teacher_image=mined_teacher_image, mined_teacher_text=mined_teacher_text,
-                mined_image_ids=mined_image_ids, mined_text_image_ids=mined_text_image_ids,
-                mined_t2t_teacher_text=mined_t2t_teacher_text, mined_t2t_image_ids=mined_t2t_image_ids,
-                mined_t2i_teacher_image=mined_t2i_teacher_image, mined_t2i_image_ids=mined_t2i_image_ids,
-            )
+            losses["hard_negative"] = self.hard_negative(s_v, s_t, t_v, t_t, image_ids, mined)
         if self.affinity is not None:  # on the student's own space (what retrieval uses) when given
             losses["affinity"] = self.affinity(s_v if image is None else image, s_t if text is None else text, t_v, t_t, image_ids)
         return losses

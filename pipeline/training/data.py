@@ -21,10 +21,11 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pipeline import schema, store
-from pipeline.augment import CorruptImageError, apply_view, decode_image, preprocess_batch
-from pipeline.config import Batching, ConfigError
-from pipeline.errors import PipelineError
+from pipeline.common.config import Batching, ConfigError
+from pipeline.common.errors import PipelineError
+from pipeline.corpus.augment import apply_view, CorruptImageError, decode_image, preprocess_batch
+from pipeline.features import schema, store
+from pipeline.training.losses import MINED_DIRECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +39,11 @@ TEXT_ID = "text_ids"
 VIEW_INDEX = "view_index"  # -1 = the plain image, else the stored view re-applied
 TEACHER_IMAGE = "teacher_image"  # (D,) the teacher embedding of exactly what the student sees
 TEACHER_TEXT = "teacher_text"
-MINED_TEACHER_IMAGE = "mined_teacher_image"  # (H, D) teacher embeddings of mined negative images
-MINED_TEACHER_TEXT = "mined_teacher_text"  # (H, D) teacher embeddings of mined negative captions
-MINED_IMAGE_IDS = "mined_image_ids"  # (H,) their image ids, -1 = padding
-MINED_TEXT_IMAGE_IDS = "mined_text_image_ids"  # (H,) the image each mined caption belongs to, -1 = padding
-# the same from the caption's side (t2t, t2i lists): the hard negatives of text anchors
-MINED_T2T_TEACHER_TEXT = "mined_t2t_teacher_text"
-MINED_T2T_IMAGE_IDS = "mined_t2t_image_ids"
-MINED_T2I_TEACHER_IMAGE = "mined_t2i_teacher_image"
-MINED_T2I_IMAGE_IDS = "mined_t2i_image_ids"
-MINED_KEYS = (
-    MINED_TEACHER_IMAGE, MINED_TEACHER_TEXT, MINED_IMAGE_IDS, MINED_TEXT_IMAGE_IDS,
-    MINED_T2T_TEACHER_TEXT, MINED_T2T_IMAGE_IDS, MINED_T2I_TEACHER_IMAGE, MINED_T2I_IMAGE_IDS,
-)
+# Mined negatives (`dsmd mine`), by the direction they were mined in (losses.MINED_DIRECTIONS): the teacher's
+# embeddings of each sample's H hardest negatives (H, D) and the image each belongs to (H,), -1 = padding.
+# The batch carries them as flat tensors (collated and gathered like every target); losses.Mined groups them.
+MINED = {direction: (f"mined_{direction}", f"mined_{direction}_owner") for direction in MINED_DIRECTIONS}
+MINED_KEYS = tuple(key for pair in MINED.values() for key in pair)
 
 
 class DataError(PipelineError):
@@ -94,7 +87,7 @@ class TrainingData:
 
     @property
     def num_views(self) -> int:
-        return 0 if self.teacher_views is None else int(self.teacher_views.shape[1])
+        return 0 if not self.view_params else len(self.view_params[0])
 
     @property
     def embedding_dim(self) -> Optional[int]:
@@ -132,10 +125,12 @@ def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = 
                      stream: bool = False) -> TrainingData:
     """Read a features split: captions and the images (copied bytes, or references read per sample), and
     (with_teacher) the teacher embeddings and (with_views, when stored) the augmentation views: loaded
-    whole, or with `stream` read per batch from the split's .npy files. Only the columns needed are read."""
+    whole, or with `stream` read per batch from the split's .npy files. Only the columns needed are read.
+    Without the teacher the views come without their embeddings: the CLIP-only student sees the same images
+    as the distilled one."""
     manifest = store.load_split_manifest(features_dir, split)
     stored_views = int(manifest.get("views", 0) or 0)
-    with_views = with_teacher and with_views and stored_views > 0
+    with_views = with_views and stored_views > 0
     image_columns = [schema.IMAGE_ID] + ([schema.VIEW_PARAMS] if with_views else [])
     text_columns = [schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION]
     images = store.read_images(features_dir, split, columns=image_columns)
@@ -168,9 +163,12 @@ def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = 
         if data.teacher_image.shape[1] != dim or data.teacher_text.shape[1] != dim:
             raise DataError(f"{where}: embedding width differs from _manifest.json embedding_dim {dim}")
     if with_views:
-        data.teacher_views = rows(schema.TEACHER_VIEW_EMB)
-        if data.teacher_views.shape[1:] != (stored_views, data.teacher_image.shape[1]):
-            raise DataError(f"{where}: expected {stored_views} views per image, found shape {data.teacher_views.shape}")
+        if with_teacher:
+            data.teacher_views = rows(schema.TEACHER_VIEW_EMB)
+            if data.teacher_views.shape[1:] != (stored_views, data.teacher_image.shape[1]):
+                raise DataError(f"{where}: expected {stored_views} views per image, found shape {data.teacher_views.shape}")
+        if any(len(views) != stored_views for views in view_params):
+            raise DataError(f"{where}: expected {stored_views} views per image in {schema.VIEW_PARAMS}")
         data.view_params = view_params
     return data
 
@@ -178,23 +176,23 @@ def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = 
 def load_corpus_data(manifest_path: str | Path, split: str) -> TrainingData:
     """A corpus split (WebDataset shards of a manifest) with all captions and no teacher embeddings;
     undecodable images are counted as `corrupt_image` and skipped, never silently."""
-    from pipeline import corpus, manifest as manifest_mod  # only the corpus source needs them
+    from pipeline.corpus import reader, manifest as manifest_mod  # only the corpus source needs them
 
     manifest = manifest_mod.load_manifest(manifest_path)
     entry = manifest.split(split)
-    report = corpus.SkipReport()
+    report = reader.SkipReport()
     image_bytes: list[bytes] = []
     captions: list[str] = []
     text_to_image: list[int] = []
-    for sample in corpus.iter_samples(entry.shards, manifest.fields, report):
+    for sample in reader.iter_samples(entry.shards, manifest.fields, report):
         try:
             decode_image(sample.image_bytes)
         except CorruptImageError as exc:
             log.debug("%s:%s: %s", sample.shard, sample.key, exc)
-            report.add(corpus.CORRUPT_IMAGE, sample.shard, sample.key)
+            report.add(reader.CORRUPT_IMAGE, sample.shard, sample.key)
             continue
         if not sample.captions:
-            report.add(corpus.EMPTY_CAPTION, sample.shard, sample.key)
+            report.add(reader.EMPTY_CAPTION, sample.shard, sample.key)
             continue
         captions.extend(sample.captions)
         text_to_image.extend([len(image_bytes)] * len(sample.captions))
@@ -392,12 +390,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         neg = self.negatives
         texts_i, images_i = self._lookup_texts(neg.image_to_texts[image_ids]), self._lookup_images(neg.image_to_images[image_ids])
         texts_t, images_t = self._lookup_texts(neg.text_to_texts[text_ids]), self._lookup_images(neg.text_to_images[text_ids])
-        return {
-            MINED_TEACHER_TEXT: texts_i[0], MINED_TEXT_IMAGE_IDS: texts_i[1],
-            MINED_TEACHER_IMAGE: images_i[0], MINED_IMAGE_IDS: images_i[1],
-            MINED_T2T_TEACHER_TEXT: texts_t[0], MINED_T2T_IMAGE_IDS: texts_t[1],
-            MINED_T2I_TEACHER_IMAGE: images_t[0], MINED_T2I_IMAGE_IDS: images_t[1],
-        }
+        found = {"i2t": texts_i, "i2i": images_i, "t2t": texts_t, "t2i": images_t}
+        return {key: tensor for direction, keys in MINED.items() for key, tensor in zip(keys, found[direction])}
 
     def _lookup_texts(self, text_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         ok = text_ids >= 0

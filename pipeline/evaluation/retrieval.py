@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.common.config import ConfigError
 
 log = logging.getLogger(__name__)
 

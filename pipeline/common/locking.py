@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.atomic import _process_alive
-from pipeline.errors import PipelineError
+from pipeline.common.atomic import _process_alive
+from pipeline.common.errors import PipelineError
 
 log = logging.getLogger(__name__)
 LOCK_SUFFIX = ".lock"

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline import atomic, names
+from pipeline.common import atomic, names
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline import atomic, models, names
-from pipeline.config import TeacherConfig
+from pipeline import models
+from pipeline.common import atomic, names
+from pipeline.common.config import TeacherConfig
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import schema, store
-from pipeline.schema import list_tasks, prompts_for, task_dir  # the layout, shared with extraction (stage one)
-from pipeline.encoding import encode_images, encode_texts
+from pipeline.features import schema, store
+from pipeline.features.schema import list_tasks, prompts_for, task_dir  # the layout, shared with extraction (stage one)
+from pipeline.evaluation.encoding import encode_images, encode_texts
 from pipeline.models import LoadedModel
 
 log = logging.getLogger(__name__)

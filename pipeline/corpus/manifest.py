@@ -3,7 +3,7 @@
 ```yaml
 name: synthetic-shapes
 description: free text
-world: {name: synthetic-shapes, version: 3}   # optional: a generated corpus's world (see pipeline/synthetic.py)
+world: {name: synthetic-shapes, version: 3}   # optional: a generated corpus's world (see pipeline/corpus/synthetic.py)
 fields:
   image: [png, jpg, jpeg, webp]        # extensions tried in order; the first one present is the image
   captions: {source: txt}              # txt: one caption a line (blank lines ignored)
@@ -33,8 +33,8 @@ from typing import Any
 import braceexpand
 import yaml
 
-from pipeline.errors import PipelineError
-from pipeline.atomic import atomic_write_text
+from pipeline.common.atomic import atomic_write_text
+from pipeline.common.errors import PipelineError
 
 
 class ManifestError(PipelineError):

@@ -38,15 +38,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline import names
-from pipeline import data as data_mod
-from pipeline import atomic, models, runtime, store
-from pipeline.progress import progress
-from pipeline.tracking import TrainingLog, Validation
-from pipeline.balancer import LossBalancer
-from pipeline.config import ConfigError, OptimConfig, TrainConfig, to_dict
-from pipeline.errors import PipelineError
-from pipeline.losses import DISTILL_NAMES, LOSS_NAMES, ClipLoss, DSMDLoss, gather_no_grad, gather_with_grad
+from pipeline import models
+from pipeline.common import atomic, names, runtime
+from pipeline.common.config import ConfigError, OptimConfig, to_dict, TrainConfig
+from pipeline.common.errors import PipelineError
+from pipeline.common.progress import progress
+from pipeline.features import store
+from pipeline.training import data as data_mod
+from pipeline.training.balancer import LossBalancer
+from pipeline.training.losses import ClipLoss, DISTILL_NAMES, DSMDLoss, gather_no_grad, gather_with_grad, LOSS_NAMES, Mined
+from pipeline.training.tracking import TrainingLog, Validation
 
 log = logging.getLogger(__name__)
 
@@ -225,11 +226,19 @@ def _gather_target(micro_batches: list[dict], key: str, device: torch.device) ->
     return _global_order([gather_no_grad(mb[key].to(device, non_blocking=True)) for mb in micro_batches])
 
 
+def mined_of(targets: dict[str, Tensor]) -> Optional[dict[str, Mined]]:
+    """The batch's mined negatives as one structure: direction -> Mined (None without any)."""
+    found = {direction: Mined(targets[emb], targets[owner]) for direction, (emb, owner) in data_mod.MINED.items()
+             if emb in targets}
+    return found or None
+
+
 def compute_losses(ctx: StepContext, features: dict[str, Tensor], targets: dict[str, Tensor], logit_scale: Tensor) -> dict[str, Tensor]:
     """The enabled raw terms over the global batch, in LOSS_NAMES order."""
     losses: dict[str, Tensor] = {}
     if ctx.dsmd_loss is not None:  # the model's output and the batch's targets, by their one name each
-        losses.update(ctx.dsmd_loss(**features, **targets))
+        plain = {k: v for k, v in targets.items() if k not in MINED_KEYS}
+        losses.update(ctx.dsmd_loss(**features, **plain, mined=mined_of(targets)))
     if ctx.clip_loss is not None:
         losses["task"] = ctx.clip_loss(features["image"], features["text"], logit_scale, image_ids=targets[data_mod.IMAGE_ID])
     return {name: losses[name] for name in LOSS_NAMES if name in losses}

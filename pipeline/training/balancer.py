@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipeline import runtime
+from pipeline.common import runtime
 
 BALANCER_MODES = ("calibrated", "dynamic", "authors", "fixed", "uniform")  # pipeline.config.BalancerMode (a test keeps them equal)
 

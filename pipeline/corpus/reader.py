@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.manifest import FieldMapping
+from pipeline.corpus.manifest import FieldMapping
 
 # ---- skip reasons ------------------------------------------------------------------------------
 CORRUPT_IMAGE = "corrupt_image"  # image bytes PIL cannot decode (counted by the consumer)

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import atomic, store
-from pipeline.encoding import encode_images, encode_texts
+from pipeline.common import atomic
+from pipeline.evaluation.encoding import encode_images, encode_texts
+from pipeline.evaluation.retrieval import retrieval_metrics
+from pipeline.features import store
 from pipeline.models import LoadedModel
-from pipeline.retrieval import retrieval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class Validation:
 
     @classmethod
     def from_features(cls, features_dir: str, split: str, images: int, batch_size: int) -> "Validation | None":
-        from pipeline import schema
+        from pipeline.features import schema
 
         try:
             table = store.image_bytes(features_dir, split, images)

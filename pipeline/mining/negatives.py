@@ -70,11 +70,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.progress import progress as progress_bar
+from pipeline.common.progress import progress as progress_bar
 
-from pipeline import atomic, names, schema, store
-from pipeline.config import IndexKind, MineConfig
-from pipeline.errors import PipelineError
+from pipeline.common import atomic, names
+from pipeline.common.config import IndexKind, MineConfig
+from pipeline.common.errors import PipelineError
+from pipeline.features import schema, store
 
 log = logging.getLogger(__name__)
 
@@ -680,7 +681,7 @@ class Ranks:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            from pipeline import runtime
+            from pipeline.common import runtime
             runtime.barrier(runtime.DistInfo(rank=self.rank, world_size=self.world_size))
 
     def rows(self, total: int) -> range:
@@ -692,7 +693,7 @@ def current_ranks() -> Ranks:
     """Join torchrun's process group (gloo) when there is one; torch is imported only then."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Ranks()
-    from pipeline import runtime
+    from pipeline.common import runtime
     info = runtime.init_distributed("cpu")
     return Ranks(info.rank, info.world_size)
 

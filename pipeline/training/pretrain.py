@@ -18,8 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pipeline import atomic, data, models, names, synthetic, training
-from pipeline.config import CorpusConfig, TeacherConfig, TrainConfig, to_dict
+from pipeline import models
+from pipeline.common import atomic, names
+from pipeline.common.config import CorpusConfig, TeacherConfig, to_dict, TrainConfig
+from pipeline.corpus import synthetic
+from pipeline.training import data, loop
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def pretrain_teacher(cfg: TeacherConfig, world: CorpusConfig, resume: bool = Fal
     run = pretrain_config(cfg)
     log.info("pretraining the demo teacher %s on %d fresh scenes of world %s v%d", cfg.model,
              cfg.pretrain.world_images, synthetic.WORLD_NAME, synthetic.WORLD_VERSION)
-    summary = training.train(run, resume=resume, world=load_world_data(world, cfg.pretrain.world_images))
+    summary = loop.train(run, resume=resume, world=load_world_data(world, cfg.pretrain.world_images))
     trained = models.load_model(cfg.model, str(Path(run.out_dir) / names.WEIGHTS_FILE))
     card = {
         "model": cfg.model,

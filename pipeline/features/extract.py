@@ -23,13 +23,17 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from pipeline.progress import progress as progress_bar
+from pipeline.common.progress import progress as progress_bar
 
-from pipeline import atomic, augment, corpus, models, names, runtime, schema, store
-from pipeline.config import ExtractConfig, TeacherConfig
-from pipeline.errors import PipelineError
-from pipeline.manifest import TaskSpec, load_manifest
-from pipeline.models import LoadedModel, load_teacher
+from pipeline import models
+from pipeline.common import atomic, names, runtime
+from pipeline.common.config import ExtractConfig, TeacherConfig
+from pipeline.common.errors import PipelineError
+from pipeline.corpus import augment, reader
+from pipeline.corpus.manifest import load_manifest, TaskSpec
+from pipeline.features import schema, store
+from pipeline.features.verify import verify_features
+from pipeline.models import load_teacher, LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ class _Chunk:
 
     shard_index: int
     url: str
-    samples: list[corpus.Sample]  # the decodable ones, in shard order
+    samples: list[reader.Sample]  # the decodable ones, in shard order
     read: int  # samples read for this chunk, corrupt ones included (for the progress bar)
     images: torch.Tensor | None = None
     views: torch.Tensor | None = None  # (len(samples) * K, 3, H, W)
@@ -77,9 +81,9 @@ class _ShardStream(IterableDataset):
         for position, (shard_index, url) in enumerate(self.shards):
             if position % workers != worker_id:
                 continue
-            report = corpus.SkipReport()
-            pending: list[corpus.Sample] = []
-            for sample in corpus.iter_shard(url, self.fields, report):
+            report = reader.SkipReport()
+            pending: list[reader.Sample] = []
+            for sample in reader.iter_shard(url, self.fields, report):
                 pending.append(sample)
                 if len(pending) == self.chunk_size:
                     yield self._chunk(shard_index, url, pending, report)
@@ -88,7 +92,7 @@ class _ShardStream(IterableDataset):
             chunk.last, chunk.report = True, report.to_dict()
             yield chunk
 
-    def _chunk(self, shard_index: int, url: str, samples: list[corpus.Sample], report: corpus.SkipReport) -> _Chunk:
+    def _chunk(self, shard_index: int, url: str, samples: list[reader.Sample], report: reader.SkipReport) -> _Chunk:
         good, images, views, view_params = [], [], [], []
         for sample in samples:
             try:
@@ -174,7 +178,7 @@ def _embed(encode, inputs: torch.Tensor, device, precision, batch_size: int, dim
 class _ShardResult:
     """What the main process accumulates for one shard until its last chunk arrives."""
 
-    samples: list[corpus.Sample] = field(default_factory=list)
+    samples: list[reader.Sample] = field(default_factory=list)
     image_embs: list[np.ndarray] = field(default_factory=list)
     view_embs: list[np.ndarray] = field(default_factory=list)
     view_params: list[dict] = field(default_factory=list)
@@ -216,14 +220,14 @@ def _write_part(
     # the report file is written last: its presence marks the part complete
     record = {"url": url, "skipped": report, "source": source_signature(url)}
     if not copied and record["source"] is not None:  # the features point into this file: training checks it
-        record["source"] = {**record["source"], "sha256": atomic.sha256_file(corpus.local_path(url))}
+        record["source"] = {**record["source"], "sha256": atomic.sha256_file(reader.local_path(url))}
     atomic.atomic_write_json(record, parts_dir / f"skips-{shard_index:06d}.json")
 
 
 def source_signature(url: str) -> dict | None:
     """Size and mtime of a local input shard (None for `pipe:` and URLs): a part made from another
     version of the shard is redone."""
-    path = corpus.local_path(url)
+    path = reader.local_path(url)
     if path is None or not os.path.isfile(path):
         return None
     stat = os.stat(path)
@@ -234,7 +238,7 @@ def _why_redo(record: dict, url: str) -> str | None:
     """Why the part of `url` described by `record` (its skips json) must be redone, or None."""
     if record.get("url") != url:
         return f"its part was made from {record.get('url')}"
-    if record["skipped"].get("counts", {}).get(corpus.UNREADABLE_SHARD):
+    if record["skipped"].get("counts", {}).get(reader.UNREADABLE_SHARD):
         return "it could not be read to the end last time"
     current = source_signature(url)
     if {k: v for k, v in (record.get("source") or {}).items() if k != "sha256"} != (current or {}):
@@ -258,11 +262,11 @@ def _todo(parts_dir: Path, urls: list[str], mine: list[int], split: str) -> list
 def _finalize(features_dir: Path, split: str, urls: list[str], parts_dir: Path, info: dict) -> dict:
     """Offset each part's local ids into dense split-wide ids and write the final split."""
     image_tables, text_tables, records = [], [], []
-    report = corpus.SkipReport()
+    report = reader.SkipReport()
     image_offset = text_offset = 0
     for index, url in enumerate(urls):
         record = json.loads((parts_dir / f"skips-{index:06d}.json").read_text())
-        report.merge(corpus.SkipReport.from_dict(record["skipped"]))
+        report.merge(reader.SkipReport.from_dict(record["skipped"]))
         images = pq.read_table(parts_dir / f"images-{index:06d}.parquet")
         texts = pq.read_table(parts_dir / f"texts-{index:06d}.parquet")
         records.append({**record, "file": len(image_tables) if images.num_rows else None})
@@ -416,9 +420,9 @@ def extract_task(task: TaskSpec, image_extensions: list[str], teacher: LoadedMod
         if _comparable({k: existing.get(k) for k in task_info}) == _comparable(task_info):
             log.info("zero-shot task %s is up to date (%s)", task.name, marker)
             return existing
-    report = corpus.SkipReport()
+    report = reader.SkipReport()
     samples, embs = [], []
-    pending: list[tuple[corpus.LabelledSample, Image.Image]] = []
+    pending: list[tuple[reader.LabelledSample, Image.Image]] = []
 
     def embed_pending() -> None:
         if pending:
@@ -429,11 +433,11 @@ def extract_task(task: TaskSpec, image_extensions: list[str], teacher: LoadedMod
 
     with progress_bar(task.num_samples, f"extract zero-shot {task.name}", "img") as bar:
         for url in task.shards:
-            for sample in corpus.iter_labelled(url, image_extensions, len(task.classnames), report):
+            for sample in reader.iter_labelled(url, image_extensions, len(task.classnames), report):
                 try:
                     pending.append((sample, augment.decode_image(sample.image_bytes)))
                 except augment.CorruptImageError:
-                    report.add(corpus.CORRUPT_IMAGE, url, sample.key)
+                    report.add(reader.CORRUPT_IMAGE, url, sample.key)
                 if len(pending) == cfg.batch_size:
                     embed_pending()
                 bar.update(1)
@@ -476,8 +480,8 @@ def _check_referencable(specs: dict) -> None:
     holds for local uncompressed tars (not `pipe:`/URLs, not .tar.gz)."""
     for split, spec in specs.items():
         for url in spec.shards:
-            path = corpus.local_path(url)  # a missing local shard is an unreadable shard, counted later
-            if path is None or (os.path.exists(path) and not corpus.is_plain_local_tar(url)):
+            path = reader.local_path(url)  # a missing local shard is an unreadable shard, counted later
+            if path is None or (os.path.exists(path) and not reader.is_plain_local_tar(url)):
                 raise PipelineError(
                     f"split {split!r}: {url} is not a local uncompressed .tar, so its images cannot be referenced "
                     f"by byte offset; set extract.store_images: true to copy them into the features")
@@ -485,9 +489,12 @@ def _check_referencable(specs: dict) -> None:
 
 def extract(cfg: ExtractConfig, teacher_cfg: TeacherConfig, overwrite: bool = False) -> dict:
     """Extract every split in `cfg.splits`; returns {split: split manifest} (on rank 0)."""
-    for option, value, least in (("batch_size", cfg.batch_size, 1), ("num_workers", cfg.num_workers, 0), ("views", cfg.views, 0)):
+    for option, value, least in (("batch_size", cfg.batch_size, 1), ("num_workers", cfg.num_workers, 0), ("views", cfg.views, 0),
+                                 ("verify_sample", cfg.verify_sample, 0)):
         if value < least:  # checked before any work (a 0 batch would fail deep inside range())
             raise PipelineError(f"extract.{option} must be >= {least}, got {value}")
+    if not 0 < cfg.verify_min_cosine <= 1:
+        raise PipelineError(f"extract.verify_min_cosine must be in (0, 1], got {cfg.verify_min_cosine}")
     dist_info = runtime.init_distributed(cfg.device)
     device = runtime.device_for(dist_info, cfg.device)
     runtime.set_threads(cfg.threads)
@@ -516,4 +523,8 @@ def extract(cfg: ExtractConfig, teacher_cfg: TeacherConfig, overwrite: bool = Fa
             results[f"{schema.ZEROSHOT_DIR}/{task.name}"] = extract_task(
                 task, manifest.fields.image_extensions, teacher, info, cfg, device)
         runtime.barrier(dist_info)
+    if cfg.verify_sample and dist_info.is_main:  # the cache proves itself before anything trains on it
+        verify_features(teacher, cfg.out_dir, list(specs), cfg.verify_sample, cfg.seed, cfg.verify_min_cosine,
+                        device, cfg.precision, cfg.batch_size)
+    runtime.barrier(dist_info)
     return results

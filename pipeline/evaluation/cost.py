@@ -9,10 +9,10 @@ from typing import Callable
 
 import torch
 
-from pipeline import runtime
-from pipeline.config import ConfigError
+from pipeline.common import runtime
+from pipeline.common.config import ConfigError
+from pipeline.common.progress import progress
 from pipeline.models import LoadedModel
-from pipeline.progress import progress
 
 # Caption used to time the text encoders; tokenizers pad to the context length, so its content
 # does not change the cost.

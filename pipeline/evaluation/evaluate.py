@@ -20,16 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import names
-from pipeline import atomic, runtime, store, zeroshot
-from pipeline.config import ConfigError, EvaluateConfig
-from pipeline.errors import PipelineError
-from pipeline.encoding import encode_split  # noqa: F401  (re-exported: evaluation.encode_split)
-from pipeline.cost import compare_encoder_costs, encoder_cost, parameter_counts  # noqa: F401  (re-exported)
-from pipeline.plots import TEACHER, plot_quality_vs_time, plot_training_curves, quality_figure, read_train_log  # noqa: F401
-from pipeline.retrieval import _check_ks, metrics_from_ranks, retrieval_metrics, retrieval_ranks  # noqa: F401
-from pipeline.models import LoadedModel, ModelError, load_model
-from pipeline.report import write_report
+from pipeline.common import atomic, names, runtime
+from pipeline.common.config import ConfigError, EvaluateConfig
+from pipeline.common.errors import PipelineError
+from pipeline.evaluation import zeroshot
+from pipeline.features import store
+from pipeline.evaluation.encoding import encode_split  # noqa: F401  (re-exported: evaluation.encode_split)
+from pipeline.evaluation.cost import compare_encoder_costs, encoder_cost, parameter_counts  # noqa: F401  (re-exported)
+from pipeline.evaluation.plots import TEACHER, plot_quality_vs_time, plot_training_curves, quality_figure, read_train_log  # noqa: F401
+from pipeline.evaluation.retrieval import _check_ks, metrics_from_ranks, retrieval_metrics, retrieval_ranks  # noqa: F401
+from pipeline.evaluation.report import write_report
+from pipeline.models import load_model, load_student, LoadedModel, ModelError, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -40,39 +41,6 @@ class EvaluationError(PipelineError):
 
 
 # ---- loading teacher and students -------------------------------------------------------------
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EvaluationError(f"{path}: cannot read {what} ({exc})") from None
-    if not isinstance(data, dict):
-        raise EvaluationError(f"{path}: {what} must be a JSON object")
-    return data
-
-
-def load_student(student_dir: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """A student written by `save_open_clip_dir`: `open_clip_config.json` names the model config,
-    `open_clip_pytorch_model.bin` holds the weights (loaded with weights_only=True)."""
-    student_dir = Path(student_dir)
-    config_path, weights = student_dir / names.OPEN_CLIP_CONFIG, student_dir / names.WEIGHTS_FILE
-    for path in (config_path, weights):
-        if not path.exists():
-            raise EvaluationError(f"student {student_dir}: {path.name} not found (train the student first)")
-    config = _read_json(config_path, "the student's open_clip config")
-    model_name = config.get("model_name")
-    if not model_name:
-        raise EvaluationError(f"{config_path}: no 'model_name'")
-    preprocess = config.get("preprocess_cfg") or {}  # the normalisation it was trained with (train.image_mean)
-    try:
-        return load_model(model_name, str(weights), device, preprocess.get("mean", ()), preprocess.get("std", ()))
-    except ModelError as known_name_failed:
-        # a config not registered here (trained elsewhere): open_clip reads it from the folder itself
-        try:
-            return load_model(f"local-dir:{student_dir}", "", device)
-        except ModelError:
-            raise EvaluationError(f"student {student_dir}: {known_name_failed}") from None
-
 
 def load_students(students: dict[str, str], allow_missing: bool, device) -> dict[str, tuple[Path, LoadedModel]]:
     """name -> (dir, model). A missing dir (or one without weights) is an error naming it, or a
@@ -105,7 +73,7 @@ def load_teacher_architecture(split_manifest: dict, teacher_dir: str | Path, dev
             tried.append(f"features teacher identity model {name!r}: {exc}")
     config_path = Path(teacher_dir) / names.OPEN_CLIP_CONFIG
     if config_path.exists():
-        dir_name = _read_json(config_path, "the teacher's open_clip config").get("model_name")
+        dir_name = read_json_object(config_path, "the teacher's open_clip config").get("model_name")
         try:
             return load_model(dir_name, "", device) if dir_name else load_model(f"local-dir:{teacher_dir}", "", device)
         except ModelError:

@@ -18,7 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 
 
 class ConfigError(PipelineError, ValueError):
@@ -157,6 +157,10 @@ class ExtractConfig(_Section):
     zeroshot: bool = opt(True, "also embed the images and prompts of the manifest's classification tasks")
     store_images: bool = opt(False, "copy each image's bytes into the features (self-contained), instead of "
                              "referencing it by byte offset in its source shard (local uncompressed tars only)")
+    verify_sample: int = opt(32, "images and as many captions of each split (and their views) that the teacher "
+                             "embeds again after extraction, compared with the cache (dsmd verify); 0 = no check")
+    verify_min_cosine: float = opt(0.999, "cosine a re-embedded row must reach against its cached row (float16 "
+                                   "storage alone keeps it above 0.9999)")
 
 
 @dataclass
@@ -198,7 +202,7 @@ class MineConfig(_Section):
 
 @dataclass
 class BalancerConfig(_Section):
-    """How the loss terms are weighted (formulas in pipeline/balancer.py)."""
+    """How the loss terms are weighted (formulas in pipeline/training/balancer.py)."""
 
     mode: BalancerMode = opt(BalancerMode.calibrated, "calibrated (own early size, smoothed DWA, task share), dynamic "
                              "(faithful DWA + magnitude equalisation), authors (their code: w_i = (k/n) max L / L_i), "

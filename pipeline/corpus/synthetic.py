@@ -46,12 +46,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
-from pipeline.progress import progress as progress_bar
+from pipeline.common.progress import progress as progress_bar
 
-from pipeline import names
-from pipeline.config import ConfigError, CorpusConfig
-from pipeline.manifest import CLASSNAMES_FILE, TEMPLATES_FILE, write_manifest
-from pipeline.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_output_dir
+from pipeline.common import names
+from pipeline.common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, prepare_output_dir
+from pipeline.common.config import ConfigError, CorpusConfig
+from pipeline.corpus.manifest import CLASSNAMES_FILE, TEMPLATES_FILE, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -778,7 +778,7 @@ def _shard_pattern(split: str, n_shards: int) -> str:
 
 def manifest_comment(cfg: CorpusConfig) -> str:
     return (
-        "Synthetic captioned-scenes corpus, written by `dsmd corpus` (pipeline/synthetic.py); regenerate, do not edit.\n"
+        "Synthetic captioned-scenes corpus, written by `dsmd corpus` (pipeline/corpus/synthetic.py); regenerate, do not edit.\n"
         f"corpus config sha256: {config_hash(cfg)}\n"
         "Shard paths are relative to this file's directory."
     )

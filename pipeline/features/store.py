@@ -1,6 +1,6 @@
 """The pipeline's Parquet store: reading the features (`features/<split>/`) and the negatives
 (`negatives/<split>/`), and writing a finished features split. Not to be confused with the WebDataset
-shards of the input corpus (`pipeline/corpus.py`). Writes go through `pipeline/atomic.py`.
+shards of the input corpus (`pipeline/corpus/reader.py`). Writes go through `pipeline/common/atomic.py`.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import schema
-from pipeline.atomic import atomic_write_json, atomic_write_table, atomic_write_with, sha256_file
-from pipeline.errors import PipelineError
+from pipeline.common.atomic import atomic_write_json, atomic_write_table, atomic_write_with, sha256_file
+from pipeline.common.errors import PipelineError
+from pipeline.features import schema
 
 
 class ShardError(PipelineError):

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, names, schema, store
-from pipeline.augment import decode_image
-from pipeline.plots import TEACHER
+from pipeline.common import atomic, names
+from pipeline.corpus.augment import decode_image
+from pipeline.evaluation.plots import TEACHER
+from pipeline.features import schema, store
 
 THUMB_SIZE = 96
 

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
 
 
 class CorruptImageError(PipelineError):

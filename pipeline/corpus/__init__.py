@@ -1,0 +1,1 @@
+"""The input corpus: manifests, the WebDataset reader, image decoding and views, and the synthetic world."""

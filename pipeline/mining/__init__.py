@@ -1,0 +1,1 @@
+"""Stage one, second half: FAISS hard negatives from the cached teacher embeddings."""
