@@ -128,8 +128,6 @@ def export(cfg: ExportConfig) -> dict:
     staging = atomic.staging_dir(cfg.out_dir)
     shutil.rmtree(staging, ignore_errors=True)  # a killed export's (the stage's lock says no export is running)
     out_dir = atomic.prepare_output_dir(staging)
-    if cfg.check_images < 1:
-        raise ExportError(f"export.check_images must be >= 1, got {cfg.check_images}")
     metrics = _read_json(Path(cfg.metrics_file), "the metrics of `dsmd evaluate`")
     if cfg.student not in metrics.get("students", {}):
         raise ExportError(f"{cfg.metrics_file}: no student {cfg.student!r} (has {sorted(metrics.get('students', {}))})")

@@ -104,3 +104,43 @@ def test_a_student_is_the_train_section_with_its_own_entry_applied(tmp_path):
     params.write_text("students:\n  small: {optim: {nope: 1}}\n")
     with pytest.raises(ConfigError, match="students.small.optim.nope: unknown key"):
         load_params(params)
+
+
+def _ranged_fields():
+    for cls in (config.CorpusConfig, config.OptimConfig, config.PretrainConfig, config.ExtractConfig, config.MineConfig,
+                config.BalancerConfig, config.DistillConfig, config.TrainConfig, config.EvaluateConfig, config.ExportConfig):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("range"):
+                yield cls, f, hints[f.name]
+
+
+def test_every_range_is_checked_once_by_the_config_on_construction():
+    """Each bound refuses the value just past it (naming the params key) and accepts the bound itself when inclusive."""
+    checked = 0
+    for cls, f, hint in _ranged_fields():
+        step = 1 if hint is int or typing.get_args(hint) == (int, type(None)) else 0.5
+        for kind, bound in f.metadata["range"].items():
+            outside = {"at_least": bound - step, "above": bound, "at_most": bound + step, "below": bound}[kind]
+            with pytest.raises(ConfigError, match=rf"^{cls.KEY}\.{f.name} must be .*, got {outside!r}$"):
+                cls(**{f.name: outside})
+            if kind in ("at_least", "at_most"):
+                assert getattr(cls(**{f.name: bound}), f.name) == bound
+            checked += 1
+    assert checked > 50
+
+
+def test_an_out_of_range_value_in_params_is_refused_at_load_naming_the_file_and_key(tmp_path):
+    path = write(tmp_path, "train:\n  optim:\n    lr: 0\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: optim.lr must be > 0, got 0.0$"):
+        load_params(path)
+    path = write(tmp_path, "students:\n  small:\n    distill:\n      balancer:\n        task_share: 1.0\n")
+    with pytest.raises(ConfigError, match=r"balancer.task_share must be in \[0, 1\), got 1.0"):
+        load_params(path)
+    with pytest.raises(ConfigError, match=r"extract.verify_min_cosine must be in \(0, 1\], got 0.0"):
+        stage_config(None, "extract", {"verify_min_cosine": 0.0})
+
+
+def test_the_help_states_each_range():
+    assert "(>= 1)" in config.section_help("extract") and "in (0, 1]" in config.section_help("extract")
+    assert config.option_help("extract", "batch_size").endswith("; >= 1 (params: extract.batch_size)")

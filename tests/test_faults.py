@@ -338,7 +338,7 @@ def _pickle_payload(path: Path) -> Path:
 
 @pytest.mark.parametrize("stage, options, message", [
     ("train", ["--lr", "-1"], "optim.lr must be > 0"),
-    ("train", ["--epochs", "-1"], "optim.epochs and optim.max_steps must be >= 0"),
+    ("train", ["--epochs", "-1"], "optim.epochs must be >= 0"),
     ("extract", ["--batch-size", "-1"], "extract.batch_size must be >= 1"),
     ("extract", ["--teacher-pretrained", "{payload}"], "not a weights file"),
     ("evaluate", ["--student", "bad={student}"], "not a weights file"),

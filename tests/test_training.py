@@ -307,7 +307,7 @@ def test_the_train_stage_reports_bad_input_without_a_traceback(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ({"optim.lr": -1.0}, "optim.lr must be > 0"),
-    ({"optim.epochs": -1.0}, "optim.epochs and optim.max_steps must be >= 0"),
+    ({"optim.epochs": -1.0}, "optim.epochs must be >= 0"),
     ({"optim.epochs": 0.0}, "optim.epochs must be > 0"),
     ({"max_images": -5}, "max_images"),
     ({"image_mean": [0.5, 0.5]}, "image_mean must be"),
@@ -316,9 +316,8 @@ def test_the_train_stage_reports_bad_input_without_a_traceback(tmp_path):
 ])
 def test_bad_training_options_fail_before_any_work(shards_dirs, tmp_path, override, message):
     from pipeline.common.config import apply_overrides
-    cfg = apply_overrides(make_cfg(shards_dirs, tmp_path / "out", max_steps=0, epochs=1.0), override)
-    with pytest.raises(loop.ConfigError, match=message):
-        loop.train(cfg)
+    with pytest.raises(loop.ConfigError, match=message):  # a single key's range: refused by the config itself
+        loop.train(apply_overrides(make_cfg(shards_dirs, tmp_path / "out", max_steps=0, epochs=1.0), override))
     assert not (tmp_path / "out").exists()
 
 

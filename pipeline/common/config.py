@@ -44,19 +44,50 @@ ProjectionInit = _choices("ProjectionInit", "orthogonal", "default")
 DataLoading = _choices("DataLoading", "auto", "memory", "stream")
 
 
-def opt(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING) -> Any:
-    """A config field with its one description (shown by `--help` and `section_help`)."""
-    return field(default=default, default_factory=factory, metadata={"doc": doc})
+def opt(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING, at_least: float | None = None,
+        above: float | None = None, at_most: float | None = None, below: float | None = None) -> Any:
+    """A config field with its one description (shown by `--help` and `section_help`) and its one range check
+    (`at_least` <= value, `above` < value, value <= `at_most`, value < `below`; None values are not checked),
+    enforced whenever the section is built: at load, by `--set`, by a CLI option, or by code."""
+    bounds = {k: v for k, v in (("at_least", at_least), ("above", above), ("at_most", at_most), ("below", below))
+              if v is not None}
+    return field(default=default, default_factory=factory, metadata={"doc": doc, "range": bounds})
+
+
+_RANGE_TEXT = {"at_least": ">=", "above": ">", "at_most": "<=", "below": "<"}
+_RANGE_OK = {"at_least": lambda v, b: v >= b, "above": lambda v, b: v > b,
+             "at_most": lambda v, b: v <= b, "below": lambda v, b: v < b}
+
+
+def _range_text(bounds: dict[str, float]) -> str:
+    """">= 1", or "in (0, 1]" for two bounds."""
+    if len(bounds) == 2:
+        (lo_kind, lo), (hi_kind, hi) = sorted(bounds.items(), key=lambda kv: kv[0] not in ("at_least", "above"))
+        return f"in {'[' if lo_kind == 'at_least' else '('}{lo:g}, {hi:g}{']' if hi_kind == 'at_most' else ')'}"
+    (kind, bound), = bounds.items()
+    return f"{_RANGE_TEXT[kind]} {bound:g}"
+
+
+def _range_problem(value: Any, bounds: dict[str, float]) -> str | None:
+    """"must be >= 1" when `value` is outside `bounds`, else None."""
+    if value is None or not bounds or all(_RANGE_OK[k](value, b) for k, b in bounds.items()):
+        return None
+    return f"must be {_range_text(bounds)}"
 
 
 class _Section:
-    """Every mode is checked against its enum on construction (OmegaConf's load, or code building a
+    """Every range (opt's bounds) is checked, and every mode checked against its enum, on construction (OmegaConf's load, or code building a
     config from strings) and then kept as the plain string: checkpoints (`torch.load(weights_only=True)`),
     Parquet metadata and JSON never meet an enum object."""
+
+    KEY = ""  # where the section lives in params.yaml, for messages ("corpus", "optim", ...)
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
+            problem = _range_problem(getattr(self, f.name), f.metadata.get("range", {}))
+            if problem:
+                raise ConfigError(f"{self.KEY or type(self).__name__}.{f.name} {problem}, got {getattr(self, f.name)!r}")
             hint = hints[f.name]
             if isinstance(hint, type) and issubclass(hint, Enum):
                 value = getattr(self, f.name)
@@ -71,43 +102,47 @@ class _Section:
 class CorpusConfig(_Section):
     """`dsmd corpus`: the synthetic captioned-scenes generator."""
 
+    KEY = "corpus"
+
     out_dir: str = opt("data/synthetic", "where the WebDataset shards and manifest.yaml go")
     seed: int = opt(0, "seed of every scene, caption and split")
-    train_images: int = opt(5000, "images of the target train split (the students train on it)")
-    val_images: int = opt(500, "images of the val split (validation during training)")
-    test_images: int = opt(1000, "images of the test split (evaluation)")
+    train_images: int = opt(5000, "images of the target train split (the students train on it)", at_least=0)
+    val_images: int = opt(500, "images of the val split (validation during training)", at_least=0)
+    test_images: int = opt(1000, "images of the test split (evaluation)", at_least=0)
     web_images: int = opt(0, "images of an optional web split written as tars (the demo teacher now pretrains on "
-                          "the world rendered on the fly, `dsmd pretrain`); none of its scenes is described like a test scene")
-    zipf: float = opt(1.2, "colours, shapes and patterns have frequencies p(rank r) ~ 1 / (r + 1) ** zipf; 0 = uniform")
-    image_size: int = opt(64, "side of the square images in pixels")
-    samples_per_shard: int = opt(1000, "samples per .tar shard")
+                          "the world rendered on the fly, `dsmd pretrain`); none of its scenes is described like a test scene", at_least=0)
+    zipf: float = opt(1.2, "colours, shapes and patterns have frequencies p(rank r) ~ 1 / (r + 1) ** zipf; 0 = uniform", at_least=0)
+    image_size: int = opt(64, "side of the square images in pixels", at_least=16)
+    samples_per_shard: int = opt(1000, "samples per .tar shard", at_least=1)
     near_duplicate_fraction: float = opt(0.3, "share of scenes generated as a near-duplicate of the previous "
-                                         "scene (one attribute or relation changed)")
-    min_captions: int = opt(2, "fewest captions per image")
+                                         "scene (one attribute or relation changed)", at_least=0, at_most=1)
+    min_captions: int = opt(2, "fewest captions per image", at_least=1)
     max_captions: int = opt(5, "most captions per image")
     image_format: ImageFormat = opt(ImageFormat.png, "png or jpg")
-    workers: int = opt(0, "processes writing shards in parallel (output identical for any value); 0 = one per CPU core")
+    workers: int = opt(0, "processes writing shards in parallel (output identical for any value); 0 = one per CPU core", at_least=0)
 
 
 @dataclass
 class OptimConfig(_Section):
     """The optimisation loop shared by the demo teacher, the DSMD student and the baseline."""
 
-    epochs: float = opt(1.0, "passes over the training images (fractions allowed)")
-    max_steps: int = opt(0, "> 0 caps the optimizer steps (overrides epochs)")
-    batch_size: int = opt(128, "global batch size, across ranks and accumulation")
-    accum_steps: int = opt(1, "gradient accumulation steps per optimizer step")
-    lr: float = opt(1e-3, "peak AdamW learning rate (linear warmup, cosine decay)")
-    weight_decay: float = opt(0.1, "AdamW weight decay (not on gains, biases, logit scale)")
-    warmup_steps: int = opt(50, "linear learning-rate warmup steps")
-    grad_clip: float = opt(1.0, "gradient norm clip; 0 = none")
+    KEY = "optim"
+
+    epochs: float = opt(1.0, "passes over the training images (fractions allowed)", at_least=0)
+    max_steps: int = opt(0, "> 0 caps the optimizer steps (overrides epochs)", at_least=0)
+    batch_size: int = opt(128, "global batch size, across ranks and accumulation (contrastive losses need 2)", at_least=2)
+    accum_steps: int = opt(1, "gradient accumulation steps per optimizer step", at_least=1)
+    lr: float = opt(1e-3, "peak AdamW learning rate (linear warmup, cosine decay)", above=0)
+    weight_decay: float = opt(0.1, "AdamW weight decay (not on gains, biases, logit scale)", at_least=0)
+    warmup_steps: int = opt(50, "linear learning-rate warmup steps", at_least=0)
+    grad_clip: float = opt(1.0, "gradient norm clip; 0 = none", at_least=0)
     precision: Precision = opt(Precision.auto, "auto, fp32, bf16 or fp16 (autocast only on a GPU)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     seed: int = opt(0, "seed of initialisation, shuffling and augmentation")
-    num_workers: int = opt(0, "DataLoader worker processes")
-    threads: int = opt(0, "torch intra-op threads on CPU; 0 = torch's default")
-    checkpoint_every: int = opt(0, "optimizer steps between resumable checkpoints; 0 = only at the end")
-    log_every: int = opt(10, "optimizer steps between log lines")
+    num_workers: int = opt(0, "DataLoader worker processes", at_least=0)
+    threads: int = opt(0, "torch intra-op threads on CPU; 0 = torch's default", at_least=0)
+    checkpoint_every: int = opt(0, "optimizer steps between resumable checkpoints; 0 = only at the end", at_least=0)
+    log_every: int = opt(10, "optimizer steps between log lines", at_least=1)
 
 
 def _pretrain_optim() -> "OptimConfig":
@@ -119,8 +154,10 @@ def _pretrain_optim() -> "OptimConfig":
 class PretrainConfig(_Section):
     """`dsmd pretrain`: the demo teacher's pretraining on the synthetic world of the corpus section."""
 
+    KEY = "teacher.pretrain"
+
     world_images: int = opt(819200, "fresh scenes of the world the teacher sees, each once: rendered in the loader "
-                            "workers, never written (the target corpus is 5,000 images)")
+                            "workers, never written (the target corpus is 5,000 images)", at_least=1)
     work_dir: str = opt("outputs/teacher-pretrain", "the run's checkpoint and logs (resumable with --resume)")
     out_dir: str = opt("pipeline/pretrained/dsmd-demo-teacher", "the open_clip local-dir folder written at the end "
                        "(safetensors, open_clip_config.json, card.json): where `pretrained: demo` finds it")
@@ -130,6 +167,8 @@ class PretrainConfig(_Section):
 @dataclass
 class TeacherConfig(_Section):
     """`dsmd teacher`: which open_clip model is the teacher and where its weights come from."""
+
+    KEY = "teacher"
 
     model: str = opt("dsmd-demo-teacher", "open_clip model config of the teacher (ViT-L-14, hf-hub:org/name, ...)")
     pretrained: str = opt("demo", "demo (the weights shipped in pipeline/pretrained/<model>, made by `dsmd pretrain`), "
@@ -143,60 +182,64 @@ class TeacherConfig(_Section):
 class ExtractConfig(_Section):
     """`dsmd extract`: teacher embeddings of every image and caption, to Parquet."""
 
+    KEY = "extract"
+
     manifest: str = opt("data/synthetic/manifest.yaml", "corpus manifest (WebDataset shards per split)")
     out_dir: str = opt("outputs/features", "features directory; one sub-folder per split")
     splits: list[str] = opt(doc="manifest splits to embed", factory=lambda: ["train", "val", "test"])
-    batch_size: int = opt(256, "images (and as many captions) per teacher forward pass")
-    num_workers: int = opt(1, "DataLoader processes decoding the shards")
-    views: int = opt(0, "augmented views of each image embedded besides the plain one")
+    batch_size: int = opt(256, "images (and as many captions) per teacher forward pass", at_least=1)
+    num_workers: int = opt(1, "DataLoader processes decoding the shards", at_least=0)
+    views: int = opt(0, "augmented views of each image embedded besides the plain one", at_least=0)
     embedding_dtype: EmbeddingDtype = opt(EmbeddingDtype.float16, "float16 or float32 storage of the embeddings")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     precision: Precision = opt(Precision.auto, "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16")
-    threads: int = opt(0, "torch intra-op threads on CPU; 0 = torch's default")
+    threads: int = opt(0, "torch intra-op threads on CPU; 0 = torch's default", at_least=0)
     seed: int = opt(0, "seeds the augmentation views")
     zeroshot: bool = opt(True, "also embed the images and prompts of the manifest's classification tasks")
     store_images: bool = opt(False, "copy each image's bytes into the features (self-contained), instead of "
                              "referencing it by byte offset in its source shard (local uncompressed tars only)")
     verify_sample: int = opt(32, "images and as many captions of each split (and their views) that the teacher "
-                             "embeds again after extraction, compared with the cache (dsmd verify); 0 = no check")
+                             "embeds again after extraction, compared with the cache (dsmd verify); 0 = no check", at_least=0)
     verify_min_cosine: float = opt(0.999, "cosine a re-embedded row must reach against its cached row (float16 "
-                                   "storage alone keeps it above 0.9999)")
+                                   "storage alone keeps it above 0.9999)", above=0, at_most=1)
 
 
 @dataclass
 class MineConfig(_Section):
     """`dsmd mine`: FAISS hard negatives from the cached teacher embeddings."""
 
+    KEY = "mine"
+
     features_dir: str = opt("outputs/features", "features directory written by `dsmd extract`")
     out_dir: str = opt("outputs/negatives", "negatives directory; one sub-folder per split")
     splits: list[str] = opt(doc="splits to mine", factory=lambda: ["train"])
-    k: int = opt(16, "hard negatives kept per query and direction")
+    k: int = opt(16, "hard negatives kept per query and direction", at_least=1)
     index: IndexKind = opt(IndexKind.auto, "auto (exact below exact_threshold vectors, else IVF-Flat), flat, ivf, hnsw or ivfpq")
-    exact_threshold: int = opt(100_000, "auto picks exact search below this many database vectors")
+    exact_threshold: int = opt(100_000, "auto picks exact search below this many database vectors", at_least=0)
     memory_budget_mb: int = opt(4096, "auto: exact and IVF-Flat indexes hold a float32 copy of the database; above "
                                 "this many MiB IVF-PQ is used instead (pq_m bytes a vector, candidates re-scored from "
                                 "the float16 array on disk), as autofaiss picks by memory; also caps the IVF training "
-                                "sample. 0 = no limit")
-    nlist: int = opt(0, "IVF lists; 0 = 4 * sqrt(N)")
-    nprobe: int = opt(16, "IVF lists searched per query")
-    hnsw_m: int = opt(32, "HNSW graph degree")
-    ef_search: int = opt(128, "HNSW search depth")
-    pq_m: int = opt(16, "IVF-PQ sub-quantizers")
+                                "sample. 0 = no limit", at_least=0)
+    nlist: int = opt(0, "IVF lists; 0 = 4 * sqrt(N)", at_least=0)
+    nprobe: int = opt(16, "IVF lists searched per query", at_least=1)
+    hnsw_m: int = opt(32, "HNSW graph degree", at_least=1)
+    ef_search: int = opt(128, "HNSW search depth", at_least=1)
+    pq_m: int = opt(16, "IVF-PQ sub-quantizers", at_least=1)
     refine_factor: int = opt(20, "IVF-PQ codes only rank: it searches refine_factor * depth candidates, then re-scores "
                              "them exactly (pq_m 16, N=200k, d=256: recall@10 0.63 with 4, 0.89 with 10, 0.999 with 20; "
-                             "benchmarks/mine.py)")
-    train_points_per_list: int = opt(64, "IVF k-means trains on a seeded sample of this many vectors per list")
-    query_chunk: int = opt(4096, "queries searched at once (bounds memory)")
-    threads: int = opt(0, "FAISS OpenMP threads; 0 = FAISS default")
+                             "benchmarks/mine.py)", at_least=1)
+    train_points_per_list: int = opt(64, "IVF k-means trains on a seeded sample of this many vectors per list", at_least=1)
+    query_chunk: int = opt(4096, "queries searched at once (bounds memory)", at_least=1)
+    threads: int = opt(0, "FAISS OpenMP threads; 0 = FAISS default", at_least=0)
     range_min: int = opt(0, "false-negative filter: skip the first range_min ranked candidates (off by default: the "
-                         "corpus's near-duplicate scenes are the hard negatives wanted)")
+                         "corpus's near-duplicate scenes are the hard negatives wanted)", at_least=0)
     max_score: Optional[float] = opt(None, "false-negative filter: drop candidates scoring above this")
     margin: Optional[float] = opt(None, "false-negative filter: drop candidates scoring above positive_score - margin")
     relative_margin: Optional[float] = opt(None, "false-negative filter: drop candidates scoring above "
                                            "(1 - relative_margin) * positive_score")
     twin_threshold: Optional[float] = opt(None, "drop semantic twins: candidates owning a caption whose teacher cosine "
                                           "with a caption of the query's image is above this")
-    recall_sample: int = opt(1000, "queries checked against exact search when the index is approximate")
+    recall_sample: int = opt(1000, "queries checked against exact search when the index is approximate", at_least=0)
     seed: int = opt(0, "seeds index training samples and the recall check")
 
 
@@ -204,24 +247,28 @@ class MineConfig(_Section):
 class BalancerConfig(_Section):
     """How the loss terms are weighted (formulas in pipeline/training/balancer.py)."""
 
+    KEY = "balancer"
+
     mode: BalancerMode = opt(BalancerMode.calibrated, "calibrated (own early size, smoothed DWA, task share), dynamic "
                              "(faithful DWA + magnitude equalisation), authors (their code: w_i = (k/n) max L / L_i), "
                              "fixed or uniform")
-    temperature: float = opt(1.0, "DWA softmax temperature (calibrated, dynamic)")
+    temperature: float = opt(1.0, "DWA softmax temperature (calibrated, dynamic)", above=0)
     weights: dict[str, float] = opt(doc="by loss name (feature, similarity, contrastive, hard_negative, task): mode "
                                     "fixed, the weights; mode calibrated, priors on the distillation terms "
                                     "(normalised to mean 1; missing = 1)", factory=dict)
-    task_share: float = opt(0.5, "calibrated: the task term's share of the objective")
+    task_share: float = opt(0.5, "calibrated: the task term's share of the objective", at_least=0, below=1)
     task_share_end: Optional[float] = opt(None, "calibrated: when set, the task share moves linearly from task_share "
-                                          "to this over the run")
-    calibration_steps: int = opt(20, "calibrated: steps whose mean loss is each term's reference size")
-    window: int = opt(20, "calibrated: EMA time constant (steps) of the smoothed DWA rates")
-    max_weight: float = opt(0.0, "dynamic: cap on each weight; 0 = none (faithful: max L / L_i is unbounded as a term nears 0)")
+                                          "to this over the run", at_least=0, at_most=1)
+    calibration_steps: int = opt(20, "calibrated: steps whose mean loss is each term's reference size", at_least=1)
+    window: int = opt(20, "calibrated: EMA time constant (steps) of the smoothed DWA rates", at_least=1)
+    max_weight: float = opt(0.0, "dynamic: cap on each weight; 0 = none (faithful: max L / L_i is unbounded as a term nears 0)", at_least=0)
 
 
 @dataclass
 class DistillConfig(_Section):
     """The four DSMD scales plus the task loss; each can be switched off for ablations."""
+
+    KEY = "distill"
 
     feature: bool = opt(True, "feature scale: L1 between projected student and teacher embeddings")
     similarity: bool = opt(True, "similarity scale: per-sample cosine with the teacher embedding")
@@ -229,20 +276,22 @@ class DistillConfig(_Section):
     hard_negative: bool = opt(True, "hard-negative scale: triplets with the mined negatives")
     affinity: bool = opt(False, "not one of the paper's scales: TinyCLIP / CLIP-KD relational distillation of the "
                          "in-batch image-text similarity distributions")
-    affinity_temperature: float = opt(0.05, "temperature of the affinity distributions")
+    affinity_temperature: float = opt(0.05, "temperature of the affinity distributions", above=0)
     task: bool = opt(True, "the CLIP task loss on the student's own embeddings")
-    queue_size: int = opt(8192, "teacher embeddings in the contrastive queue")
-    temperature: float = opt(0.05, "contrastive-scale temperature")
+    queue_size: int = opt(8192, "teacher embeddings in the contrastive queue", at_least=1)
+    temperature: float = opt(0.05, "contrastive-scale temperature", above=0)
     margin_mode: MarginMode = opt(MarginMode.teacher, "hard-negative margin: teacher (the teacher's own score gap; "
                                   "only pairs it orders right count) or fixed")
-    margin: float = opt(0.2, "margin_mode fixed: the margin (the paper's 0.2)")
-    hard_negatives: int = opt(4, "mined negatives looked up per sample and direction")
+    margin: float = opt(0.2, "margin_mode fixed: the margin (the paper's 0.2)", at_least=0)
+    hard_negatives: int = opt(4, "mined negatives looked up per sample and direction", at_least=0)
     balancer: BalancerConfig = opt(doc="how the terms are weighted", factory=BalancerConfig)
 
 
 @dataclass
 class TrainConfig(_Section):
     """`dsmd train`: the student, from the shards (dsmd or clip loss) or from the corpus (clip loss)."""
+
+    KEY = "train"
 
     model: str = opt("dsmd-tiny-student", "open_clip model config of the student")
     pretrained: str = opt("", "initial student weights: \"\" = random, or a checkpoint path")
@@ -256,26 +305,26 @@ class TrainConfig(_Section):
     out_dir: str = opt("outputs/students/dsmd", "where the student, checkpoint.pt, train_log.jsonl and train_summary.json go")
     batching: Batching = opt(Batching.random, "random, or hard-negative-aware (mined i2i neighbours beside each anchor)")
     batch_neighbours: int = opt(3, "hard-negative-aware: neighbours placed beside each anchor (whole lists of 16 fill a "
-                                "batch with near-duplicates whose captions collide)")
+                                "batch with near-duplicates whose captions collide)", at_least=0)
     use_views: bool = opt(True, "re-apply stored augmentation views when the shards have them")
     projection_init: ProjectionInit = opt(ProjectionInit.orthogonal, "the student -> teacher width projection starts with "
                                           "orthonormal columns (orthogonal) or as torch's default Linear init (default)")
     init_logit_scale: float = opt(0.0, "the CLIP logit scale (1 / temperature) the student starts from; 0 = the model "
-                                  "config's (open_clip: 1 / 0.07 = 14.3)")
+                                  "config's (open_clip: 1 / 0.07 = 14.3)", at_least=0, at_most=100)
     image_mean: list[float] = opt(doc="the student's input normalisation, per RGB channel in [0, 1] pixels (saved in "
                                   "its open_clip_config.json preprocess_cfg); [] = the model's (OpenAI's)", factory=list)
     image_std: list[float] = opt(doc="the student's input normalisation std, per RGB channel; [] = the model's", factory=list)
     max_images: int = opt(0, "> 0: train on the first max_images images of the split only; mined negatives outside "
-                          "them are dropped")
+                          "them are dropped", at_least=0)
     data_loading: DataLoading = opt(DataLoading.auto, "the teacher embeddings (source shards): memory (loaded whole), "
                                     "stream (rows read per batch from the split's .npy files; memory stays flat as the "
                                     "corpus grows), or auto (stream above stream_above_mb). Referenced images are always "
                                     "read per sample; copied ones (extract.store_images) are held in memory")
-    stream_above_mb: int = opt(1024, "auto: stream when the split's embedding arrays exceed this many MiB")
+    stream_above_mb: int = opt(1024, "auto: stream when the split's embedding arrays exceed this many MiB", at_least=0)
     live_dir: str = opt("auto", "DVCLive folder (metrics.json + plots): auto = <out_dir>/dvclive, \"\" = off")
     val_split: str = opt("val", "split of the validation retrieval (source shards)")
-    val_every: int = opt(50, "steps between validations (val_rsum, val_i2t_r1, val_t2i_r1); 0 = never")
-    val_images: int = opt(256, "validation on the first val_images images of val_split")
+    val_every: int = opt(50, "steps between validations (val_rsum, val_i2t_r1, val_t2i_r1); 0 = never", at_least=0)
+    val_images: int = opt(256, "validation on the first val_images images of val_split", at_least=1)
     optim: OptimConfig = opt(doc="the optimisation loop", factory=OptimConfig)
     distill: DistillConfig = opt(doc="the loss terms (loss dsmd)", factory=DistillConfig)
 
@@ -284,6 +333,8 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     """`dsmd evaluate`: retrieval quality and encoder cost, teacher against students."""
 
+    KEY = "evaluate"
+
     features_dir: str = opt("outputs/features", "features directory (the teacher's embeddings and the test images)")
     split: str = opt("test", "split evaluated")
     teacher_dir: str = opt("outputs/teacher", "the teacher's directory (its identity, and weights for the cost)")
@@ -291,26 +342,28 @@ class EvaluateConfig(_Section):
                                    "in students_dir/<name>", factory=dict)
     students_dir: str = opt("outputs/students", "where the students of the students section are trained (dvc.yaml)")
     ks: list[int] = opt(doc="recall cut-offs", factory=lambda: [1, 5, 10])
-    chunk_size: int = opt(1024, "query rows scored at once")
-    batch_size: int = opt(256, "images or captions per student forward pass")
-    latency_repeats: int = opt(20, "timed single-sample calls per model")
-    throughput_batch: int = opt(64, "batch of the throughput timing")
-    throughput_repeats: int = opt(5, "timed batches of throughput_batch per model (big teachers are slow on CPU)")
+    chunk_size: int = opt(1024, "query rows scored at once", at_least=1)
+    batch_size: int = opt(256, "images or captions per student forward pass", at_least=1)
+    latency_repeats: int = opt(20, "timed single-sample calls per model", at_least=1)
+    throughput_batch: int = opt(64, "batch of the throughput timing", at_least=1)
+    throughput_repeats: int = opt(5, "timed batches of throughput_batch per model (big teachers are slow on CPU)", at_least=1)
     allow_missing: bool = opt(False, "skip (with a warning) a student whose dir is missing instead of failing")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
-    threads: int = opt(0, "torch intra-op threads on CPU; 0 = torch's default")
+    threads: int = opt(0, "torch intra-op threads on CPU; 0 = torch's default", at_least=0)
     metrics_file: str = opt("outputs/metrics.json", "the metrics JSON")
     plots_dir: str = opt("outputs/plots", "where the PNG plots and their data go")
     zeroshot: bool = opt(True, "zero-shot classification on every task extracted into features_dir/zeroshot/")
     report_dir: str = opt("outputs/report", "index.html: the metrics, the plots and what each model retrieves for "
                           "chosen test captions and images (a static page); \"\" = none")
-    report_queries: int = opt(8, "test captions of the report's gallery (half naming the split's rarest words)")
-    report_images: int = opt(4, "test images of the report's gallery (each model's top captions)")
+    report_queries: int = opt(8, "test captions of the report's gallery (half naming the split's rarest words)", at_least=0)
+    report_images: int = opt(4, "test images of the report's gallery (each model's top captions)", at_least=0)
 
 
 @dataclass
 class ExportConfig(_Section):
     """`dsmd export`: the student as it will be used (safetensors + open_clip config, ONNX, model card)."""
+
+    KEY = "export"
 
     student: str = opt("dsmd", "the student's name in evaluate.students and the metrics file")
     student_dir: str = opt("outputs/students/dsmd", "the trained student's directory")
@@ -320,8 +373,8 @@ class ExportConfig(_Section):
     out_dir: str = opt("outputs/export/dsmd", "where the exported files go")
     onnx: bool = opt(True, "also write image_encoder.onnx and text_encoder.onnx (dynamic batch)")
     opset: int = opt(17, "ONNX opset")
-    check_images: int = opt(32, "images (and as many captions) the reload and ONNX checks compare")
-    onnx_tolerance: float = opt(1e-4, "max abs difference of onnxruntime's embeddings from PyTorch's (fp32)")
+    check_images: int = opt(32, "images (and as many captions) the reload and ONNX checks compare", at_least=1)
+    onnx_tolerance: float = opt(1e-4, "max abs difference of onnxruntime's embeddings from PyTorch's (fp32)", above=0)
 
 
 def _default_students() -> dict[str, Any]:
@@ -465,7 +518,8 @@ def _field(cls: type, dotted: str) -> tuple[dataclasses.Field, Any]:
 def option_help(section: str, dotted: str) -> str:
     """The CLI help of an option that sets `section.dotted`: its one description, and where it lives."""
     found, _ = _field(Params, f"{section}.{dotted}")
-    return f"{found.metadata['doc']} (params: {section}.{dotted})"
+    bounds = found.metadata.get("range")
+    return f"{found.metadata['doc']}{f'; {_range_text(bounds)}' if bounds else ''} (params: {section}.{dotted})"
 
 
 def _describe(cls: type, prefix: str) -> list[str]:
@@ -479,7 +533,8 @@ def _describe(cls: type, prefix: str) -> list[str]:
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
         shown = default.value if isinstance(default, Enum) else default
-        lines.append(f"{prefix}{f.name} = {shown!r}: {f.metadata['doc']}")
+        bounds = f.metadata.get("range")
+        lines.append(f"{prefix}{f.name} = {shown!r}: {f.metadata['doc']}{f' ({_range_text(bounds)})' if bounds else ''}")
     return lines
 
 

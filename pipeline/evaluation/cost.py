@@ -10,7 +10,6 @@ from typing import Callable
 import torch
 
 from pipeline.common import runtime
-from pipeline.common.config import ConfigError
 from pipeline.common.progress import progress
 from pipeline.models import LoadedModel
 
@@ -55,11 +54,6 @@ def compare_encoder_costs(
     `encode_image` / `encode_text` call at batch 1; `image_throughput` / `text_throughput` =
     throughput_batch / median time of a call at that batch (items per second), and
     `image_ms_per_image` / `text_ms_per_text` = 1000 / throughput."""
-    if latency_repeats < 1 or throughput_repeats < 1 or throughput_batch < 1:
-        raise ConfigError(
-            "evaluate.latency_repeats, throughput_repeats and throughput_batch must be >= 1, got "
-            f"{latency_repeats}, {throughput_repeats}, {throughput_batch}"
-        )
     device = torch.device(device)
     names = list(models)
     ops: dict[str, dict[str, Callable[[], object]]] = {}

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.common import runtime
-from pipeline.common.config import ConfigError
 from pipeline.common.progress import progress
 from pipeline.corpus.augment import CorruptImageError, decode_image, preprocess_batch
 from pipeline.features import schema, store
@@ -67,8 +66,6 @@ def encode_split(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image_emb (N, D), text_emb (M, D), text_to_image (M,)) of a features split, encoded by `loaded`
     from the stored image bytes and captions, in image_id / text_id order."""
-    if batch_size < 1:
-        raise ConfigError(f"evaluate.batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     images = store.read_images(features_dir, split, columns=[schema.IMAGE_ID])
     texts = store.read_texts(features_dir, split, columns=[schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION])

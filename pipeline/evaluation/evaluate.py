@@ -109,8 +109,6 @@ def evaluate(cfg: EvaluateConfig) -> dict:
       image_latency_ratio, text_latency_ratio = the same at batch 1; text_time_ratio = per text.
     Writes `cfg.metrics_file` (JSON, for `dvc metrics`) and the plots in `cfg.plots_dir`."""
     ks = _check_ks(cfg.ks)
-    if cfg.chunk_size < 1:
-        raise ConfigError(f"evaluate.chunk_size must be >= 1, got {cfg.chunk_size}")
     runtime.set_threads(cfg.threads)
     device = _resolve_device(cfg.device)
     # (the report is written beside its folder and put in place whole: its parent must be writable)

@@ -578,20 +578,7 @@ def mine_params(cfg: MineConfig) -> dict:
 
 
 def _validate(cfg: MineConfig) -> None:
-    if cfg.k < 1:
-        raise MineError(f"mine.k must be at least 1, got {cfg.k}")
-    if cfg.query_chunk < 1:
-        raise MineError(f"mine.query_chunk must be at least 1, got {cfg.query_chunk}")
-    if cfg.range_min < 0:
-        raise MineError(f"mine.range_min must be >= 0, got {cfg.range_min}")
-    if cfg.threads < 0:
-        raise MineError(f"mine.threads must be >= 0 (0 = FAISS default), got {cfg.threads}")
-    for name in ("nprobe", "hnsw_m", "ef_search", "pq_m", "refine_factor", "train_points_per_list"):
-        if getattr(cfg, name) < 1:
-            raise MineError(f"mine.{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("nlist", "exact_threshold", "recall_sample"):
-        if getattr(cfg, name) < 0:
-            raise MineError(f"mine.{name} must be >= 0, got {getattr(cfg, name)}")
+    """What the ranges of single keys cannot say (those the config checks itself)."""
     if not cfg.splits:
         raise MineError("mine.splits is empty: name at least one split")
 
