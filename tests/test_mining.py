@@ -357,8 +357,8 @@ def test_bad_options_give_clear_errors(tmp_path):
         negatives.mine(MineConfig(index="ivfpq", pq_m=7, **base), progress=False)
     with pytest.raises(ConfigError, match="MineConfig.index: invalid value 'annoy'"):  # at construction, before any work
         MineConfig(index="annoy", **base)
-    with pytest.raises(negatives.MineError, match="mine.k"):
-        negatives.mine(MineConfig(k=0, **base), progress=False)
+    with pytest.raises(ConfigError, match="mine.k must be >= 1, got 0"):  # a range: the config's own check
+        MineConfig(k=0, **base)
     with pytest.raises(store.ShardError, match="dsmd extract"):
         negatives.mine(MineConfig(**{**base, "splits": ["val"]}), progress=False)
 

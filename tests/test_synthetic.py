@@ -252,7 +252,7 @@ def test_data_manifest_synthetic_is_what_dsmd_corpus_writes_for_the_defaults():
     expected = dump_manifest(synthetic.manifest_data(default, "../data/synthetic/"), synthetic.manifest_comment(default))
     assert (REPO_ROOT / "data_manifest" / "synthetic.yaml").read_text() == expected
     data = yaml.safe_load(expected)
-    assert data["splits"]["train"] == {"shards": "../data/synthetic/train-{000000..000004}.tar", "num_samples": 5000}
+    assert data["splits"]["train"] == {"shards": "../data/synthetic/train-{000000..000001}.tar", "num_samples": 2000}
     assert "web" not in data["splits"] and data["world"]["version"] == synthetic.WORLD_VERSION
 
 

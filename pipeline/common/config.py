@@ -106,7 +106,7 @@ class CorpusConfig(_Section):
 
     out_dir: str = opt("data/synthetic", "where the WebDataset shards and manifest.yaml go")
     seed: int = opt(0, "seed of every scene, caption and split")
-    train_images: int = opt(5000, "images of the target train split (the students train on it)", at_least=0)
+    train_images: int = opt(2000, "images of the target train split (the students train on it)", at_least=0)
     val_images: int = opt(500, "images of the val split (validation during training)", at_least=0)
     test_images: int = opt(1000, "images of the test split (evaluation)", at_least=0)
     web_images: int = opt(0, "images of an optional web split written as tars (the demo teacher now pretrains on "
@@ -157,7 +157,7 @@ class PretrainConfig(_Section):
     KEY = "teacher.pretrain"
 
     world_images: int = opt(819200, "fresh scenes of the world the teacher sees, each once: rendered in the loader "
-                            "workers, never written (the target corpus is 5,000 images)", at_least=1)
+                            "workers, never written (the target train split is 2,000 images)", at_least=1)
     work_dir: str = opt("outputs/teacher-pretrain", "the run's checkpoint and logs (resumable with --resume)")
     out_dir: str = opt("pipeline/pretrained/dsmd-demo-teacher", "the open_clip local-dir folder written at the end "
                        "(safetensors, open_clip_config.json, card.json): where `pretrained: demo` finds it")
