@@ -24,3 +24,18 @@ def test_convergence_joins_a_loss_split_over_processes_and_keeps_only_finished_b
     lines = convergence.checks(result)
     assert lines[0].split(":")[1].strip().startswith("50.000")  # teacher / CLIP-only's best
     assert "gap 6.0 vs 3 combined std 4.2: yes" in lines[1]
+
+
+def test_the_gpu_check_refuses_in_one_line_where_there_is_no_cuda():
+    import subprocess
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: the check would run for real")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "device_check.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "error: no CUDA device here (torch.cuda.is_available() is False): run this check on a GPU machine"]
