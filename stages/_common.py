@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import inspect
 import logging
+import typing
+from enum import Enum
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import typer
 
+from pipeline.common.config import option_help, option_type
 from pipeline.common.errors import PipelineError
 
 PARAMS_HELP = "params file (YAML); the stage reads its own section. A missing default params.yaml means built-in defaults."
@@ -25,6 +31,59 @@ def break_lock_option() -> bool:
 
 def params_option() -> Path:
     return typer.Option(Path("params.yaml"), "--params", help=PARAMS_HELP)
+
+
+def set_option() -> list[str]:
+    return typer.Option(None, "--set", help=SET_HELP)
+
+
+def _cli_type(section: str, key: str) -> Any:
+    """The option's click-facing type: the key's declared type (a mode shows its choices; a list repeats)."""
+    hint = option_type(section, key)
+    if hint in (str, int, float, bool) or (isinstance(hint, type) and issubclass(hint, Enum)):
+        return hint
+    if typing.get_origin(hint) is list and typing.get_args(hint)[0] in (str, int, float):
+        return hint
+    raise TypeError(f"{section}.{key}: no CLI option for a {hint}; set it with --set")
+
+
+def config_options(**sections: list[str]) -> Callable:
+    """Give a stage command one option per listed config key, declared nowhere else: its type, description,
+    range and default come from the key's one declaration in pipeline/common/config.py. The option is named
+    after the key's last part (`optim.lr` -> `--lr`, a bool -> `--onnx/--no-onnx`), or "key:name" names it.
+    The command receives `options={section: {key: value, or None when not given}}`, for `stage_config`."""
+
+    def decorate(command: Callable) -> Callable:
+        hints = typing.get_type_hints(command)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in inspect.signature(command).parameters.values() if p.name != "options"]
+        generated: dict[str, tuple[str, str]] = {}  # parameter name -> (section, key)
+        for section, keys in sections.items():
+            for spec in keys:
+                key, _, name = spec.partition(":")
+                name = name or key.rsplit(".", 1)[-1].replace("_", "-")
+                hint = _cli_type(section, key)
+                flag = f"--{name}/--no-{name}" if hint is bool else f"--{name}"
+                parameter = f"{section}__{key.replace('.', '__')}"
+                generated[parameter] = (section, key)
+                own.append(inspect.Parameter(parameter, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[hint],
+                                             default=typer.Option(None, flag, help=option_help(section, key))))
+
+        @functools.wraps(command)
+        def with_options(**kwargs: Any) -> Any:
+            options: dict[str, dict[str, Any]] = {section: {} for section in sections}
+            for parameter, (section, key) in generated.items():
+                value = kwargs.pop(parameter)
+                if isinstance(value, Enum):
+                    value = value.value
+                options[section][key] = None if value in ([], ()) else value  # an unused repeatable option is []
+            return command(**kwargs, options=options)
+
+        with_options.__signature__ = inspect.Signature(own)  # what typer reads
+        with_options.__annotations__ = {p.name: p.annotation for p in own}
+        return with_options
+
+    return decorate
 
 
 def _quiet_open_clip(record: logging.LogRecord) -> bool:

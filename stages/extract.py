@@ -7,45 +7,33 @@ from typing import Optional
 import typer
 
 from pipeline.common import locking
-from pipeline.common.config import option_help, section_help, stage_config
+from pipeline.common.config import section_help, stage_config
 from pipeline.corpus.reader import UNREADABLE_SHARD
 from pipeline.features.extract import extract
-from stages._common import SET_HELP, break_lock_option, params_option, user_errors
+from stages._common import break_lock_option, config_options, params_option, set_option, user_errors
 
 EPILOG = section_help("extract")
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command(epilog=EPILOG)
+@config_options(extract=["manifest", "out_dir", "splits:split", "batch_size", "num_workers", "views", "embedding_dtype",
+                         "device", "precision", "threads"],
+                teacher=["model:teacher-model", "pretrained:teacher-pretrained"])
 def main(
     params: Path = params_option(),
     break_lock: bool = break_lock_option(),
-    manifest: Optional[str] = typer.Option(None, help=option_help("extract", "manifest")),
-    out_dir: Optional[str] = typer.Option(None, help=option_help("extract", "out_dir")),
-    split: Optional[list[str]] = typer.Option(None, "--split", help=option_help("extract", "splits")),
-    batch_size: Optional[int] = typer.Option(None, help=option_help("extract", "batch_size")),
-    num_workers: Optional[int] = typer.Option(None, help=option_help("extract", "num_workers")),
-    views: Optional[int] = typer.Option(None, help=option_help("extract", "views")),
-    embedding_dtype: Optional[str] = typer.Option(None, help=option_help("extract", "embedding_dtype")),
-    device: Optional[str] = typer.Option(None, help=option_help("extract", "device")),
-    precision: Optional[str] = typer.Option(None, help=option_help("extract", "precision")),
-    threads: Optional[int] = typer.Option(None, help=option_help("extract", "threads")),
-    teacher_model: Optional[str] = typer.Option(None, help=option_help("teacher", "model")),
-    teacher_pretrained: Optional[str] = typer.Option(None, help=option_help("teacher", "pretrained")),
     overwrite: bool = typer.Option(False, "--overwrite", help="discard existing outputs of these splits instead of resuming"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: Optional[list[str]] = set_option(),
+    options: dict = None,
 ) -> None:
     """Run the teacher once over each split and write images/texts Parquet shards.
 
     Resumable: finished input shards are kept and skipped on a re-run. Under `torchrun --nproc_per_node N`
     each rank embeds its share of the input shards; the result equals a single-process run."""
     with user_errors():
-        cfg = stage_config(params, "extract", {
-            "manifest": manifest, "out_dir": out_dir, "splits": split or None, "batch_size": batch_size,
-            "num_workers": num_workers, "views": views, "embedding_dtype": embedding_dtype, "device": device,
-            "precision": precision, "threads": threads,
-        }, set_)
-        teacher_cfg = stage_config(params, "teacher", {"model": teacher_model, "pretrained": teacher_pretrained})
+        cfg = stage_config(params, "extract", options["extract"], set_)
+        teacher_cfg = stage_config(params, "teacher", options["teacher"])
         with locking.hold(cfg.out_dir, break_lock=break_lock):
             results = extract(cfg, teacher_cfg, overwrite=overwrite)
         for split_name, manifest_info in results.items():

@@ -8,25 +8,21 @@ from typing import Optional
 import typer
 
 from pipeline.common import locking
-from pipeline.common.config import option_help, section_help, stage_config
+from pipeline.common.config import section_help, stage_config
 from pipeline.mining.negatives import mine
-from stages._common import SET_HELP, break_lock_option, params_option, user_errors
+from stages._common import break_lock_option, config_options, params_option, set_option, user_errors
 
 EPILOG = section_help("mine")
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command(epilog=EPILOG)
+@config_options(mine=["features_dir", "out_dir", "splits:split", "k", "index", "threads"])
 def main(
     params: Path = params_option(),
     break_lock: bool = break_lock_option(),
-    features_dir: Optional[str] = typer.Option(None, help=option_help("mine", "features_dir")),
-    out_dir: Optional[str] = typer.Option(None, help=option_help("mine", "out_dir")),
-    split: Optional[list[str]] = typer.Option(None, "--split", help=option_help("mine", "splits")),
-    k: Optional[int] = typer.Option(None, "--k", help=option_help("mine", "k")),
-    index: Optional[str] = typer.Option(None, help=option_help("mine", "index")),
-    threads: Optional[int] = typer.Option(None, help=option_help("mine", "threads")),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: Optional[list[str]] = set_option(),
+    options: dict = None,
 ) -> None:
     """Mine the k hardest negatives of every image and text (i2t, t2i, i2i, t2t), positives and
     duplicate captions excluded. A re-run on unchanged features and params does nothing.
@@ -34,10 +30,7 @@ def main(
     Under `torchrun --nproc_per_node N` (or across machines) each rank searches its share of the
     queries; the index is built once by rank 0 and read by the others; the result equals one process."""
     with user_errors():
-        cfg = stage_config(params, "mine", {
-            "features_dir": features_dir, "out_dir": out_dir, "splits": split or None, "k": k,
-            "index": index, "threads": threads,
-        }, set_)
+        cfg = stage_config(params, "mine", options["mine"], set_)
         with locking.hold(cfg.out_dir, break_lock=break_lock):
             results = mine(cfg)
         if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports

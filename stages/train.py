@@ -8,45 +8,32 @@ from typing import Optional
 import typer
 
 from pipeline.common import locking
-from pipeline.common.config import option_help, section_help, stage_config
+from pipeline.common.config import section_help, stage_config
 from pipeline.training.loop import train
-from stages._common import SET_HELP, break_lock_option, params_option, user_errors
+from stages._common import break_lock_option, config_options, params_option, set_option, user_errors
 
 EPILOG = section_help("train")
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command(epilog=EPILOG)
+@config_options(train=["features_dir", "negatives_dir", "out_dir", "model", "loss", "source", "manifest", "batching",
+                       "optim.epochs", "optim.max_steps", "optim.batch_size", "optim.lr"])
 def main(
     params: Path = params_option(),
     break_lock: bool = break_lock_option(),
     student: Optional[str] = typer.Option(None, help="a student of params.yaml's students section: its entry applies over "
                                           "the train section (as in dvc.yaml's train@<name> stages)"),
-    features_dir: Optional[str] = typer.Option(None, help=option_help("train", "features_dir")),
-    negatives_dir: Optional[str] = typer.Option(None, help=option_help("train", "negatives_dir")),
-    out_dir: Optional[str] = typer.Option(None, help=option_help("train", "out_dir")),
-    model: Optional[str] = typer.Option(None, help=option_help("train", "model")),
-    loss: Optional[str] = typer.Option(None, help=option_help("train", "loss")),
-    source: Optional[str] = typer.Option(None, help=option_help("train", "source")),
-    manifest: Optional[str] = typer.Option(None, help=option_help("train", "manifest")),
-    batching: Optional[str] = typer.Option(None, help=option_help("train", "batching")),
-    epochs: Optional[float] = typer.Option(None, help=option_help("train", "optim.epochs")),
-    max_steps: Optional[int] = typer.Option(None, help=option_help("train", "optim.max_steps")),
-    batch_size: Optional[int] = typer.Option(None, help=option_help("train", "optim.batch_size")),
-    lr: Optional[float] = typer.Option(None, help=option_help("train", "optim.lr")),
     resume: bool = typer.Option(False, "--resume/--no-resume", help="continue from <out-dir>/checkpoint.pt when it exists"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: Optional[list[str]] = set_option(),
+    options: dict = None,
 ) -> None:
     """Train a student from the shards (never loading the teacher) and save it as an open_clip checkpoint.
 
     Under `torchrun --nproc_per_node N` the global batch is split over the ranks; the result matches a
     single-process run on the same global batch."""
     with user_errors():
-        cfg = stage_config(params, "train", {
-            "features_dir": features_dir, "negatives_dir": negatives_dir, "out_dir": out_dir, "model": model,
-            "loss": loss, "source": source, "manifest": manifest, "batching": batching, "optim.epochs": epochs,
-            "optim.max_steps": max_steps, "optim.batch_size": batch_size, "optim.lr": lr,
-        }, set_, student=student)
+        cfg = stage_config(params, "train", options["train"], set_, student=student)
         with locking.hold(cfg.out_dir, break_lock=break_lock):
             summary = train(cfg, resume=resume)
         if os.environ.get("RANK", "0") == "0":  # one line per run, not per rank

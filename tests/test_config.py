@@ -144,3 +144,48 @@ def test_an_out_of_range_value_in_params_is_refused_at_load_naming_the_file_and_
 def test_the_help_states_each_range():
     assert "(>= 1)" in config.section_help("extract") and "in (0, 1]" in config.section_help("extract")
     assert config.option_help("extract", "batch_size").endswith("; >= 1 (params: extract.batch_size)")
+
+
+def test_each_cli_option_is_generated_from_its_one_declaration():
+    """No stage writes a config option out by hand: each comes from config_options, with the key's type and help."""
+    import ast
+    from pathlib import Path
+    stages = Path(__file__).resolve().parent.parent / "stages"
+    for path in (p for p in stages.glob("*.py") if p.name != "_common.py"):  # _common.py is the generator
+        calls = {node.func.id for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+        assert "option_help" not in calls, f"{path.name} declares a config option by hand"
+    import typer.main
+
+    from stages.cli import app
+    commands = typer.main.get_command(app).commands
+    extract = {p.opts[0]: p for p in commands["extract"].params}
+    assert extract["--batch-size"].help == config.option_help("extract", "batch_size")  # the key's one description
+    assert extract["--precision"].type_descriptor.annotation is config.Precision  # a mode lists its choices
+    assert extract["--split"].multiple and extract["--teacher-model"].help == config.option_help("teacher", "model")
+    assert "--no-onnx" in {p.opts[0]: p for p in commands["export"].params}["--onnx"].secondary_opts
+
+
+def test_a_generated_option_reaches_the_config_and_is_checked_there(tmp_path, monkeypatch):
+    """`--lr` sets train.optim.lr (over --set), a repeatable option gives a list, an unused one leaves params alone."""
+    import typer
+
+    from stages._common import config_options
+    seen = {}
+    app = typer.Typer()
+
+    @app.command()
+    @config_options(train=["optim.lr", "loss"], extract=["splits:split", "zeroshot"])
+    def main(options: dict = None) -> None:
+        seen.update(options)
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["--lr", "0.01", "--split", "a", "--split", "b", "--no-zeroshot"]).exit_code == 0
+    assert seen == {"train": {"optim.lr": 0.01, "loss": None}, "extract": {"splits": ["a", "b"], "zeroshot": False}}
+    assert stage_config(None, "train", seen["train"], ["optim.lr=0.5"]).optim.lr == 0.01
+    assert runner.invoke(app, []).exit_code == 0
+    assert seen == {"train": {"optim.lr": None, "loss": None}, "extract": {"splits": None, "zeroshot": None}}
+    refused = runner.invoke(app, ["--loss", "kd"])
+    assert refused.exit_code == 2 and "'kd' is not one of 'dsmd', 'clip'" in refused.output
+    with pytest.raises(ConfigError, match=r"^train.optim.lr must be > 0, got -1.0$|optim.lr must be > 0"):
+        stage_config(None, "train", {"optim.lr": -1.0})

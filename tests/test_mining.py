@@ -377,6 +377,8 @@ def test_cli(tmp_path):
     assert store.read_neighbors(tmp_path / "neg", "train", "t2i")[0].shape == (60, 3)
     assert "up to date" in runner.invoke(app, args).output
     bad = runner.invoke(app, args[:-4] + ["--index", "annoy"])
+    assert bad.exit_code == 2 and "'--index'" in bad.output and "'annoy' is not one of" in bad.output  # lists the modes
+    bad = runner.invoke(app, args + ["--set", "index=annoy"])
     assert bad.exit_code == 2 and "error:" in bad.output and "mine.index" in bad.output
     missing = runner.invoke(app, args + ["--split", "test"])
     assert missing.exit_code == 2 and "dsmd extract" in missing.output

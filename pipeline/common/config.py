@@ -515,6 +515,13 @@ def _field(cls: type, dotted: str) -> tuple[dataclasses.Field, Any]:
     return _field(hints[head], rest) if rest else (found, hints[head])
 
 
+def option_type(section: str, dotted: str) -> Any:
+    """The declared type of `section.dotted` (`Optional[float]` -> float), from which a CLI option is generated."""
+    _, hint = _field(Params, f"{section}.{dotted}")
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+
+
 def option_help(section: str, dotted: str) -> str:
     """The CLI help of an option that sets `section.dotted`: its one description, and where it lives."""
     found, _ = _field(Params, f"{section}.{dotted}")
