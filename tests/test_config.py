@@ -28,6 +28,8 @@ def write(tmp_path, text):
     ("train:\n  distill:\n    balancer:\n      mode: loose\n", "train.distill.balancer.mode: Invalid value 'loose'"),
     ("evaluate:\n  ks: [1, five]\n", "evaluate.ks[1]"),
     ("trian:\n  loss: clip\n", "trian: unknown key"),
+    ("train:\n  optim: 3\n", "train.optim must be a mapping, got 3"),
+    ("extract:\n  splits: train\n", "extract.splits must be a list, got 'train'"),
 ])
 def test_a_bad_params_file_is_refused_at_load_naming_the_file_and_key(tmp_path, text, message):
     path = write(tmp_path, text)

@@ -75,19 +75,23 @@ def _range_problem(value: Any, bounds: dict[str, float]) -> str | None:
     return f"must be {_range_text(bounds)}"
 
 
-class _Section:
+class _RangeError(ConfigError):
+    """A value outside its declared range (named by the section's KEY; `from_dict(where=)` names a keyless one)."""
+
+
+class Section:
     """Every range (opt's bounds) is checked, and every mode checked against its enum, on construction (OmegaConf's load, or code building a
     config from strings) and then kept as the plain string: checkpoints (`torch.load(weights_only=True)`),
     Parquet metadata and JSON never meet an enum object."""
 
-    KEY = ""  # where the section lives in params.yaml, for messages ("corpus", "optim", ...)
+    KEY = ""  # where the section lives in params.yaml, for messages ("corpus", "optim", ...); "" = where it is built
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             problem = _range_problem(getattr(self, f.name), f.metadata.get("range", {}))
             if problem:
-                raise ConfigError(f"{self.KEY or type(self).__name__}.{f.name} {problem}, got {getattr(self, f.name)!r}")
+                raise _RangeError(f"{f'{self.KEY}.' if self.KEY else ''}{f.name} {problem}, got {getattr(self, f.name)!r}")
             hint = hints[f.name]
             if isinstance(hint, type) and issubclass(hint, Enum):
                 value = getattr(self, f.name)
@@ -99,7 +103,7 @@ class _Section:
 
 
 @dataclass
-class CorpusConfig(_Section):
+class CorpusConfig(Section):
     """`dsmd corpus`: the synthetic captioned-scenes generator."""
 
     KEY = "corpus"
@@ -123,7 +127,7 @@ class CorpusConfig(_Section):
 
 
 @dataclass
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """The optimisation loop shared by the demo teacher, the DSMD student and the baseline."""
 
     KEY = "optim"
@@ -151,7 +155,7 @@ def _pretrain_optim() -> "OptimConfig":
 
 
 @dataclass
-class PretrainConfig(_Section):
+class PretrainConfig(Section):
     """`dsmd pretrain`: the demo teacher's pretraining on the synthetic world of the corpus section."""
 
     KEY = "teacher.pretrain"
@@ -165,7 +169,7 @@ class PretrainConfig(_Section):
 
 
 @dataclass
-class TeacherConfig(_Section):
+class TeacherConfig(Section):
     """`dsmd teacher`: which open_clip model is the teacher and where its weights come from."""
 
     KEY = "teacher"
@@ -179,7 +183,7 @@ class TeacherConfig(_Section):
 
 
 @dataclass
-class ExtractConfig(_Section):
+class ExtractConfig(Section):
     """`dsmd extract`: teacher embeddings of every image and caption, to Parquet."""
 
     KEY = "extract"
@@ -205,7 +209,7 @@ class ExtractConfig(_Section):
 
 
 @dataclass
-class MineConfig(_Section):
+class MineConfig(Section):
     """`dsmd mine`: FAISS hard negatives from the cached teacher embeddings."""
 
     KEY = "mine"
@@ -244,7 +248,7 @@ class MineConfig(_Section):
 
 
 @dataclass
-class BalancerConfig(_Section):
+class BalancerConfig(Section):
     """How the loss terms are weighted (formulas in pipeline/training/balancer.py)."""
 
     KEY = "balancer"
@@ -265,7 +269,7 @@ class BalancerConfig(_Section):
 
 
 @dataclass
-class DistillConfig(_Section):
+class DistillConfig(Section):
     """The four DSMD scales plus the task loss; each can be switched off for ablations."""
 
     KEY = "distill"
@@ -288,7 +292,7 @@ class DistillConfig(_Section):
 
 
 @dataclass
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """`dsmd train`: the student, from the shards (dsmd or clip loss) or from the corpus (clip loss)."""
 
     KEY = "train"
@@ -330,7 +334,7 @@ class TrainConfig(_Section):
 
 
 @dataclass
-class EvaluateConfig(_Section):
+class EvaluateConfig(Section):
     """`dsmd evaluate`: retrieval quality and encoder cost, teacher against students."""
 
     KEY = "evaluate"
@@ -360,7 +364,7 @@ class EvaluateConfig(_Section):
 
 
 @dataclass
-class ExportConfig(_Section):
+class ExportConfig(Section):
     """`dsmd export`: the student as it will be used (safetensors + open_clip config, ONNX, model card)."""
 
     KEY = "export"
@@ -438,13 +442,38 @@ def _typed(node: Any, where: str) -> Any:
         raise _config_error(exc, where) from None
 
 
+def _shape_problem(cls: type, data: dict) -> str | None:
+    """"key must be a mapping, got 3": a list or scalar where a mapping goes (or the reverse), which OmegaConf
+    reports without naming the key."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        hint = hints.get(key)
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is typing.Union and len(args) == 1:
+            hint = args[0]
+        kind = dict if dataclasses.is_dataclass(hint) else typing.get_origin(hint)
+        if value is not None and kind in (dict, list) and not isinstance(value, kind):
+            return f"{key} must be a {'mapping' if kind is dict else 'list'}, got {value!r}"
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            problem = _shape_problem(hint, value)
+            if problem:
+                return f"{key}.{problem}"
+    return None
+
+
 def from_dict(cls: type, data: dict, where: str = "") -> Any:
     """Build dataclass `cls` from `data`, refusing unknown keys and values of the wrong type."""
+    problem = _shape_problem(cls, data)
+    if problem:
+        raise ConfigError(f"{where}.{problem}" if where else problem)
     try:
         node = OmegaConf.merge(OmegaConf.structured(cls), data)
     except OmegaConfBaseException as exc:
         raise _config_error(exc, where) from None
-    return _typed(node, where)
+    try:
+        return _typed(node, where)
+    except _RangeError as exc:  # a keyless section (a manifest entry) is named by where it was built
+        raise ConfigError(f"{where}.{exc}" if where and not getattr(cls, "KEY", "") else str(exc)) from None
 
 
 def load_params(path: str | Path | None) -> Params:

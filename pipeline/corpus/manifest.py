@@ -27,13 +27,15 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import braceexpand
 import yaml
 
 from pipeline.common.atomic import atomic_write_text
+from pipeline.common.config import ConfigError, from_dict, opt, Section
 from pipeline.common.errors import PipelineError
 
 
@@ -41,20 +43,59 @@ class ManifestError(PipelineError):
     """A manifest that is missing, malformed or names shards that do not exist; the message names the file."""
 
 
-TOP_LEVEL_KEYS = ("name", "description", "world", "fields", "splits", "classification")
-TASK_KEYS = ("root", "split", "shards", "classnames", "templates", "num_samples")
 # CLIP_benchmark's file names inside a task's root
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
-FIELDS_KEYS = ("image", "captions")
-CAPTION_KEYS = ("source", "field")
-SPLIT_KEYS = ("shards", "num_samples")
-CAPTION_SOURCES = ("txt", "json")
 DEFAULT_JSON_CAPTION_FIELD = "caption"
+CaptionSource = StrEnum("CaptionSource", {"txt": "txt", "json": "json"})
 # A scheme of two or more letters followed by "://" (a single letter would be a Windows drive).
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")
 _EXTENSION_RE = re.compile(r"^[a-z0-9][a-z0-9._\-]*$")
 MAX_MISSING_LISTED = 10
+
+
+# The manifest file's schema, typed and checked as params.yaml's sections are (pipeline/common/config.py):
+# unknown keys, wrong types, modes and ranges are refused in one line naming the key. A shorthand (a string
+# where a list or a mapping goes) is widened first; what needs the file system or several keys is checked below.
+
+@dataclass
+class CaptionsEntry(Section):
+    source: CaptionSource = opt(CaptionSource.txt, "txt: one caption a line (blank lines ignored); json: a string "
+                                "or a list of strings under `field`")
+    field: Optional[str] = opt(None, f"source json: the key (dotted path allowed); default {DEFAULT_JSON_CAPTION_FIELD!r}")
+
+
+@dataclass
+class FieldsEntry(Section):
+    image: list[str] = opt(doc="extensions tried in order; the first one present is the image",
+                           factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    captions: CaptionsEntry = opt(doc="where a sample's captions come from", factory=CaptionsEntry)
+
+
+@dataclass
+class SplitEntry(Section):
+    shards: list[str] = opt(doc="brace patterns, local paths, URLs or pipe: commands", factory=list)
+    num_samples: Optional[int] = opt(None, "samples in the split (progress and plans)", at_least=0)
+
+
+@dataclass
+class TaskEntry(Section):
+    root: str = opt("", "a CLIP_benchmark task folder: classnames, templates and <split>/*.tar inside")
+    split: str = opt("test", "the split folder under root")
+    shards: list[str] = opt(doc="or the labelled shards, each named", factory=list)
+    classnames: str = opt("", f"one class name a line (default root/{CLASSNAMES_FILE})")
+    templates: str = opt("", f"prompt templates with {{c}} (default root/{TEMPLATES_FILE})")
+    num_samples: Optional[int] = opt(None, "labelled images in the task", at_least=0)
+
+
+@dataclass
+class ManifestFile(Section):
+    name: Optional[str] = opt(None, "the corpus's name (default: the file's name)")
+    description: Optional[str] = opt(None, "free text")
+    world: Optional[dict[str, Any]] = opt(None, "a generated corpus's world: name, version, ...")
+    fields: Optional[dict[str, Any]] = opt(None, "FieldsEntry")
+    splits: Optional[dict[str, Any]] = opt(None, "split name -> SplitEntry")
+    classification: Optional[dict[str, Any]] = opt(None, "task name -> TaskEntry")
 
 
 @dataclass
@@ -131,73 +172,49 @@ def _fail(path: Path, message: str) -> ManifestError:
     return ManifestError(f"{path}: {message}")
 
 
-def _check_keys(path: Path, where: str, data: dict, allowed: tuple[str, ...]) -> None:
-    unknown = sorted(str(k) for k in set(data) - set(allowed))
-    if unknown:
-        raise _fail(path, f"unknown key(s) {unknown} in {where}; allowed: {list(allowed)}")
-
-
-def _parse_fields(path: Path, data: Any) -> FieldMapping:
+def _typed(path: Path, cls: type, data: Any, where: str, example: str) -> Any:
+    """`data` (a mapping) as the typed entry `cls`, or a ManifestError naming the file and the key."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise _fail(path, f"'fields' must be a mapping with keys {list(FIELDS_KEYS)}, got {data!r}")
-    _check_keys(path, "'fields'", data, FIELDS_KEYS)
-    mapping = FieldMapping()
-
-    if "image" in data:
-        extensions = data["image"]
-        if isinstance(extensions, str):
-            extensions = [extensions]
-        if not isinstance(extensions, list) or not extensions:
-            raise _fail(path, f"'fields.image' must be a non-empty list of extensions, got {data['image']!r}")
-        cleaned = []
-        for ext in extensions:
-            if not isinstance(ext, str) or not _EXTENSION_RE.match(ext.lower().lstrip(".")):
-                raise _fail(path, f"'fields.image': {ext!r} is not a file extension (e.g. jpg, png, webp)")
-            cleaned.append(ext.lower().lstrip("."))
-        if len(set(cleaned)) != len(cleaned):
-            raise _fail(path, f"'fields.image' lists an extension twice: {extensions!r}")
-        mapping.image_extensions = cleaned
-
-    if "captions" in data:
-        captions = data["captions"]
-        if isinstance(captions, str):
-            captions = {"source": captions}
-        if not isinstance(captions, dict):
-            raise _fail(path, f"'fields.captions' must be a mapping like {{source: txt}}, got {captions!r}")
-        _check_keys(path, "'fields.captions'", captions, CAPTION_KEYS)
-        source = captions.get("source", "txt")
-        if source not in CAPTION_SOURCES:
-            raise _fail(path, f"'fields.captions.source' must be one of {list(CAPTION_SOURCES)}, got {source!r}")
-        caption_field = captions.get("field")
-        if source == "txt":
-            if caption_field is not None:
-                raise _fail(path, "'fields.captions.field' only applies to source: json")
-            caption_field = ""
-        else:
-            caption_field = DEFAULT_JSON_CAPTION_FIELD if caption_field is None else caption_field
-            if not isinstance(caption_field, str) or not caption_field:
-                raise _fail(path, f"'fields.captions.field' must be a non-empty string, got {caption_field!r}")
-        mapping.caption_source = source
-        mapping.caption_field = caption_field
-    return mapping
+        raise _fail(path, f"{where or 'the top level'} must be a mapping like {example}, got {data!r}")
+    try:
+        return from_dict(cls, data, where)
+    except ConfigError as exc:
+        raise _fail(path, str(exc)) from None
 
 
-def _parse_split(path: Path, name: str, data: Any, where: str = "") -> SplitSpec:
-    where = where or f"'splits.{name}'"
-    if not isinstance(data, dict):
-        raise _fail(path, f"{where} must be a mapping like {{shards: \"train-{{000..009}}.tar\"}}, got {data!r}")
-    _check_keys(path, where, data, SPLIT_KEYS)
-    if "shards" not in data:
-        raise _fail(path, f"{where} has no 'shards'")
-    pattern = data["shards"]
-    if isinstance(pattern, str):
-        patterns = [pattern]
-    elif isinstance(pattern, list) and pattern and all(isinstance(p, str) for p in pattern):
-        patterns = pattern
-    else:
-        raise _fail(path, f"{where}.shards must be a string or a non-empty list of strings, got {pattern!r}")
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _parse_fields(path: Path, data: Any) -> FieldMapping:
+    if isinstance(data, dict):  # shorthands: image: png, captions: txt
+        data = {**data, **({"image": _as_list(data["image"])} if "image" in data else {}),
+                **({"captions": {"source": data["captions"]}} if isinstance(data.get("captions"), str) else {})}
+    entry = _typed(path, FieldsEntry, data, "fields", "{image: [jpg], captions: {source: txt}}")
+    cleaned = [ext.lower().lstrip(".") if isinstance(ext, str) else "" for ext in entry.image]
+    if not cleaned:
+        raise _fail(path, "fields.image must be a non-empty list of extensions")
+    bad = [ext for ext, clean in zip(entry.image, cleaned) if not _EXTENSION_RE.match(clean)]
+    if bad:
+        raise _fail(path, f"fields.image: {bad[0]!r} is not a file extension (e.g. jpg, png, webp)")
+    if len(set(cleaned)) != len(cleaned):
+        raise _fail(path, f"fields.image lists an extension twice: {entry.image!r}")
+    source, caption_field = entry.captions.source, entry.captions.field
+    if source == "txt" and caption_field is not None:
+        raise _fail(path, "fields.captions.field only applies to source: json")
+    if source == "json" and caption_field == "":
+        raise _fail(path, "fields.captions.field must be a non-empty string")
+    if source == "json" and caption_field is None:
+        caption_field = DEFAULT_JSON_CAPTION_FIELD
+    return FieldMapping(cleaned, source, caption_field or "")
+
+
+def _expand_shards(path: Path, where: str, patterns: list[str]) -> list[str]:
+    """Brace-expanded, resolved against the manifest's folder, each once."""
+    if not patterns:
+        raise _fail(path, f"{where}.shards must be a string or a non-empty list of strings")
     expanded: list[str] = []
     for p in patterns:
         if not p.strip():
@@ -211,11 +228,18 @@ def _parse_split(path: Path, name: str, data: Any, where: str = "") -> SplitSpec
     duplicates = sorted({s for s in shards if shards.count(s) > 1})
     if duplicates:
         raise _fail(path, f"{where}.shards lists a shard twice: {duplicates[:MAX_MISSING_LISTED]}")
+    return shards
 
-    num_samples = data.get("num_samples")
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0):
-        raise _fail(path, f"{where}.num_samples must be a whole number >= 0, got {num_samples!r}")
-    return SplitSpec(name=name, pattern=pattern, shards=shards, num_samples=num_samples)
+
+def _parse_split(path: Path, name: str, data: Any) -> SplitSpec:
+    where = f"splits.{name}"
+    pattern = data.get("shards") if isinstance(data, dict) else None
+    widened = {**data, "shards": _as_list(pattern)} if isinstance(data, dict) and pattern is not None else data
+    entry = _typed(path, SplitEntry, widened, where, '{shards: "train-{000..009}.tar"}')
+    if pattern is None:
+        raise _fail(path, f"{where} has no 'shards'")
+    return SplitSpec(name=name, pattern=pattern, shards=_expand_shards(path, where, entry.shards),
+                     num_samples=entry.num_samples)
 
 
 def _read_lines(path: Path, file: Path, where: str) -> list[str]:
@@ -228,31 +252,29 @@ def _read_lines(path: Path, file: Path, where: str) -> list[str]:
 
 
 def _parse_task(path: Path, name: str, data: Any) -> TaskSpec:
-    where = f"'classification.{name}'"
-    if not isinstance(data, dict):
-        raise _fail(path, f"{where} must be a mapping like {{root: wds_cifar10}}, got {data!r}")
-    _check_keys(path, where, data, TASK_KEYS)
-    base_dir = Path(os.path.abspath(path)).parent
-    if "root" not in data and not all(k in data for k in ("shards", "classnames", "templates")):
+    where = f"classification.{name}"
+    widened = {**data, "shards": _as_list(data["shards"])} if isinstance(data, dict) and "shards" in data else data
+    entry = _typed(path, TaskEntry, widened, where, "{root: wds_cifar10}")
+    if not entry.root and not (entry.shards and entry.classnames and entry.templates):
         raise _fail(path, f"{where} needs 'root' (CLIP_benchmark layout) or all of shards, classnames, templates")
-    root = data.get("root", "")
-    shards = data.get("shards") or f"{root}/{data.get('split', 'test')}/*.tar"
-    if isinstance(shards, str) and "*" in shards:  # CLIP_benchmark names shards 0.tar, 1.tar, ...
-        pattern = Path(resolve_shard(shards, base_dir))
+    base_dir = Path(os.path.abspath(path)).parent
+    patterns = entry.shards or [f"{entry.root}/{entry.split}/*.tar"]
+    if len(patterns) == 1 and "*" in patterns[0]:  # CLIP_benchmark names shards 0.tar, 1.tar, ...
+        pattern = Path(resolve_shard(patterns[0], base_dir))
         found = sorted(pattern.parent.glob(pattern.name), key=lambda p: (len(p.name), p.name))
         if not found:
             raise _fail(path, f"{where}: no shards match {pattern}")
-        shards = [str(p) for p in found]
-    spec = _parse_split(path, name, {"shards": shards, "num_samples": data.get("num_samples")}, where)
+        patterns = [str(p) for p in found]
+    shards = _expand_shards(path, where, patterns)
 
-    def lines_of(key: str, default_name: str) -> list[str]:
-        return _read_lines(path, Path(resolve_shard(str(data.get(key) or f"{root}/{default_name}"), base_dir)), where)
+    def lines_of(file: str, default_name: str) -> list[str]:
+        return _read_lines(path, Path(resolve_shard(file or f"{entry.root}/{default_name}", base_dir)), where)
 
-    classnames, templates = lines_of("classnames", CLASSNAMES_FILE), lines_of("templates", TEMPLATES_FILE)
+    classnames, templates = lines_of(entry.classnames, CLASSNAMES_FILE), lines_of(entry.templates, TEMPLATES_FILE)
     bad = [t for t in templates if "{c}" not in t]
     if bad:
         raise _fail(path, f"{where}: templates without '{{c}}' (where the class name goes): {bad[:3]}")
-    return TaskSpec(name=name, shards=spec.shards, classnames=classnames, templates=templates, num_samples=spec.num_samples)
+    return TaskSpec(name=name, shards=shards, classnames=classnames, templates=templates, num_samples=entry.num_samples)
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -265,36 +287,18 @@ def load_manifest(path: str | Path) -> Manifest:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise _fail(path, f"not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise _fail(path, f"expected a mapping with keys {list(TOP_LEVEL_KEYS)} at the top level")
-    _check_keys(path, "the top level", data, TOP_LEVEL_KEYS)
-
-    name = data.get("name", path.stem)
-    description = data.get("description", "")
-    if not isinstance(name, str) or not name:
-        raise _fail(path, f"'name' must be a non-empty string, got {name!r}")
-    if description is None:
-        description = ""
-    if not isinstance(description, str):
-        raise _fail(path, f"'description' must be a string, got {description!r}")
-
-    world = data.get("world")
-    if world is not None and not (isinstance(world, dict) and isinstance(world.get("name"), str) and "version" in world):
-        raise _fail(path, f"'world' must be a mapping with a name and a version, got {world!r}")
-
-    fields = _parse_fields(path, data.get("fields"))
-
-    splits_data = data.get("splits")
-    if not splits_data:
+    top = _typed(path, ManifestFile, data, "", "{name: ..., splits: {train: {shards: ...}}}")
+    name = path.stem if top.name is None else top.name
+    if not name:
+        raise _fail(path, "name must be a non-empty string")
+    world = top.world
+    if world is not None and not (isinstance(world.get("name"), str) and "version" in world):
+        raise _fail(path, f"world must be a mapping with a name and a version, got {world!r}")
+    fields = _parse_fields(path, top.fields)
+    if not top.splits:
         raise _fail(path, "no splits: add a 'splits' mapping, e.g. splits: {train: {shards: \"train-{000..009}.tar\"}}")
-    if not isinstance(splits_data, dict):
-        raise _fail(path, f"'splits' must be a mapping of split name to {{shards: ...}}, got {splits_data!r}")
-    splits = {str(k): _parse_split(path, str(k), v) for k, v in splits_data.items()}
-
-    tasks_data = data.get("classification") or {}
-    if not isinstance(tasks_data, dict):
-        raise _fail(path, f"'classification' must be a mapping of task name to {{root: ...}}, got {tasks_data!r}")
-    tasks = {str(k): _parse_task(path, str(k), v) for k, v in tasks_data.items()}
+    splits = {str(k): _parse_split(path, str(k), v) for k, v in top.splits.items()}
+    tasks = {str(k): _parse_task(path, str(k), v) for k, v in (top.classification or {}).items()}
 
     all_shards = [s for spec in [*splits.values(), *tasks.values()] for s in spec.shards]
     missing = [s for s in all_shards if not is_remote(s) and not Path(s).is_file()]
@@ -305,7 +309,7 @@ def load_manifest(path: str | Path) -> Manifest:
 
     return Manifest(
         name=name,
-        description=description,
+        description=top.description or "",
         path=path.resolve(),
         fields=fields,
         splits=splits,
