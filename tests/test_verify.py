@@ -96,3 +96,32 @@ def test_cli_prints_a_summary_and_exits_2_on_a_mismatch(extracted, teacher_check
     assert summary["split"] == "train" and summary["ok"] and summary["checked"]["text"] == 4
     wrong = CliRunner().invoke(app, base + ["--teacher-pretrained", ""])  # random weights: another teacher
     assert wrong.exit_code == 2 and "error:" in wrong.output and "does not match teacher" in wrong.output
+
+
+def test_take_rows_reads_the_rows_asked_for_across_files_and_row_groups(tmp_path):
+    """Against the brute force (the whole column read, then taken), with the ids spread over 3 files, one of them
+    written in row groups of 7 rows."""
+    import pyarrow.parquet as pq
+
+    from pipeline.features import schema, store
+    from tests.fakes import write_fake_features
+    write_fake_features(tmp_path / "one", n_images=40, captions_per_image=3, views=2)
+    images = store.read_images(tmp_path / "one", "train")
+    texts = store.read_texts(tmp_path / "one", "train")
+    cuts = [(0, 9), (9, 30), (30, 40)]
+    info = {k: v for k, v in store.load_split_manifest(tmp_path / "one", "train").items()
+            if k in ("teacher", "manifest_sha256", "embedding_dim", "embedding_dtype", "views")}
+    manifest = store.write_split(tmp_path / "three", "train", [images.slice(a, b - a) for a, b in cuts],
+                                 [texts.slice(3 * a, 3 * (b - a)) for a, b in cuts], info)
+    middle = store.split_dir(tmp_path / "three", "train") / manifest["files"][schema.TEXTS_PREFIX][1]["path"]
+    pq.write_table(pq.read_table(middle), middle, row_group_size=7)
+    assert pq.ParquetFile(middle).num_row_groups > 1
+    rng = np.random.default_rng(0)
+    for prefix, whole, column in ((schema.TEXTS_PREFIX, texts, schema.CAPTION),
+                                  (schema.IMAGES_PREFIX, images, schema.VIEW_PARAMS)):
+        ids = np.sort(rng.choice(whole.num_rows, size=25, replace=False))
+        got = store.take_rows(tmp_path / "three", "train", prefix, ids, [column])
+        assert got[column].to_pylist() == whole[column].take(ids).to_pylist()
+    assert store.take_rows(tmp_path / "three", "train", schema.TEXTS_PREFIX, np.array([], np.int64), [schema.CAPTION]).num_rows == 0
+    with pytest.raises(store.ShardError, match="row ids outside 0..119"):
+        store.take_rows(tmp_path / "three", "train", schema.TEXTS_PREFIX, np.array([120]), [schema.CAPTION])

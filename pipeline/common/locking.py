@@ -84,7 +84,8 @@ def acquire(folder: str | Path, break_lock: bool = False) -> Path:
 
 def release(path: Path) -> None:
     """Remove the lock if it is still this process's (a --break-lock may have handed it to another run)."""
-    if _read(path).get("pid") == os.getpid() and _read(path).get("host") == socket.gethostname():
+    holder = _read(path)
+    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         path.unlink(missing_ok=True)
 
 

@@ -48,22 +48,47 @@ def features_fingerprint(features_dir: str | Path, split: str) -> str:
     return sha256_file(split_dir(features_dir, split) / schema.SPLIT_MANIFEST)
 
 
-def _read_kind(features_dir: str | Path, split: str, prefix: str, columns: Iterable[str] | None) -> pa.Table:
+def _kind_files(features_dir: str | Path, split: str, prefix: str) -> list[Path]:
+    """The split's images or texts files, in id order, each checked to exist."""
     manifest = load_split_manifest(features_dir, split)
-    files = manifest["files"][prefix]
     base = split_dir(features_dir, split)
-    tables = []
-    for entry in files:
-        path = base / entry["path"]
+    paths = [base / entry["path"] for entry in manifest["files"][prefix]]
+    for path in paths:
         if not path.exists():
             raise ShardError(f"{path} is listed in {base / schema.SPLIT_MANIFEST} but missing")
+    if not paths:
+        raise ShardError(f"{base}: split {split!r} has no {prefix} files")
+    return paths
+
+
+def _read_kind(features_dir: str | Path, split: str, prefix: str, columns: Iterable[str] | None) -> pa.Table:
+    tables = []
+    for path in _kind_files(features_dir, split, prefix):
         try:
             tables.append(pq.read_table(path, columns=list(columns) if columns else None))
         except (pa.ArrowInvalid, OSError) as exc:
             raise ShardError(f"{path}: unreadable Parquet ({exc})") from None
-    if not tables:
-        raise ShardError(f"{base}: split {split!r} has no {prefix} files")
     return pa.concat_tables(tables)
+
+
+def take_rows(features_dir: str | Path, split: str, prefix: str, ids: np.ndarray, columns: list[str]) -> pa.Table:
+    """Rows `ids` (sorted split-wide ids) of the split's images or texts table, in that order, reading only the
+    row groups that hold them: a sample of a large split costs a few row groups, not the whole column."""
+    ids, pieces, offset = np.asarray(ids, dtype=np.int64), [], 0
+    for path in _kind_files(features_dir, split, prefix):
+        try:
+            parquet = pq.ParquetFile(path)
+            for group in range(parquet.num_row_groups):
+                rows = parquet.metadata.row_group(group).num_rows
+                local = ids[(ids >= offset) & (ids < offset + rows)] - offset
+                if len(local):
+                    pieces.append(parquet.read_row_group(group, columns=columns).take(local))
+                offset += rows
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ShardError(f"{path}: unreadable Parquet ({exc})") from None
+    if len(ids) and (ids.min() < 0 or ids.max() >= offset):
+        raise ShardError(f"{split_dir(features_dir, split)}: row ids outside 0..{offset - 1}")
+    return pa.concat_tables(pieces) if pieces else pq.read_schema(_kind_files(features_dir, split, prefix)[0]).empty_table().select(columns)
 
 
 def read_images(features_dir: str | Path, split: str, columns: Iterable[str] | None = None) -> pa.Table:

@@ -135,14 +135,14 @@ def verify_split(teacher: LoadedModel, features_dir: str | Path, split: str, sam
         fresh = _encode(model.encode_image, pixels, device, precision, batch_size)
         stored = store.embedding_rows(features_dir, split, schema.TEACHER_IMAGE_EMB)[image_ids]
         check.rows["image"] = (image_ids, _cosines(stored, fresh))
-    captions = store.read_texts(features_dir, split, columns=[schema.CAPTION])[schema.CAPTION].take(text_ids).to_pylist()
+    captions = store.take_rows(features_dir, split, schema.TEXTS_PREFIX, text_ids, [schema.CAPTION])[schema.CAPTION].to_pylist()
     if captions:
         fresh = _encode(model.encode_text, teacher.tokenizer(captions), device, precision, batch_size)
         stored = store.embedding_rows(features_dir, split, schema.TEACHER_TEXT_EMB)[text_ids]
         check.rows["text"] = (text_ids, _cosines(stored, fresh))
     views = int(manifest.get("views", 0) or 0)
     if views and decoded:
-        params = store.read_images(features_dir, split, columns=[schema.VIEW_PARAMS])[schema.VIEW_PARAMS].take(image_ids).to_pylist()
+        params = store.take_rows(features_dir, split, schema.IMAGES_PREFIX, image_ids, [schema.VIEW_PARAMS])[schema.VIEW_PARAMS].to_pylist()
         crops = [augment.apply_view(image, view) for image, per_image in zip(decoded, params) for view in per_image]
         fresh = _encode(model.encode_image, augment.preprocess_batch(teacher.preprocess, crops), device, precision, batch_size)
         stored = store.embedding_rows(features_dir, split, schema.TEACHER_VIEW_EMB)[image_ids]
@@ -160,9 +160,9 @@ def verify_features(teacher: LoadedModel, features_dir: str | Path, splits: list
     checks = [verify_split(teacher, features_dir, split, sample, seed, min_cosine, device, precision, batch_size)
               for split in splits]
     for check in checks:
-        lowest = {k: v for k, v in check.summary()["lowest"].items() if v is not None}
-        log.info("verify %s: %s rows re-embedded, lowest cosine %s: %s", check.split,
-                 sum(check.summary()["checked"].values()),
+        summary = check.summary()
+        lowest = {k: v for k, v in summary["lowest"].items() if v is not None}
+        log.info("verify %s: %s rows re-embedded, lowest cosine %s: %s", check.split, sum(summary["checked"].values()),
                  ", ".join(f"{k} {v:.5f}" for k, v in lowest.items()), "ok" if check.ok else "MISMATCH")
     failed = [check for check in checks if not check.ok]
     if failed:
