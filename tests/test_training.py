@@ -302,6 +302,8 @@ def test_the_train_stage_reports_bad_input_without_a_traceback(tmp_path):
     assert result.exit_code == 2
     assert "error:" in result.output and "dsmd extract" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["--params", str(params), "--loss", "kd", "--out-dir", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "'kd' is not one of 'dsmd', 'clip'" in result.output  # the option lists the modes
+    result = CliRunner().invoke(app, ["--params", str(params), "--set", "loss=kd", "--out-dir", str(tmp_path / "o")])
     assert result.exit_code == 2 and "train.loss: Invalid value 'kd', expected one of [dsmd, clip]" in result.output
 
 
