@@ -21,6 +21,7 @@ GRID = {  # name -> overrides of the train section
     "lr 0.001": {"optim.lr": 0.001},
     "lr 0.004": {"optim.lr": 0.004},
     "lr 0.008": {"optim.lr": 0.008},
+    "lr 0.016": {"optim.lr": 0.016},
     "warmup 100": {"optim.warmup_steps": 100},
     "logit scale 14.3": {"init_logit_scale": 1 / 0.07},  # open_clip's (CLIP's) initial temperature 0.07
     "logit scale 50": {"init_logit_scale": 50.0},
