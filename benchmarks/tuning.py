@@ -4,7 +4,7 @@ from ONE set of cached features, at the default budget, over several seeds.
 
     python benchmarks/tuning.py [--params params.yaml] [--losses clip dsmd] [--seeds 0 1 2] [--single-core]
 
-One factor at a time around the default (a full grid would be 18 recipes a loss): prints each recipe's test
+One factor at a time around each student's default (a full grid would be many recipes a loss): prints each recipe's test
 RSUM (mean +/- std over the seeds) and writes tuning.<losses>.json and a bar chart beside it in --out.
 """
 from __future__ import annotations
@@ -22,7 +22,9 @@ GRID = {  # name -> overrides of the train section
     "lr 0.004": {"optim.lr": 0.004},
     "lr 0.008": {"optim.lr": 0.008},
     "lr 0.016": {"optim.lr": 0.016},
+    "warmup 30": {"optim.warmup_steps": 30},
     "warmup 100": {"optim.warmup_steps": 100},
+    "warmup 200": {"optim.warmup_steps": 200},
     "logit scale 14.3": {"init_logit_scale": 1 / 0.07},  # open_clip's (CLIP's) initial temperature 0.07
     "logit scale 50": {"init_logit_scale": 50.0},
 }
