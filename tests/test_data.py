@@ -150,8 +150,12 @@ def test_stored_views_are_reapplied_with_their_teacher_embedding(features, stude
     assert {no_views[(0, i)][data_mod.VIEW_INDEX] for i in range(12)} == {-1}
 
 
-def test_mined_negatives_are_looked_up_by_id(features, student, tmp_path):
+@pytest.mark.parametrize("per_batch", [True, False], ids=["ids.npy per batch", "parquet whole"])
+def test_mined_negatives_are_looked_up_by_id(features, student, tmp_path, per_batch):
     write_negatives(features, tmp_path / "negatives", k=3)
+    if per_batch:  # what `dsmd mine` writes beside each direction's Parquet file
+        for direction in schema.NEIGHBOR_DIRECTIONS:
+            store.write_neighbor_rows(tmp_path / "negatives", "train", direction, 3)
     data = data_mod.load_shards_data(features, "train")
     negatives = data_mod.load_negatives(tmp_path / "negatives", "train", data, count=5, features_dir=features)
     dataset = data_mod.TrainingDataset(data, student.preprocess, student.tokenizer, negatives=negatives)
@@ -177,18 +181,30 @@ def test_mined_negatives_are_looked_up_by_id(features, student, tmp_path):
         np.testing.assert_array_equal(item[data_mod.MINED["t2i"][0]][:3].numpy(), data.teacher_image[t2i[text_id]].astype(np.float32))
 
 
-def test_negatives_outside_a_training_subset_become_padding(features, tmp_path):
+@pytest.mark.parametrize("per_batch", [True, False], ids=["ids.npy per batch", "parquet whole"])
+def test_negatives_outside_a_training_subset_become_padding(features, student, tmp_path, per_batch):
     write_negatives(features, tmp_path / "negatives", k=6)
+    if per_batch:
+        for direction in schema.NEIGHBOR_DIRECTIONS:
+            store.write_neighbor_rows(tmp_path / "negatives", "train", direction, 6)
     data = data_mod.load_shards_data(features, "train")
     negatives = data_mod.load_negatives(tmp_path / "negatives", "train", data, count=6, features_dir=features)
+    assert isinstance(negatives.lists["i2t"], store.RowFile) == per_batch
     subset = np.arange(10)
-    kept = data_mod.restrict_negatives(negatives, data, subset)
-    for full, part, is_text in ((negatives.image_to_texts, kept.image_to_texts, True), (negatives.image_to_images, kept.image_to_images, False),
-                                (negatives.text_to_texts, kept.text_to_texts, True), (negatives.text_to_images, kept.text_to_images, False)):
-        owner = lambda i: int(data.text_to_image[i]) if is_text else int(i)  # noqa: E731
-        for row_full, row_part in zip(full, part):  # brute force, entry by entry
-            assert row_part.tolist() == [i if i >= 0 and owner(i) < 10 else -1 for i in row_full.tolist()]
-    assert (kept.image_to_images == -1).sum() > (negatives.image_to_images == -1).sum()
+    kept = data_mod.restrict_negatives(negatives, subset, data.num_images)
+    full = data_mod.TrainingDataset(data, student.preprocess, student.tokenizer, negatives=negatives)
+    part = data_mod.TrainingDataset(data, student.preprocess, student.tokenizer, negatives=kept)
+    padded = 0
+    for image_id in range(0, 40, 3):
+        everything, seen = full[(0, image_id)], part[(0, image_id)]
+        for direction, (emb_key, owner_key) in data_mod.MINED.items():  # brute force, entry by entry
+            owners = everything[owner_key].tolist()
+            assert seen[owner_key].tolist() == [o if 0 <= o < 10 else -1 for o in owners]
+            hidden = (seen[owner_key] < 0).numpy()
+            assert not seen[emb_key][hidden].any()
+            np.testing.assert_array_equal(seen[emb_key][~hidden].numpy(), everything[emb_key][~hidden].numpy())
+            padded += int(hidden.sum() - (everything[owner_key] < 0).sum())
+    assert padded > 0
 
 
 def test_negatives_from_another_extraction_are_refused(features, student, tmp_path):

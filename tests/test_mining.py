@@ -312,7 +312,7 @@ def test_rerun_is_a_no_op_and_changed_inputs_recompute(tmp_path):
     assert first["status"] == "mined"
     out = tmp_path / "neg" / "train"
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert set(stamps) == {schema.SPLIT_MANIFEST} | {f"{d}.parquet" for d in DIRECTIONS}
+    assert set(stamps) == {schema.SPLIT_MANIFEST} | {f"{d}.parquet" for d in DIRECTIONS} | {f"{d}.ids.npy" for d in DIRECTIONS}
 
     again = negatives.mine(MineConfig(**{**cfg.__dict__, "threads": 1, "query_chunk": 3}), progress=False)["train"]
     assert again["status"] == "up to date"
@@ -331,6 +331,9 @@ def test_rerun_is_a_no_op_and_changed_inputs_recompute(tmp_path):
     (out / "i2i.parquet").unlink()  # a damaged output is redone, not trusted
     assert negatives.mine(cfg5, progress=False)["train"]["status"] == "mined"
     assert (out / "i2i.parquet").exists()
+    (out / "t2i.ids.npy").unlink()  # so is a missing per-batch array (negatives mined before it existed)
+    assert negatives.mine(cfg5, progress=False)["train"]["status"] == "mined"
+    assert (out / "t2i.ids.npy").exists()
 
 
 def test_output_schema_and_order(tmp_path):
@@ -348,6 +351,11 @@ def test_output_schema_and_order(tmp_path):
         assert schema.read_metadata(table.schema, schema.META_MINE_PARAMS, as_json=True) == negatives.mine_params(cfg)
         for row in table[schema.NEIGHBOR_SCORES].to_pylist():
             assert len(row) == 5 and all(a >= b for a, b in zip(row, row[1:]))
+        # beside it, the same ids as one (keys, k) int32 array, which training reads per batch by row
+        ids = np.load(store.neighbor_rows_path(cfg.out_dir, "train", name))
+        assert ids.dtype == np.int32 and ids.tolist() == table[schema.NEIGHBOR_IDS].to_pylist()
+        rows = store.neighbor_rows(cfg.out_dir, "train", name)
+        np.testing.assert_array_equal(rows[np.array([3, 0, 7])], ids[[3, 0, 7]])
 
 
 def test_bad_options_give_clear_errors(tmp_path):
@@ -404,5 +412,7 @@ def test_two_ranks_mine_what_one_process_mines(tmp_path):
     for name in DIRECTIONS:
         assert pq.read_table(store.neighbors_path(tmp_path / "two", "train", name)).equals(
             pq.read_table(store.neighbors_path(tmp_path / "one", "train", name))), name
+        np.testing.assert_array_equal(np.load(store.neighbor_rows_path(tmp_path / "two", "train", name)),
+                                      np.load(store.neighbor_rows_path(tmp_path / "one", "train", name)))
         for key in ("short_rows", "retried_rows", "recall_at_k"):
             assert manifest["directions"][name][key] == single["directions"][name][key], (name, key)

@@ -151,15 +151,17 @@ def read_neighbors(negatives_dir: str | Path, split: str, direction: str) -> tup
     return ids, scores
 
 
-def read_neighbor_ids(negatives_dir: str | Path, split: str, direction: str, count: int) -> np.ndarray:
-    """The first `count` neighbour ids of every key, (N, count) int32 with -1 padding, read a batch of rows at
-    a time: memory holds the result, never the whole lists (k per key) or their scores."""
-    path = neighbors_path(negatives_dir, split, direction)
-    if not path.exists():
-        raise ShardError(f"{path} not found: run `dsmd mine` for split {split!r} first")
+def neighbor_rows_path(negatives_dir: str | Path, split: str, direction: str) -> Path:
+    """`<direction>.ids.npy` beside `<direction>.parquet`: the same neighbour ids as a (keys, k) int32 array
+    (-1 padded), which training reads per batch by row instead of holding every key's list in memory."""
+    return neighbors_path(negatives_dir, split, direction).with_suffix(".ids.npy")
+
+
+def _neighbor_batches(path: Path, direction: str, count: int) -> Iterator[np.ndarray]:
+    """The first `count` neighbour ids of each key of `path`, (rows, count) int32 with -1 padding, a batch
+    of rows at a time, keys checked to be dense and ordered."""
     try:
         found = pq.ParquetFile(path)
-        out = np.full((found.metadata.num_rows, count), -1, dtype=np.int32)
         row = 0
         for batch in found.iter_batches(batch_size=65536, columns=[schema.neighbor_key_column(direction), schema.NEIGHBOR_IDS]):
             keys = batch.column(0).to_numpy()
@@ -169,12 +171,50 @@ def read_neighbor_ids(negatives_dir: str | Path, split: str, direction: str, cou
             offsets = lists.offsets.to_numpy()
             starts, lengths = offsets[:-1], np.minimum(np.diff(offsets), count)
             flat = lists.values.to_numpy()
+            out = np.full((len(keys), count), -1, dtype=np.int32)
             for column in range(count):
                 has = lengths > column
-                out[row + np.flatnonzero(has), column] = flat[starts[has] + column]
+                out[np.flatnonzero(has), column] = flat[starts[has] + column]
             row += len(keys)
+            yield out
     except (pa.ArrowInvalid, OSError) as exc:
         raise ShardError(f"{path}: unreadable Parquet ({exc})") from None
+
+
+def write_neighbor_rows(negatives_dir: str | Path, split: str, direction: str, k: int) -> Path:
+    """Write `<direction>.ids.npy` from the direction's Parquet file, a batch of rows at a time (memory holds
+    one batch), atomically."""
+    path = neighbors_path(negatives_dir, split, direction)
+    rows = pq.ParquetFile(path).metadata.num_rows
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.lib.format.write_array_header_1_0(handle, {"descr": np.dtype(np.int32).str, "fortran_order": False,
+                                                          "shape": (rows, k)})
+            for batch in _neighbor_batches(path, direction, k):
+                handle.write(batch.tobytes())
+
+    return atomic_write_with(neighbor_rows_path(negatives_dir, split, direction), write)
+
+
+def neighbor_rows(negatives_dir: str | Path, split: str, direction: str) -> "RowFile | None":
+    """The direction's neighbour ids read per batch (`rows[ids]`), or None where `dsmd mine` wrote no
+    `.ids.npy` (negatives mined before it did: read whole instead)."""
+    path = neighbor_rows_path(negatives_dir, split, direction)
+    return RowFile(path) if path.exists() else None
+
+
+def read_neighbor_ids(negatives_dir: str | Path, split: str, direction: str, count: int) -> np.ndarray:
+    """The first `count` neighbour ids of every key, (N, count) int32 with -1 padding, read a batch of rows at
+    a time: memory holds the result, never the whole lists (k per key) or their scores."""
+    path = neighbors_path(negatives_dir, split, direction)
+    if not path.exists():
+        raise ShardError(f"{path} not found: run `dsmd mine` for split {split!r} first")
+    out = np.full((pq.ParquetFile(path).metadata.num_rows, count), -1, dtype=np.int32)
+    row = 0
+    for batch in _neighbor_batches(path, direction, count):
+        out[row : row + len(batch)] = batch
+        row += len(batch)
     return out
 
 

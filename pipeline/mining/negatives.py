@@ -624,6 +624,8 @@ def _up_to_date(out: Path, fingerprint: str, params: dict) -> Optional[dict]:
         path = out / entry["path"]
         if not path.exists() or path.stat().st_size != entry.get("bytes"):
             return None
+        if not (out / entry.get("ids_path", "-")).exists():  # mined before the per-batch ids were written
+            return None
     return manifest
 
 
@@ -781,7 +783,9 @@ def _mine_one(name: str, direction, searchers, index_kind: str, cfg: MineConfig,
         log.info("%s %s: %d rows have fewer than k=%d negatives (database exhausted after filtering)",
                  split, name, info["short_rows"], cfg.k)
     rows_written = pq.ParquetFile(path).metadata.num_rows
-    return info, {"path": path.name, "rows": rows_written, "bytes": path.stat().st_size, "sha256": atomic.sha256_file(path)}
+    ids = store.write_neighbor_rows(cfg.out_dir, split, name, cfg.k)  # what training reads per batch
+    return info, {"path": path.name, "rows": rows_written, "bytes": path.stat().st_size, "sha256": atomic.sha256_file(path),
+                  "ids_path": ids.name, "ids_sha256": atomic.sha256_file(ids)}
 
 
 DATABASE_OF = {"i2t": "texts", "t2i": "images", "i2i": "images", "t2t": "texts"}

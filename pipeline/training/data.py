@@ -211,76 +211,79 @@ def load_corpus_data(manifest_path: str | Path, split: str) -> TrainingData:
 
 @dataclass
 class MinedNegatives:
-    """The first `count` mined neighbours of every image (i2t, i2i) and of every caption (t2t, t2i)."""
+    """The first `count` mined neighbours of every image (i2t, i2i) and of every caption (t2t, t2i), by direction:
+    read per batch from `dsmd mine`'s `<direction>.ids.npy` (memory does not grow with the corpus), or held whole
+    for negatives mined before those files existed. `rows(direction, ids)` gives (len(ids), count), -1 padded."""
 
-    image_to_texts: np.ndarray  # (N, count) text ids, -1 = padding
-    image_to_images: np.ndarray  # (N, count) image ids, -1 = padding
-    text_to_texts: np.ndarray  # (M, count) text ids, -1 = padding
-    text_to_images: np.ndarray  # (M, count) image ids, -1 = padding
+    count: int
+    lists: dict[str, Rows]  # direction -> (keys, k) ids
+    allowed: Optional[np.ndarray] = None  # (N,) bool: with train.max_images, the images that may be negatives
+
+    def rows(self, direction: str, ids: np.ndarray) -> np.ndarray:
+        found = self.lists[direction][ids]
+        out = np.full((len(ids), self.count), -1, dtype=np.int64)
+        width = min(self.count, found.shape[1])
+        out[:, :width] = found[:, :width]
+        return out
 
 
 def read_i2i(negatives_dir: str | Path, split: str, data: TrainingData, features_dir: str | Path | None = None,
              count: int = 16) -> np.ndarray:
-    """The first `count` mined i2i neighbours of every image, (N, count) int32, -1 padded."""
+    """The first `count` mined i2i neighbours of every image, (N, count) int32, -1 padded, in memory (for
+    hard-negative-aware batching, which orders a whole epoch at once)."""
     return _read_direction(negatives_dir, split, "i2i", data.num_images, data.num_images, features_dir, count)
 
 
-def load_negatives(
-    negatives_dir: str | Path, split: str, data: TrainingData, count: int, features_dir: str | Path | None = None,
-    i2i: np.ndarray | None = None,
-) -> MinedNegatives:
-    """Mined negatives for the hard-negative loss, checked against the features they were mined from;
-    pass `i2i` when it was already read (see read_i2i) so the file is read once."""
-    n_images, n_texts = data.num_images, len(data.captions)
-    i2t = _read_direction(negatives_dir, split, "i2t", n_images, n_texts, features_dir, count)
-    t2t = _read_direction(negatives_dir, split, "t2t", n_texts, n_texts, features_dir, count)
-    t2i = _read_direction(negatives_dir, split, "t2i", n_texts, n_images, features_dir, count)
-    if i2i is None:
-        i2i = read_i2i(negatives_dir, split, data, features_dir, count)
+_KEYS_TARGETS = {"i2t": ("images", "texts"), "i2i": ("images", "images"), "t2t": ("texts", "texts"), "t2i": ("texts", "images")}
+
+
+def load_negatives(negatives_dir: str | Path, split: str, data: TrainingData, count: int,
+                   features_dir: str | Path | None = None) -> MinedNegatives:
+    """Mined negatives for the hard-negative loss, checked against the features they were mined from."""
+    sizes = {"images": data.num_images, "texts": len(data.captions)}
+    lists: dict[str, Rows] = {}
+    for direction, (keys, targets) in _KEYS_TARGETS.items():
+        _check_mined_from(negatives_dir, split, direction, features_dir)
+        found = store.neighbor_rows(negatives_dir, split, direction)
+        if found is None:  # mined before the .ids.npy files: read whole, and checked whole
+            found = _read_direction(negatives_dir, split, direction, sizes[keys], sizes[targets], None, count)
+        elif len(found) != sizes[keys]:
+            raise DataError(f"{found.path}: {len(found)} rows, but the features split has {sizes[keys]} {keys}; "
+                            f"re-run `dsmd mine`")
+        lists[direction] = found
     pa.default_memory_pool().release_unused()  # the Parquet batches read
-    return MinedNegatives(
-        image_to_texts=_first_columns(i2t, count), image_to_images=_first_columns(i2i, count),
-        text_to_texts=_first_columns(t2t, count), text_to_images=_first_columns(t2i, count),
-    )
+    return MinedNegatives(count=count, lists=lists)
 
 
-def restrict_negatives(negatives: MinedNegatives, data: TrainingData, image_ids: np.ndarray) -> MinedNegatives:
+def restrict_negatives(negatives: MinedNegatives, image_ids: np.ndarray, num_images: int) -> MinedNegatives:
     """The mined lists with every neighbour outside `image_ids` (an image, or a caption of one) made
-    padding (-1): a student trained on a subset sees no teacher embedding of the rest."""
-    allowed = np.zeros(data.num_images, dtype=bool)
+    padding when looked up: a student trained on a subset sees no teacher embedding of the rest."""
+    allowed = np.zeros(num_images, dtype=bool)
     allowed[image_ids] = True
-
-    def images(ids: np.ndarray) -> np.ndarray:
-        return np.where((ids >= 0) & allowed[np.maximum(ids, 0)], ids, -1)
-
-    def texts(ids: np.ndarray) -> np.ndarray:
-        return np.where((ids >= 0) & allowed[data.text_to_image[np.maximum(ids, 0)]], ids, -1)
-
-    return MinedNegatives(
-        image_to_texts=texts(negatives.image_to_texts), image_to_images=images(negatives.image_to_images),
-        text_to_texts=texts(negatives.text_to_texts), text_to_images=images(negatives.text_to_images),
-    )
+    return MinedNegatives(count=negatives.count, lists=negatives.lists, allowed=allowed)
 
 
-def _first_columns(ids: np.ndarray, count: int) -> np.ndarray:
-    out = np.full((len(ids), count), -1, dtype=ids.dtype)
-    width = min(count, ids.shape[1])
-    out[:, :width] = ids[:, :width]
-    return out
+def _check_mined_from(negatives_dir, split, direction, features_dir) -> None:
+    """The negatives must come from this extraction of the split (the features fingerprint they record)."""
+    path = store.neighbors_path(negatives_dir, split, direction)
+    if not path.exists():
+        raise DataError(f"{path} not found: run `dsmd mine` for split {split!r} first")
+    if features_dir is None:
+        return
+    mined_from = schema.read_metadata(pq.read_schema(path), schema.META_FEATURES_FINGERPRINT)
+    current = store.features_fingerprint(features_dir, split)
+    if mined_from is not None and mined_from != current:
+        raise DataError(
+            f"{path} was mined from another extraction of split {split!r} (features fingerprint "
+            f"{mined_from[:12]} != {current[:12]}); re-run `dsmd mine`"
+        )
 
 
 def _read_direction(negatives_dir, split, direction, num_keys, num_targets, features_dir, count: int) -> np.ndarray:
-    """The first `count` neighbours of every key (bounded memory), checked against the features."""
+    """The first `count` neighbours of every key, in memory (bounded by count), checked against the features."""
+    _check_mined_from(negatives_dir, split, direction, features_dir)
     path = store.neighbors_path(negatives_dir, split, direction)
     ids = store.read_neighbor_ids(negatives_dir, split, direction, count)
-    if features_dir is not None:
-        mined_from = schema.read_metadata(pq.read_schema(path), schema.META_FEATURES_FINGERPRINT)
-        current = store.features_fingerprint(features_dir, split)
-        if mined_from is not None and mined_from != current:
-            raise DataError(
-                f"{path} was mined from another extraction of split {split!r} (features fingerprint "
-                f"{mined_from[:12]} != {current[:12]}); re-run `dsmd mine`"
-            )
     if len(ids) != num_keys:
         raise DataError(f"{path}: {len(ids)} rows, but the features split has {num_keys} keys; re-run `dsmd mine`")
     if ids.size and ids.max() >= num_targets:
@@ -388,23 +391,28 @@ class TrainingDataset(torch.utils.data.Dataset):
         """Teacher embeddings of the mined negatives of each sample's image (i2t, i2i) and caption
         (t2t, t2i), looked up by id, with the image owning each (padding: id -1, zeros)."""
         neg = self.negatives
-        texts_i, images_i = self._lookup_texts(neg.image_to_texts[image_ids]), self._lookup_images(neg.image_to_images[image_ids])
-        texts_t, images_t = self._lookup_texts(neg.text_to_texts[text_ids]), self._lookup_images(neg.text_to_images[text_ids])
-        found = {"i2t": texts_i, "i2i": images_i, "t2t": texts_t, "t2i": images_t}
+        found = {direction: (self._lookup_texts if direction.endswith("t") else self._lookup_images)(
+                     neg.rows(direction, image_ids if direction.startswith("i") else text_ids))
+                 for direction in MINED}
         return {key: tensor for direction, keys in MINED.items() for key, tensor in zip(keys, found[direction])}
 
     def _lookup_texts(self, text_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        ok = text_ids >= 0
+        owners = np.where(text_ids >= 0, self.data.text_to_image[np.maximum(text_ids, 0)], -1).astype(np.int64)
+        ok = self._allowed(owners)
         emb = self.data.teacher_text[np.maximum(text_ids, 0)].astype(np.float32)
         emb[~ok] = 0.0
-        owners = np.where(ok, self.data.text_to_image[np.maximum(text_ids, 0)], -1).astype(np.int64)
-        return torch.from_numpy(emb), torch.from_numpy(owners)
+        return torch.from_numpy(emb), torch.from_numpy(np.where(ok, owners, -1))
 
     def _lookup_images(self, image_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        ok = image_ids >= 0
+        ok = self._allowed(image_ids)
         emb = self.data.teacher_image[np.maximum(image_ids, 0)].astype(np.float32)
         emb[~ok] = 0.0
-        return torch.from_numpy(emb), torch.from_numpy(image_ids.astype(np.int64))
+        return torch.from_numpy(emb), torch.from_numpy(np.where(ok, image_ids, -1).astype(np.int64))
+
+    def _allowed(self, image_ids: np.ndarray) -> np.ndarray:
+        """Real neighbours (not padding) that the run may see (train.max_images keeps the rest out)."""
+        allowed = self.negatives.allowed
+        return (image_ids >= 0) if allowed is None else (image_ids >= 0) & allowed[np.maximum(image_ids, 0)]
 
 
 def keep_batch(batch: dict) -> dict:

@@ -467,16 +467,13 @@ def _load_inputs(cfg: TrainConfig, world: Optional[data_mod.TrainingData] = None
     else:
         data = data_mod.load_corpus_data(cfg.manifest, cfg.split)
         fingerprint = None
-    # the mined i2i neighbours serve both the hard-negative loss and hard-negative-aware batching: read once
     wants_mined = distill and cfg.distill.hard_negative and cfg.distill.hard_negatives > 0
     wants_grouping = cfg.batching == "hard-negative-aware"
-    width = max(cfg.distill.hard_negatives if wants_mined else 0, cfg.batch_neighbours if wants_grouping else 0)
-    mined_i2i = data_mod.read_i2i(cfg.negatives_dir, cfg.split, data, cfg.features_dir, width) if (wants_mined or wants_grouping) else None
     negatives = None
-    if wants_mined:
-        negatives = data_mod.load_negatives(
-            cfg.negatives_dir, cfg.split, data, cfg.distill.hard_negatives, cfg.features_dir, i2i=mined_i2i
-        )
+    if wants_mined:  # read per batch
+        negatives = data_mod.load_negatives(cfg.negatives_dir, cfg.split, data, cfg.distill.hard_negatives, cfg.features_dir)
+    mined_i2i = (data_mod.read_i2i(cfg.negatives_dir, cfg.split, data, cfg.features_dir, max(0, cfg.batch_neighbours))
+                 if wants_grouping else None)  # an epoch's order needs every image's neighbours at once
     image_ids = data.trainable_image_ids()
     if len(image_ids) < data.num_images:
         log.warning("%s: %d image(s) without a caption are not trained on", data.source, data.num_images - len(image_ids))
@@ -484,10 +481,10 @@ def _load_inputs(cfg: TrainConfig, world: Optional[data_mod.TrainingData] = None
         image_ids = image_ids[: cfg.max_images]
         log.info("train.max_images: training on the first %d images of %s", len(image_ids), data.source)
         if negatives is not None:  # nothing outside the subset may reach the student, not even as a negative
-            negatives = data_mod.restrict_negatives(negatives, data, image_ids)
+            negatives = data_mod.restrict_negatives(negatives, image_ids, data.num_images)
     return _Inputs(
         data=data, fingerprint=fingerprint, teacher_dim=data.embedding_dim if distill else None, image_ids=image_ids,
-        negatives=negatives, i2i=mined_i2i[:, : max(0, cfg.batch_neighbours)] if wants_grouping else None,
+        negatives=negatives, i2i=mined_i2i,
         steps=data_mod.total_steps(len(image_ids), cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.max_steps),
     )
 
