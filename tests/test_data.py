@@ -308,3 +308,20 @@ def test_corpus_source_counts_and_skips_corrupt_images(tmp_path, student):
     dataset = data_mod.TrainingDataset(data, student.preprocess, student.tokenizer)
     item = dataset[(0, 3)]
     assert data.text_to_image[item[data_mod.TEXT_ID]] == 3 and data_mod.TEACHER_IMAGE not in item
+
+
+def test_cached_tokens_are_packed_and_come_back_bit_for_bit(features, student):
+    """The token cache keeps each caption without its padding; a batch equals the tokenizer's own output."""
+    rows = student.tokenizer(["a red circle", "", " ".join(["word"] * 200)])  # short, empty, cut at the context
+    hf_like = torch.tensor([[5, 7, 9, 1, 1, 1], [1, 1, 1, 1, 1, 1], [5, 1, 7, 1, 1, 1]])  # pad_token_id 1, not 0
+    for row in [*rows, *hf_like]:
+        packed = data_mod.pack_tokens(row)
+        assert torch.equal(torch.from_numpy(data_mod.unpack_tokens(packed, len(row))), row)
+    assert len(data_mod.pack_tokens(rows[0])) < rows[0].numel() * rows[0].element_size() / 4  # 24 bytes, not 128
+    data = data_mod.load_shards_data(features, "train")
+    dataset = data_mod.TrainingDataset(data, student.preprocess, student.tokenizer)
+    keys = [(0, i) for i in range(12)] + [(1, i) for i in range(12)]
+    for batch_keys in (keys[:12], keys[12:], keys[:12]):  # the last read from the cache alone
+        batch = dataset.__getitems__(batch_keys)
+        expected = student.tokenizer([data.captions[t] for t in batch[data_mod.TEXT_ID].tolist()])
+        assert batch[data_mod.TEXT].dtype == expected.dtype and torch.equal(batch[data_mod.TEXT], expected)

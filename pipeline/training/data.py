@@ -296,8 +296,25 @@ def sample_rng(seed: int, epoch: int, image_id: int) -> np.random.Generator:
     return np.random.default_rng((seed, epoch, image_id))
 
 
-# Captions whose tokens TrainingDataset keeps: 262k x 77 int64 tokens is about 155 MiB per loader worker.
+# Captions whose tokens TrainingDataset keeps per loader worker. Each is kept packed (below): ~100 bytes for a
+# 15-token caption where the tokenizer's (77,) int64 row and its tensor took ~800, so the full cache is ~25 MiB.
 TOKEN_CACHE_TEXTS = 2**18
+
+
+def pack_tokens(row: torch.Tensor) -> bytes:
+    """A tokenised caption without its padding: int32 [padding value, tokens up to the last non-padding one]
+    (the padding is whatever fills the row's end: 0 for open_clip's tokenizer, pad_token_id for HF ones)."""
+    values = row.numpy().astype(np.int32)
+    kept = np.flatnonzero(values != values[-1])
+    return np.concatenate([values[-1:], values[: kept[-1] + 1 if len(kept) else 0]]).tobytes()
+
+
+def unpack_tokens(packed: bytes, length: int) -> np.ndarray:
+    """The (length,) int64 row `pack_tokens` was given."""
+    values = np.frombuffer(packed, dtype=np.int32)
+    row = np.full(length, values[0], dtype=np.int64)
+    row[: len(values) - 1] = values[1:]
+    return row
 
 
 class TrainingDataset(torch.utils.data.Dataset):
@@ -320,7 +337,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.use_views = use_views and data.num_views > 0
         self.negatives = negatives
-        self._token_rows: dict[int, torch.Tensor] = {}
+        self._token_rows: dict[int, bytes] = {}  # text id -> pack_tokens
+        self._token_length = 0
 
     def __len__(self) -> int:
         return self.data.num_images
@@ -372,8 +390,10 @@ class TrainingDataset(torch.utils.data.Dataset):
             return self.tokenizer([self.data.captions[t] for t in ids])
         missing = [t for t in dict.fromkeys(ids) if t not in self._token_rows]
         if missing:
-            self._token_rows.update(zip(missing, self.tokenizer([self.data.captions[t] for t in missing])))
-        return torch.stack([self._token_rows[t] for t in ids])
+            rows = self.tokenizer([self.data.captions[t] for t in missing])
+            self._token_length = rows.shape[1]
+            self._token_rows.update(zip(missing, map(pack_tokens, rows)))
+        return torch.from_numpy(np.stack([unpack_tokens(self._token_rows[t], self._token_length) for t in ids]))
 
     def _image(self, image_id: int, view: int) -> Image.Image:
         raw = self.data.image_bytes[image_id]
