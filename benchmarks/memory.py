@@ -125,6 +125,7 @@ def write_random_negatives(features: Path, negatives: Path, k: int = 16, seed: i
         # row groups of 4 x query_chunk rows, as `dsmd mine` writes them
         atomic.atomic_write_with(store.neighbors_path(negatives, "train", direction),
                                  lambda tmp, table=table: pq.write_table(table, tmp, row_group_size=16384, compression="zstd"))
+        store.write_neighbor_rows(negatives, "train", direction, k)  # and the per-batch ids, as `dsmd mine` does
 
 
 # The stage's own peak: VmHWM of this process image. (ru_maxrss is not reset by execve: a child forked from a
@@ -222,6 +223,10 @@ def main() -> None:
     print(f"train 10N embeddings in memory: {train['10N in memory']}", flush=True)
     results["train_peak_rss_mib"] = train
     results["train_rss_ratio_10N_over_N"] = train["10N"]["peak_rss_mib"] / train["N"]["peak_rss_mib"]
+    # what each image (with its 2-5 captions) adds to a rank, and a rank's memory projected to LAION-400M from it
+    per_image = (train["10N"]["peak_rss_mib"] - train["N"]["peak_rss_mib"]) * 2**20 / (9 * args.n)
+    results["train_bytes_per_image"] = per_image
+    results["train_rank_gib_projected_400M"] = (train["N"]["peak_rss_mib"] * 2**20 + per_image * 400e6) / 2**30
 
     # an epoch at N: streamed referenced shards against today's in-memory copies, alternated, twice each
     runs = {"streamed referenced": (False, "stream"), "in-memory copies": (True, "memory")}
@@ -265,7 +270,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
-    print(f"peak RSS of dsmd train, 10N / N: {results['train_rss_ratio_10N_over_N']:.3f} (target <= 1.2)")
+    print(f"peak RSS of dsmd train, 10N / N: {results['train_rss_ratio_10N_over_N']:.3f} (target <= 1.05)")
+    print(f"dsmd train: {results['train_bytes_per_image']:.0f} bytes a rank per image (with 2-5 captions); a rank at "
+          f"400M images: {results['train_rank_gib_projected_400M']:.1f} GiB projected (target < 4)")
     print(f"an epoch, streamed referenced / in-memory copies: {results['epoch_time_ratio_streamed_over_memory']:.3f} (target <= 1.10)")
     for name, ratio in results["loader_over_training_throughput"].items():
         print(f"loader ({name}) / training throughput: {ratio:.2f} (target >= 3)")
