@@ -198,6 +198,8 @@ def main() -> None:
                         help="mine.memory_budget_mb of both mining runs (64: IVF-PQ for every database above 64 MiB of float32)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--train-only", action="store_true", help="only the peak RSS of dsmd train at N and 10N "
+                        "(no epoch timing, loader or mining): a quick check of what a rank holds per image")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="dsmd-memory-"))
     results: dict = {"n": args.n, "steps": args.steps, "cpu_count": os.cpu_count()}
@@ -227,6 +229,11 @@ def main() -> None:
     per_image = (train["10N"]["peak_rss_mib"] - train["N"]["peak_rss_mib"]) * 2**20 / (9 * args.n)
     results["train_bytes_per_image"] = per_image
     results["train_rank_gib_projected_400M"] = (train["N"]["peak_rss_mib"] * 2**20 + per_image * 400e6) / 2**30
+    if args.train_only:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+        return
 
     # an epoch at N: streamed referenced shards against today's in-memory copies, alternated, twice each
     runs = {"streamed referenced": (False, "stream"), "in-memory copies": (True, "memory")}
