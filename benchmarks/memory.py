@@ -125,7 +125,8 @@ def write_random_negatives(features: Path, negatives: Path, k: int = 16, seed: i
         # row groups of 4 x query_chunk rows, as `dsmd mine` writes them
         atomic.atomic_write_with(store.neighbors_path(negatives, "train", direction),
                                  lambda tmp, table=table: pq.write_table(table, tmp, row_group_size=16384, compression="zstd"))
-        store.write_neighbor_rows(negatives, "train", direction, k)  # and the per-batch ids, as `dsmd mine` does
+        if hasattr(store, "write_neighbor_rows"):  # and the per-batch ids, as `dsmd mine` does (since 2026-12-01)
+            store.write_neighbor_rows(negatives, "train", direction, k)
 
 
 # The stage's own peak: VmHWM of this process image. (ru_maxrss is not reset by execve: a child forked from a
