@@ -2,8 +2,9 @@
 
 Every option, its type, its default and its one description live here and only here: OmegaConf does
 the typed merge of params.yaml, `--set` dotted overrides and explicit CLI options, refuses unknown keys
-and values of the wrong type, and checks every mode (an enum) at load. Stage CLIs generate their
-`--help` from the descriptions below (`option_help`, `section_help`).
+and values of the wrong type, and checks every mode (an enum) at load. Stage CLIs generate their options
+and `--help` from the fields below (`option_type`, `option_help`, `section_help`). `Section`, `opt` and
+`from_dict` also type other YAML files the pipeline reads (corpus manifests).
 """
 from __future__ import annotations
 
