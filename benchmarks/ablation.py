@@ -15,11 +15,14 @@ Run time on the 2-core CPU: about 95 s per student at the default 391 steps, so 
 seeds take about 50 min (--single-core beside another sweep: about 120 s per student); --quick trains
 2 recipes x 2 seeds for 10 steps (a smoke test, in the suite). To use both cores, run two halves side
 by side (`--single-core --only ...` and `--single-core --only ... --skip CLIP-only`, each with its own
---out), then `--merge A/ablation.json B/ablation.json` writes their union as one table, JSON and chart.
+--out), then `--merge A/ablation.json B/ablation.json` writes their union as one table, JSON and chart. --merge also
+joins more seeds run later (`--seeds 3 4` beside a finished `--seeds 0 1 2`), as long as every recipe then has
+every seed.
 """
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from pipeline.common import atomic
@@ -62,8 +65,8 @@ def main() -> None:
     parser = sweep_parser(__doc__, "2 recipes, 10 steps each: a smoke test")
     parser.add_argument("--only", nargs="*", help="run only these recipe names (CLIP-only is always run)")
     parser.add_argument("--skip", nargs="*", default=[], help="leave out these recipe names")
-    parser.add_argument("--merge", nargs="+", help="ablation.json files of runs over the same features and seeds (two "
-                                                   "halves run side by side): write their union; trains nothing")
+    parser.add_argument("--merge", nargs="+", help="ablation.json files of runs over the same features (two halves run "
+                                                   "side by side, or more seeds run later): write their union; trains nothing")
     args = parser.parse_args()
     out = Path(args.out)
     if args.merge:
@@ -88,22 +91,52 @@ def main() -> None:
 
 
 def merge(paths: list[str], order: dict[str, dict]) -> tuple[float, list[int], dict]:
-    """The union of several ablation.json files, in recipe order; they must share the teacher and the seeds."""
-    parts = []
-    for path in paths:
-        try:
-            part = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"{path}: cannot read an ablation.json here ({exc})") from None
-        if not {"seeds", "teacher_rsum", "recipes"} <= set(part):
-            raise SystemExit(f"{path}: not an ablation.json (needs seeds, teacher_rsum and recipes)")
-        parts.append(part)
+    """The union of several ablation.json files of the same features, in recipe order.
+
+    Parts may split the recipes (two halves run side by side) or the seeds (more seeds run later): a recipe's runs
+    are joined over the parts, and every recipe of the result must then have run at every seed of the union, so
+    that no mean is over fewer seeds than the table says.
+    """
+    parts = [_read_part(path) for path in paths]
     for path, part in zip(paths[1:], parts[1:]):
-        if part["seeds"] != parts[0]["seeds"] or abs(part["teacher_rsum"] - parts[0]["teacher_rsum"]) > 1e-6:
-            raise SystemExit(f"{path}: seeds or teacher differ from {paths[0]}'s; merge only runs on the same features and seeds")
-    results = {name: recipe for part in parts for name, recipe in part["recipes"].items()}
-    ordered = {name: results[name] for name in order if name in results}
-    return parts[0]["teacher_rsum"], parts[0]["seeds"], {**ordered, **results}
+        if abs(part["teacher_rsum"] - parts[0]["teacher_rsum"]) > 1e-6:
+            raise SystemExit(f"{path}: teacher RSUM {part['teacher_rsum']} differs from {paths[0]}'s "
+                             f"{parts[0]['teacher_rsum']}; merge only runs over the same features")
+    seeds = sorted({seed for part in parts for seed in part["seeds"]})
+    runs: dict[str, dict[int, dict]] = {}
+    overrides: dict[str, dict] = {}
+    for path, part in zip(paths, parts):
+        for name, recipe in part["recipes"].items():
+            have = runs.setdefault(name, {})
+            for run in recipe["runs"]:
+                if run["seed"] in have:
+                    raise SystemExit(f"{path}: {name!r} seed {run['seed']} is also in another part; merge each run once")
+                have[run["seed"]] = run
+            overrides[name] = recipe["overrides"]
+    results = {}
+    for name in [n for n in order if n in runs] + [n for n in runs if n not in order]:
+        if sorted(runs[name]) != seeds:
+            raise SystemExit(f"{name!r} ran at seeds {sorted(runs[name])}, the merged table is over seeds {seeds}: "
+                             "run the missing seeds first")
+        values = [runs[name][seed]["rsum"] for seed in seeds]
+        results[name] = {"overrides": overrides[name], "runs": [runs[name][seed] for seed in seeds],
+                         "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return parts[0]["teacher_rsum"], seeds, results
+
+
+def _read_part(path: str) -> dict:
+    """One ablation.json, checked: its runs are at the seeds it names."""
+    try:
+        part = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{path}: cannot read an ablation.json here ({exc})") from None
+    if not isinstance(part, dict) or not {"seeds", "teacher_rsum", "recipes"} <= set(part):
+        raise SystemExit(f"{path}: not an ablation.json (needs seeds, teacher_rsum and recipes)")
+    for name, recipe in part["recipes"].items():
+        if sorted(run["seed"] for run in recipe["runs"]) != sorted(part["seeds"]):
+            raise SystemExit(f"{path}: {name!r} has runs at seeds {[run['seed'] for run in recipe['runs']]}, "
+                             f"the file says {part['seeds']}")
+    return part
 
 
 def report(results: dict, teacher: float, seeds: list[int], out: Path) -> None:

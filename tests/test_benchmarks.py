@@ -1,11 +1,16 @@
 """The benchmark scripts' own bookkeeping (their runs are covered, --quick, by the end-to-end test)."""
 from __future__ import annotations
 
+import json
+import statistics
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import ablation  # noqa: E402
 import convergence  # noqa: E402
 
 
@@ -24,6 +29,34 @@ def test_convergence_joins_a_loss_split_over_processes_and_keeps_only_finished_b
     lines = convergence.checks(result)
     assert lines[0].split(":")[1].strip().startswith("50.000")  # teacher / CLIP-only's best
     assert "gap 6.0 vs 3 combined std 4.2: yes" in lines[1]
+
+
+def _ablation_part(path, seeds, recipes, teacher=470.0):
+    runs = {name: [{"seed": seed, "rsum": base + seed} for seed in seeds] for name, base in recipes.items()}
+    part = {"teacher_rsum": teacher, "seeds": seeds,
+            "recipes": {name: {"overrides": {"loss": name}, "runs": r} for name, r in runs.items()}}
+    path.write_text(json.dumps(part))
+    return str(path)
+
+
+def test_ablation_merge_joins_halves_and_later_seeds_and_refuses_a_table_over_missing_seeds(tmp_path):
+    order = {"CLIP-only": {}, "DSMD (default)": {}, "balancer dynamic": {}}
+    first = _ablation_part(tmp_path / "a.json", [0, 1, 2], {"balancer dynamic": 300, "CLIP-only": 100})
+    half = _ablation_part(tmp_path / "b.json", [0, 1, 2], {"DSMD (default)": 200})
+    later = _ablation_part(tmp_path / "c.json", [3, 4], {"CLIP-only": 100, "DSMD (default)": 200, "balancer dynamic": 300})
+    teacher, seeds, results = ablation.merge([first, half, later], order)
+    assert teacher == 470.0 and seeds == [0, 1, 2, 3, 4] and list(results) == list(order)
+    for name, base in (("CLIP-only", 100), ("DSMD (default)", 200), ("balancer dynamic", 300)):
+        values = [base + seed for seed in seeds]
+        assert [run["seed"] for run in results[name]["runs"]] == seeds
+        assert results[name]["mean"] == pytest.approx(statistics.fmean(values))
+        assert results[name]["std"] == pytest.approx(statistics.stdev(values))
+    with pytest.raises(SystemExit, match=r"'DSMD \(default\)' ran at seeds \[0, 1, 2\]"):
+        ablation.merge([first, half, _ablation_part(tmp_path / "d.json", [3, 4], {"CLIP-only": 100, "balancer dynamic": 300})], order)
+    with pytest.raises(SystemExit, match="seed 0 is also in another part"):
+        ablation.merge([first, first], order)
+    with pytest.raises(SystemExit, match="teacher RSUM"):
+        ablation.merge([first, _ablation_part(tmp_path / "e.json", [3], {"CLIP-only": 1}, teacher=1.0)], order)
 
 
 def test_the_gpu_check_refuses_in_one_line_where_there_is_no_cuda():
