@@ -254,8 +254,8 @@ class BalancerConfig(Section):
 
     KEY = "balancer"
 
-    mode: BalancerMode = opt(BalancerMode.calibrated, "calibrated (own early size, smoothed DWA, task share), dynamic "
-                             "(faithful DWA + magnitude equalisation), authors (their code: w_i = (k/n) max L / L_i), "
+    mode: BalancerMode = opt(BalancerMode.dynamic, "dynamic (the paper's DWA + magnitude equalisation), calibrated "
+                             "(own early size, smoothed DWA, task share), authors (their code: w_i = (k/n) max L / L_i), "
                              "fixed or uniform")
     temperature: float = opt(1.0, "DWA softmax temperature (calibrated, dynamic)", above=0)
     weights: dict[str, float] = opt(doc="by loss name (feature, similarity, contrastive, hard_negative, task): mode "

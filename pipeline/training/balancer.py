@@ -17,7 +17,7 @@ class LossBalancer:
     """total = sum_i w_i L_i over the named terms, with weights that carry no gradient.
 
     Modes:
-    - `calibrated` (the default): each term is measured against its own early size, DWA rates come
+    - `calibrated`: each term is measured against its own early size, DWA rates come
       from smoothed losses, and the task term keeps a guaranteed share:
 
           ref_i   = mean of L_i over the first `calibration_steps` steps (frozen afterwards)
@@ -33,7 +33,7 @@ class LossBalancer:
     - `uniform`: w_i = 1.
     - `fixed`: w_i = fixed_weights[name] (every name needs one; weights of other names are
       ignored, so a term can be switched off without editing them).
-    - `dynamic`: magnitude equalisation times Dynamic Weight Average (DWA) rates:
+    - `dynamic` (the default): magnitude equalisation times Dynamic Weight Average (DWA) rates:
 
           m_i = max_j L_j(t) / (L_i(t) + eps)                    (detached)
           r_i = L_i(t-1) / L_i(t-2)                              (raw losses of the two previous steps)
