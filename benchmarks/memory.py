@@ -16,6 +16,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -102,6 +103,42 @@ def write_features(urls: list[str], features: Path, copy_images: bool, seed: int
     info = {"teacher": {"model": "synthetic", "embed_dim": DIM}, "manifest_sha256": "synthetic", "embedding_dim": DIM,
             "embedding_dtype": "float16", "views": 0, "store_images": copy_images, "source_shards": urls,
             "shard_parts": parts}
+    store.write_split(features, "train", image_tables, text_tables, info)
+
+
+def write_features_direct(root: Path, features: Path, n: int, seed: int = 0, part: int = 100_000) -> None:
+    """A features split of n images without writing n images: every image refers, by byte offset as `dsmd extract`
+    records referenced images, to one of 64 PNGs in a single tar; 2-5 captions each and random unit embeddings,
+    written as `dsmd extract` writes them (Parquet + .npy + the per-id lookups), part by part."""
+    (url,) = write_corpus(root, 64, seed)
+    fields = FieldMapping(image_extensions=["png"], caption_source="txt", caption_field="")
+    samples = list(reader.iter_shard(url, fields, reader.SkipReport()))
+    offsets = np.array([s.image_offset for s in samples], np.int64)
+    sizes = np.array([s.image_size for s in samples], np.int64)
+    rng = np.random.default_rng(seed)
+    meta = {schema.META_SPLIT: "train", schema.META_MANIFEST_SHA256: "synthetic"}
+    image_tables, text_tables = [], []
+    text_start = 0
+    for start in range(0, n, part):
+        ids = np.arange(start, min(n, start + part))
+        per_image = 2 + ids % 4
+        owners = np.repeat(ids, per_image)
+        caption_index = np.arange(len(owners)) - np.repeat(np.cumsum(per_image) - per_image, per_image)
+        image_emb = unit_rows(rng, len(ids))
+        text_emb = image_emb[owners - start] + 0.5 * unit_rows(rng, len(owners))
+        images = schema.images_table(
+            [f"{i:09d}" for i in ids], [url] * len(ids), ["png"] * len(ids), [None] * len(ids), image_emb, "float16", meta,
+            image_offsets=offsets[ids % 64].tolist(), image_sizes=sizes[ids % 64].tolist())
+        texts = schema.texts_table(owners, caption_index, [f"a picture {i} seen in way {c}" for i, c in zip(owners, caption_index)],
+                                   text_emb / np.linalg.norm(text_emb, axis=1, keepdims=True), "float16", meta)
+        import pyarrow as pa
+        image_tables.append(images.set_column(0, schema.IMAGE_ID, pa.array(ids, pa.int64())))
+        texts = texts.set_column(0, schema.TEXT_ID, pa.array(np.arange(text_start, text_start + len(owners)), pa.int64()))
+        text_tables.append(texts)
+        text_start += len(owners)
+    info = {"teacher": {"model": "synthetic", "embed_dim": DIM}, "manifest_sha256": "synthetic", "embedding_dim": DIM,
+            "embedding_dtype": "float16", "views": 0, "store_images": False, "source_shards": [url],
+            "shard_parts": [{"url": url, "skipped": {}, "source": {**source_signature(url), "sha256": atomic.sha256_file(url)}}]}
     store.write_split(features, "train", image_tables, text_tables, info)
 
 
@@ -201,8 +238,17 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--train-only", action="store_true", help="only the peak RSS of dsmd train at N and 10N "
                         "(no epoch timing, loader or mining): a quick check of what a rank holds per image")
+    parser.add_argument("--multiples", type=int, nargs="+", default=[10], help="with --train-only: the larger sizes as "
+                        "multiples of --n (e.g. 10 100); their features are generated directly (64 PNGs referenced by "
+                        "offset), not through tars")
+    parser.add_argument("--with-mine", action="store_true", help="with --train-only: also the peak RSS of dsmd mine "
+                        "(k 8, --mine-budget-mb) at N and at the largest multiple")
+    parser.add_argument("--rate-steps", type=int, default=60, help="with --train-only: steps of the samples/s runs "
+                        "(1 loader worker) at N and at the largest multiple; 0 = none")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="dsmd-memory-"))
+    if args.train_only:
+        return train_only(args, work)
     results: dict = {"n": args.n, "steps": args.steps, "cpu_count": os.cpu_count()}
     sets = {}
     for label, n in (("N", args.n), ("10N", 10 * args.n)):
@@ -230,11 +276,6 @@ def main() -> None:
     per_image = (train["10N"]["peak_rss_mib"] - train["N"]["peak_rss_mib"]) * 2**20 / (9 * args.n)
     results["train_bytes_per_image"] = per_image
     results["train_rank_gib_projected_400M"] = (train["N"]["peak_rss_mib"] * 2**20 + per_image * 400e6) / 2**30
-    if args.train_only:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(json.dumps(results, indent=2))
-        return
 
     # an epoch at N: streamed referenced shards against today's in-memory copies, alternated, twice each
     runs = {"streamed referenced": (False, "stream"), "in-memory copies": (True, "memory")}
@@ -260,17 +301,8 @@ def main() -> None:
     results["loader_samples_per_s"] = loader
     results["loader_over_training_throughput"] = {name: rate / training_rate for name, rate in loader.items()}
 
-    mine = {}
-    for label in ("N", "10N"):
-        features, _ = sets[(label, False)]
-        out = work / f"mined-{label}"
-        mine[label] = run_stage("mine", {"mine": {
-            "features_dir": str(features), "out_dir": str(out), "splits": ["train"], "k": 8, "query_chunk": 4096,
-            "memory_budget_mb": args.mine_budget_mb, "refine_factor": 4, "recall_sample": 200, "threads": 2}}, [], work)
-        manifest = json.loads((out / "train" / "_manifest.json").read_text())
-        mine[label]["indexes"] = {db: info["kind"] for db, info in manifest["indexes"].items()}
-        mine[label]["recall_at_k"] = {d: info.get("recall_at_k") for d, info in manifest["directions"].items()}
-        print(f"mine {label}: {mine[label]}", flush=True)
+    mine = {label: mine_run(sets[(label, False)][0], work / f"mined-{label}", args.mine_budget_mb, work)
+            for label in ("N", "10N")}
     results["mine"] = mine
     results["mine_rss_ratio_10N_over_N"] = mine["10N"]["peak_rss_mib"] / mine["N"]["peak_rss_mib"]
 
@@ -286,6 +318,70 @@ def main() -> None:
         print(f"loader ({name}) / training throughput: {ratio:.2f} (target >= 3)")
     print(f"peak RSS of dsmd mine, 10N / N: {results['mine_rss_ratio_10N_over_N']:.3f} (target <= 1.5; "
           f"indexes N {results['mine']['N']['indexes']}, 10N {results['mine']['10N']['indexes']})")
+
+
+def train_only(args, work: Path) -> None:
+    """Peak RSS of `dsmd train` (streamed, 0 workers) at N and each multiple, the bytes a rank holds per image (from
+    the largest size), a rank projected to 400M images, and samples/s at N against the largest size."""
+    labels = {"N": args.n, **{f"{m}N": m * args.n for m in args.multiples}}
+    results: dict = {"n": args.n, "steps": args.steps, "cpu_count": os.cpu_count(), "features": "generated directly"}
+    train, rate = {}, {}
+    for label, n in labels.items():
+        features, negatives = work / f"features-{label}", work / f"negatives-{label}"
+        started = time.perf_counter()
+        write_features_direct(work / f"png-{label}", features, n)
+        write_random_negatives(features, negatives)
+        print(f"{label}: {n} images written in {time.perf_counter() - started:.0f}s", flush=True)
+        train[label] = run_stage("train", train_params(features, negatives, args.steps, "stream", workers=0),
+                                 ["--out-dir", str(work / f"student-{label}")], work)
+        print(f"train {label}: {train[label]}", flush=True)
+        if args.rate_steps and label in ("N", list(labels)[-1]):
+            out = work / f"rate-{label}"
+            run = run_stage("train", train_params(features, negatives, args.rate_steps, "stream", workers=1),
+                            ["--out-dir", str(out)], work)
+            rate[label] = json.loads((out / "train_summary.json").read_text())["samples_per_s"]
+            print(f"samples/s {label}: {rate[label]:.0f}", flush=True)
+        if label != "N" and label != list(labels)[-1]:
+            shutil.rmtree(features), shutil.rmtree(negatives)  # disk: only N and the largest are kept
+    largest = list(labels)[-1]
+    if args.with_mine:
+        results["mine"] = {label: mine_run(work / f"features-{label}", work / f"mined-{label}", args.mine_budget_mb, work)
+                           for label in ("N", largest)}
+        results["mine_rss_ratio"] = results["mine"][largest]["peak_rss_mib"] / results["mine"]["N"]["peak_rss_mib"]
+    results["train_peak_rss_mib"] = train
+    results["train_rss_ratio_over_N"] = {label: train[label]["peak_rss_mib"] / train["N"]["peak_rss_mib"] for label in labels}
+    per_image = (train[largest]["peak_rss_mib"] - train["N"]["peak_rss_mib"]) * 2**20 / (labels[largest] - args.n)
+    results["train_bytes_per_image"] = per_image
+    results["train_rank_gib_projected_400M"] = (train["N"]["peak_rss_mib"] * 2**20 + per_image * 400e6) / 2**30
+    if rate:
+        results["samples_per_s"] = rate
+        results["samples_per_s_ratio"] = rate[largest] / rate["N"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    for label in labels:
+        if label != "N":
+            target = {"10N": " (target <= 1.05)", "100N": " (target <= 1.10)"}.get(label, "")
+            print(f"peak RSS of dsmd train, {label} / N: {results['train_rss_ratio_over_N'][label]:.3f}{target}")
+    print(f"dsmd train: {per_image:.1f} bytes a rank per image (with 2-5 captions); a rank at 400M images: "
+          f"{results['train_rank_gib_projected_400M']:.2f} GiB projected (target < 4)")
+    if rate:
+        print(f"samples/s, {largest} / N: {results['samples_per_s_ratio']:.3f} (target >= 0.90)")
+    if args.with_mine:
+        print(f"peak RSS of dsmd mine, {largest} / N: {results['mine_rss_ratio']:.3f} (target <= 1.5; indexes "
+              f"N {results['mine']['N']['indexes']}, {largest} {results['mine'][largest]['indexes']})")
+
+
+def mine_run(features: Path, out: Path, budget_mb: int, work: Path) -> dict:
+    """Peak RSS and time of `dsmd mine` (k 8) over a features split, with the index kinds and recall it reports."""
+    run = run_stage("mine", {"mine": {
+        "features_dir": str(features), "out_dir": str(out), "splits": ["train"], "k": 8, "query_chunk": 4096,
+        "memory_budget_mb": budget_mb, "refine_factor": 4, "recall_sample": 200, "threads": 2}}, [], work)
+    manifest = json.loads((out / "train" / "_manifest.json").read_text())
+    run["indexes"] = {db: info["kind"] for db, info in manifest["indexes"].items()}
+    run["recall_at_k"] = {d: info.get("recall_at_k") for d, info in manifest["directions"].items()}
+    print(f"mine {features.name}: {run}", flush=True)
+    return run
 
 
 if __name__ == "__main__":

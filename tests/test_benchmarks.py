@@ -72,3 +72,22 @@ def test_the_gpu_check_refuses_in_one_line_where_there_is_no_cuda():
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [
         "error: no CUDA device here (torch.cuda.is_available() is False): run this check on a GPU machine"]
+
+
+def test_memory_generates_a_features_split_of_any_size_that_trains_like_an_extracted_one(tmp_path):
+    import numpy as np
+
+    import memory
+    from pipeline.corpus.augment import decode_image
+    from pipeline.features import schema, store
+    from pipeline.training import data as data_mod
+
+    memory.write_features_direct(tmp_path / "png", tmp_path / "features", 250, part=100)
+    data = data_mod.load_shards_data(tmp_path / "features", "train", stream=True)
+    texts = store.read_texts(tmp_path / "features", "train")
+    assert data.num_images == 250 and len(data.captions) == texts.num_rows == sum(2 + i % 4 for i in range(250))
+    assert isinstance(data.text_to_image, store.RowFile) and isinstance(data.trainable_image_ids(), data_mod.ImageRange)
+    assert [int(t) for t in data.captions_of(130)] == np.flatnonzero(texts[schema.IMAGE_ID].to_numpy() == 130).tolist()
+    assert data.captions[int(data.captions_of(130)[1])] == "a picture 130 seen in way 1"
+    assert decode_image(data.image_bytes[130]).size == decode_image(data.image_bytes[130 % 64]).size == (64, 64)
+    assert data.image_bytes[130] == data.image_bytes[2] != data.image_bytes[3]  # 64 PNGs, referenced in turn

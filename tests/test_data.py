@@ -234,6 +234,9 @@ def test_random_sampler_covers_each_image_once_per_epoch_and_splits_over_ranks()
         assert all(len(p) == 2 for p in pieces)
     # starting mid-run yields the rest of the same sequence
     assert list(data_mod.GlobalBatchSampler(ids, 8, 14, seed=5, start_step=9)) == full[9:]
+    # the ids held as a range (every image trainable) or as int32 give the very same batches
+    assert list(data_mod.GlobalBatchSampler(data_mod.ImageRange(50), 8, 14, seed=5)) == full
+    assert list(data_mod.GlobalBatchSampler(ids.astype(np.int32), 8, 14, seed=5)) == full
     with pytest.raises(ConfigError, match="divide evenly"):
         data_mod.GlobalBatchSampler(ids, 8, 14, world_size=3)
 
@@ -325,3 +328,14 @@ def test_cached_tokens_are_packed_and_come_back_bit_for_bit(features, student):
         batch = dataset.__getitems__(batch_keys)
         expected = student.tokenizer([data.captions[t] for t in batch[data_mod.TEXT_ID].tolist()])
         assert batch[data_mod.TEXT].dtype == expected.dtype and torch.equal(batch[data_mod.TEXT], expected)
+
+
+def test_trainable_ids_are_a_range_when_every_image_has_a_caption_else_the_int32_ids():
+    some = data_mod.TrainingData(source="t", image_bytes=[b""] * 4, captions=["a", "b", "c"], text_to_image=[0, 0, 2])
+    trainable = some.trainable_image_ids()
+    assert trainable.dtype == np.int32 and trainable.tolist() == [0, 2]
+    every = data_mod.TrainingData(source="t", image_bytes=[b""] * 3, captions=["a", "b", "c"], text_to_image=[2, 0, 1])
+    ids = every.trainable_image_ids()
+    assert isinstance(ids, data_mod.ImageRange) and np.asarray(ids).tolist() == [0, 1, 2]
+    assert np.asarray(ids[:2]).tolist() == [0, 1] and ids[[2, 0]].tolist() == [2, 0]
+    assert every.captions_of(2).tolist() == [0]

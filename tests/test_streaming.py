@@ -216,3 +216,80 @@ def test_referenced_images_keep_few_shards_open(both_stores, monkeypatch):
     order = [0, 9, 17, 1, 10, 18, 2, 23]  # shards 0, 1, 2, 0, 1, 2, ...
     assert [images[i] for i in order] == [copies[i] for i in order]
     assert len(images._fds) == 2 and len(set(images.shard_index[order].tolist())) == 3
+
+
+def _without_lookups(features: Path, out: Path) -> Path:
+    """A copy of `features` as written before the per-id lookups existed (manifest key and files gone), mined again."""
+    import json
+    import shutil
+
+    shutil.copytree(features, out)
+    marker = out / "train" / schema.SPLIT_MANIFEST
+    manifest = json.loads(marker.read_text())
+    for name, entry in manifest.pop(schema.LOOKUPS_KEY).items():
+        if name != schema.LOOKUP_SHARDS:
+            (out / "train" / entry["path"]).unlink()
+    marker.write_text(json.dumps(manifest))
+    _mine(out, out.parent / f"{out.name}-negatives")
+    return out
+
+
+def test_the_per_id_lookups_equal_the_tables_and_nothing_per_id_is_held(both_stores):
+    _, copied, referenced = both_stores
+    texts, images = store.read_texts(referenced, "train"), store.read_images(referenced, "train")
+    found = store.lookups(referenced, "train")
+    owners = texts[schema.IMAGE_ID].to_numpy()
+    np.testing.assert_array_equal(found[schema.TEXT_IMAGE_IDS][:], owners)
+    np.testing.assert_array_equal(found[schema.TEXT_OFFSETS][:], np.searchsorted(owners, np.arange(images.num_rows + 1)))
+    np.testing.assert_array_equal(found[schema.IMAGE_OFFSETS][:], images[schema.IMAGE_OFFSET].to_numpy())
+    np.testing.assert_array_equal(found[schema.IMAGE_SIZES][:], images[schema.IMAGE_SIZE].to_numpy())
+    assert [found[schema.LOOKUP_SHARDS][i] for i in found[schema.IMAGE_SHARD_INDEX][:]] == images[schema.SOURCE_SHARD].to_pylist()
+    captions = store.Captions(found[schema.CAPTION_OFFSETS], found[schema.CAPTION_UTF8])
+    assert [captions[i] for i in range(len(captions))] == texts[schema.CAPTION].to_pylist()
+
+    data = data_mod.load_shards_data(referenced, "train", stream=True)
+    per_id = [data.text_to_image, data.text_offsets, data.image_bytes.shard_index, data.image_bytes.offsets,
+              data.image_bytes.sizes, data.teacher_image, data.teacher_text, data.teacher_views]
+    assert all(isinstance(rows, store.RowFile) for rows in per_id) and isinstance(data.captions, store.Captions)
+    every = data.trainable_image_ids()  # every image has a caption: nothing held for the ids
+    assert isinstance(every, data_mod.ImageRange) and len(every) == data.num_images
+    np.testing.assert_array_equal(np.asarray(every[:5]), np.arange(5))
+    for seed, epoch in ((0, 0), (3, 7)):  # the same batch order as from the int64 array of earlier versions
+        order = data_mod.random_order(every, seed, epoch)
+        assert order.dtype == np.int32
+        np.testing.assert_array_equal(order, np.random.default_rng((seed, epoch, 0)).permutation(np.arange(data.num_images)))
+
+
+def test_features_without_lookups_still_load_and_give_the_same_batches_and_student(both_stores, tmp_path):
+    root, copied, referenced = both_stores
+    keys = [[(epoch, i) for i in range(j, 24, 3)] for epoch in (0, 2) for j in range(3)]
+    for features in (referenced, copied):
+        legacy = _without_lookups(features, tmp_path / f"legacy-{features.name}")
+        assert store.lookups(legacy, "train") is None
+        old, new = data_mod.load_shards_data(legacy, "train"), data_mod.load_shards_data(features, "train")
+        np.testing.assert_array_equal(old.trainable_image_ids(), new.trainable_image_ids())
+        assert [list(old.captions_of(i)) for i in range(old.num_images)] == [list(new.captions_of(i)) for i in range(new.num_images)]
+        for stream in (False, True):
+            for a, b in zip(_batches(legacy, stream, keys), _batches(features, stream, keys)):
+                assert a.keys() == b.keys()
+                for name in a:
+                    torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    legacy = tmp_path / f"legacy-{referenced.name}"
+    loop.train(_train_cfg(legacy, tmp_path / "old", data_loading="stream"))
+    loop.train(_train_cfg(referenced, tmp_path / "new", data_loading="stream"))
+    _same_checkpoints(tmp_path / "old", tmp_path / "new")
+
+
+def test_lookups_are_not_written_for_texts_out_of_image_order_and_a_truncated_one_is_named(both_stores, tmp_path):
+    _, _, referenced = both_stores
+    texts = store.read_texts(referenced, "train")
+    images = store.read_images(referenced, "train")
+    shuffled = texts.take(np.random.default_rng(0).permutation(texts.num_rows))
+    assert store._write_lookups(tmp_path, [images], [shuffled]) == {}
+    broken = tmp_path / "broken"
+    import shutil
+    shutil.copytree(referenced, broken)
+    path = broken / "train" / schema.array_file(schema.CAPTION_OFFSETS)
+    path.write_bytes(path.read_bytes()[:-9])
+    with pytest.raises(store.ShardError, match=str(path)):
+        store.lookups(broken, "train")

@@ -23,6 +23,18 @@ PARTS_DIR = "_parts"  # per-input-shard results before dense ids are assigned (r
 # features/<split>/<column>.npy: the split's embeddings of EMBEDDING_ARRAYS in id order, the storage dtype,
 # (N, D) / (M, D) / (N, K, D), so stage two and mining read rows by position without loading the split
 EMBEDDING_ARRAYS = ("teacher_image_emb", "teacher_text_emb", "teacher_view_emb")
+# features/<split>/<name>.npy: the per-id lookups stage two reads per batch, so that no rank holds anything per
+# image or caption (listed under the manifest's "lookups"; features without them are read whole). Texts are stored
+# grouped by image in id order, so image i's captions are the text ids TEXT_OFFSETS[i] .. TEXT_OFFSETS[i + 1] - 1.
+TEXT_OFFSETS = "text_offsets"  # (N + 1,) int64
+TEXT_IMAGE_IDS = "text_image_ids"  # (M,) int64, the IMAGE_ID of each text id
+CAPTION_OFFSETS = "caption_offsets"  # (M + 1,) int64: caption t is CAPTION_UTF8[CAPTION_OFFSETS[t]:CAPTION_OFFSETS[t + 1]]
+CAPTION_UTF8 = "caption_utf8"  # (bytes,) uint8, every caption's UTF-8 in text id order
+IMAGE_SHARD_INDEX = "image_shard_index"  # (N,) int32, position in the manifest's "lookups" shards list (referenced images)
+IMAGE_OFFSETS = "image_offsets"  # (N,) int64, IMAGE_OFFSET of each image id (referenced images)
+IMAGE_SIZES = "image_sizes"  # (N,) int64, IMAGE_SIZE of each image id (referenced images)
+LOOKUPS_KEY = "lookups"  # manifest key: {name: {"path", "sha256"}, "shards": [url, ...]}
+LOOKUP_SHARDS = "shards"
 
 
 def array_file(column: str) -> str:

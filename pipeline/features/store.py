@@ -244,6 +244,7 @@ def write_split(
             path = atomic_write_table(table, base / name)
             files[prefix].append({"path": name, "rows": table.num_rows, "sha256": sha256_file(path)})
     arrays = _write_arrays(base, image_tables, text_tables)
+    lookups = _write_lookups(base, image_tables, text_tables)
     for prefix, listed in files.items():  # files of an earlier, larger version of the split
         for path in base.glob(f"{prefix}-*.parquet"):
             if path.name not in {f["path"] for f in listed}:
@@ -256,6 +257,7 @@ def write_split(
         "num_texts": sum(f["rows"] for f in files[schema.TEXTS_PREFIX]),
         "files": files,
         "arrays": arrays,
+        schema.LOOKUPS_KEY: lookups,
     }
     atomic_write_json(manifest, marker)
     return manifest
@@ -287,6 +289,115 @@ def _write_arrays(base: Path, image_tables: list[pa.Table], text_tables: list[pa
     return written
 
 
+def _write_npy(path: Path, dtype, length: int, pieces: Iterable[np.ndarray]) -> dict:
+    """A 1-D `.npy` of `length` values written piece by piece into a memory map (atomically): never whole in memory."""
+    def write(tmp: Path) -> None:
+        out, start = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(length,)), 0
+        for piece in pieces:
+            out[start : start + len(piece)] = piece
+            start += len(piece)
+        if start != length:
+            raise ValueError(f"{path.name}: wrote {start} values, expected {length}")
+        out.flush()
+        del out
+    atomic_write_with(path, write)
+    return {"path": path.name, "sha256": sha256_file(path)}
+
+
+def _caption_bytes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets from 0 (rows + 1,), UTF-8 bytes) of a texts table's captions, straight from the Arrow buffers."""
+    array = table[schema.CAPTION].combine_chunks().cast(pa.large_string())
+    offsets = np.frombuffer(array.buffers()[1], np.int64)[array.offset : array.offset + len(array) + 1]
+    data = array.buffers()[2]
+    utf8 = np.frombuffer(data, np.uint8)[offsets[0] : offsets[-1]] if data is not None else np.zeros(0, np.uint8)
+    return offsets - offsets[0], utf8
+
+
+def _write_lookups(base: Path, image_tables: list[pa.Table], text_tables: list[pa.Table]) -> dict:
+    """The per-id lookups of stage two (schema.TEXT_OFFSETS ...) as .npy files, table by table. Texts must be grouped
+    by image in id order (extract writes them so); if they are not, none is written and readers load the tables."""
+    owners = [t[schema.IMAGE_ID].to_numpy() for t in text_tables]
+    joined_ok = all(np.all(np.diff(o) >= 0) for o in owners) and all(
+        a[-1] <= b[0] for a, b in zip([o for o in owners if len(o)], [o for o in owners if len(o)][1:]))
+    if not joined_ok:
+        return {}
+    num_images = sum(t.num_rows for t in image_tables)
+    num_texts = sum(t.num_rows for t in text_tables)
+    counts = np.zeros(num_images, np.int64)
+    for o in owners:
+        counts += np.bincount(o, minlength=num_images)
+    out = {
+        schema.TEXT_OFFSETS: _write_npy(base / schema.array_file(schema.TEXT_OFFSETS), np.int64, num_images + 1,
+                                        [np.zeros(1, np.int64), np.cumsum(counts)]),
+        schema.TEXT_IMAGE_IDS: _write_npy(base / schema.array_file(schema.TEXT_IMAGE_IDS), np.int64, num_texts, owners),
+    }
+    del counts, owners
+    sizes = [int(_caption_bytes(t)[0][-1]) for t in text_tables]
+
+    def caption_offsets() -> Iterator[np.ndarray]:
+        yield np.zeros(1, np.int64)
+        start = 0
+        for table in text_tables:
+            offsets = _caption_bytes(table)[0]
+            yield offsets[1:] + start
+            start += int(offsets[-1])
+
+    out[schema.CAPTION_OFFSETS] = _write_npy(base / schema.array_file(schema.CAPTION_OFFSETS), np.int64, num_texts + 1,
+                                             caption_offsets())
+    out[schema.CAPTION_UTF8] = _write_npy(base / schema.array_file(schema.CAPTION_UTF8), np.uint8, sum(sizes),
+                                          (_caption_bytes(t)[1] for t in text_tables))
+    if all(t[schema.IMAGE_OFFSET].null_count == 0 and t[schema.IMAGE_SIZE].null_count == 0 for t in image_tables):
+        shards: dict[str, int] = {}
+        index = [np.array([shards.setdefault(url, len(shards)) for url in t[schema.SOURCE_SHARD].to_pylist()], np.int32)
+                 for t in image_tables]
+        out[schema.IMAGE_SHARD_INDEX] = _write_npy(base / schema.array_file(schema.IMAGE_SHARD_INDEX), np.int32,
+                                                   num_images, index)
+        for name, column in ((schema.IMAGE_OFFSETS, schema.IMAGE_OFFSET), (schema.IMAGE_SIZES, schema.IMAGE_SIZE)):
+            out[name] = _write_npy(base / schema.array_file(name), np.int64, num_images,
+                                   (t[column].to_numpy(zero_copy_only=False).astype(np.int64) for t in image_tables))
+        out[schema.LOOKUP_SHARDS] = list(shards)
+    return out
+
+
+def lookups(features_dir: str | Path, split: str) -> dict[str, "RowFile | list[str]"] | None:
+    """The split's per-id lookups as RowFiles (read per batch), with the referenced shards' urls; None for features
+    written before them (readers then load the tables)."""
+    manifest = load_split_manifest(features_dir, split)
+    listed = manifest.get(schema.LOOKUPS_KEY) or {}
+    if schema.TEXT_OFFSETS not in listed:
+        return None
+    base = split_dir(features_dir, split)
+    found: dict = {name: RowFile(base / entry["path"]) for name, entry in listed.items() if name != schema.LOOKUP_SHARDS}
+    expected = {schema.TEXT_OFFSETS: manifest["num_images"] + 1, schema.TEXT_IMAGE_IDS: manifest["num_texts"],
+                schema.CAPTION_OFFSETS: manifest["num_texts"] + 1, schema.IMAGE_SHARD_INDEX: manifest["num_images"],
+                schema.IMAGE_OFFSETS: manifest["num_images"], schema.IMAGE_SIZES: manifest["num_images"]}
+    for name, rows in found.items():
+        if name in expected and len(rows) != expected[name]:
+            raise ShardError(f"{rows.path}: {len(rows)} rows, but {schema.SPLIT_MANIFEST} implies {expected[name]}; "
+                             f"re-run `dsmd extract`")
+    if schema.LOOKUP_SHARDS in listed:
+        found[schema.LOOKUP_SHARDS] = list(listed[schema.LOOKUP_SHARDS])
+    return found
+
+
+class Captions:
+    """The split's captions indexed like a list of str, read per call from schema.CAPTION_UTF8 (nothing per caption
+    is held)."""
+
+    def __init__(self, offsets: "RowFile", utf8: "RowFile") -> None:
+        self.offsets, self.utf8 = offsets, utf8
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"{self.utf8.path}: caption {index} out of range for {len(self)}")
+        lo, hi = self.offsets[index % len(self) : index % len(self) + 2].tolist()
+        return self.utf8[lo:hi].tobytes().decode("utf-8")
+
+
 def _embedding_rows(column: pa.ChunkedArray) -> np.ndarray:
     """An embedding column (fixed-size lists, or lists of them for views) as an array of its storage dtype."""
     array = column.combine_chunks()
@@ -297,6 +408,9 @@ def _embedding_rows(column: pa.ChunkedArray) -> np.ndarray:
     storage = np.float16 if array.type.value_type == pa.float16() else np.float32
     rows = schema.embeddings_to_numpy(array, storage)
     return rows if per_row is None else rows.reshape(-1, per_row, rows.shape[1])
+
+
+Rows = "np.ndarray | RowFile"  # indexed by id lists alike: in memory, or read per call
 
 
 class RowFile:
@@ -356,7 +470,7 @@ class RowFile:
         fd, size, header = self._descriptor(), self.row_bytes, self.header
         for j, i in enumerate(flat.tolist()):
             out[j] = np.frombuffer(os.pread(fd, size, header + i * size), self.dtype).reshape(self.row_shape)
-        return out.reshape(*ids.shape, *self.row_shape)
+        return out.reshape(ids.shape + tuple(self.row_shape))
 
     def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
         """(start, rows[start:start + size]) over the whole array: bounded-memory passes."""
@@ -393,9 +507,11 @@ class ImageBytes:
     memory; referenced ones are read per call from their source shard at the recorded byte offset."""
 
     def __init__(self, where: str, copies: list[bytes] | None, shards: list[str] | None = None,
-                 shard_index: np.ndarray | None = None, offsets: np.ndarray | None = None, sizes: np.ndarray | None = None):
+                 shard_index: "Rows | None" = None, offsets: "Rows | None" = None, sizes: "Rows | None" = None,
+                 count: int | None = None):
         self.where, self.copies, self.shards = where, copies, shards or []
-        self.shard_index, self.offsets, self.sizes = shard_index, offsets, sizes
+        self.shard_index, self.offsets, self.sizes = shard_index, offsets, sizes  # arrays, or RowFiles read per image
+        self.count = count  # only the first `count` images (None: all)
         self._fds: OrderedDict[int, int] = OrderedDict()  # the most recently read shards' descriptors
         self._pid = -1
 
@@ -415,7 +531,8 @@ class ImageBytes:
         return self._fds[shard]
 
     def __len__(self) -> int:
-        return len(self.copies) if self.copies is not None else len(self.offsets)
+        found = len(self.copies) if self.copies is not None else len(self.offsets)
+        return found if self.count is None else min(found, self.count)
 
     def __iter__(self) -> Iterator[bytes]:
         return (self[i] for i in range(len(self)))
@@ -427,6 +544,8 @@ class ImageBytes:
     def __getitem__(self, image_id: int) -> bytes:
         if self.copies is not None:
             return self.copies[image_id]
+        if not 0 <= image_id < len(self):
+            raise IndexError(f"{self.where}: image {image_id} out of range for {len(self)}")
         shard = int(self.shard_index[image_id])
         size = int(self.sizes[image_id])
         data = os.pread(self._descriptor(shard), size, int(self.offsets[image_id]))
@@ -459,6 +578,13 @@ def image_bytes(features_dir: str | Path, split: str, count: int | None = None) 
     """The images of a features split (the first `count`, or all), copied or referenced."""
     manifest = load_split_manifest(features_dir, split)
     copied = manifest.get("store_images", True)
+    found = None if copied else lookups(features_dir, split)
+    if found is not None and schema.IMAGE_SHARD_INDEX in found:  # read per image, nothing held per image
+        shards = found[schema.LOOKUP_SHARDS]
+        check_source_shards(features_dir, split, shards)
+        return ImageBytes(str(split_dir(features_dir, split)), None, [_shard_file(s) for s in shards],
+                          found[schema.IMAGE_SHARD_INDEX], found[schema.IMAGE_OFFSETS], found[schema.IMAGE_SIZES],
+                          count=count)
     columns = [schema.IMAGE_BYTES] if copied else [schema.SOURCE_SHARD, schema.IMAGE_OFFSET, schema.IMAGE_SIZE]
     table = read_images(features_dir, split, columns=columns)
     if count is not None:

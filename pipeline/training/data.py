@@ -61,18 +61,22 @@ class TrainingData:
 
     source: str  # the directory or manifest it came from, for messages
     image_bytes: Sequence[bytes]  # a list, or store.ImageBytes (copied or referenced)
-    captions: Sequence[str]  # a list, or Strings (one Arrow buffer: a third of a list of str objects)
-    text_to_image: np.ndarray  # (M,) int64
+    captions: Sequence[str]  # a list, Strings (one Arrow buffer) or store.Captions (read per call)
+    text_to_image: Rows  # (M,) int64
     teacher_image: Optional[Rows] = None  # (N, D)
     teacher_text: Optional[Rows] = None  # (M, D)
     teacher_views: Optional[Rows] = None  # (N, K, D)
     view_params: Optional[list[list[dict]]] = None  # N lists of K view dicts (pipeline.augment)
     skipped: dict = field(default_factory=dict)  # reason -> count, from the source
-    # derived: the captions of image i are texts_by_image[text_offsets[i]:text_offsets[i + 1]]
-    texts_by_image: np.ndarray = field(init=False)
-    text_offsets: np.ndarray = field(init=False)
+    # the captions of image i are texts_by_image[text_offsets[i]:text_offsets[i + 1]]; given with text_to_image as
+    # the features' lookups (read per call: texts grouped by image, texts_by_image None = the identity), or derived
+    # here from text_to_image in memory
+    text_offsets: Optional[Rows] = None  # (N + 1,) int64
+    texts_by_image: Optional[np.ndarray] = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        if self.text_offsets is not None:
+            return
         self.text_to_image = np.asarray(self.text_to_image, dtype=np.int64)
         n = len(self.image_bytes)
         if len(self.text_to_image) and (self.text_to_image.min() < 0 or self.text_to_image.max() >= n):
@@ -94,11 +98,43 @@ class TrainingData:
         return None if self.teacher_image is None else int(self.teacher_image.shape[1])
 
     def captions_of(self, image_id: int) -> np.ndarray:
-        return self.texts_by_image[self.text_offsets[image_id] : self.text_offsets[image_id + 1]]
+        lo, hi = (int(v) for v in self.text_offsets[image_id : image_id + 2])
+        return np.arange(lo, hi) if self.texts_by_image is None else self.texts_by_image[lo:hi]
 
-    def trainable_image_ids(self) -> np.ndarray:
-        """Images with at least one caption (an image without one cannot form a pair)."""
-        return np.flatnonzero(np.diff(self.text_offsets) > 0).astype(np.int64)
+    def trainable_image_ids(self) -> "np.ndarray | ImageRange":
+        """Images with at least one caption (an image without one cannot form a pair), read in chunks when the
+        offsets are on disk: an ImageRange when that is every image (the usual case: nothing held), else int32."""
+        dtype = id_dtype(self.num_images)
+        pieces, chunk = [], 1 << 22
+        for start in range(0, self.num_images, chunk):
+            offsets = np.asarray(self.text_offsets[start : min(start + chunk, self.num_images) + 1])
+            pieces.append((np.flatnonzero(np.diff(offsets) > 0) + start).astype(dtype))
+        if sum(map(len, pieces)) == self.num_images:
+            return ImageRange(self.num_images)
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+
+
+def id_dtype(count: int) -> type:
+    """int32 ids where they fit (what a rank holds per image for the batch order is then 4 bytes)."""
+    return np.int32 if count < 2**31 else np.int64
+
+
+class ImageRange:
+    """The image ids 0 .. n - 1 without holding them: indexed and converted like the array it stands for."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice) and index.indices(self.n)[0::2] == (0, 1):
+            return ImageRange(index.indices(self.n)[1])
+        return np.asarray(self)[index]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.arange(self.n, dtype=dtype or id_dtype(self.n))
 
 
 def embeddings_bytes(features_dir: str | Path, split: str) -> int:
@@ -131,6 +167,19 @@ def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = 
     manifest = store.load_split_manifest(features_dir, split)
     stored_views = int(manifest.get("views", 0) or 0)
     with_views = with_views and stored_views > 0
+    found = store.lookups(features_dir, split)
+    if found is not None:  # nothing per image or caption held: every lookup is read per batch
+        data = TrainingData(
+            source=str(store.split_dir(features_dir, split)),
+            image_bytes=store.image_bytes(features_dir, split),
+            captions=store.Captions(found[schema.CAPTION_OFFSETS], found[schema.CAPTION_UTF8]),
+            text_to_image=found[schema.TEXT_IMAGE_IDS],
+            text_offsets=found[schema.TEXT_OFFSETS],
+            skipped=dict(manifest.get("skipped", {}) or {}),
+        )
+        view_params = (store.read_images(features_dir, split, columns=[schema.VIEW_PARAMS])[schema.VIEW_PARAMS].to_pylist()
+                       if with_views else None)
+        return _with_embeddings(data, features_dir, split, manifest, with_teacher, view_params, stream)
     image_columns = [schema.IMAGE_ID] + ([schema.VIEW_PARAMS] if with_views else [])
     text_columns = [schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION]
     images = store.read_images(features_dir, split, columns=image_columns)
@@ -152,6 +201,15 @@ def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = 
     pa.default_memory_pool().release_unused()  # the tables' buffers, not kept by the pool for later
     if len(data.image_bytes) != len(image_ids):
         raise DataError(f"{where}: {len(data.image_bytes)} images but {len(image_ids)} image rows; re-run `dsmd extract`")
+    return _with_embeddings(data, features_dir, split, manifest, with_teacher, view_params, stream)
+
+
+def _with_embeddings(data: TrainingData, features_dir, split: str, manifest: dict, with_teacher: bool,
+                     view_params: Optional[list], stream: bool) -> TrainingData:
+    """`data` with the teacher embeddings (whole, or with `stream` read per batch) and the stored views."""
+    where = store.split_dir(features_dir, split)
+    stored_views = int(manifest.get("views", 0) or 0)
+    with_views = view_params is not None
 
     def rows(column: str) -> Rows:
         found = store.embedding_rows(features_dir, split, column)
@@ -259,7 +317,7 @@ def restrict_negatives(negatives: MinedNegatives, image_ids: np.ndarray, num_ima
     """The mined lists with every neighbour outside `image_ids` (an image, or a caption of one) made
     padding when looked up: a student trained on a subset sees no teacher embedding of the rest."""
     allowed = np.zeros(num_images, dtype=bool)
-    allowed[image_ids] = True
+    allowed[np.asarray(image_ids)] = True
     return MinedNegatives(count=negatives.count, lists=negatives.lists, allowed=allowed)
 
 
@@ -442,9 +500,9 @@ def keep_batch(batch: dict) -> dict:
 
 # ---- batch orders -------------------------------------------------------------------------------
 
-def random_order(image_ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
-    """A seeded permutation of the trainable image ids, new every epoch."""
-    return np.random.default_rng((seed, epoch, 0)).permutation(image_ids)
+def random_order(image_ids: "np.ndarray | ImageRange", seed: int, epoch: int) -> np.ndarray:
+    """A seeded permutation of the trainable image ids, new every epoch (the same whatever their integer dtype)."""
+    return np.random.default_rng((seed, epoch, 0)).permutation(np.asarray(image_ids))
 
 
 def hard_negative_order(image_ids: np.ndarray, i2i: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -452,6 +510,7 @@ def hard_negative_order(image_ids: np.ndarray, i2i: np.ndarray, seed: int, epoch
     image, then its i2i neighbours not yet used this epoch, repeat. Cut into batches, this puts
     hard negatives into the same batch (in-batch negatives become hard)."""
     rng = np.random.default_rng((seed, epoch, 1))
+    image_ids = np.asarray(image_ids)
     eligible = np.zeros(len(i2i), dtype=bool)
     eligible[image_ids] = True
     used = np.zeros(len(i2i), dtype=bool)
@@ -499,7 +558,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             )
         if len(image_ids) < batch_size:
             raise ConfigError(f"optim.batch_size {batch_size} is larger than the {len(image_ids)} trainable images")
-        self.image_ids = np.asarray(image_ids, dtype=np.int64)
+        self.image_ids = image_ids if isinstance(image_ids, ImageRange) else np.asarray(image_ids)
         self.batch_size = batch_size
         self.total_steps = total_steps
         self.seed = seed

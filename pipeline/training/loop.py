@@ -447,7 +447,7 @@ class _Inputs:
     data: data_mod.TrainingData
     fingerprint: Optional[str]  # of the features split, recorded in checkpoints
     teacher_dim: Optional[int]  # None for the CLIP-only loss
-    image_ids: np.ndarray  # the images trained on
+    image_ids: "np.ndarray | data_mod.ImageRange"  # the images trained on
     negatives: Optional[data_mod.MinedNegatives]  # for the hard-negative term
     i2i: Optional[np.ndarray]  # for hard-negative-aware batching
     steps: int
@@ -632,11 +632,11 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo, world: Option
     return summary
 
 
-def _prefill_queue(dsmd_loss: DSMDLoss, data: data_mod.TrainingData, image_ids: np.ndarray, seed: int, device: torch.device) -> None:
+def _prefill_queue(dsmd_loss: DSMDLoss, data: data_mod.TrainingData, image_ids, seed: int, device: torch.device) -> None:
     """Fill the teacher queue with a seeded random sample of cached (image, caption) embeddings,
     so the first steps already see real negatives (the authors start from random vectors)."""
     rng = np.random.default_rng((seed, 2))
-    chosen = rng.permutation(image_ids)[: dsmd_loss.queue.size]
+    chosen = rng.permutation(np.asarray(image_ids))[: dsmd_loss.queue.size].astype(np.int64)
     text_ids = np.array([data.captions_of(i)[0] for i in chosen], dtype=np.int64)
     dsmd_loss.prefill(
         torch.from_numpy(data.teacher_image[chosen].astype(np.float32)).to(device),
