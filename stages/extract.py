@@ -7,12 +7,13 @@ from typing import Optional
 import typer
 
 from pipeline.common import locking
-from pipeline.common.config import section_help, stage_config
+from pipeline.common.config import load_params, section_help, stage_config
 from pipeline.corpus.reader import UNREADABLE_SHARD
+from pipeline.features.added_teacher import extract_added_teacher
 from pipeline.features.extract import extract
 from stages._common import break_lock_option, config_options, params_option, set_option, user_errors
 
-EPILOG = section_help("extract")
+EPILOG = section_help("extract") + "\n\n" + section_help("teachers")
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
@@ -24,6 +25,9 @@ def main(
     params: Path = params_option(),
     break_lock: bool = break_lock_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="discard existing outputs of these splits instead of resuming"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="an entry of params.yaml's teachers section: add its "
+                                          "embeddings of the extracted splits in extract.teachers_dir/<name>/ (rewrites "
+                                          "nothing of the features; dvc.yaml: extract_teacher@<name>)"),
     set_: Optional[list[str]] = set_option(),
     options: dict = None,
 ) -> None:
@@ -33,6 +37,15 @@ def main(
     each rank embeds its share of the input shards; the result equals a single-process run."""
     with user_errors():
         cfg = stage_config(params, "extract", options["extract"], set_)
+        if teacher is not None:
+            added = load_params(params).added_teacher(teacher)
+            out = Path(cfg.teachers_dir) / teacher
+            with locking.hold(out, break_lock=break_lock):
+                results = extract_added_teacher(cfg, teacher, added, overwrite=overwrite)
+            for split_name, manifest_info in results.items():
+                typer.echo(f"{split_name}: teacher {teacher}: {manifest_info['num_images']} images, "
+                           f"{manifest_info['num_texts']} texts -> {out / split_name}")
+            return
         teacher_cfg = stage_config(params, "teacher", options["teacher"])
         with locking.hold(cfg.out_dir, break_lock=break_lock):
             results = extract(cfg, teacher_cfg, overwrite=overwrite)

@@ -75,7 +75,8 @@ def _keys(cls, prefix=""):
             yield f"{prefix}{f.name}", f
 
 
-@pytest.mark.parametrize("section", [f.name for f in dataclasses.fields(Params) if f.name != "students"])  # train's keys
+@pytest.mark.parametrize("section", [f.name for f in dataclasses.fields(Params)
+                                     if f.name not in ("students", "teachers")])  # train's keys; extract's, below
 def test_every_option_has_one_description_and_the_stage_help_lists_it(section):
     from stages.cli import app
     cls = typing.get_type_hints(Params)[section]
@@ -85,6 +86,13 @@ def test_every_option_has_one_description_and_the_stage_help_lists_it(section):
     assert result.exit_code == 0
     listed = {line.split(" = ")[0].strip(" │") for line in result.output.splitlines() if " = " in line}
     assert set(keys) <= listed, sorted(set(keys) - listed)
+
+
+def test_extract_help_lists_the_keys_of_an_added_teacher():
+    from stages.cli import app
+    result = CliRunner().invoke(app, ["extract", "--help"], terminal_width=400)
+    listed = {line.split(" = ")[0].strip(" │") for line in result.output.splitlines() if " = " in line}
+    assert {"<name>.model", "<name>.pretrained", "teachers_dir"} <= listed and "--teacher" in result.output
 
 
 def test_a_student_is_the_train_section_with_its_own_entry_applied(tmp_path):

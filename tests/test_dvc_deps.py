@@ -69,7 +69,7 @@ def test_closure_follows_imports_inside_functions():
     assert "pipeline/training/loop.py" in closure and "pipeline/features/extract.py" not in closure
 
 
-STAGE_ONE = ("corpus", "teacher", "extract", "mine")
+STAGE_ONE = ("corpus", "teacher", "extract", "extract_teacher", "mine")
 
 # Stage one (the teacher pass, paid once) may depend only on what determines its outputs: an edit to the
 # training, evaluation or export code must never make DVC re-run it.
@@ -83,9 +83,24 @@ def _stage_two(paths: set[str]) -> set[str]:
 def test_stage_one_never_depends_on_training_evaluation_or_export_code():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name in STAGE_ONE:
-        listed = {d for d in stages[name]["deps"] if d.startswith("pipeline/")}
+        stage = stages[name].get("do", stages[name])
+        listed = {d for d in stage["deps"] if d.startswith("pipeline/")}
         assert not _stage_two(listed), (name, sorted(_stage_two(listed)))
-        assert not _stage_two(code_closure(REPO / "stages" / f"{name}.py")), name
+        cli = re.match(r"dsmd (\w+)", stage["cmd"]).group(1)
+        assert not _stage_two(code_closure(REPO / "stages" / f"{cli}.py")), name
+
+
+def test_each_added_teacher_is_a_stage_of_its_own_that_the_students_wait_for():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    stage = stages["extract_teacher"]
+    assert stage["foreach"] == "${teachers}" and "--teacher ${key}" in stage["do"]["cmd"]
+    assert stage["do"]["params"] == ["teachers.${key}", "extract"]  # another teacher's entry never re-runs it
+    assert stage["do"]["outs"] == ["${extract.teachers_dir}/${key}"]
+    # the students depend on the folder that holds every added teacher and the teacher's identity, so it exists
+    # with no added teacher too (a missing dependency fails `dvc repro`)
+    assert "${extract.teachers_dir}" in stages["train"]["do"]["deps"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert Path(params["teacher"]["out_dir"]).parent == Path(params["extract"]["teachers_dir"])
 
 
 def test_each_student_is_a_stage_that_tracks_only_the_shared_section_and_its_own_entry():

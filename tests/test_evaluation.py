@@ -410,3 +410,29 @@ def test_the_report_renders_in_headless_chromium(tmp_path):
     with Image.open(shot) as image:
         pixels = np.asarray(image.convert("L"))
     assert pixels.shape == (1400, 1000) and pixels.std() > 10  # a page with content, not a blank or error screen
+
+
+def test_added_teachers_and_their_ensemble_are_reference_rows(tmp_path):
+    from pipeline.features import schema
+    write_fake_features(tmp_path / "features", "test", n_images=24, captions_per_image=5, dim=32)
+    write_teacher_manifest_identity(tmp_path / "features", "test", "dsmd-test-teacher")
+    save_student(tmp_path / "students" / "dsmd", seed=1)
+    own_image, own_text, text_to_image = store.load_embeddings(tmp_path / "features", "test")
+    rng = np.random.default_rng(3)
+    b_image = rng.normal(size=(24, 16)) + own_image[:, :16]  # a second teacher that half agrees with the first
+    b_text = rng.normal(size=(120, 16)) + own_text[:, :16]
+    b_image, b_text = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (b_image, b_text))
+    info = {"teacher": {"model": "other"}, schema.FEATURES_FINGERPRINT: store.features_fingerprint(tmp_path / "features", "test")}
+    store.write_added_teacher(store.added_teacher_dir(tmp_path / "teachers", "b", "test"), info, [b_image], [b_text],
+                              24, 120, 16, "float32")
+    cfg = small_config(tmp_path, {"dsmd": tmp_path / "students" / "dsmd"}, teachers=["b"],
+                       teachers_dir=str(tmp_path / "teachers"), report_dir="")
+    metrics = evaluate.evaluate(cfg)
+    want_b = brute_force_metrics(b_image.astype(np.float32), b_text.astype(np.float32), text_to_image)
+    assert metrics["teachers"]["b"]["rsum"] == pytest.approx(want_b["rsum"]) and metrics["teachers"]["b"]["model"] == "other"
+    # the ensemble: both teachers' unit rows side by side, each scaled by sqrt(1/2) (brute force)
+    joint_image = np.concatenate([own_image, b_image], axis=1) / np.sqrt(2)
+    joint_text = np.concatenate([own_text, b_text], axis=1) / np.sqrt(2)
+    want = brute_force_metrics(joint_image.astype(np.float32), joint_text.astype(np.float32), text_to_image)
+    assert metrics["teachers"]["ensemble"]["rsum"] == pytest.approx(want["rsum"])
+    assert metrics["students"]["dsmd"]["quality_ratio"] == pytest.approx(metrics["students"]["dsmd"]["rsum"] / metrics["teacher"]["rsum"])

@@ -23,19 +23,23 @@ TINY_PARAMS = {
     "corpus": {"out_dir": "data/synthetic", "train_images": 192, "val_images": 32, "test_images": 48,
                "web_images": 0, "image_size": 32, "samples_per_shard": 64},
     "teacher": {"model": "dsmd-test-teacher", "pretrained": "teacher-demo/open_clip_model.safetensors",
-                "out_dir": "outputs/teacher",
+                "out_dir": "outputs/teachers/teacher",
                 "pretrain": {"world_images": 256, "work_dir": "teacher-run", "out_dir": "teacher-demo",
                              "optim": {"batch_size": 32, "warmup_steps": 1, "threads": 1, "lr": 0.002,
                                        "num_workers": 0}}},
+    # an added teacher (the same weights: the pipeline, not the ensemble's worth, is under test here)
+    "teachers": {"second": {"model": "dsmd-test-teacher", "pretrained": "teacher-demo/open_clip_model.safetensors"}},
     "extract": {"manifest": "data/synthetic/manifest.yaml", "out_dir": "outputs/features", "batch_size": 64,
-                "num_workers": 0, "threads": 1},
+                "num_workers": 0, "threads": 1, "teachers_dir": "outputs/teachers"},
     "mine": {"features_dir": "outputs/features", "out_dir": "outputs/negatives", "k": 4, "threads": 1},
     "train": {"model": "dsmd-test-student", "features_dir": "outputs/features", "init_logit_scale": 30.0,
               "optim": {"max_steps": 6, "batch_size": 32, "warmup_steps": 1, "threads": 1, "lr": 0.002}},
     "students": {"dsmd": {"loss": "dsmd", "negatives_dir": "outputs/negatives", "batching": "hard-negative-aware",
                           "distill": {"queue_size": 64, "hard_negatives": 2}},
-                 "baseline": {"loss": "clip"}},
-    "evaluate": {"features_dir": "outputs/features", "teacher_dir": "outputs/teacher", "latency_repeats": 2,
+                 "baseline": {"loss": "clip"},
+                 "ensemble": {"loss": "dsmd", "negatives_dir": "outputs/negatives", "distill": {"queue_size": 64},
+                              "teachers": {"teacher": {}, "second": {"weight": 2.0}}}},
+    "evaluate": {"features_dir": "outputs/features", "teacher_dir": "outputs/teachers/teacher", "latency_repeats": 2,
                  "throughput_batch": 16, "throughput_repeats": 1, "threads": 1,
                  "metrics_file": "outputs/metrics.json", "plots_dir": "outputs/plots", "report_dir": "outputs/report"},
     "export": {"student": "dsmd", "student_dir": "outputs/students/dsmd", "features_dir": "outputs/features",
@@ -70,10 +74,13 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
 
     metrics = json.loads((project / "outputs" / "metrics.json").read_text())
     teacher_rsum = metrics["teacher"]["rsum"]
-    identity = json.loads((project / "outputs" / "teacher" / "teacher_identity.json").read_text())
+    identity = json.loads((project / "outputs" / "teachers" / "teacher" / "teacher_identity.json").read_text())
+    for split in ("train", "val", "test"):  # the added teacher, beside the features' own
+        added = json.loads((project / "outputs" / "teachers" / "second" / split / "_manifest.json").read_text())
+        assert added["num_images"] == json.loads((project / "outputs" / "features" / split / "_manifest.json").read_text())["num_images"]
     assert identity["world"]["version"] == json.loads((project / "teacher-demo" / "card.json").read_text())["world"]["version"]
     assert 0 < teacher_rsum <= 600
-    for name in ("dsmd", "baseline"):
+    for name in ("dsmd", "baseline", "ensemble"):
         student = metrics["students"][name]
         assert 0 <= student["rsum"] <= 600
         assert student["quality_ratio"] == pytest.approx(student["rsum"] / teacher_rsum, rel=1e-6)
@@ -104,12 +111,21 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     status = _dvc("status", "--json", cwd=project)
     assert status.returncode == 0, status.stderr
-    assert set(json.loads(status.stdout)) == {"train@dsmd", "train@baseline"}
+    assert set(json.loads(status.stdout)) == {"train@dsmd", "train@baseline", "train@ensemble"}
 
     second = _dvc("repro", cwd=project)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     ran = set(re.findall(r"Running stage '([^']+)'", second.stdout))
-    assert ran == {"train@dsmd", "train@baseline", "evaluate", "export"}, second.stdout
+    assert ran == {"train@dsmd", "train@baseline", "train@ensemble", "evaluate", "export"}, second.stdout
+
+    # a changed added teacher re-runs its own extraction and the students, never the features' extraction or mining
+    params["teachers"]["second"]["model"] = "dsmd-test-teacher"
+    params["teachers"]["second"]["pretrained"] = ""
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    status = set(json.loads(_dvc("status", "--json", cwd=project).stdout))
+    assert status == {"extract_teacher@second"}, status  # the students follow once it has run
+    params["teachers"]["second"]["pretrained"] = "teacher-demo/open_clip_model.safetensors"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
 
     # a distillation key never re-runs the CLIP-only student; a third student is one params entry, trained
     # by its own stage without touching the others
@@ -133,8 +149,8 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
         config.write_text(config.read_text() + "\n")
     status = _dvc("status", "--json", cwd=project)
     changed = set(json.loads(status.stdout))
-    assert changed and not changed & {"corpus", "teacher", "extract", "mine"}, changed
-    assert changed <= {"train@dsmd", "train@baseline", "train@short", "evaluate", "export"}, changed
+    assert changed and not changed & {"corpus", "teacher", "extract", "extract_teacher@second", "mine"}, changed
+    assert changed <= {"train@dsmd", "train@baseline", "train@ensemble", "train@short", "evaluate", "export"}, changed
 
     # the ablation, scaling and budget benchmarks, --quick, on this project's cached features
     for script, key in (("ablation.py", "recipes"), ("scaling.py", "recipes"), ("budget.py", "recipes")):

@@ -179,8 +179,35 @@ class TeacherConfig(Section):
     pretrained: str = opt("demo", "demo (the weights shipped in pipeline/pretrained/<model>, made by `dsmd pretrain`), "
                           "an open_clip tag (openai), hf-hub:org/name, local-dir:<folder>, a local checkpoint path, "
                           "or \"\" for random weights (tests only)")
-    out_dir: str = opt("outputs/teacher", "where the teacher's identity goes")
+    out_dir: str = opt("outputs/teachers/teacher", "where the teacher's identity goes (beside the added teachers of the "
+                       "teachers section, in extract.teachers_dir/<name>)")
     pretrain: PretrainConfig = opt(doc="`dsmd pretrain`: how the demo teacher was made", factory=PretrainConfig)
+
+
+PRIMARY_TEACHER = "teacher"  # how train.teachers names the teacher of the `teacher` section (the features' own)
+
+
+@dataclass
+class AddedTeacherConfig(Section):
+    """An entry of the `teachers` section: a teacher whose embeddings are added beside the features' own
+    (`dsmd extract --teacher <name>`), reading the images again but rewriting nothing of the first."""
+
+    KEY = "teachers.<name>"
+
+    model: str = opt(MISSING, "open_clip model config of the teacher (ViT-L-14, hf-hub:org/name, ...)")
+    pretrained: str = opt(MISSING, "its weights: demo, an open_clip tag, hf-hub:org/name, local-dir:<folder>, a "
+                          "checkpoint path, or \"\" for random weights (tests only)")
+
+
+@dataclass
+class TeacherShare(Section):
+    """One teacher of a student's ensemble target (train.teachers)."""
+
+    KEY = "train.teachers.<name>"
+
+    weight: float = opt(1.0, "its share of the ensemble's similarities", above=0)
+    temperature: float = opt(1.0, "its similarities count as weight / temperature against the others' (a sharper "
+                             "teacher, MobileCLIP2's per-teacher logit scale, in the one shared target)", above=0)
 
 
 @dataclass
@@ -191,6 +218,8 @@ class ExtractConfig(Section):
 
     manifest: str = opt("data/synthetic/manifest.yaml", "corpus manifest (WebDataset shards per split)")
     out_dir: str = opt("outputs/features", "features directory; one sub-folder per split")
+    teachers_dir: str = opt("outputs/teachers", "`--teacher <name>`: the added teacher's embeddings go to "
+                            "<teachers_dir>/<name>/<split>/, keyed to the features' ids")
     splits: list[str] = opt(doc="manifest splits to embed", factory=lambda: ["train", "val", "test"])
     batch_size: int = opt(256, "images (and as many captions) per teacher forward pass", at_least=1)
     num_workers: int = opt(1, "DataLoader processes decoding the shards", at_least=0)
@@ -305,6 +334,12 @@ class TrainConfig(Section):
                          "only) or world (the synthetic world rendered on the fly: `dsmd pretrain` only)")
     features_dir: str = opt("outputs/features", "cached teacher features written by `dsmd extract`")
     negatives_dir: str = opt("outputs/negatives", "mined hard negatives written by `dsmd mine`")
+    teachers: dict[str, TeacherShare] = opt(doc="loss dsmd: the teachers distilled from, as one ensemble target (each "
+                                            "teacher's unit embeddings concatenated, scaled by sqrt(weight / temperature), "
+                                            "so the target's cosine is their weighted mean). {} = the features' own "
+                                            "teacher alone; `teacher` names it, other names the teachers section's",
+                                            factory=dict)
+    teachers_dir: str = opt("outputs/teachers", "where `dsmd extract --teacher <name>` wrote the added teachers")
     manifest: str = opt("data/synthetic/manifest.yaml", "corpus manifest used with source corpus")
     split: str = opt("train", "the split trained on")
     out_dir: str = opt("outputs/students/dsmd", "where the student, checkpoint.pt, train_log.jsonl and train_summary.json go")
@@ -342,7 +377,10 @@ class EvaluateConfig(Section):
 
     features_dir: str = opt("outputs/features", "features directory (the teacher's embeddings and the test images)")
     split: str = opt("test", "split evaluated")
-    teacher_dir: str = opt("outputs/teacher", "the teacher's directory (its identity, and weights for the cost)")
+    teacher_dir: str = opt("outputs/teachers/teacher", "the teacher's directory (its identity, and weights for the cost)")
+    teachers: list[str] = opt(doc="added teachers reported beside the teacher (from their cached embeddings), with "
+                              "their equal-share ensemble; [] = every teacher of the teachers section", factory=list)
+    teachers_dir: str = opt("outputs/teachers", "where `dsmd extract --teacher <name>` wrote the added teachers")
     students: dict[str, str] = opt(doc="name -> student directory; {} = every student of the students section, "
                                    "in students_dir/<name>", factory=dict)
     students_dir: str = opt("outputs/students", "where the students of the students section are trained (dvc.yaml)")
@@ -390,6 +428,8 @@ def _default_students() -> dict[str, Any]:
 class Params:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # name -> an added teacher: dvc.yaml extracts each in its own stage (extract_teacher@<name>, foreach)
+    teachers: dict[str, AddedTeacherConfig] = field(default_factory=dict)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     mine: MineConfig = field(default_factory=MineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -400,10 +440,15 @@ class Params:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
+        if PRIMARY_TEACHER in self.teachers:
+            raise ConfigError(f"teachers.{PRIMARY_TEACHER}: the name is the `teacher` section's (the features' own "
+                              f"teacher); give the added teacher another name")
         if not self.students:  # (a dataclass default would be merged with, not replaced by, params.yaml's section)
             self.students = _default_students()
         for name in self.students:
             self.student(name)  # every entry is checked like the train section, at load
+        if not self.evaluate.teachers:
+            self.evaluate.teachers = list(self.teachers)
         if not self.evaluate.students:
             self.evaluate.students = {name: f"{self.evaluate.students_dir}/{name}" for name in self.students}
 
@@ -414,7 +459,19 @@ class Params:
         entry = self.students[name] or {}
         if not isinstance(entry, dict):
             raise ConfigError(f"students.{name}: expected a mapping of train keys, got {entry!r}")
-        return apply_overrides(self.train, _dotted(entry), f"students.{name}")
+        student = apply_overrides(self.train, _dotted(entry), f"students.{name}")
+        unknown = sorted(set(student.teachers) - {PRIMARY_TEACHER, *self.teachers})
+        if unknown:
+            raise ConfigError(f"students.{name}: train.teachers names {unknown}, neither `{PRIMARY_TEACHER}` nor a "
+                              f"teacher of the teachers section ({sorted(self.teachers)})")
+        return student
+
+    def added_teacher(self, name: str) -> TeacherConfig:
+        """The teacher of the teachers section's entry `name`, as the teacher section would name it."""
+        if name not in self.teachers:
+            raise ConfigError(f"teachers.{name}: no such teacher; the teachers section declares {sorted(self.teachers)}")
+        entry = self.teachers[name]
+        return TeacherConfig(model=entry.model, pretrained=entry.pretrained)
 
 
 def _dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -503,9 +560,15 @@ def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "") -> 
         if value is None:
             continue
         try:
-            OmegaConf.update(node, dotted, value, merge=False)
-        except OmegaConfBaseException as exc:
-            raise _config_error(exc, where, dotted) from None
+            OmegaConf.update(node, dotted, value, merge=False)  # a mapping value replaces the mapping
+        except OmegaConfBaseException:
+            tree = value  # an entry of a map of sections (`teachers.b.weight`, `teachers.b: {}`) is only built
+            for key in reversed(dotted.split(".")):  # typed by a merge of the whole tree
+                tree = {key: tree}
+            try:
+                node = OmegaConf.merge(node, tree)
+            except OmegaConfBaseException as exc:
+                raise _config_error(exc, where, dotted) from None
     return _typed(node, where)
 
 
@@ -568,6 +631,9 @@ def _describe(cls: type, prefix: str) -> list[str]:
             lines.append(f"{prefix}{f.name}: {f.metadata.get('doc', '')}")
             lines += _describe(hint, f"{prefix}{f.name}.")
             continue
+        if f.default is MISSING and f.default_factory is MISSING:
+            lines.append(f"{prefix}{f.name} = (required): {f.metadata['doc']}")
+            continue
         default = f.default if f.default is not MISSING else f.default_factory()
         shown = default.value if isinstance(default, Enum) else default
         bounds = f.metadata.get("range")
@@ -578,6 +644,10 @@ def _describe(cls: type, prefix: str) -> list[str]:
 def section_help(section: str) -> str:
     """Every key of a params.yaml section with its default and description (a stage's `--help` epilog)."""
     cls = typing.get_type_hints(Params)[section]
+    entry = typing.get_args(cls)[1] if typing.get_origin(cls) is dict else None  # a map of sections: one entry's keys
+    if entry is not None:
+        return "\b\n" + f"params.yaml section `{section}`, each entry (<name>: {{...}}):\n" + "\n".join(
+            "  " + line for line in _describe(entry, "<name>."))
     # \b keeps click from re-wrapping the list into one paragraph
     return "\b\n" + f"params.yaml section `{section}` (set with --set KEY=VALUE):\n" + "\n".join(
         "  " + line for line in _describe(cls, ""))

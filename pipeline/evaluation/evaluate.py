@@ -121,6 +121,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     teacher_image, teacher_text, text_to_image = store.load_embeddings(cfg.features_dir, cfg.split)
     log.info("split %s: %d images, %d texts", cfg.split, len(teacher_image), len(teacher_text))
     teacher = retrieval_metrics(teacher_image, teacher_text, text_to_image, ks, cfg.chunk_size, device)
+    added = _added_teachers(cfg, teacher_image, teacher_text, text_to_image, ks, device)
     student_metrics = {}
     embeddings = {TEACHER: (teacher_image, teacher_text)}  # for the report's gallery
     for name, (_, loaded) in students.items():
@@ -151,6 +152,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "device_name": _device_name(device),
         "threads": int(torch.get_num_threads()),
         "teacher": {**teacher, "model": timed[TEACHER].identity["model"], "cost": teacher_cost},
+        **({"teachers": added} if added else {}),
         "students": {},
     }
     for name, quality in student_metrics.items():
@@ -172,6 +174,29 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                             cfg.report_queries, cfg.report_images)
         log.info("report: %s", page)
     return metrics
+
+
+def _added_teachers(cfg: EvaluateConfig, teacher_image: np.ndarray, teacher_text: np.ndarray, text_to_image: np.ndarray,
+                    ks: list[int], device) -> dict:
+    """Retrieval of each added teacher (its cached embeddings of the split) and of the ensemble of all teachers
+    with equal shares (the target a student with train.teachers learns), as reference rows."""
+    if not cfg.teachers:
+        return {}
+    rows, parts = {}, [(teacher_image, teacher_text)]
+    for name in cfg.teachers:
+        image, text = store.added_teacher_rows(cfg.teachers_dir, name, cfg.features_dir, cfg.split)
+        image, text = image[:].astype(np.float32), text[:].astype(np.float32)
+        rows[name] = {**retrieval_metrics(image, text, text_to_image, ks, cfg.chunk_size, device),
+                      "model": (store.added_teacher_manifest(cfg.teachers_dir, name, cfg.split).get("teacher") or {}).get("model")}
+        parts.append((image, text))
+    shares = [1.0] * len(parts)
+    image = store.EnsembleRows([p[0] for p in parts], shares)[:]
+    text = store.EnsembleRows([p[1] for p in parts], shares)[:]
+    rows["ensemble"] = {**retrieval_metrics(image, text, text_to_image, ks, cfg.chunk_size, device),
+                        "model": "+".join([TEACHER, *cfg.teachers])}
+    for name, found in rows.items():
+        log.info("teacher %s: rsum %.1f", name, found["rsum"])
+    return rows
 
 
 def write_plots(metrics: dict, student_dirs: dict[str, Path], plots_dir: str | Path) -> list[Path]:

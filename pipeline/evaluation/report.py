@@ -50,7 +50,9 @@ def _thumb(image_bytes: bytes, path: Path) -> None:
 
 
 def _metrics_table(metrics: dict) -> str:
-    rows = [(TEACHER, metrics["teacher"])] + list(metrics["students"].items())
+    added = [(f"{TEACHER}:{name}", {**m, "quality_ratio": m["rsum"] / metrics["teacher"]["rsum"], "image_time_ratio": float("nan")})
+             for name, m in metrics.get("teachers", {}).items()]  # cached embeddings only: no cost measured
+    rows = [(TEACHER, metrics["teacher"])] + added + list(metrics["students"].items())
     keys = [k for k in metrics["teacher"] if re.fullmatch(r"(i2t|t2i)_r\d+", k)] + ["rsum"]
     head = "".join(f"<th>{html.escape(k)}</th>" for k in ["model"] + keys + ["RSUM / teacher", "image time / teacher"])
     body = []

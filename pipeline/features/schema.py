@@ -33,6 +33,7 @@ CAPTION_UTF8 = "caption_utf8"  # (bytes,) uint8, every caption's UTF-8 in text i
 IMAGE_SHARD_INDEX = "image_shard_index"  # (N,) int32, position in the manifest's "lookups" shards list (referenced images)
 IMAGE_OFFSETS = "image_offsets"  # (N,) int64, IMAGE_OFFSET of each image id (referenced images)
 IMAGE_SIZES = "image_sizes"  # (N,) int64, IMAGE_SIZE of each image id (referenced images)
+FEATURES_FINGERPRINT = "features_fingerprint"  # an added teacher's manifest key: the features split it embedded
 LOOKUPS_KEY = "lookups"  # manifest key: {name: {"path", "sha256"}, "shards": [url, ...]}
 LOOKUP_SHARDS = "shards"
 

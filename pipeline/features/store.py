@@ -492,6 +492,81 @@ def embedding_rows(features_dir: str | Path, split: str, column: str) -> RowFile
     return rows
 
 
+# ---- the embeddings of added teachers: <teachers_dir>/<name>/<split>/, keyed to a features split's ids ---------
+
+def added_teacher_dir(teachers_dir: str | Path, name: str, split: str) -> Path:
+    return Path(teachers_dir) / name / split
+
+
+def write_added_teacher(out: Path, info: dict, image_rows: Iterable[np.ndarray], text_rows: Iterable[np.ndarray],
+                        num_images: int, num_texts: int, dim: int, dtype: str) -> dict:
+    """An added teacher's `<column>.npy` arrays, piece by piece, then, last, its `_manifest.json` (the split
+    counts as embedded only once that file exists). `info` names the teacher and the features fingerprint."""
+    arrays = {}
+    for column, pieces, rows in ((schema.TEACHER_IMAGE_EMB, image_rows, num_images),
+                                 (schema.TEACHER_TEXT_EMB, text_rows, num_texts)):
+        def write(tmp: Path, pieces=pieces, rows=rows) -> None:
+            array, start = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(rows, dim)), 0
+            for piece in pieces:
+                array[start : start + len(piece)] = piece
+                start += len(piece)
+            if start != rows:
+                raise ValueError(f"{out}: {start} rows of {column}, expected {rows}")
+            array.flush()
+            del array
+        path = atomic_write_with(out / schema.array_file(column), write)
+        arrays[column] = {"path": path.name, "sha256": sha256_file(path)}
+    manifest = {**info, "num_images": num_images, "num_texts": num_texts, "arrays": arrays}
+    atomic_write_json(manifest, out / schema.SPLIT_MANIFEST)
+    return manifest
+
+
+def added_teacher_manifest(teachers_dir: str | Path, name: str, split: str) -> dict:
+    marker = added_teacher_dir(teachers_dir, name, split) / schema.SPLIT_MANIFEST
+    if not marker.exists():
+        raise ShardError(f"{marker} not found: teacher {name!r} has not embedded split {split!r}; run "
+                         f"`dsmd extract --teacher {name}` (dvc.yaml: extract_teacher@{name})")
+    return json.loads(marker.read_text())
+
+
+def added_teacher_rows(teachers_dir: str | Path, name: str, features_dir: str | Path, split: str) -> tuple[RowFile, RowFile]:
+    """(image rows, text rows) of added teacher `name` for a features split, read per batch; refused in one line
+    when it was embedded from another extraction of the split (its ids would not be these)."""
+    base = added_teacher_dir(teachers_dir, name, split)
+    marker = base / schema.SPLIT_MANIFEST
+    manifest = added_teacher_manifest(teachers_dir, name, split)
+    if manifest.get(schema.FEATURES_FINGERPRINT) != features_fingerprint(features_dir, split):
+        raise ShardError(f"{base}: embedded from another extraction of {split_dir(features_dir, split)} (its "
+                         f"{schema.SPLIT_MANIFEST} changed since); re-run `dsmd extract --teacher {name}`")
+    found = []
+    for column, rows in ((schema.TEACHER_IMAGE_EMB, manifest["num_images"]), (schema.TEACHER_TEXT_EMB, manifest["num_texts"])):
+        array = RowFile(base / manifest["arrays"][column]["path"])
+        if len(array) != rows:
+            raise ShardError(f"{array.path}: {len(array)} rows, but {marker.name} lists {rows}")
+        found.append(array)
+    return found[0], found[1]
+
+
+class EnsembleRows:
+    """Several teachers' embeddings of the same ids as one target, indexed like a RowFile: each teacher's unit
+    rows scaled by sqrt(share) and concatenated (float32), the shares summing to 1. The target stays a unit vector
+    and its cosine between two ids is the share-weighted mean of the teachers' cosines, so every DSMD term that
+    reads similarities distils the ensemble's, and the feature term fits one projection to the joint width."""
+
+    def __init__(self, parts: list["Rows"], shares: list[float]) -> None:
+        if len({len(p) for p in parts}) != 1:
+            raise ValueError(f"teachers disagree on the number of rows: {[len(p) for p in parts]}")
+        total = float(sum(shares))
+        self.parts, self.scales = parts, [float(np.sqrt(s / total)) for s in shares]
+        self.shape = (len(parts[0]), sum(int(p.shape[1]) for p in parts))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.concatenate([np.asarray(p[index], np.float32) * c for p, c in zip(self.parts, self.scales)], axis=-1)
+
+
 # ---- image bytes: copied, or referenced in the source shards ---------------------------------------
 
 _OPEN_SHARDS = 64

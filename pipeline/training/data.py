@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pipeline.common.config import Batching, ConfigError
+from pipeline.common.config import PRIMARY_TEACHER, Batching, ConfigError
 from pipeline.common.errors import PipelineError
 from pipeline.corpus.augment import apply_view, CorruptImageError, decode_image, preprocess_batch
 from pipeline.features import schema, store
@@ -158,13 +158,16 @@ class Strings:
 
 
 def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = True, with_views: bool = True,
-                     stream: bool = False) -> TrainingData:
+                     stream: bool = False, teachers: Optional[dict[str, float]] = None,
+                     teachers_dir: str | Path = "") -> TrainingData:
     """Read a features split: captions and the images (copied bytes, or references read per sample), and
     (with_teacher) the teacher embeddings and (with_views, when stored) the augmentation views: loaded
     whole, or with `stream` read per batch from the split's .npy files. Only the columns needed are read.
     Without the teacher the views come without their embeddings: the CLIP-only student sees the same images
-    as the distilled one."""
+    as the distilled one. `teachers` (name -> share; `teacher` = the features' own, other names in
+    `teachers_dir`) makes the teacher embeddings one ensemble target (store.EnsembleRows)."""
     manifest = store.load_split_manifest(features_dir, split)
+    ensemble = _Ensemble(features_dir, split, teachers or {}, teachers_dir)
     stored_views = int(manifest.get("views", 0) or 0)
     with_views = with_views and stored_views > 0
     found = store.lookups(features_dir, split)
@@ -179,7 +182,7 @@ def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = 
         )
         view_params = (store.read_images(features_dir, split, columns=[schema.VIEW_PARAMS])[schema.VIEW_PARAMS].to_pylist()
                        if with_views else None)
-        return _with_embeddings(data, features_dir, split, manifest, with_teacher, view_params, stream)
+        return _with_embeddings(data, features_dir, split, manifest, with_teacher, view_params, stream, ensemble)
     image_columns = [schema.IMAGE_ID] + ([schema.VIEW_PARAMS] if with_views else [])
     text_columns = [schema.TEXT_ID, schema.IMAGE_ID, schema.CAPTION]
     images = store.read_images(features_dir, split, columns=image_columns)
@@ -201,21 +204,47 @@ def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = 
     pa.default_memory_pool().release_unused()  # the tables' buffers, not kept by the pool for later
     if len(data.image_bytes) != len(image_ids):
         raise DataError(f"{where}: {len(data.image_bytes)} images but {len(image_ids)} image rows; re-run `dsmd extract`")
-    return _with_embeddings(data, features_dir, split, manifest, with_teacher, view_params, stream)
+    return _with_embeddings(data, features_dir, split, manifest, with_teacher, view_params, stream, ensemble)
+
+
+@dataclass
+class _Ensemble:
+    """The teachers of an ensemble target: name -> share, the features' own teacher named PRIMARY_TEACHER."""
+
+    features_dir: str | Path
+    split: str
+    shares: dict[str, float]
+    teachers_dir: str | Path
+
+    def rows(self, column: str) -> Rows:
+        parts = []
+        for name in self.shares:
+            if name == PRIMARY_TEACHER:
+                parts.append(store.embedding_rows(self.features_dir, self.split, column))
+            else:
+                image, text = store.added_teacher_rows(self.teachers_dir, name, self.features_dir, self.split)
+                parts.append(image if column == schema.TEACHER_IMAGE_EMB else text)
+        return store.EnsembleRows(parts, list(self.shares.values()))
 
 
 def _with_embeddings(data: TrainingData, features_dir, split: str, manifest: dict, with_teacher: bool,
-                     view_params: Optional[list], stream: bool) -> TrainingData:
+                     view_params: Optional[list], stream: bool, ensemble: Optional[_Ensemble] = None) -> TrainingData:
     """`data` with the teacher embeddings (whole, or with `stream` read per batch) and the stored views."""
     where = store.split_dir(features_dir, split)
     stored_views = int(manifest.get("views", 0) or 0)
     with_views = view_params is not None
 
     def rows(column: str) -> Rows:
-        found = store.embedding_rows(features_dir, split, column)
+        found = (ensemble.rows(column) if ensemble and ensemble.shares and column != schema.TEACHER_VIEW_EMB
+                 else store.embedding_rows(features_dir, split, column))
         return found if stream else found[:]
 
-    if with_teacher:
+    if with_teacher and ensemble and ensemble.shares and with_views:
+        raise DataError(f"{where}: stored views are the first teacher's alone; train from several teachers with "
+                        f"use_views false (or extract without views)")
+    if with_teacher and ensemble and ensemble.shares:
+        data.teacher_image, data.teacher_text = rows(schema.TEACHER_IMAGE_EMB), rows(schema.TEACHER_TEXT_EMB)
+    elif with_teacher:
         data.teacher_image, data.teacher_text = rows(schema.TEACHER_IMAGE_EMB), rows(schema.TEACHER_TEXT_EMB)
         dim = int(manifest.get("embedding_dim", data.teacher_image.shape[1]))
         if data.teacher_image.shape[1] != dim or data.teacher_text.shape[1] != dim:

@@ -462,7 +462,7 @@ def _load_inputs(cfg: TrainConfig, world: Optional[data_mod.TrainingData] = None
             cfg.data_loading == "auto" and data_mod.embeddings_bytes(cfg.features_dir, cfg.split) > cfg.stream_above_mb * 2**20)
         log.info("teacher embeddings of split %s: %s", cfg.split, "read per batch (streaming)" if stream else "in memory")
         data = data_mod.load_shards_data(cfg.features_dir, cfg.split, with_teacher=distill, with_views=cfg.use_views,
-                                         stream=stream)
+                                         stream=stream, teachers=teacher_shares(cfg), teachers_dir=cfg.teachers_dir)
         fingerprint = store.features_fingerprint(cfg.features_dir, cfg.split)
     else:
         data = data_mod.load_corpus_data(cfg.manifest, cfg.split)
@@ -489,9 +489,15 @@ def _load_inputs(cfg: TrainConfig, world: Optional[data_mod.TrainingData] = None
     )
 
 
+def teacher_shares(cfg: TrainConfig) -> dict[str, float]:
+    """train.teachers as name -> share of the ensemble target (weight / temperature); {} = the features' teacher."""
+    return {name: share.weight / share.temperature for name, share in cfg.teachers.items()}
+
+
 def _run_identity(cfg: TrainConfig, inputs: _Inputs, ctx: StepContext) -> dict:
     """What a checkpoint must match to be resumed."""
-    return {
+    ensemble = {"teachers": teacher_shares(cfg)} if cfg.teachers and cfg.loss == "dsmd" else {}
+    return {**ensemble,
         "model": cfg.model, "loss": cfg.loss, "source": cfg.source, "split": cfg.split, "batching": cfg.batching,
         "batch_neighbours": cfg.batch_neighbours, "max_images": cfg.max_images, "projection_init": cfg.projection_init,
         "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std),

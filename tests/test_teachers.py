@@ -1,0 +1,177 @@
+"""Several teachers: `dsmd extract --teacher <name>` adds a teacher's embeddings beside the features' own without
+rewriting them, resumes block by block, and is refused when stale; a student distils from the ensemble target."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.common.config import ConfigError, ExtractConfig, Params, TeacherConfig, from_dict
+from pipeline.features import added_teacher, extract as extract_mod, schema, store
+from pipeline.features.extract import ExtractMismatchError
+from pipeline.models import load_model
+from pipeline.training import data as data_mod
+from tiny_corpus import write_tiny_corpus
+
+
+def _teacher(checkpoint) -> TeacherConfig:
+    return TeacherConfig(model="dsmd-test-teacher", pretrained=str(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory, teacher_checkpoint):
+    root = tmp_path_factory.mktemp("teachers")
+    manifest = write_tiny_corpus(root / "corpus", splits=("train", "test"))
+    cfg = ExtractConfig(manifest=str(manifest), out_dir=str(root / "features"), teachers_dir=str(root / "teachers"),
+                        splits=["train", "test"], batch_size=4, num_workers=0, threads=1, zeroshot=False, verify_sample=0)
+    extract_mod.extract(cfg, _teacher(teacher_checkpoint))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory):
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("other") / "other.pt"
+    torch.save(load_model("dsmd-test-teacher", "").model.state_dict(), path)
+    return path
+
+
+def _tree(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_same_teacher_added_reproduces_the_features_own_embeddings(features, teacher_checkpoint, tmp_path):
+    cfg = ExtractConfig(**{**features.__dict__, "teachers_dir": str(tmp_path / "teachers")})
+    before = _tree(Path(features.out_dir))
+    results = added_teacher.extract_added_teacher(cfg, "again", _teacher(teacher_checkpoint))
+    assert _tree(Path(features.out_dir)) == before  # nothing of the first teacher rewritten
+    for split in ("train", "test"):
+        image, text = store.added_teacher_rows(cfg.teachers_dir, "again", cfg.out_dir, split)
+        own_image = store.embedding_rows(cfg.out_dir, split, schema.TEACHER_IMAGE_EMB)
+        own_text = store.embedding_rows(cfg.out_dir, split, schema.TEACHER_TEXT_EMB)
+        # the reference: the primary extraction of the same teacher (another batching: float16 rounding apart)
+        np.testing.assert_allclose(image[:].astype(np.float32), own_image[:].astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(text[:].astype(np.float32), own_text[:].astype(np.float32), atol=2e-3)
+        assert results[split]["num_images"] == len(own_image) and results[split]["num_texts"] == len(own_text)
+    assert not (tmp_path / "teachers" / "again" / "train" / schema.PARTS_DIR).exists()
+
+
+def test_a_killed_run_keeps_its_finished_blocks(features, other_checkpoint, tmp_path, monkeypatch):
+    cfg = ExtractConfig(**{**features.__dict__, "teachers_dir": str(tmp_path / "teachers"), "splits": ["train"]})
+    monkeypatch.setattr(added_teacher, "BLOCK", 4)
+    whole = added_teacher.extract_added_teacher(
+        ExtractConfig(**{**cfg.__dict__, "teachers_dir": str(tmp_path / "whole")}), "b", _teacher(other_checkpoint))
+    calls = {"n": 0}
+    real = added_teacher._save
+
+    def dies_on_the_third(path, rows, dtype):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(path, rows, dtype)
+
+    monkeypatch.setattr(added_teacher, "_save", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        added_teacher.extract_added_teacher(cfg, "b", _teacher(other_checkpoint))
+    parts = tmp_path / "teachers" / "b" / "train" / schema.PARTS_DIR
+    assert len(list(parts.glob("images-*.npy"))) == 2
+    saved = []
+    monkeypatch.setattr(added_teacher, "_save", lambda path, rows, dtype: (saved.append(path.name), real(path, rows, dtype)))
+    added_teacher.extract_added_teacher(cfg, "b", _teacher(other_checkpoint))
+    assert "images-000000000000.npy" not in saved and "images-000000000004.npy" not in saved  # kept, not redone
+    for column in (schema.TEACHER_IMAGE_EMB, schema.TEACHER_TEXT_EMB):
+        path = schema.array_file(column)
+        assert np.array_equal(np.load(tmp_path / "teachers" / "b" / "train" / path), np.load(tmp_path / "whole" / "b" / "train" / path))
+    assert whole["train"]["num_images"] > 8  # three blocks or more
+
+
+def test_another_teacher_under_the_same_name_is_refused_and_a_stale_one_named(features, teacher_checkpoint,
+                                                                            other_checkpoint, tmp_path):
+    cfg = ExtractConfig(**{**features.__dict__, "teachers_dir": str(tmp_path / "teachers"), "splits": ["test"]})
+    added_teacher.extract_added_teacher(cfg, "b", _teacher(other_checkpoint))
+    with pytest.raises(ExtractMismatchError, match="checkpoint_sha256"):
+        added_teacher.extract_added_teacher(cfg, "b", _teacher(teacher_checkpoint))
+    # the features split extracted again (its manifest changed): training refuses the old embeddings in one line
+    features_copy = tmp_path / "features"
+    shutil.copytree(features.out_dir, features_copy)
+    marker = features_copy / "test" / schema.SPLIT_MANIFEST
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "extracted_again": True}))
+    with pytest.raises(store.ShardError, match="another extraction"):
+        store.added_teacher_rows(cfg.teachers_dir, "b", features_copy, "test")
+    with pytest.raises(store.ShardError, match="dsmd extract --teacher c"):
+        store.added_teacher_rows(cfg.teachers_dir, "c", features.out_dir, "test")
+
+
+def test_the_ensemble_target_is_unit_and_its_cosine_the_weighted_mean(rng=np.random.default_rng(0)):
+    def unit(n, d):
+        x = rng.normal(size=(n, d)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    a, b = unit(50, 8), unit(50, 12)
+    rows = store.EnsembleRows([a, b.astype(np.float16)], [3.0, 1.0])
+    assert rows.shape == (50, 20) and len(rows) == 50
+    target = rows[np.arange(50)]
+    np.testing.assert_allclose(np.linalg.norm(target, axis=1), 1.0, atol=1e-3)
+    b16 = b.astype(np.float16).astype(np.float32)
+    expected = 0.75 * (a @ a.T) + 0.25 * (b16 @ b16.T)  # brute force: the share-weighted mean of the cosines
+    np.testing.assert_allclose(target @ target.T, expected, atol=1e-5)
+    np.testing.assert_allclose(rows[[3, 1]], target[[3, 1]])
+    with pytest.raises(ValueError, match="number of rows"):
+        store.EnsembleRows([a, b[:10]], [1, 1])
+
+
+def test_training_data_from_two_teachers(features, other_checkpoint, tmp_path):
+    cfg = ExtractConfig(**{**features.__dict__, "teachers_dir": str(tmp_path / "teachers"), "splits": ["train"]})
+    added_teacher.extract_added_teacher(cfg, "b", _teacher(other_checkpoint))
+    shares = {"teacher": 1.0, "b": 3.0}
+    for stream in (False, True):
+        data = data_mod.load_shards_data(cfg.out_dir, "train", stream=stream, teachers=shares, teachers_dir=cfg.teachers_dir)
+        own = store.embedding_rows(cfg.out_dir, "train", schema.TEACHER_IMAGE_EMB)[:].astype(np.float32)
+        added, _ = store.added_teacher_rows(cfg.teachers_dir, "b", cfg.out_dir, "train")
+        ids = np.array([4, 0, 2])
+        got = np.asarray(data.teacher_image[ids])
+        assert data.embedding_dim == own.shape[1] + added.shape[1]
+        np.testing.assert_allclose(got[:, : own.shape[1]], own[ids] * 0.5, atol=1e-6)
+        np.testing.assert_allclose(got[:, own.shape[1]:], added[ids].astype(np.float32) * np.sqrt(0.75), atol=1e-6)
+    alone = data_mod.load_shards_data(cfg.out_dir, "train", teachers={}, teachers_dir=cfg.teachers_dir)
+    assert alone.embedding_dim == own.shape[1]
+
+
+def test_teacher_names_are_checked_at_load():
+    with pytest.raises(ConfigError, match="neither `teacher` nor a teacher of the teachers section"):
+        from_dict(Params, {"students": {"s": {"teachers": {"teacher": {}, "missing": {}}}}})
+    with pytest.raises(ConfigError, match="teachers.teacher: the name is the `teacher` section's"):
+        from_dict(Params, {"teachers": {"teacher": {"model": "m", "pretrained": ""}}})
+    with pytest.raises(ConfigError, match="weight must be > 0"):
+        from_dict(Params, {"students": {"s": {"teachers": {"teacher": {"weight": 0}}}}})
+    params = from_dict(Params, {"teachers": {"b": {"model": "m", "pretrained": "p"}},
+                                "students": {"s": {"teachers": {"teacher": {}, "b": {"weight": 2, "temperature": 0.5}}}}})
+    shares = params.student("s").teachers
+    assert shares["teacher"].weight == 1.0 and shares["b"].weight / shares["b"].temperature == 4.0
+    assert params.added_teacher("b") == TeacherConfig(model="m", pretrained="p")
+
+
+def test_a_student_distils_from_two_teachers_through_one_projection(features, other_checkpoint, tmp_path):
+    from pipeline.common import names
+    from pipeline.common.config import TeacherShare
+    from pipeline.training import loop
+    from tests.test_training import make_cfg, read_log
+
+    cfg = ExtractConfig(**{**features.__dict__, "teachers_dir": str(tmp_path / "teachers"), "splits": ["train"]})
+    added_teacher.extract_added_teacher(cfg, "b", _teacher(other_checkpoint))
+    train_cfg = make_cfg((cfg.out_dir, tmp_path / "no-negatives"), tmp_path / "student", {"hard_negative": False},
+                         max_steps=3, batch_size=8)
+    import dataclasses
+    train_cfg = dataclasses.replace(train_cfg, teachers={"teacher": TeacherShare(), "b": TeacherShare(weight=2.0)},
+                                    teachers_dir=cfg.teachers_dir, val_every=0, live_dir="")
+    loop.train(train_cfg)
+    state = torch.load(tmp_path / "student" / names.CHECKPOINT_FILE, weights_only=True)
+    own = store.embedding_rows(cfg.out_dir, "train", schema.TEACHER_IMAGE_EMB).shape[1]
+    added = store.added_teacher_rows(cfg.teachers_dir, "b", cfg.out_dir, "train")[0].shape[1]
+    assert state["projection"]["weight"].shape[0] == own + added  # one projection to the joint width
+    assert [r["step"] for r in read_log(tmp_path / "student")] == [1, 2, 3]
+    assert all(np.isfinite(r["loss_total"]) for r in read_log(tmp_path / "student"))
