@@ -1,5 +1,6 @@
 """Several teachers: DSMD students distilled from the shipped demo teacher alone, from a second demo teacher alone,
-and from both as one ensemble target, on ONE set of cached features, each over several seeds.
+and from both (as one ensemble target, and each teacher apart: `train.teachers_target`), on ONE set of cached
+features, each over several seeds.
 
     python benchmarks/teachers.py [--params params.yaml] [--seeds 0 1 2] [--quick] [--out benchmarks/results]
 
@@ -10,12 +11,15 @@ embeddings of the train and test splits beside the features' own (`<work>/embedd
 stay the first teacher's (mining is not redone). Writes `teachers.json` (the teachers' own test RSUM, each
 recipe's runs, mean and std) and `teachers.png` in --out.
 
+`--merge A/teachers.json B/teachers.json` joins runs of other seeds or other recipes (`--only`) of the same teachers
+into one table (every recipe must then have every seed).
 Needs `dvc repro` (or extract + mine) first. --quick: a 2,000-scene second teacher and 10 steps a student (the
 suite's smoke test).
 """
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -76,31 +80,75 @@ def recipes(teachers_dir: str, quick: bool) -> dict[str, dict]:
         "DSMD, first teacher": {"loss": "dsmd", **common},
         "DSMD, second teacher": {"loss": "dsmd", "teachers": {SECOND: {}}, **common},
         "DSMD, both (ensemble)": {"loss": "dsmd", "teachers": {"teacher": {}, SECOND: {}}, **common},
+        "DSMD, both (each)": {"loss": "dsmd", "teachers": {"teacher": {}, SECOND: {}}, "teachers_target": "each", **common},
     }
+
+
+_RECIPE_ORDER = ("CLIP-only", "DSMD, first teacher", "DSMD, second teacher", "DSMD, both (ensemble)",
+                 "DSMD, both (each)")  # as recipes()
+
+
+def merge(paths: list[str]) -> dict:
+    """The union of teachers.json files of the same teachers run over other seeds, as one table."""
+    tables = []
+    for path in paths:
+        try:
+            tables.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{path}: cannot read ({exc})") from None
+    first = tables[0]
+    for path, table in zip(paths[1:], tables[1:]):
+        if table["teachers"] != first["teachers"] or table["second_teacher"] != first["second_teacher"]:
+            raise SystemExit(f"{path}: other teachers than {paths[0]}; refusing to merge")
+    names = sorted({name for table in tables for name in table["recipes"]}, key=_RECIPE_ORDER.index)
+    recipes = {}
+    for name in names:
+        runs = sorted((run for table in tables for run in table["recipes"].get(name, {}).get("runs", [])),
+                      key=lambda run: run["seed"])
+        values = [run["rsum"] for run in runs]
+        overrides = next(table["recipes"][name]["overrides"] for table in tables if name in table["recipes"])
+        recipes[name] = {"overrides": overrides, "runs": runs, "mean": statistics.fmean(values),
+                         "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    seeds = sorted({run["seed"] for recipe in recipes.values() for run in recipe["runs"]})
+    uneven = [name for name, recipe in recipes.items() if [run["seed"] for run in recipe["runs"]] != seeds]
+    if uneven:  # every recipe over the same seeds, or the table compares unlike things
+        raise SystemExit(f"recipes {uneven} lack some of seeds {seeds}, or have one twice; refusing to merge")
+    return {**first, "seeds": seeds, "recipes": recipes}
+
+
+def report(table: dict, out: Path) -> None:
+    atomic.atomic_write_json(jsonable(table), out / "teachers.json")
+    rows = [(name, r["mean"], r["std"]) for name, r in table["recipes"].items()]
+    bar_chart(rows, table["teachers"]["first teacher"], out / "teachers.png", "DSMD from one teacher, the other, or both")
+    print(" ".join(f"{name} RSUM {value:.1f};" for name, value in table["teachers"].items()))
+    print(format_rows(rows, table["recipes"]["CLIP-only"]["mean"] if "CLIP-only" in table["recipes"] else None))
 
 
 def main() -> None:
     parser = sweep_parser(__doc__, "a 2,000-scene second teacher, 10 steps a student: a smoke test")
     parser.add_argument("--second-images", type=int, default=200_000, help="fresh scenes the second teacher sees")
     parser.add_argument("--work", default="outputs/bench-teachers", help="the second teacher and its embeddings (kept)")
+    parser.add_argument("--merge", nargs="+", help="teachers.json files of other seeds or recipes: write their union "
+                                                   "(every recipe over the same seeds); trains nothing")
+    parser.add_argument("--only", nargs="*", help="run only these recipes")
     args = parser.parse_args()
+    work, out = Path(args.work), Path(args.out)
+    if args.merge:
+        report(merge(args.merge), out)
+        return
     if args.single_core:
         single_core()
-    work, out = Path(args.work), Path(args.out)
     folder = make_second_teacher(args.params, work, 2000 if args.quick else args.second_images, args.quick)
     features_dir = load_params(args.params).train.features_dir
     teachers_dir = embed_second(args.params, folder, work, ["train", "test"])
     teachers = teacher_rows(features_dir, teachers_dir)
-    results = run_recipes(args.params, recipes(teachers_dir, args.quick), args.seeds, work / "students",
+    chosen = {k: v for k, v in recipes(teachers_dir, args.quick).items() if not args.only or k in args.only}
+    results = run_recipes(args.params, chosen, args.seeds, work / "students",
                           log_file=out / "teachers.partial.json")
     card = json.loads((folder / "card.json").read_text())
-    atomic.atomic_write_json(jsonable({"teachers": teachers, "second_teacher": {k: card[k] for k in ("samples_seen", "steps", "wall_time_s", "sha256")},
-                                       "seeds": args.seeds, "recipes": results}), out / "teachers.json")
+    second = {k: card[k] for k in ("samples_seen", "steps", "wall_time_s", "sha256")}
+    report({"teachers": teachers, "second_teacher": second, "seeds": args.seeds, "recipes": results}, out)
     (out / "teachers.partial.json").unlink(missing_ok=True)
-    rows = [(name, r["mean"], r["std"]) for name, r in results.items()]
-    bar_chart(rows, teachers["first teacher"], out / "teachers.png", "DSMD from one teacher, the other, or both")
-    print(" ".join(f"{name} RSUM {value:.1f};" for name, value in teachers.items()))
-    print(format_rows(rows, results["CLIP-only"]["mean"]))
 
 
 if __name__ == "__main__":

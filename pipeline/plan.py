@@ -27,8 +27,10 @@ from pipeline.training import data as data_mod, loop
 
 log = logging.getLogger(__name__)
 # Each embedding is stored twice (a Parquet column, and the split's .npy array that training streams rows from);
-# ids, keys, compressed captions and references add about this much a row (measured on the demo features)
-ROW_OVERHEAD_BYTES = 24
+# ids, keys, compressed captions and references, and the per-id lookups stage two reads per batch (offsets, the
+# captions' UTF-8, image references) add about this much a row (measured on the demo features, 2026-12-01: 615.6
+# bytes a row of which 512 are the two copies of the 128-wide float16 embedding)
+ROW_OVERHEAD_BYTES = 104
 
 
 @dataclass

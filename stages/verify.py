@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.common.config import section_help, stage_config
+from pipeline.common.config import load_params, section_help, stage_config
 from pipeline.features.verify import verify
 from stages._common import config_options, params_option, set_option, user_errors
 
@@ -21,6 +21,8 @@ app = typer.Typer(add_completion=False, help=__doc__)
 def main(
     params: Path = params_option(),
     seed: int = typer.Option(0, help="which rows are sampled"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="an entry of params.yaml's teachers section: check "
+                                          "its added embeddings (extract.teachers_dir/<name>) instead"),
     set_: Optional[list[str]] = set_option(),
     options: dict = None,
 ) -> None:
@@ -33,8 +35,9 @@ def main(
     nothing."""
     with user_errors():
         cfg = stage_config(params, "extract", options["extract"], set_)
-        teacher_cfg = stage_config(params, "teacher", options["teacher"])
-        summaries = verify(cfg, teacher_cfg, seed)
+        teacher_cfg = (load_params(params).added_teacher(teacher) if teacher is not None
+                       else stage_config(params, "teacher", options["teacher"]))
+        summaries = verify(cfg, teacher_cfg, seed, added=teacher)
         for summary in summaries.values():
             typer.echo(json.dumps(summary))
 

@@ -123,7 +123,8 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
     params["teachers"]["second"]["pretrained"] = ""
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     status = set(json.loads(_dvc("status", "--json", cwd=project).stdout))
-    assert status == {"extract_teacher@second"}, status  # the students follow once it has run
+    # evaluate tracks the teachers section (its reference rows); the students follow once the extraction has run
+    assert status == {"extract_teacher@second", "evaluate"}, status
     params["teachers"]["second"]["pretrained"] = "teacher-demo/open_clip_model.safetensors"
     (project / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -162,6 +163,16 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
         runs = [run for recipe in result[key].values() for run in recipe["runs"]]
         assert runs and all(0 <= run["rsum"] <= 600 and run["steps"] == 10 for run in runs)
         assert (project / "bench" / script.replace(".py", ".png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the several-teachers benchmark, --quick: a second teacher pretrained small, added, and distilled from
+    done = _run([sys.executable, str(REPO / "benchmarks" / "teachers.py"), "--quick", "--params", "params.yaml",
+                 "--seeds", "0", "--out", "bench", "--work", "bench-teachers"], project)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    several = json.loads((project / "bench" / "teachers.json").read_text())
+    assert several["teachers"]["first teacher"] == pytest.approx(teacher_rsum, rel=1e-6)
+    assert set(several["recipes"]) == {"CLIP-only", "DSMD, first teacher", "DSMD, second teacher", "DSMD, both (ensemble)",
+                                      "DSMD, both (each)"}
+    assert all(len(r["runs"]) == 1 and 0 <= r["mean"] <= 600 for r in several["recipes"].values())
+    assert several["second_teacher"]["samples_seen"] >= 2000 and (project / "bench" / "teachers.png").exists()
     # the convergence and tuning benchmarks, --quick: both students, in the shapes their docs promise
     done = _run([sys.executable, str(REPO / "benchmarks" / "convergence.py"), "--quick", "--params", "params.yaml",
                  "--out", "bench"], project)

@@ -155,7 +155,8 @@ def test_teacher_names_are_checked_at_load():
     assert params.added_teacher("b") == TeacherConfig(model="m", pretrained="p")
 
 
-def test_a_student_distils_from_two_teachers_through_one_projection(features, other_checkpoint, tmp_path):
+@pytest.mark.parametrize("target", ["ensemble", "each"])
+def test_a_student_distils_from_two_teachers_through_one_projection(features, other_checkpoint, tmp_path, target):
     from pipeline.common import names
     from pipeline.common.config import TeacherShare
     from pipeline.training import loop
@@ -167,7 +168,7 @@ def test_a_student_distils_from_two_teachers_through_one_projection(features, ot
                          max_steps=3, batch_size=8)
     import dataclasses
     train_cfg = dataclasses.replace(train_cfg, teachers={"teacher": TeacherShare(), "b": TeacherShare(weight=2.0)},
-                                    teachers_dir=cfg.teachers_dir, val_every=0, live_dir="")
+                                    teachers_dir=cfg.teachers_dir, val_every=0, live_dir="", teachers_target=target)
     loop.train(train_cfg)
     state = torch.load(tmp_path / "student" / names.CHECKPOINT_FILE, weights_only=True)
     own = store.embedding_rows(cfg.out_dir, "train", schema.TEACHER_IMAGE_EMB).shape[1]
@@ -175,3 +176,90 @@ def test_a_student_distils_from_two_teachers_through_one_projection(features, ot
     assert state["projection"]["weight"].shape[0] == own + added  # one projection to the joint width
     assert [r["step"] for r in read_log(tmp_path / "student")] == [1, 2, 3]
     assert all(np.isfinite(r["loss_total"]) for r in read_log(tmp_path / "student"))
+    assert state["queue"]["image"].shape[1] == own + added  # one joint queue, whichever the target
+
+
+def test_an_added_teachers_cache_proves_itself_and_a_corrupted_row_is_named(features, other_checkpoint, tmp_path):
+    from pipeline.features.verify import CacheMismatchError, verify
+    cfg = ExtractConfig(**{**features.__dict__, "teachers_dir": str(tmp_path / "teachers"), "splits": ["test"],
+                           "verify_sample": 6})
+    added_teacher.extract_added_teacher(cfg, "b", _teacher(other_checkpoint))  # verifies itself at the end
+    summary = verify(cfg, _teacher(other_checkpoint), added="b")["test"]
+    assert summary["ok"] and min(summary["lowest"].values()) >= 0.9999 and "view" not in summary["checked"]
+    array = np.load(tmp_path / "teachers" / "b" / "test" / schema.array_file(schema.TEACHER_TEXT_EMB), mmap_mode="r+")
+    array[:] = -array[:]  # every caption's row flipped
+    array.flush()
+    del array
+    with pytest.raises(CacheMismatchError) as error:
+        verify(cfg, _teacher(other_checkpoint), added="b")
+    message = str(error.value)
+    assert str(tmp_path / "teachers" / "b" / "test") in message and "teacher_text_emb.npy: sha256 differs" in message
+
+
+def test_each_teacher_apart_equals_the_terms_computed_teacher_by_teacher():
+    from pipeline.training.losses import DSMDLoss, Mined, PerTeacherDSMDLoss
+    torch.manual_seed(0)
+    widths, shares, temperatures = [6, 10], [1.0, 3.0], [1.0, 0.5]
+    terms = ["feature", "similarity", "contrastive", "hard_negative", "affinity"]
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape), dim=-1)  # noqa: E731
+    b, h = 5, 3
+    teachers = [(unit(b, d), unit(b, d)) for d in widths]
+    t_v, t_t = torch.cat([t[0] for t in teachers], 1), torch.cat([t[1] for t in teachers], 1)
+    projected_v, projected_t = unit(b, sum(widths)), unit(b, sum(widths))
+    ids = torch.arange(b)
+    queue_v, queue_t, queue_ids = [unit(8, d) for d in widths], [unit(8, d) for d in widths], torch.arange(10, 18)
+    negatives = [unit(b, h, d) for d in widths]
+    owners = torch.randint(0, 20, (b, h))
+    joint = PerTeacherDSMDLoss(terms, widths, shares, temperatures, temperature=0.05, queue_size=8)
+    joint.prefill(torch.cat(queue_v, 1), torch.cat(queue_t, 1), queue_ids)
+    got = joint(projected_v, projected_t, t_v, t_t, ids,
+                mined={d: Mined(torch.cat(negatives, -1), owners) for d in ("i2i", "i2t", "t2t", "t2i")})
+    want, start = {}, 0
+    for k, d in enumerate(widths):  # the reference: one DSMDLoss per teacher on its own columns
+        single = DSMDLoss(terms, d, temperature=0.05 * temperatures[k], queue_size=8)
+        single.prefill(queue_v[k], queue_t[k], queue_ids)
+        s_v = torch.nn.functional.normalize(projected_v[:, start:start + d], dim=-1)
+        s_t = torch.nn.functional.normalize(projected_t[:, start:start + d], dim=-1)
+        part = single(s_v, s_t, teachers[k][0], teachers[k][1], ids,
+                      mined={dd: Mined(negatives[k], owners) for dd in ("i2i", "i2t", "t2t", "t2i")})
+        for name, value in part.items():
+            want[name] = want.get(name, 0) + shares[k] / sum(shares) * value
+        start += d
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+
+
+def test_mining_from_the_ensemble_equals_mining_features_that_hold_the_ensemble(tmp_path):
+    from pipeline.common.config import MineConfig, TeacherShare
+    from pipeline.mining import negatives
+    from tests.test_mining import DIRECTIONS, _as_lists, duplicate_heavy_split, write_features
+
+    duplicate_heavy_split(tmp_path / "features")
+    image, text, text_image = store.load_embeddings(tmp_path / "features", "train")
+    captions = store.read_texts(tmp_path / "features", "train", columns=[schema.CAPTION])[schema.CAPTION].to_pylist()
+    rng = np.random.default_rng(5)
+    b_image = image[:, :8] + 0.5 * rng.normal(size=(len(image), 8))  # a second teacher that half agrees
+    b_text = text[:, :8] + 0.5 * rng.normal(size=(len(text), 8))
+    b_image, b_text = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (b_image, b_text))
+    info = {"teacher": {"model": "b"}, schema.FEATURES_FINGERPRINT: store.features_fingerprint(tmp_path / "features", "train")}
+    store.write_added_teacher(store.added_teacher_dir(tmp_path / "teachers", "b", "train"), info, [b_image], [b_text],
+                              len(image), len(text), 8, "float32")
+    shares = {"teacher": TeacherShare(), "b": TeacherShare(weight=3.0)}
+    cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=6, index="flat",
+                     query_chunk=7, teachers=shares, teachers_dir=str(tmp_path / "teachers"))
+    negatives.mine(cfg, progress=False)
+    # the reference: features whose own embeddings are the ensemble target, mined as usual
+    joint = [np.concatenate([a * 0.5, b * np.sqrt(0.75)], axis=1) for a, b in ((image, b_image), (text, b_text))]
+    write_features(tmp_path / "joint", "train", joint[0], joint[1], text_image, captions)
+    reference = MineConfig(features_dir=str(tmp_path / "joint"), out_dir=str(tmp_path / "neg-joint"), k=6, index="flat",
+                           query_chunk=7)
+    negatives.mine(reference, progress=False)
+    for name in DIRECTIONS:
+        got_ids, got_scores = _as_lists(cfg.out_dir, "train", name)
+        want_ids, want_scores = _as_lists(reference.out_dir, "train", name)
+        assert got_ids == want_ids, name
+        np.testing.assert_allclose(np.concatenate(got_scores), np.concatenate(want_scores), atol=1e-5)
+    negatives.mine(MineConfig(**{**cfg.__dict__, "teachers": {}, "out_dir": str(tmp_path / "neg-alone")}), progress=False)
+    # the first teacher alone mines other neighbours: the option is what changed them
+    assert any(_as_lists(tmp_path / "neg-alone", "train", d)[0] != _as_lists(cfg.out_dir, "train", d)[0] for d in DIRECTIONS)

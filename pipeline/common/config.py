@@ -43,6 +43,7 @@ Source = _choices("Source", "shards", "corpus", "world")
 Batching = _choices("Batching", "random", "hard-negative-aware")
 ProjectionInit = _choices("ProjectionInit", "orthogonal", "default")
 DataLoading = _choices("DataLoading", "auto", "memory", "stream")
+TeachersTarget = _choices("TeachersTarget", "ensemble", "each")
 
 
 def opt(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING, at_least: float | None = None,
@@ -340,6 +341,10 @@ class TrainConfig(Section):
                                             "teacher alone; `teacher` names it, other names the teachers section's",
                                             factory=dict)
     teachers_dir: str = opt("outputs/teachers", "where `dsmd extract --teacher <name>` wrote the added teachers")
+    teachers_target: TeachersTarget = opt(TeachersTarget.ensemble, "with several teachers: ensemble (one target, "
+                                          "above) or each (every DSMD term against each teacher in its own width, "
+                                          "through its own rows of the projection, its contrastive temperature "
+                                          "distill.temperature x its temperature, the terms summed by weight)")
     manifest: str = opt("data/synthetic/manifest.yaml", "corpus manifest used with source corpus")
     split: str = opt("train", "the split trained on")
     out_dir: str = opt("outputs/students/dsmd", "where the student, checkpoint.pt, train_log.jsonl and train_summary.json go")

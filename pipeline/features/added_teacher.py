@@ -29,6 +29,7 @@ from pipeline.corpus import augment
 from pipeline.corpus.manifest import load_manifest
 from pipeline.features import schema, store
 from pipeline.features.extract import ExtractMismatchError, _comparable, _describe_change, _embed
+from pipeline.features.verify import verify_features
 from pipeline.models import LoadedModel, load_teacher
 
 log = logging.getLogger(__name__)
@@ -181,4 +182,7 @@ def extract_added_teacher(cfg: ExtractConfig, name: str, teacher_cfg: TeacherCon
                                      cfg, device)
         log.info("teacher %s, split %s: %d images, %d texts -> %s", name, split, results[split]["num_images"],
                  results[split]["num_texts"], store.added_teacher_dir(cfg.teachers_dir, name, split))
+    if cfg.verify_sample:  # the added cache proves itself too, as the first teacher's does
+        verify_features(teacher, cfg.out_dir, cfg.splits, cfg.verify_sample, cfg.seed, cfg.verify_min_cosine, device,
+                        cfg.precision, cfg.batch_size, (cfg.teachers_dir, name))
     return results

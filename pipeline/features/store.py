@@ -553,12 +553,14 @@ class EnsembleRows:
     and its cosine between two ids is the share-weighted mean of the teachers' cosines, so every DSMD term that
     reads similarities distils the ensemble's, and the feature term fits one projection to the joint width."""
 
-    def __init__(self, parts: list["Rows"], shares: list[float]) -> None:
+    def __init__(self, parts: list["Rows"], shares: list[float], scaled: bool = True) -> None:
+        """`scaled` False: the teachers' rows side by side as they are (for losses that take each teacher apart)."""
         if len({len(p) for p in parts}) != 1:
             raise ValueError(f"teachers disagree on the number of rows: {[len(p) for p in parts]}")
         total = float(sum(shares))
-        self.parts, self.scales = parts, [float(np.sqrt(s / total)) for s in shares]
-        self.shape = (len(parts[0]), sum(int(p.shape[1]) for p in parts))
+        self.parts, self.scales = parts, [float(np.sqrt(s / total)) if scaled else 1.0 for s in shares]
+        self.widths = [int(p.shape[1]) for p in parts]
+        self.shape = (len(parts[0]), sum(self.widths))
 
     def __len__(self) -> int:
         return self.shape[0]

@@ -95,7 +95,7 @@ def _cosines(stored: np.ndarray, fresh: np.ndarray) -> np.ndarray:
         return (stored * fresh).sum(axis=1) / norms
 
 
-def _causes(features_dir: str | Path, split: str, manifest: dict, teacher: LoadedModel) -> list[str]:
+def _causes(base: Path, manifest: dict, teacher: LoadedModel) -> list[str]:
     """What can explain a mismatch: a teacher other than the recorded one, an array that changed on disk."""
     causes = []
     recorded = models.comparable_identity(manifest.get("teacher") or {})
@@ -103,7 +103,6 @@ def _causes(features_dir: str | Path, split: str, manifest: dict, teacher: Loade
     for key in sorted(set(recorded) | set(current)):
         if recorded.get(key) != current.get(key):
             causes.append(f"teacher {key}: cached {recorded.get(key)!r}, now {current.get(key)!r}")
-    base = store.split_dir(features_dir, split)
     for column, entry in sorted((manifest.get("arrays") or {}).items()):
         path = base / entry["path"]
         if not path.exists():
@@ -115,10 +114,20 @@ def _causes(features_dir: str | Path, split: str, manifest: dict, teacher: Loade
 
 def verify_split(teacher: LoadedModel, features_dir: str | Path, split: str, sample: int, seed: int = 0,
                  min_cosine: float = 0.999, device: str | torch.device = "cpu", precision: str = "auto",
-                 batch_size: int = 64) -> SplitCheck:
-    """Re-embed `sample` seeded random images (with their stored views) and `sample` captions of a split."""
+                 batch_size: int = 64, added: tuple[str | Path, str] | None = None) -> SplitCheck:
+    """Re-embed `sample` seeded random images (with their stored views) and `sample` captions of a split; with
+    `added` = (teachers_dir, name), compare with that added teacher's embeddings of the split instead."""
     manifest = store.load_split_manifest(features_dir, split)
-    check = SplitCheck(split, str(store.split_dir(features_dir, split)), min_cosine)
+    base = store.split_dir(features_dir, split)
+    if added is not None:
+        base = store.added_teacher_dir(added[0], added[1], split)
+        stored_image, stored_text = store.added_teacher_rows(added[0], added[1], features_dir, split)
+        recorded = store.added_teacher_manifest(added[0], added[1], split)
+    else:
+        stored_image = store.embedding_rows(features_dir, split, schema.TEACHER_IMAGE_EMB)
+        stored_text = store.embedding_rows(features_dir, split, schema.TEACHER_TEXT_EMB)
+        recorded = manifest
+    check = SplitCheck(split, str(base), min_cosine)
     device = torch.device(device)
     model = teacher.model.to(device).eval()
     rng = np.random.default_rng([seed, sample])
@@ -133,14 +142,14 @@ def verify_split(teacher: LoadedModel, features_dir: str | Path, split: str, sam
     pixels = augment.preprocess_batch(teacher.preprocess, decoded) if decoded else None
     if pixels is not None:
         fresh = _encode(model.encode_image, pixels, device, precision, batch_size)
-        stored = store.embedding_rows(features_dir, split, schema.TEACHER_IMAGE_EMB)[image_ids]
+        stored = stored_image[image_ids]
         check.rows["image"] = (image_ids, _cosines(stored, fresh))
     captions = store.take_rows(features_dir, split, schema.TEXTS_PREFIX, text_ids, [schema.CAPTION])[schema.CAPTION].to_pylist()
     if captions:
         fresh = _encode(model.encode_text, teacher.tokenizer(captions), device, precision, batch_size)
-        stored = store.embedding_rows(features_dir, split, schema.TEACHER_TEXT_EMB)[text_ids]
+        stored = stored_text[text_ids]
         check.rows["text"] = (text_ids, _cosines(stored, fresh))
-    views = int(manifest.get("views", 0) or 0)
+    views = int(manifest.get("views", 0) or 0) if added is None else 0  # an added teacher embeds no views
     if views and decoded:
         params = store.take_rows(features_dir, split, schema.IMAGES_PREFIX, image_ids, [schema.VIEW_PARAMS])[schema.VIEW_PARAMS].to_pylist()
         crops = [augment.apply_view(image, view) for image, per_image in zip(decoded, params) for view in per_image]
@@ -149,15 +158,15 @@ def verify_split(teacher: LoadedModel, features_dir: str | Path, split: str, sam
         rows = (image_ids[:, None] * views + np.arange(views)).reshape(-1)  # view row = image_id * views + view
         check.rows["view"] = (rows, _cosines(stored, fresh))
     if not check.ok:
-        check.causes = _causes(features_dir, split, manifest, teacher)
+        check.causes = _causes(base, recorded, teacher)
     return check
 
 
 def verify_features(teacher: LoadedModel, features_dir: str | Path, splits: list[str], sample: int, seed: int = 0,
                     min_cosine: float = 0.999, device: str | torch.device = "cpu", precision: str = "auto",
-                    batch_size: int = 64) -> dict[str, dict]:
+                    batch_size: int = 64, added: tuple[str | Path, str] | None = None) -> dict[str, dict]:
     """verify_split for each split; {split: summary}, or a CacheMismatchError naming every failed split."""
-    checks = [verify_split(teacher, features_dir, split, sample, seed, min_cosine, device, precision, batch_size)
+    checks = [verify_split(teacher, features_dir, split, sample, seed, min_cosine, device, precision, batch_size, added)
               for split in splits]
     for check in checks:
         summary = check.summary()
@@ -170,11 +179,13 @@ def verify_features(teacher: LoadedModel, features_dir: str | Path, splits: list
     return {check.split: check.summary() for check in checks}
 
 
-def verify(cfg: ExtractConfig, teacher_cfg: TeacherConfig, seed: int = 0) -> dict[str, dict]:
+def verify(cfg: ExtractConfig, teacher_cfg: TeacherConfig, seed: int = 0, added: str | None = None) -> dict[str, dict]:
     """`dsmd verify`: load the teacher of `teacher_cfg` and check the features of `cfg.splits` in `cfg.out_dir`
-    (`cfg.verify_sample` rows of each kind; 0, which turns the check off in extract, samples the default 32)."""
+    (`cfg.verify_sample` rows of each kind; 0, which turns the check off in extract, samples the default 32), or
+    with `added` the embeddings of that added teacher in `cfg.teachers_dir`."""
     runtime.set_threads(cfg.threads)
     device = runtime.resolve_device(cfg.device)
     teacher = models.load_teacher(teacher_cfg, device=device)
     return verify_features(teacher, cfg.out_dir, cfg.splits, cfg.verify_sample or ExtractConfig().verify_sample, seed,
-                           cfg.verify_min_cosine, device, cfg.precision, cfg.batch_size)
+                           cfg.verify_min_cosine, device, cfg.precision, cfg.batch_size,
+                           (cfg.teachers_dir, added) if added else None)

@@ -66,6 +66,7 @@ class TrainingData:
     teacher_image: Optional[Rows] = None  # (N, D)
     teacher_text: Optional[Rows] = None  # (M, D)
     teacher_views: Optional[Rows] = None  # (N, K, D)
+    teacher_widths: Optional[list[int]] = None  # several teachers side by side: each one's width (D = their sum)
     view_params: Optional[list[list[dict]]] = None  # N lists of K view dicts (pipeline.augment)
     skipped: dict = field(default_factory=dict)  # reason -> count, from the source
     # the captions of image i are texts_by_image[text_offsets[i]:text_offsets[i + 1]]; given with text_to_image as
@@ -159,15 +160,16 @@ class Strings:
 
 def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = True, with_views: bool = True,
                      stream: bool = False, teachers: Optional[dict[str, float]] = None,
-                     teachers_dir: str | Path = "") -> TrainingData:
+                     teachers_dir: str | Path = "", teachers_scaled: bool = True) -> TrainingData:
     """Read a features split: captions and the images (copied bytes, or references read per sample), and
     (with_teacher) the teacher embeddings and (with_views, when stored) the augmentation views: loaded
     whole, or with `stream` read per batch from the split's .npy files. Only the columns needed are read.
     Without the teacher the views come without their embeddings: the CLIP-only student sees the same images
     as the distilled one. `teachers` (name -> share; `teacher` = the features' own, other names in
-    `teachers_dir`) makes the teacher embeddings one ensemble target (store.EnsembleRows)."""
+    `teachers_dir`) makes the teacher embeddings one ensemble target (store.EnsembleRows; with `teachers_scaled`
+    False the teachers' unit rows side by side, for losses that take each teacher apart)."""
     manifest = store.load_split_manifest(features_dir, split)
-    ensemble = _Ensemble(features_dir, split, teachers or {}, teachers_dir)
+    ensemble = _Ensemble(features_dir, split, teachers or {}, teachers_dir, teachers_scaled)
     stored_views = int(manifest.get("views", 0) or 0)
     with_views = with_views and stored_views > 0
     found = store.lookups(features_dir, split)
@@ -215,6 +217,7 @@ class _Ensemble:
     split: str
     shares: dict[str, float]
     teachers_dir: str | Path
+    scaled: bool = True
 
     def rows(self, column: str) -> Rows:
         parts = []
@@ -224,7 +227,7 @@ class _Ensemble:
             else:
                 image, text = store.added_teacher_rows(self.teachers_dir, name, self.features_dir, self.split)
                 parts.append(image if column == schema.TEACHER_IMAGE_EMB else text)
-        return store.EnsembleRows(parts, list(self.shares.values()))
+        return store.EnsembleRows(parts, list(self.shares.values()), self.scaled)
 
 
 def _with_embeddings(data: TrainingData, features_dir, split: str, manifest: dict, with_teacher: bool,
@@ -243,6 +246,7 @@ def _with_embeddings(data: TrainingData, features_dir, split: str, manifest: dic
         raise DataError(f"{where}: stored views are the first teacher's alone; train from several teachers with "
                         f"use_views false (or extract without views)")
     if with_teacher and ensemble and ensemble.shares:
+        data.teacher_widths = ensemble.rows(schema.TEACHER_IMAGE_EMB).widths
         data.teacher_image, data.teacher_text = rows(schema.TEACHER_IMAGE_EMB), rows(schema.TEACHER_TEXT_EMB)
     elif with_teacher:
         data.teacher_image, data.teacher_text = rows(schema.TEACHER_IMAGE_EMB), rows(schema.TEACHER_TEXT_EMB)

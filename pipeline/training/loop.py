@@ -46,7 +46,8 @@ from pipeline.common.progress import progress
 from pipeline.features import store
 from pipeline.training import data as data_mod
 from pipeline.training.balancer import LossBalancer
-from pipeline.training.losses import ClipLoss, DISTILL_NAMES, DSMDLoss, gather_no_grad, gather_with_grad, LOSS_NAMES, Mined
+from pipeline.training.losses import (ClipLoss, DISTILL_NAMES, DSMDLoss, gather_no_grad, gather_with_grad, LOSS_NAMES, Mined,
+                                      PerTeacherDSMDLoss)
 from pipeline.training.tracking import TrainingLog, Validation
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / decay_steps)))
 
 
-def create_losses(cfg: TrainConfig, teacher_dim: Optional[int], total_steps: int) -> tuple[Optional[DSMDLoss], Optional[ClipLoss], LossBalancer]:
+def create_losses(cfg: TrainConfig, teacher_dim: Optional[int], total_steps: int,
+                  teacher_widths: Optional[list[int]] = None) -> tuple[Optional[DSMDLoss], Optional[ClipLoss], LossBalancer]:
     """The one place the config meets the losses (as open_clip's `create_loss(args)`): the distillation terms, the
     task term and the balancer, built from plain arguments."""
     if cfg.loss != "dsmd":
@@ -154,9 +156,18 @@ def create_losses(cfg: TrainConfig, teacher_dim: Optional[int], total_steps: int
     if not names:
         raise ConfigError(f"train.distill: every loss term is switched off; enable at least one of {LOSS_NAMES}")
     terms = [n for n in names if n != "task"]
-    dsmd_loss = DSMDLoss(terms, teacher_dim, temperature=distill.temperature, queue_size=distill.queue_size,
-                         margin=distill.margin, margin_mode=distill.margin_mode,
-                         affinity_temperature=distill.affinity_temperature) if terms else None
+    common = dict(temperature=distill.temperature, queue_size=distill.queue_size, margin=distill.margin,
+                  margin_mode=distill.margin_mode, affinity_temperature=distill.affinity_temperature)
+    if not terms:
+        dsmd_loss = None
+    elif cfg.teachers and cfg.teachers_target == "each":  # every term against each teacher apart
+        if teacher_widths is None or len(teacher_widths) != len(cfg.teachers) or sum(teacher_widths) != teacher_dim:
+            raise ConfigError(f"train.teachers_target each: the data's teacher widths {teacher_widths} do not match "
+                              f"train.teachers {list(cfg.teachers)} (width {teacher_dim})")
+        dsmd_loss = PerTeacherDSMDLoss(terms, teacher_widths, [s.weight for s in cfg.teachers.values()],
+                                       [s.temperature for s in cfg.teachers.values()], **common)
+    else:
+        dsmd_loss = DSMDLoss(terms, teacher_dim, **common)
     b = distill.balancer
     try:
         balancer = LossBalancer(names, mode=b.mode, temperature=b.temperature, fixed_weights=b.weights,
@@ -167,11 +178,12 @@ def create_losses(cfg: TrainConfig, teacher_dim: Optional[int], total_steps: int
     return dsmd_loss, ClipLoss() if distill.task else None, balancer
 
 
-def build_context(cfg: TrainConfig, teacher_dim: Optional[int], total_steps: int, device: torch.device, distributed: bool = False) -> tuple[models.LoadedModel, StepContext]:
+def build_context(cfg: TrainConfig, teacher_dim: Optional[int], total_steps: int, device: torch.device, distributed: bool = False,
+                  teacher_widths: Optional[list[int]] = None) -> tuple[models.LoadedModel, StepContext]:
     """The student (+ projection), the losses and balancer, AdamW and its schedule, for `cfg`."""
     optim = cfg.optim
     loaded, net = build_student(cfg, teacher_dim, device)
-    dsmd_loss, clip_loss, balancer = create_losses(cfg, teacher_dim, total_steps)
+    dsmd_loss, clip_loss, balancer = create_losses(cfg, teacher_dim, total_steps, teacher_widths)
     if dsmd_loss is not None:
         dsmd_loss = dsmd_loss.to(device)
     if clip_loss is None:
@@ -462,7 +474,8 @@ def _load_inputs(cfg: TrainConfig, world: Optional[data_mod.TrainingData] = None
             cfg.data_loading == "auto" and data_mod.embeddings_bytes(cfg.features_dir, cfg.split) > cfg.stream_above_mb * 2**20)
         log.info("teacher embeddings of split %s: %s", cfg.split, "read per batch (streaming)" if stream else "in memory")
         data = data_mod.load_shards_data(cfg.features_dir, cfg.split, with_teacher=distill, with_views=cfg.use_views,
-                                         stream=stream, teachers=teacher_shares(cfg), teachers_dir=cfg.teachers_dir)
+                                         stream=stream, teachers=teacher_shares(cfg), teachers_dir=cfg.teachers_dir,
+                                         teachers_scaled=cfg.teachers_target == "ensemble")
         fingerprint = store.features_fingerprint(cfg.features_dir, cfg.split)
     else:
         data = data_mod.load_corpus_data(cfg.manifest, cfg.split)
@@ -496,7 +509,8 @@ def teacher_shares(cfg: TrainConfig) -> dict[str, float]:
 
 def _run_identity(cfg: TrainConfig, inputs: _Inputs, ctx: StepContext) -> dict:
     """What a checkpoint must match to be resumed."""
-    ensemble = {"teachers": teacher_shares(cfg)} if cfg.teachers and cfg.loss == "dsmd" else {}
+    ensemble = ({"teachers": teacher_shares(cfg), "teachers_target": cfg.teachers_target}
+                if cfg.teachers and cfg.loss == "dsmd" else {})
     return {**ensemble,
         "model": cfg.model, "loss": cfg.loss, "source": cfg.source, "split": cfg.split, "batching": cfg.batching,
         "batch_neighbours": cfg.batch_neighbours, "max_images": cfg.max_images, "projection_init": cfg.projection_init,
@@ -549,7 +563,7 @@ def _train(cfg: TrainConfig, resume: bool, info: runtime.DistInfo, world: Option
 
     # inputs, then the student, its projection, the losses, AdamW and the schedule
     inputs = _load_inputs(cfg, world)
-    loaded, ctx = build_context(cfg, inputs.teacher_dim, inputs.steps, device, info.distributed)
+    loaded, ctx = build_context(cfg, inputs.teacher_dim, inputs.steps, device, info.distributed, inputs.data.teacher_widths)
     if info.is_main:  # a checkpoint holds the weights and AdamW's two moments; the student its weights
         weight_bytes = sum(p.numel() * p.element_size() for group in ctx.optimizer.param_groups for p in group["params"])
         atomic.check_free_space(out_dir, 5 * weight_bytes + (32 << 20))

@@ -438,3 +438,61 @@ class DSMDLoss(nn.Module):
         """Fill the queue from the cache before training (pass the same rows on every rank)."""
         if self.queue is not None:
             self.queue.prefill(teacher_image, teacher_text, image_ids)
+
+
+class _QueueSlice(NamedTuple):
+    """One teacher's columns of the joint TeacherQueue, as ContrastiveDistillLoss reads a queue."""
+
+    image: Tensor
+    text: Tensor
+    owner_ids: Tensor
+
+
+class PerTeacherDSMDLoss(DSMDLoss):
+    """The DSMD terms against each of several teachers apart (`train.teachers_target: each`), the terms summed over
+    the teachers by share: `L_term = sum_k w_k L_term(s^k, t^k)`.
+
+    The teachers' unit embeddings come side by side (widths d_1, ..., d_n; the teacher queue and the mined rows
+    alike); teacher k's student embedding s^k is normalize((W f)[d_k's columns]), i.e. its own rows of the one
+    projection W with its own normalisation, and its contrastive temperature is `temperature * temperatures[k]`
+    (MobileCLIP2's per-teacher logit scale). The affinity term, on the student's own space when given, is summed
+    the same way. Called, queued and checkpointed as DSMDLoss (one joint queue)."""
+
+    def __init__(self, terms: Sequence[str], widths: Sequence[int], shares: Sequence[float],
+                 temperatures: Sequence[float], temperature: float = 0.05, queue_size: int = 8192,
+                 margin: float = 0.2, margin_mode: str = "teacher", affinity_temperature: float = 0.05):
+        super().__init__(terms, sum(widths), temperature, queue_size, margin, margin_mode, affinity_temperature)
+        if not (len(widths) == len(shares) == len(temperatures)) or min(shares) <= 0 or min(temperatures) <= 0:
+            raise ValueError(f"one positive share and temperature per teacher width: {widths}, {shares}, {temperatures}")
+        ends = [int(e) for e in torch.tensor(list(widths)).cumsum(0)]
+        self.bounds = list(zip([0, *ends[:-1]], ends))
+        self.shares = [float(s) / float(sum(shares)) for s in shares]
+        self.contrastives = nn.ModuleList(ContrastiveDistillLoss(temperature * t) for t in temperatures) \
+            if self.contrastive is not None else None
+
+    def forward(
+        self, projected_image: Tensor, projected_text: Tensor, teacher_image: Tensor, teacher_text: Tensor,
+        image_ids: Tensor, image: Optional[Tensor] = None, text: Optional[Tensor] = None,
+        mined: Optional[Mapping[str, Mined]] = None,
+    ) -> dict[str, Tensor]:
+        total: dict[str, Tensor] = {}
+        for index, ((a, b), share) in enumerate(zip(self.bounds, self.shares)):
+            s_v, s_t = F.normalize(projected_image[:, a:b], dim=-1), F.normalize(projected_text[:, a:b], dim=-1)
+            t_v, t_t = teacher_image[:, a:b], teacher_text[:, a:b]
+            losses: dict[str, Tensor] = {}
+            if self.feature is not None:
+                losses["feature"] = self.feature(s_v, s_t, t_v, t_t)
+            if self.similarity is not None:
+                losses["similarity"] = self.similarity(s_v, s_t, t_v, t_t)
+            if self.contrastive is not None:
+                queue = _QueueSlice(self.queue.image[:, a:b], self.queue.text[:, a:b], self.queue.owner_ids)
+                losses["contrastive"] = self.contrastives[index](s_v, s_t, t_v, t_t, image_ids, queue)
+            if self.hard_negative is not None:
+                sliced = {d: Mined(m.emb[..., a:b], m.owner) for d, m in mined.items()} if mined else mined
+                losses["hard_negative"] = self.hard_negative(s_v, s_t, t_v, t_t, image_ids, sliced)
+            if self.affinity is not None:
+                losses["affinity"] = self.affinity(s_v if image is None else image, s_t if text is None else text,
+                                                   t_v, t_t, image_ids)
+            for name, value in losses.items():
+                total[name] = total[name] + share * value if name in total else share * value
+        return {name: total[name] for name in self.enabled}
