@@ -146,6 +146,8 @@ def test_teacher_names_are_checked_at_load():
         from_dict(Params, {"students": {"s": {"teachers": {"teacher": {}, "missing": {}}}}})
     with pytest.raises(ConfigError, match="teachers.teacher: the name is the `teacher` section's"):
         from_dict(Params, {"teachers": {"teacher": {"model": "m", "pretrained": ""}}})
+    with pytest.raises(ConfigError, match=r"mine.teachers names \['c'\]"):
+        from_dict(Params, {"mine": {"teachers": {"c": {}}}})
     with pytest.raises(ConfigError, match="weight must be > 0"):
         from_dict(Params, {"students": {"s": {"teachers": {"teacher": {"weight": 0}}}}})
     params = from_dict(Params, {"teachers": {"b": {"model": "m", "pretrained": "p"}},

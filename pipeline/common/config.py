@@ -275,6 +275,10 @@ class MineConfig(Section):
     twin_threshold: Optional[float] = opt(None, "drop semantic twins: candidates owning a caption whose teacher cosine "
                                           "with a caption of the query's image is above this")
     recall_sample: int = opt(1000, "queries checked against exact search when the index is approximate", at_least=0)
+    teachers: dict[str, TeacherShare] = opt(doc="whose similarities are mined, named as in train.teachers: {} = the "
+                                            "features' own teacher; one name = that teacher; several = their ensemble "
+                                            "target (weight / temperature shares)", factory=dict)
+    teachers_dir: str = opt("outputs/teachers", "where `dsmd extract --teacher <name>` wrote the added teachers")
     seed: int = opt(0, "seeds index training samples and the recall check")
 
 
@@ -452,6 +456,10 @@ class Params:
             self.students = _default_students()
         for name in self.students:
             self.student(name)  # every entry is checked like the train section, at load
+        unknown = sorted(set(self.mine.teachers) - {PRIMARY_TEACHER, *self.teachers})
+        if unknown:
+            raise ConfigError(f"mine.teachers names {unknown}, neither `{PRIMARY_TEACHER}` nor a teacher of the teachers "
+                              f"section ({sorted(self.teachers)})")
         if not self.evaluate.teachers:
             self.evaluate.teachers = list(self.teachers)
         if not self.evaluate.students:

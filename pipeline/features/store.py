@@ -562,11 +562,20 @@ class EnsembleRows:
         self.widths = [int(p.shape[1]) for p in parts]
         self.shape = (len(parts[0]), sum(self.widths))
 
+    @property
+    def row_shape(self) -> tuple[int]:
+        return (self.shape[1],)
+
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, index) -> np.ndarray:
         return np.concatenate([np.asarray(p[index], np.float32) * c for p, c in zip(self.parts, self.scales)], axis=-1)
+
+    def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, rows) blocks of `size` rows in order, as RowFile.chunks."""
+        for start in range(0, len(self), size):
+            yield start, self[start : start + size]
 
 
 # ---- image bytes: copied, or referenced in the source shards ---------------------------------------

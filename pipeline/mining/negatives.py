@@ -73,7 +73,7 @@ import pyarrow.parquet as pq
 from pipeline.common.progress import progress as progress_bar
 
 from pipeline.common import atomic, names
-from pipeline.common.config import IndexKind, MineConfig
+from pipeline.common.config import PRIMARY_TEACHER, IndexKind, MineConfig
 from pipeline.common.errors import PipelineError
 from pipeline.features import schema, store
 
@@ -82,7 +82,7 @@ log = logging.getLogger(__name__)
 INDEX_KINDS = tuple(m.value for m in IndexKind)
 APPROXIMATE_KINDS = ("ivf", "hnsw", "ivfpq")
 # fields of MineConfig that change no output: they are left out of the params a re-run compares
-_NON_RESULT_FIELDS = ("features_dir", "out_dir", "splits", "threads", "query_chunk")
+_NON_RESULT_FIELDS = ("features_dir", "out_dir", "splits", "threads", "query_chunk", "teachers_dir")
 _RESCORE_BLOCK_FLOATS = 1 << 21  # 8 MB of float32 per block when re-scoring IVF-PQ candidates
 _DATABASE_BLOCK_FLOATS = 1 << 23  # 32 MB of float32 per database block (index adds, exact search, checks)
 _BLOCKS_PER_WRITE = 4  # query chunks mined between two writes of a direction's output (a row group)
@@ -583,10 +583,31 @@ def _validate(cfg: MineConfig) -> None:
         raise MineError("mine.splits is empty: name at least one split")
 
 
-def _checked_rows(features_dir: Path, split: str, column: str, what: str) -> UnitRows:
+def _teacher_rows(features_dir: Path, split: str, column: str, cfg: MineConfig) -> "store.RowFile | store.EnsembleRows":
+    """The split's embeddings of `column` from the teachers of mine.teachers: the features' own ({}), or one named
+    teacher, or several as their ensemble target (store.EnsembleRows, as a student with train.teachers sees it)."""
+    if not cfg.teachers:
+        return store.embedding_rows(features_dir, split, column)
+    parts = []
+    for name in cfg.teachers:
+        if name == PRIMARY_TEACHER:
+            parts.append(store.embedding_rows(features_dir, split, column))
+        else:
+            image, text = store.added_teacher_rows(cfg.teachers_dir, name, features_dir, split)
+            parts.append(image if column == schema.TEACHER_IMAGE_EMB else text)
+    return store.EnsembleRows(parts, [s.weight / s.temperature for s in cfg.teachers.values()])
+
+
+def _teacher_fingerprints(features_dir: Path, split: str, cfg: MineConfig) -> dict:
+    """The added teachers' manifests' sha256: negatives mined from an added teacher are redone when it is."""
+    return {name: atomic.sha256_file(store.added_teacher_dir(cfg.teachers_dir, name, split) / schema.SPLIT_MANIFEST)
+            for name in cfg.teachers if name != PRIMARY_TEACHER}
+
+
+def _checked_rows(features_dir: Path, split: str, column: str, what: str, cfg: MineConfig) -> UnitRows:
     """The split's embedding array as UnitRows, every row checked finite and non-zero (block by block)."""
     where = store.split_dir(features_dir, split)
-    rows = UnitRows(store.embedding_rows(features_dir, split, column))
+    rows = UnitRows(_teacher_rows(features_dir, split, column, cfg))
     for start, raw in rows.rows.chunks(max(1, _DATABASE_BLOCK_FLOATS // max(1, rows.shape[1]))):
         raw = raw.astype(np.float32)
         if not np.isfinite(raw).all():
@@ -645,8 +666,8 @@ def _load_directions(features_dir: Path, split: str, cfg: MineConfig):
     """(image rows, text rows, caption groups, the four directions) of a features split, checked; the
     embeddings stay on disk (UnitRows)."""
     where = store.split_dir(features_dir, split)
-    image_emb = _checked_rows(features_dir, split, schema.TEACHER_IMAGE_EMB, "image")
-    text_emb = _checked_rows(features_dir, split, schema.TEACHER_TEXT_EMB, "text")
+    image_emb = _checked_rows(features_dir, split, schema.TEACHER_IMAGE_EMB, "image", cfg)
+    text_emb = _checked_rows(features_dir, split, schema.TEACHER_TEXT_EMB, "text", cfg)
     if len(image_emb) == 0 or len(text_emb) == 0:
         raise MineError(f"{where}: split {split!r} has {len(image_emb)} images and {len(text_emb)} texts; nothing to mine")
     text_image, hashes = _text_columns(features_dir, split)
@@ -801,6 +822,8 @@ def mine_split(cfg: MineConfig, split: str, progress: bool = True, ranks: Ranks 
     work = out / WORK_DIR
     fingerprint = store.features_fingerprint(features_dir, split)
     params = mine_params(cfg)
+    if cfg.teachers:
+        params["teacher_fingerprints"] = _teacher_fingerprints(features_dir, split, cfg)
     current = _up_to_date(out, fingerprint, params)
     if current is not None:
         log.info("%s: negatives up to date (%s)", split, out)
