@@ -99,6 +99,8 @@ def test_each_added_teacher_is_a_stage_of_its_own_that_the_students_wait_for():
     # the students depend on the folder that holds every added teacher and the teacher's identity, so it exists
     # with no added teacher too (a missing dependency fails `dvc repro`)
     assert "${extract.teachers_dir}" in stages["train"]["do"]["deps"]
+    # stage one never waits for the added teachers as a whole: adding one re-runs neither extract nor mine
+    assert not any(d.startswith("${extract.teachers_dir}") for name in ("extract", "mine") for d in stages[name]["deps"])
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert Path(params["teacher"]["out_dir"]).parent == Path(params["extract"]["teachers_dir"])
 
