@@ -265,3 +265,33 @@ def test_mining_from_the_ensemble_equals_mining_features_that_hold_the_ensemble(
     negatives.mine(MineConfig(**{**cfg.__dict__, "teachers": {}, "out_dir": str(tmp_path / "neg-alone")}), progress=False)
     # the first teacher alone mines other neighbours: the option is what changed them
     assert any(_as_lists(tmp_path / "neg-alone", "train", d)[0] != _as_lists(cfg.out_dir, "train", d)[0] for d in DIRECTIONS)
+
+
+def test_stored_views_are_embedded_by_the_added_teacher_with_the_same_crops(tmp_path, teacher_checkpoint, other_checkpoint):
+    manifest = write_tiny_corpus(tmp_path / "corpus", splits=("train",))
+    cfg = ExtractConfig(manifest=str(manifest), out_dir=str(tmp_path / "features"), teachers_dir=str(tmp_path / "teachers"),
+                        splits=["train"], batch_size=4, num_workers=0, threads=1, zeroshot=False, views=2, verify_sample=4)
+    extract_mod.extract(cfg, _teacher(teacher_checkpoint))
+    added_teacher.extract_added_teacher(cfg, "again", _teacher(teacher_checkpoint))  # verifies its views at the end
+    own = store.embedding_rows(cfg.out_dir, "train", schema.TEACHER_VIEW_EMB)[:].astype(np.float32)
+    added = store.added_teacher_view_rows(cfg.teachers_dir, "again", cfg.out_dir, "train")[:].astype(np.float32)
+    assert added.shape == own.shape and own.shape[1] == 2
+    np.testing.assert_allclose(added, own, atol=2e-3)  # the same teacher, the same crops: the features' own views
+    added_teacher.extract_added_teacher(cfg, "b", _teacher(other_checkpoint))
+    data = data_mod.load_shards_data(cfg.out_dir, "train", teachers={"teacher": 1.0, "b": 1.0}, teachers_dir=cfg.teachers_dir)
+    b_views = store.added_teacher_view_rows(cfg.teachers_dir, "b", cfg.out_dir, "train")[:].astype(np.float32)
+    width = own.shape[-1]
+    assert data.teacher_views.shape == (len(own), 2, width + b_views.shape[-1])
+    np.testing.assert_allclose(data.teacher_views[:, :, :width], own * np.sqrt(0.5), atol=1e-6)
+    np.testing.assert_allclose(data.teacher_views[:, :, width:], b_views * np.sqrt(0.5), atol=1e-6)
+    # and a student trains on them, streamed, each teacher apart
+    import dataclasses
+    from pipeline.common.config import TeacherShare
+    from pipeline.training import loop
+    from tests.test_training import make_cfg, read_log
+    train_cfg = dataclasses.replace(
+        make_cfg((cfg.out_dir, tmp_path / "none"), tmp_path / "student", {"hard_negative": False}, max_steps=3, batch_size=8),
+        teachers={"teacher": TeacherShare(), "b": TeacherShare()}, teachers_dir=cfg.teachers_dir, val_every=0,
+        live_dir="", teachers_target="each", data_loading="stream")
+    loop.train(train_cfg)
+    assert [r["step"] for r in read_log(tmp_path / "student")] == [1, 2, 3]

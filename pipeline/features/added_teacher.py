@@ -7,7 +7,8 @@ the teacher's identity and the fingerprint of the features split it embedded (st
 unit of work is a block of BLOCK consecutive ids, written atomically to `_parts/` (a re-run keeps the finished
 blocks); the teacher's batches (extract.batch_size, decoded in the loader workers) never cross a block, so the
 result does not depend on where a run was killed.
-Stored augmentation views and zero-shot tasks stay the first teacher's.
+Stored augmentation views are embedded with the same crops and flips (`view_params`); zero-shot tasks stay the
+first teacher's.
 """
 from __future__ import annotations
 
@@ -38,10 +39,12 @@ BLOCK = 8192  # ids per resumable part
 
 
 class _ImageBatches(Dataset):
-    """Batch i of the images to embed, decoded and preprocessed (in DataLoader workers): (block start, pixels)."""
+    """Batch i of the images to embed, decoded and preprocessed (in DataLoader workers): (block start, pixels,
+    the pixels of their stored views or None)."""
 
-    def __init__(self, images, batches: list[tuple[int, int, int]], preprocess) -> None:
+    def __init__(self, images, batches: list[tuple[int, int, int]], preprocess, view_params: list | None = None) -> None:
         self.images, self.batches, self.preprocess = images, batches, preprocess  # (block start, first id, end id)
+        self.view_params = view_params  # per image, its stored views (augment.apply_view dicts)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -55,7 +58,11 @@ class _ImageBatches(Dataset):
             except augment.CorruptImageError as exc:
                 raise PipelineError(f"{self.images.where}: image {image_id} decoded at extraction but not now ({exc}); "
                                     f"its source shard changed: re-run `dsmd extract`") from None
-        return block, augment.preprocess_batch(self.preprocess, decoded)
+        views = None
+        if self.view_params is not None:  # the same crops and flips the first teacher embedded
+            crops = [augment.apply_view(image, view) for image, i in zip(decoded, range(lo, hi)) for view in self.view_params[i]]
+            views = augment.preprocess_batch(self.preprocess, crops)
+        return block, augment.preprocess_batch(self.preprocess, decoded), views
 
 
 def _batches(blocks: list[int], total: int, batch_size: int) -> list[tuple[int, int, int]]:
@@ -119,24 +126,30 @@ def embed_split(teacher: LoadedModel, features_dir: str | Path, split: str, out:
         atomic.atomic_write_json(info, parts / names.EXTRACT_RUN_FILE)
     manifest = store.load_split_manifest(features_dir, split)
     num_images, num_texts = int(manifest["num_images"]), int(manifest["num_texts"])
-    if int(manifest.get("views", 0) or 0):
-        log.warning("%s: stored views stay the first teacher's; the added teacher embeds the plain images", split)
+    views = int(manifest.get("views", 0) or 0)
+    view_params = (store.read_images(features_dir, split, columns=[schema.VIEW_PARAMS])[schema.VIEW_PARAMS].to_pylist()
+                   if views else None)
     dim, dtype = teacher.embed_dim, cfg.embedding_dtype
     embed = lambda encode, inputs: _embed(encode, inputs, device, cfg.precision, cfg.batch_size, dim)  # noqa: E731
 
     todo = [s for s in range(0, num_images, BLOCK) if not _part(parts, "images", s).exists()]
     batches = _batches(todo, num_images, cfg.batch_size)
-    loader = DataLoader(_ImageBatches(store.image_bytes(features_dir, split), batches, teacher.preprocess),
+    loader = DataLoader(_ImageBatches(store.image_bytes(features_dir, split), batches, teacher.preprocess, view_params),
                         batch_size=None, num_workers=min(cfg.num_workers, len(batches)),
                         worker_init_fn=runtime.die_with_parent())
     pending: list[np.ndarray] = []
+    pending_views: list[np.ndarray] = []
     with progress_bar(num_images, f"extract {split} images", "img", initial=num_images - _rows(todo, num_images)) as bar:
-        for (block, _, hi), (_, pixels) in zip(batches, loader):  # in order: a block's batches, then the next block's
+        for (block, _, hi), (_, pixels, view_pixels) in zip(batches, loader):  # in order: a block's batches, then the next's
             pending.append(embed(teacher.model.encode_image, pixels))
+            if view_pixels is not None:
+                pending_views.append(embed(teacher.model.encode_image, view_pixels).reshape(len(pixels), views, dim))
             bar.update(len(pixels))
-            if hi == min(block + BLOCK, num_images):  # the block's last batch: the block is a part
+            if hi == min(block + BLOCK, num_images):  # the block's last batch: the block is a part (images last)
+                if views:
+                    _save(_part(parts, "views", block), np.concatenate(pending_views), dtype)
                 _save(_part(parts, "images", block), np.concatenate(pending), dtype)
-                pending = []
+                pending, pending_views = [], []
     captions = _captions(features_dir, split)
     todo = [s for s in range(0, num_texts, BLOCK) if not _part(parts, "texts", s).exists()]
     with progress_bar(num_texts, f"extract {split} captions", "txt", initial=num_texts - _rows(todo, num_texts)) as bar:
@@ -151,7 +164,8 @@ def embed_split(teacher: LoadedModel, features_dir: str | Path, split: str, out:
         return (np.load(_part(parts, kind, s)) for s in range(0, rows, BLOCK))
 
     written = store.write_added_teacher(out, {**info, "split": split}, pieces("images", num_images),
-                                        pieces("texts", num_texts), num_images, num_texts, dim, dtype)
+                                        pieces("texts", num_texts), num_images, num_texts, dim, dtype,
+                                        pieces("views", num_images) if views else None, views)
     shutil.rmtree(parts)
     return written
 

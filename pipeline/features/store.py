@@ -499,14 +499,20 @@ def added_teacher_dir(teachers_dir: str | Path, name: str, split: str) -> Path:
 
 
 def write_added_teacher(out: Path, info: dict, image_rows: Iterable[np.ndarray], text_rows: Iterable[np.ndarray],
-                        num_images: int, num_texts: int, dim: int, dtype: str) -> dict:
-    """An added teacher's `<column>.npy` arrays, piece by piece, then, last, its `_manifest.json` (the split
-    counts as embedded only once that file exists). `info` names the teacher and the features fingerprint."""
+                        num_images: int, num_texts: int, dim: int, dtype: str,
+                        view_rows: Iterable[np.ndarray] | None = None, views: int = 0) -> dict:
+    """An added teacher's `<column>.npy` arrays, piece by piece (with `views`, the stored views' (N, views, dim)
+    too), then, last, its `_manifest.json` (the split counts as embedded only once that file exists). `info` names
+    the teacher and the features fingerprint."""
     arrays = {}
-    for column, pieces, rows in ((schema.TEACHER_IMAGE_EMB, image_rows, num_images),
-                                 (schema.TEACHER_TEXT_EMB, text_rows, num_texts)):
-        def write(tmp: Path, pieces=pieces, rows=rows) -> None:
-            array, start = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(rows, dim)), 0
+    columns = [(schema.TEACHER_IMAGE_EMB, image_rows, (num_images, dim)), (schema.TEACHER_TEXT_EMB, text_rows, (num_texts, dim))]
+    if views:
+        columns.append((schema.TEACHER_VIEW_EMB, view_rows, (num_images, views, dim)))
+    for column, pieces, shape in columns:
+        rows = shape[0]
+
+        def write(tmp: Path, pieces=pieces, rows=rows, shape=shape) -> None:
+            array, start = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape), 0
             for piece in pieces:
                 array[start : start + len(piece)] = piece
                 start += len(piece)
@@ -516,7 +522,7 @@ def write_added_teacher(out: Path, info: dict, image_rows: Iterable[np.ndarray],
             del array
         path = atomic_write_with(out / schema.array_file(column), write)
         arrays[column] = {"path": path.name, "sha256": sha256_file(path)}
-    manifest = {**info, "num_images": num_images, "num_texts": num_texts, "arrays": arrays}
+    manifest = {**info, "num_images": num_images, "num_texts": num_texts, "views": views, "arrays": arrays}
     atomic_write_json(manifest, out / schema.SPLIT_MANIFEST)
     return manifest
 
@@ -547,6 +553,17 @@ def added_teacher_rows(teachers_dir: str | Path, name: str, features_dir: str | 
     return found[0], found[1]
 
 
+def added_teacher_view_rows(teachers_dir: str | Path, name: str, features_dir: str | Path, split: str) -> RowFile:
+    """Added teacher `name`'s embeddings of the split's stored views, (N, views, D) read per batch."""
+    added_teacher_rows(teachers_dir, name, features_dir, split)  # present and not stale
+    manifest = added_teacher_manifest(teachers_dir, name, split)
+    entry = manifest["arrays"].get(schema.TEACHER_VIEW_EMB)
+    if entry is None:
+        raise ShardError(f"{added_teacher_dir(teachers_dir, name, split)}: teacher {name!r} holds no view embeddings "
+                         f"(embedded before views were added); re-run `dsmd extract --teacher {name} --overwrite`")
+    return RowFile(added_teacher_dir(teachers_dir, name, split) / entry["path"])
+
+
 class EnsembleRows:
     """Several teachers' embeddings of the same ids as one target, indexed like a RowFile: each teacher's unit
     rows scaled by sqrt(share) and concatenated (float32), the shares summing to 1. The target stays a unit vector
@@ -559,12 +576,12 @@ class EnsembleRows:
             raise ValueError(f"teachers disagree on the number of rows: {[len(p) for p in parts]}")
         total = float(sum(shares))
         self.parts, self.scales = parts, [float(np.sqrt(s / total)) if scaled else 1.0 for s in shares]
-        self.widths = [int(p.shape[1]) for p in parts]
-        self.shape = (len(parts[0]), sum(self.widths))
+        self.widths = [int(p.shape[-1]) for p in parts]  # (rows, D) or, for views, (rows, views, D)
+        self.shape = (len(parts[0]), *tuple(parts[0].shape[1:-1]), sum(self.widths))
 
     @property
-    def row_shape(self) -> tuple[int]:
-        return (self.shape[1],)
+    def row_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[1:])
 
     def __len__(self) -> int:
         return self.shape[0]

@@ -149,12 +149,13 @@ def verify_split(teacher: LoadedModel, features_dir: str | Path, split: str, sam
         fresh = _encode(model.encode_text, teacher.tokenizer(captions), device, precision, batch_size)
         stored = stored_text[text_ids]
         check.rows["text"] = (text_ids, _cosines(stored, fresh))
-    views = int(manifest.get("views", 0) or 0) if added is None else 0  # an added teacher embeds no views
+    views = int(manifest.get("views", 0) or 0)
     if views and decoded:
         params = store.take_rows(features_dir, split, schema.IMAGES_PREFIX, image_ids, [schema.VIEW_PARAMS])[schema.VIEW_PARAMS].to_pylist()
         crops = [augment.apply_view(image, view) for image, per_image in zip(decoded, params) for view in per_image]
         fresh = _encode(model.encode_image, augment.preprocess_batch(teacher.preprocess, crops), device, precision, batch_size)
-        stored = store.embedding_rows(features_dir, split, schema.TEACHER_VIEW_EMB)[image_ids]
+        stored = (store.embedding_rows(features_dir, split, schema.TEACHER_VIEW_EMB) if added is None else
+                  store.added_teacher_view_rows(added[0], added[1], features_dir, split))[image_ids]
         rows = (image_ids[:, None] * views + np.arange(views)).reshape(-1)  # view row = image_id * views + view
         check.rows["view"] = (rows, _cosines(stored, fresh))
     if not check.ok:

@@ -224,6 +224,8 @@ class _Ensemble:
         for name in self.shares:
             if name == PRIMARY_TEACHER:
                 parts.append(store.embedding_rows(self.features_dir, self.split, column))
+            elif column == schema.TEACHER_VIEW_EMB:
+                parts.append(store.added_teacher_view_rows(self.teachers_dir, name, self.features_dir, self.split))
             else:
                 image, text = store.added_teacher_rows(self.teachers_dir, name, self.features_dir, self.split)
                 parts.append(image if column == schema.TEACHER_IMAGE_EMB else text)
@@ -238,13 +240,10 @@ def _with_embeddings(data: TrainingData, features_dir, split: str, manifest: dic
     with_views = view_params is not None
 
     def rows(column: str) -> Rows:
-        found = (ensemble.rows(column) if ensemble and ensemble.shares and column != schema.TEACHER_VIEW_EMB
+        found = (ensemble.rows(column) if ensemble and ensemble.shares
                  else store.embedding_rows(features_dir, split, column))
         return found if stream else found[:]
 
-    if with_teacher and ensemble and ensemble.shares and with_views:
-        raise DataError(f"{where}: stored views are the first teacher's alone; train from several teachers with "
-                        f"use_views false (or extract without views)")
     if with_teacher and ensemble and ensemble.shares:
         data.teacher_widths = ensemble.rows(schema.TEACHER_IMAGE_EMB).widths
         data.teacher_image, data.teacher_text = rows(schema.TEACHER_IMAGE_EMB), rows(schema.TEACHER_TEXT_EMB)
