@@ -295,3 +295,14 @@ def test_stored_views_are_embedded_by_the_added_teacher_with_the_same_crops(tmp_
         live_dir="", teachers_target="each", data_loading="stream")
     loop.train(train_cfg)
     assert [r["step"] for r in read_log(tmp_path / "student")] == [1, 2, 3]
+
+
+def test_an_unknown_teacher_name_is_one_error_line(tmp_path):
+    from typer.testing import CliRunner
+    from stages.cli import app
+    params = tmp_path / "params.yaml"
+    params.write_text("teachers:\n  b: {model: dsmd-test-teacher, pretrained: ''}\n")
+    for stage in ("extract", "verify"):
+        result = CliRunner().invoke(app, [stage, "--params", str(params), "--teacher", "nope"])
+        assert result.exit_code == 2 and "teachers.nope: no such teacher" in result.output
+        assert "Traceback" not in result.output and not Path("outputs/teachers/nope").exists()  # nothing written

@@ -211,6 +211,11 @@ class TeacherShare(Section):
                              "teacher, MobileCLIP2's per-teacher logit scale, in the one shared target)", above=0)
 
 
+def teacher_shares(teachers: dict[str, TeacherShare]) -> dict[str, float]:
+    """train.teachers / mine.teachers as name -> share of the target (weight / temperature; normalised by the user)."""
+    return {name: share.weight / share.temperature for name, share in teachers.items()}
+
+
 @dataclass
 class ExtractConfig(Section):
     """`dsmd extract`: teacher embeddings of every image and caption, to Parquet."""
@@ -456,10 +461,7 @@ class Params:
             self.students = _default_students()
         for name in self.students:
             self.student(name)  # every entry is checked like the train section, at load
-        unknown = sorted(set(self.mine.teachers) - {PRIMARY_TEACHER, *self.teachers})
-        if unknown:
-            raise ConfigError(f"mine.teachers names {unknown}, neither `{PRIMARY_TEACHER}` nor a teacher of the teachers "
-                              f"section ({sorted(self.teachers)})")
+        self._check_teacher_names(self.mine.teachers, "mine")
         if not self.evaluate.teachers:
             self.evaluate.teachers = list(self.teachers)
         if not self.evaluate.students:
@@ -473,11 +475,15 @@ class Params:
         if not isinstance(entry, dict):
             raise ConfigError(f"students.{name}: expected a mapping of train keys, got {entry!r}")
         student = apply_overrides(self.train, _dotted(entry), f"students.{name}")
-        unknown = sorted(set(student.teachers) - {PRIMARY_TEACHER, *self.teachers})
-        if unknown:
-            raise ConfigError(f"students.{name}: train.teachers names {unknown}, neither `{PRIMARY_TEACHER}` nor a "
-                              f"teacher of the teachers section ({sorted(self.teachers)})")
+        self._check_teacher_names(student.teachers, f"students.{name}: train")
         return student
+
+    def _check_teacher_names(self, named: dict, where: str) -> None:
+        """Every name of a teachers map (train.teachers, mine.teachers) is `teacher` or an added teacher."""
+        unknown = sorted(set(named) - {PRIMARY_TEACHER, *self.teachers})
+        if unknown:
+            raise ConfigError(f"{where}.teachers names {unknown}, neither `{PRIMARY_TEACHER}` nor a teacher of the "
+                              f"teachers section ({sorted(self.teachers)})")
 
     def added_teacher(self, name: str) -> TeacherConfig:
         """The teacher of the teachers section's entry `name`, as the teacher section would name it."""

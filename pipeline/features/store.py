@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.common.atomic import atomic_write_json, atomic_write_table, atomic_write_with, sha256_file
+from pipeline.common.config import PRIMARY_TEACHER
 from pipeline.common.errors import PipelineError
 from pipeline.features import schema
 
@@ -289,15 +290,18 @@ def _write_arrays(base: Path, image_tables: list[pa.Table], text_tables: list[pa
     return written
 
 
-def _write_npy(path: Path, dtype, length: int, pieces: Iterable[np.ndarray]) -> dict:
-    """A 1-D `.npy` of `length` values written piece by piece into a memory map (atomically): never whole in memory."""
+def _write_npy(path: Path, dtype, shape: int | tuple[int, ...], pieces: Iterable[np.ndarray]) -> dict:
+    """A `.npy` of `shape` (an int: 1-D) written piece by piece along its first axis into a memory map
+    (atomically): never whole in memory."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+
     def write(tmp: Path) -> None:
-        out, start = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(length,)), 0
+        out, start = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape), 0
         for piece in pieces:
             out[start : start + len(piece)] = piece
             start += len(piece)
-        if start != length:
-            raise ValueError(f"{path.name}: wrote {start} values, expected {length}")
+        if start != shape[0]:
+            raise ValueError(f"{path.name}: wrote {start} rows, expected {shape[0]}")
         out.flush()
         del out
     atomic_write_with(path, write)
@@ -509,19 +513,7 @@ def write_added_teacher(out: Path, info: dict, image_rows: Iterable[np.ndarray],
     if views:
         columns.append((schema.TEACHER_VIEW_EMB, view_rows, (num_images, views, dim)))
     for column, pieces, shape in columns:
-        rows = shape[0]
-
-        def write(tmp: Path, pieces=pieces, rows=rows, shape=shape) -> None:
-            array, start = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape), 0
-            for piece in pieces:
-                array[start : start + len(piece)] = piece
-                start += len(piece)
-            if start != rows:
-                raise ValueError(f"{out}: {start} rows of {column}, expected {rows}")
-            array.flush()
-            del array
-        path = atomic_write_with(out / schema.array_file(column), write)
-        arrays[column] = {"path": path.name, "sha256": sha256_file(path)}
+        arrays[column] = _write_npy(out / schema.array_file(column), np.dtype(dtype), shape, pieces)
     manifest = {**info, "num_images": num_images, "num_texts": num_texts, "views": views, "arrays": arrays}
     atomic_write_json(manifest, out / schema.SPLIT_MANIFEST)
     return manifest
@@ -535,33 +527,46 @@ def added_teacher_manifest(teachers_dir: str | Path, name: str, split: str) -> d
     return json.loads(marker.read_text())
 
 
-def added_teacher_rows(teachers_dir: str | Path, name: str, features_dir: str | Path, split: str) -> tuple[RowFile, RowFile]:
-    """(image rows, text rows) of added teacher `name` for a features split, read per batch; refused in one line
-    when it was embedded from another extraction of the split (its ids would not be these)."""
+def added_teacher_array(teachers_dir: str | Path, name: str, features_dir: str | Path, split: str, column: str) -> RowFile:
+    """Added teacher `name`'s `column` (schema.EMBEDDING_ARRAYS) for a features split, read per batch; refused in
+    one line when it was embedded from another extraction of the split (its ids would not be these)."""
     base = added_teacher_dir(teachers_dir, name, split)
-    marker = base / schema.SPLIT_MANIFEST
     manifest = added_teacher_manifest(teachers_dir, name, split)
     if manifest.get(schema.FEATURES_FINGERPRINT) != features_fingerprint(features_dir, split):
         raise ShardError(f"{base}: embedded from another extraction of {split_dir(features_dir, split)} (its "
                          f"{schema.SPLIT_MANIFEST} changed since); re-run `dsmd extract --teacher {name}`")
-    found = []
-    for column, rows in ((schema.TEACHER_IMAGE_EMB, manifest["num_images"]), (schema.TEACHER_TEXT_EMB, manifest["num_texts"])):
-        array = RowFile(base / manifest["arrays"][column]["path"])
-        if len(array) != rows:
-            raise ShardError(f"{array.path}: {len(array)} rows, but {marker.name} lists {rows}")
-        found.append(array)
-    return found[0], found[1]
+    entry = manifest["arrays"].get(column)
+    if entry is None:
+        raise ShardError(f"{base}: teacher {name!r} holds no {schema.array_file(column)} (embedded before views were "
+                         f"added); re-run `dsmd extract --teacher {name} --overwrite`")
+    array = RowFile(base / entry["path"])
+    rows = manifest["num_texts"] if column == schema.TEACHER_TEXT_EMB else manifest["num_images"]
+    if len(array) != rows:
+        raise ShardError(f"{array.path}: {len(array)} rows, but {schema.SPLIT_MANIFEST} lists {rows}")
+    return array
+
+
+def added_teacher_rows(teachers_dir: str | Path, name: str, features_dir: str | Path, split: str) -> tuple[RowFile, RowFile]:
+    """(image rows, text rows) of added teacher `name` for a features split (added_teacher_array)."""
+    return (added_teacher_array(teachers_dir, name, features_dir, split, schema.TEACHER_IMAGE_EMB),
+            added_teacher_array(teachers_dir, name, features_dir, split, schema.TEACHER_TEXT_EMB))
 
 
 def added_teacher_view_rows(teachers_dir: str | Path, name: str, features_dir: str | Path, split: str) -> RowFile:
     """Added teacher `name`'s embeddings of the split's stored views, (N, views, D) read per batch."""
-    added_teacher_rows(teachers_dir, name, features_dir, split)  # present and not stale
-    manifest = added_teacher_manifest(teachers_dir, name, split)
-    entry = manifest["arrays"].get(schema.TEACHER_VIEW_EMB)
-    if entry is None:
-        raise ShardError(f"{added_teacher_dir(teachers_dir, name, split)}: teacher {name!r} holds no view embeddings "
-                         f"(embedded before views were added); re-run `dsmd extract --teacher {name} --overwrite`")
-    return RowFile(added_teacher_dir(teachers_dir, name, split) / entry["path"])
+    return added_teacher_array(teachers_dir, name, features_dir, split, schema.TEACHER_VIEW_EMB)
+
+
+def teacher_rows(features_dir: str | Path, split: str, column: str, shares: dict[str, float],
+                 teachers_dir: str | Path, scaled: bool = True) -> "RowFile | EnsembleRows":
+    """The split's `column` from the teachers of `shares` (name -> share; PRIMARY_TEACHER names the features' own
+    teacher, the others are added teachers in `teachers_dir`): the features' own array when `shares` is empty,
+    else their EnsembleRows (scaled: the ensemble target; not: side by side)."""
+    if not shares:
+        return embedding_rows(features_dir, split, column)
+    parts = [embedding_rows(features_dir, split, column) if name == PRIMARY_TEACHER else
+             added_teacher_array(teachers_dir, name, features_dir, split, column) for name in shares]
+    return EnsembleRows(parts, list(shares.values()), scaled)
 
 
 class EnsembleRows:

@@ -73,7 +73,7 @@ import pyarrow.parquet as pq
 from pipeline.common.progress import progress as progress_bar
 
 from pipeline.common import atomic, names
-from pipeline.common.config import PRIMARY_TEACHER, IndexKind, MineConfig
+from pipeline.common.config import PRIMARY_TEACHER, IndexKind, MineConfig, teacher_shares
 from pipeline.common.errors import PipelineError
 from pipeline.features import schema, store
 
@@ -583,21 +583,6 @@ def _validate(cfg: MineConfig) -> None:
         raise MineError("mine.splits is empty: name at least one split")
 
 
-def _teacher_rows(features_dir: Path, split: str, column: str, cfg: MineConfig) -> "store.RowFile | store.EnsembleRows":
-    """The split's embeddings of `column` from the teachers of mine.teachers: the features' own ({}), or one named
-    teacher, or several as their ensemble target (store.EnsembleRows, as a student with train.teachers sees it)."""
-    if not cfg.teachers:
-        return store.embedding_rows(features_dir, split, column)
-    parts = []
-    for name in cfg.teachers:
-        if name == PRIMARY_TEACHER:
-            parts.append(store.embedding_rows(features_dir, split, column))
-        else:
-            image, text = store.added_teacher_rows(cfg.teachers_dir, name, features_dir, split)
-            parts.append(image if column == schema.TEACHER_IMAGE_EMB else text)
-    return store.EnsembleRows(parts, [s.weight / s.temperature for s in cfg.teachers.values()])
-
-
 def _teacher_fingerprints(features_dir: Path, split: str, cfg: MineConfig) -> dict:
     """The added teachers' manifests' sha256: negatives mined from an added teacher are redone when it is."""
     return {name: atomic.sha256_file(store.added_teacher_dir(cfg.teachers_dir, name, split) / schema.SPLIT_MANIFEST)
@@ -607,7 +592,8 @@ def _teacher_fingerprints(features_dir: Path, split: str, cfg: MineConfig) -> di
 def _checked_rows(features_dir: Path, split: str, column: str, what: str, cfg: MineConfig) -> UnitRows:
     """The split's embedding array as UnitRows, every row checked finite and non-zero (block by block)."""
     where = store.split_dir(features_dir, split)
-    rows = UnitRows(_teacher_rows(features_dir, split, column, cfg))
+    # the features' own teacher, or one named teacher, or several as their ensemble target (as a student sees it)
+    rows = UnitRows(store.teacher_rows(features_dir, split, column, teacher_shares(cfg.teachers), cfg.teachers_dir))
     for start, raw in rows.rows.chunks(max(1, _DATABASE_BLOCK_FLOATS // max(1, rows.shape[1]))):
         raw = raw.astype(np.float32)
         if not np.isfinite(raw).all():

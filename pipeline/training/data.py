@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pipeline.common.config import PRIMARY_TEACHER, Batching, ConfigError
+from pipeline.common.config import Batching, ConfigError
 from pipeline.common.errors import PipelineError
 from pipeline.corpus.augment import apply_view, CorruptImageError, decode_image, preprocess_batch
 from pipeline.features import schema, store
@@ -169,7 +169,7 @@ def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = 
     `teachers_dir`) makes the teacher embeddings one ensemble target (store.EnsembleRows; with `teachers_scaled`
     False the teachers' unit rows side by side, for losses that take each teacher apart)."""
     manifest = store.load_split_manifest(features_dir, split)
-    ensemble = _Ensemble(features_dir, split, teachers or {}, teachers_dir, teachers_scaled)
+    ensemble = _Teachers(teachers or {}, teachers_dir, teachers_scaled)
     stored_views = int(manifest.get("views", 0) or 0)
     with_views = with_views and stored_views > 0
     found = store.lookups(features_dir, split)
@@ -210,45 +210,31 @@ def load_shards_data(features_dir: str | Path, split: str, with_teacher: bool = 
 
 
 @dataclass
-class _Ensemble:
-    """The teachers of an ensemble target: name -> share, the features' own teacher named PRIMARY_TEACHER."""
+class _Teachers:
+    """Which teachers' embeddings a split is read with (store.teacher_rows): name -> share, {} = the features' own."""
 
-    features_dir: str | Path
-    split: str
     shares: dict[str, float]
     teachers_dir: str | Path
     scaled: bool = True
 
-    def rows(self, column: str) -> Rows:
-        parts = []
-        for name in self.shares:
-            if name == PRIMARY_TEACHER:
-                parts.append(store.embedding_rows(self.features_dir, self.split, column))
-            elif column == schema.TEACHER_VIEW_EMB:
-                parts.append(store.added_teacher_view_rows(self.teachers_dir, name, self.features_dir, self.split))
-            else:
-                image, text = store.added_teacher_rows(self.teachers_dir, name, self.features_dir, self.split)
-                parts.append(image if column == schema.TEACHER_IMAGE_EMB else text)
-        return store.EnsembleRows(parts, list(self.shares.values()), self.scaled)
-
 
 def _with_embeddings(data: TrainingData, features_dir, split: str, manifest: dict, with_teacher: bool,
-                     view_params: Optional[list], stream: bool, ensemble: Optional[_Ensemble] = None) -> TrainingData:
+                     view_params: Optional[list], stream: bool, teachers: Optional[_Teachers] = None) -> TrainingData:
     """`data` with the teacher embeddings (whole, or with `stream` read per batch) and the stored views."""
     where = store.split_dir(features_dir, split)
     stored_views = int(manifest.get("views", 0) or 0)
     with_views = view_params is not None
+    teachers = teachers or _Teachers({}, "")
 
     def rows(column: str) -> Rows:
-        found = (ensemble.rows(column) if ensemble and ensemble.shares
-                 else store.embedding_rows(features_dir, split, column))
+        found = store.teacher_rows(features_dir, split, column, teachers.shares, teachers.teachers_dir, teachers.scaled)
+        if column == schema.TEACHER_IMAGE_EMB and teachers.shares:
+            data.teacher_widths = found.widths
         return found if stream else found[:]
 
-    if with_teacher and ensemble and ensemble.shares:
-        data.teacher_widths = ensemble.rows(schema.TEACHER_IMAGE_EMB).widths
+    if with_teacher:
         data.teacher_image, data.teacher_text = rows(schema.TEACHER_IMAGE_EMB), rows(schema.TEACHER_TEXT_EMB)
-    elif with_teacher:
-        data.teacher_image, data.teacher_text = rows(schema.TEACHER_IMAGE_EMB), rows(schema.TEACHER_TEXT_EMB)
+    if with_teacher and not teachers.shares:
         dim = int(manifest.get("embedding_dim", data.teacher_image.shape[1]))
         if data.teacher_image.shape[1] != dim or data.teacher_text.shape[1] != dim:
             raise DataError(f"{where}: embedding width differs from _manifest.json embedding_dim {dim}")

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from pipeline import models
 from pipeline.common import atomic, names, runtime
-from pipeline.common.config import ConfigError, OptimConfig, to_dict, TrainConfig
+from pipeline.common.config import ConfigError, OptimConfig, teacher_shares, to_dict, TrainConfig
 from pipeline.common.errors import PipelineError
 from pipeline.common.progress import progress
 from pipeline.features import store
@@ -474,7 +474,7 @@ def _load_inputs(cfg: TrainConfig, world: Optional[data_mod.TrainingData] = None
             cfg.data_loading == "auto" and data_mod.embeddings_bytes(cfg.features_dir, cfg.split) > cfg.stream_above_mb * 2**20)
         log.info("teacher embeddings of split %s: %s", cfg.split, "read per batch (streaming)" if stream else "in memory")
         data = data_mod.load_shards_data(cfg.features_dir, cfg.split, with_teacher=distill, with_views=cfg.use_views,
-                                         stream=stream, teachers=teacher_shares(cfg), teachers_dir=cfg.teachers_dir,
+                                         stream=stream, teachers=teacher_shares(cfg.teachers), teachers_dir=cfg.teachers_dir,
                                          teachers_scaled=cfg.teachers_target == "ensemble")
         fingerprint = store.features_fingerprint(cfg.features_dir, cfg.split)
     else:
@@ -502,14 +502,9 @@ def _load_inputs(cfg: TrainConfig, world: Optional[data_mod.TrainingData] = None
     )
 
 
-def teacher_shares(cfg: TrainConfig) -> dict[str, float]:
-    """train.teachers as name -> share of the ensemble target (weight / temperature); {} = the features' teacher."""
-    return {name: share.weight / share.temperature for name, share in cfg.teachers.items()}
-
-
 def _run_identity(cfg: TrainConfig, inputs: _Inputs, ctx: StepContext) -> dict:
     """What a checkpoint must match to be resumed."""
-    ensemble = ({"teachers": teacher_shares(cfg), "teachers_target": cfg.teachers_target}
+    ensemble = ({"teachers": teacher_shares(cfg.teachers), "teachers_target": cfg.teachers_target}
                 if cfg.teachers and cfg.loss == "dsmd" else {})
     return {**ensemble,
         "model": cfg.model, "loss": cfg.loss, "source": cfg.source, "split": cfg.split, "batching": cfg.batching,

@@ -413,14 +413,19 @@ class DSMDLoss(nn.Module):
         image_ids: Tensor, image: Optional[Tensor] = None, text: Optional[Tensor] = None,
         mined: Optional[Mapping[str, Mined]] = None,
     ) -> dict[str, Tensor]:
-        s_v, s_t, t_v, t_t = projected_image, projected_text, teacher_image, teacher_text
+        return self._terms(projected_image, projected_text, teacher_image, teacher_text, image_ids, image, text, mined,
+                           self.queue, self.contrastive)
+
+    def _terms(self, s_v: Tensor, s_t: Tensor, t_v: Tensor, t_t: Tensor, image_ids: Tensor, image: Optional[Tensor],
+               text: Optional[Tensor], mined: Optional[Mapping[str, Mined]], queue, contrastive) -> dict[str, Tensor]:
+        """The enabled terms of one (student, teacher) pair of embeddings, with this queue and contrastive loss."""
         losses: dict[str, Tensor] = {}
         if self.feature is not None:
             losses["feature"] = self.feature(s_v, s_t, t_v, t_t)
         if self.similarity is not None:
             losses["similarity"] = self.similarity(s_v, s_t, t_v, t_t)
         if self.contrastive is not None:
-            losses["contrastive"] = self.contrastive(s_v, s_t, t_v, t_t, image_ids, self.queue)
+            losses["contrastive"] = contrastive(s_v, s_t, t_v, t_t, image_ids, queue)
         if self.hard_negative is not None:
             losses["hard_negative"] = self.hard_negative(s_v, s_t, t_v, t_t, image_ids, mined)
         if self.affinity is not None:  # on the student's own space (what retrieval uses) when given
@@ -478,21 +483,11 @@ class PerTeacherDSMDLoss(DSMDLoss):
         total: dict[str, Tensor] = {}
         for index, ((a, b), share) in enumerate(zip(self.bounds, self.shares)):
             s_v, s_t = F.normalize(projected_image[:, a:b], dim=-1), F.normalize(projected_text[:, a:b], dim=-1)
-            t_v, t_t = teacher_image[:, a:b], teacher_text[:, a:b]
-            losses: dict[str, Tensor] = {}
-            if self.feature is not None:
-                losses["feature"] = self.feature(s_v, s_t, t_v, t_t)
-            if self.similarity is not None:
-                losses["similarity"] = self.similarity(s_v, s_t, t_v, t_t)
-            if self.contrastive is not None:
-                queue = _QueueSlice(self.queue.image[:, a:b], self.queue.text[:, a:b], self.queue.owner_ids)
-                losses["contrastive"] = self.contrastives[index](s_v, s_t, t_v, t_t, image_ids, queue)
-            if self.hard_negative is not None:
-                sliced = {d: Mined(m.emb[..., a:b], m.owner) for d, m in mined.items()} if mined else mined
-                losses["hard_negative"] = self.hard_negative(s_v, s_t, t_v, t_t, image_ids, sliced)
-            if self.affinity is not None:
-                losses["affinity"] = self.affinity(s_v if image is None else image, s_t if text is None else text,
-                                                   t_v, t_t, image_ids)
+            queue = None if self.queue is None else _QueueSlice(self.queue.image[:, a:b], self.queue.text[:, a:b],
+                                                               self.queue.owner_ids)
+            sliced = {d: Mined(m.emb[..., a:b], m.owner) for d, m in mined.items()} if mined else mined
+            losses = self._terms(s_v, s_t, teacher_image[:, a:b], teacher_text[:, a:b], image_ids, image, text, sliced,
+                                 queue, self.contrastives[index] if self.contrastives is not None else None)
             for name, value in losses.items():
                 total[name] = total[name] + share * value if name in total else share * value
         return {name: total[name] for name in self.enabled}
