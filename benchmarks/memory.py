@@ -11,6 +11,8 @@ running a teacher over 200k images would take this 2-core machine most of an hou
     .venv/bin/python benchmarks/memory.py --n 2000 --steps 5   # quick
     # what a rank holds per image, up to 100N (2M images, 7M captions, ~17 GB of scratch; ~20 minutes):
     .venv/bin/python benchmarks/memory.py --n 20000 --train-only --multiples 10 100
+    # what dsmd mine holds at 100N (IVF-PQ; nprobe 4 and refine 1 keep it near an hour on 2 cores):
+    .venv/bin/python benchmarks/memory.py --n 20000 --mine-only --multiples 100 --mine-nprobe 4 --mine-refine 1 --work W
 """
 from __future__ import annotations
 
@@ -246,6 +248,10 @@ def main() -> None:
                         "offset), not through tars")
     parser.add_argument("--with-mine", action="store_true", help="with --train-only: also the peak RSS of dsmd mine "
                         "(k 8, --mine-budget-mb) at N and at the largest multiple")
+    parser.add_argument("--mine-only", action="store_true", help="only the peak RSS of dsmd mine at N and the largest "
+                        "of --multiples (features generated directly; kept in --work and reused when there)")
+    parser.add_argument("--mine-nprobe", type=int, default=16, help="mine.nprobe of the mining runs")
+    parser.add_argument("--mine-refine", type=int, default=4, help="mine.refine_factor of the mining runs")
     parser.add_argument("--rate-steps", type=int, default=400, help="with --train-only: steps of the samples/s runs "
                         "(1 loader worker), twice at N and twice at the largest multiple (N, L, L, N); 400 steps put the one-off "
                         "warm-up of a cold page cache (the first ~30 steps at 100N) inside the spread; 0 = none")
@@ -253,6 +259,8 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="dsmd-memory-"))
     if args.train_only:
         return train_only(args, work)
+    if args.mine_only:
+        return mine_only(args, work)
     results: dict = {"n": args.n, "steps": args.steps, "cpu_count": os.cpu_count()}
     sets = {}
     for label, n in (("N", args.n), ("10N", 10 * args.n)):
@@ -305,8 +313,8 @@ def main() -> None:
     results["loader_samples_per_s"] = loader
     results["loader_over_training_throughput"] = {name: rate / training_rate for name, rate in loader.items()}
 
-    mine = {label: mine_run(sets[(label, False)][0], work / f"mined-{label}", args.mine_budget_mb, work)
-            for label in ("N", "10N")}
+    mine = {label: mine_run(sets[(label, False)][0], work / f"mined-{label}", args.mine_budget_mb, work, args.mine_nprobe,
+                            args.mine_refine) for label in ("N", "10N")}
     results["mine"] = mine
     results["mine_rss_ratio_10N_over_N"] = mine["10N"]["peak_rss_mib"] / mine["N"]["peak_rss_mib"]
 
@@ -350,8 +358,8 @@ def train_only(args, work: Path) -> None:
             rate.setdefault(label, []).append(json.loads((out / "train_summary.json").read_text())["samples_per_s"])
             print(f"samples/s {label}: {rate[label][-1]:.0f}", flush=True)
     if args.with_mine:
-        results["mine"] = {label: mine_run(work / f"features-{label}", work / f"mined-{label}", args.mine_budget_mb, work)
-                           for label in ("N", largest)}
+        results["mine"] = {label: mine_run(work / f"features-{label}", work / f"mined-{label}", args.mine_budget_mb, work,
+                                           args.mine_nprobe, args.mine_refine) for label in ("N", largest)}
         results["mine_rss_ratio"] = results["mine"][largest]["peak_rss_mib"] / results["mine"]["N"]["peak_rss_mib"]
     results["train_peak_rss_mib"] = train
     results["train_rss_ratio_over_N"] = {label: train[label]["peak_rss_mib"] / train["N"]["peak_rss_mib"] for label in labels}
@@ -377,13 +385,48 @@ def train_only(args, work: Path) -> None:
               f"N {results['mine']['N']['indexes']}, {largest} {results['mine'][largest]['indexes']})")
 
 
-def mine_run(features: Path, out: Path, budget_mb: int, work: Path) -> dict:
+def mine_only(args, work: Path) -> None:
+    """Peak RSS of `dsmd mine` at N and at the largest multiple (IVF-PQ above --mine-budget-mb of float32), and
+    what it holds per database vector beyond N's run."""
+    labels = {"N": args.n, f"{args.multiples[-1]}N": args.multiples[-1] * args.n}
+    results: dict = {"n": args.n, "cpu_count": os.cpu_count(), "features": "generated directly",
+                     "mine": {"k": 8, "memory_budget_mb": args.mine_budget_mb, "nprobe": args.mine_nprobe,
+                              "refine_factor": args.mine_refine, "query_chunk": 4096}}
+    runs, vectors = {}, {}
+    for label, n in labels.items():
+        features = work / f"features-{label}"
+        if not (features / "train" / schema.SPLIT_MANIFEST).exists():
+            started = time.perf_counter()
+            write_features_direct(work / f"png-{label}", features, n)
+            print(f"{label}: {n} images written in {time.perf_counter() - started:.0f}s", flush=True)
+        shutil.rmtree(work / f"mined-{label}", ignore_errors=True)
+        runs[label] = mine_run(features, work / f"mined-{label}", args.mine_budget_mb, work, args.mine_nprobe, args.mine_refine)
+        manifest = store.load_split_manifest(features, "train")
+        vectors[label] = manifest["num_images"] + manifest["num_texts"]
+    largest = list(labels)[-1]
+    results["runs"] = runs
+    results["database_vectors"] = vectors
+    results["mine_rss_ratio"] = runs[largest]["peak_rss_mib"] / runs["N"]["peak_rss_mib"]
+    results["bytes_per_database_vector"] = ((runs[largest]["peak_rss_mib"] - runs["N"]["peak_rss_mib"]) * 2**20
+                                            / (vectors[largest] - vectors["N"]))
+    out = args.out if args.out != ROOT / "benchmarks" / "results" / "memory.json" else args.out.with_name("memory.mine.json")
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    print(f"peak RSS of dsmd mine, {largest} / N: {results['mine_rss_ratio']:.3f} (target <= 1.5; indexes "
+          f"N {runs['N']['indexes']}, {largest} {runs[largest]['indexes']}); "
+          f"{results['bytes_per_database_vector']:.1f} bytes per database vector")
+
+
+def mine_run(features: Path, out: Path, budget_mb: int, work: Path, nprobe: int = 16, refine: int = 4) -> dict:
     """Peak RSS and time of `dsmd mine` (k 8) over a features split, with the index kinds and recall it reports."""
     run = run_stage("mine", {"mine": {
         "features_dir": str(features), "out_dir": str(out), "splits": ["train"], "k": 8, "query_chunk": 4096,
-        "memory_budget_mb": budget_mb, "refine_factor": 4, "recall_sample": 200, "threads": 2}}, [], work)
+        "memory_budget_mb": budget_mb, "nprobe": nprobe, "refine_factor": refine, "recall_sample": 200,
+        "threads": 2}}, [], work)
     manifest = json.loads((out / "train" / "_manifest.json").read_text())
-    run["indexes"] = {db: info["kind"] for db, info in manifest["indexes"].items()}
+    run["indexes"] = {db: {key: info[key] for key in ("kind", "ntotal", "nlist", "build_seconds") if key in info}
+                      for db, info in manifest["indexes"].items()}
+    run["direction_seconds"] = {d: info["seconds"] for d, info in manifest["directions"].items()}
     run["recall_at_k"] = {d: info.get("recall_at_k") for d, info in manifest["directions"].items()}
     print(f"mine {features.name}: {run}", flush=True)
     return run

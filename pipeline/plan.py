@@ -23,6 +23,7 @@ from pipeline.common.config import Params
 from pipeline.corpus.augment import decode_image, preprocess_batch
 from pipeline.corpus.manifest import load_manifest
 from pipeline.corpus.reader import iter_samples, SkipReport
+from pipeline.mining import negatives
 from pipeline.training import data as data_mod, loop
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def plan(params: Params, ranks: int = 1, repeats: int = 3) -> dict:
     # the four lists of dsmd mine: i2t, t2i, i2i, t2t, each a search of every query against every key
     searches = train_images * train_texts * 2 + train_images ** 2 + train_texts ** 2
     out["mine_seconds"] = searches * pair_seconds / ranks
-    out["mine_memory_bytes"] = int(4 * dim * (train_images + train_texts))  # the exact indexes, float32
+    out["mine_memory_bytes"] = sum(negatives.memory_bytes(train_images, int(train_texts), dim, params.mine).values())
     runtime.set_threads(params.train.optim.threads)
     out["students"] = {}
     for name in params.students:
@@ -193,7 +194,7 @@ def format_plan(p: dict) -> str:
              f"({', '.join(f'{k} {v} img' for k, v in p['split_images'].items())}; {1 / p['extract_seconds_per_image']:.0f} img/s "
              f"a rank, {p['captions_per_image']:.1f} captions an image)",
              f"features {_size(p['features_bytes'])} on disk (teacher width {p['teacher_dim']})",
-             f"mine     {_duration(p['mine_seconds'])}, {_size(p['mine_memory_bytes'])} of exact indexes"]
+             f"mine     {_duration(p['mine_seconds'])} (exact search), {_size(p['mine_memory_bytes'])} of indexes and caption groups"]
     for name, s in p["students"].items():
         lines.append(f"train {name}: {_duration(s['epoch_seconds'])} an epoch ({s['steps_per_epoch']} steps of "
                      f"{s['seconds_per_step']:.2f} s), {_duration(s['run_seconds'])} for the configured run")

@@ -52,10 +52,10 @@ def write_features(features_dir, split, image_emb, text_emb, text_image, caption
     store.write_split(features_dir, split, [images], [texts], {"teacher": {"model": "test"}, "embedding_dim": dim})
 
 
-def duplicate_heavy_split(features_dir, split="train", n_images=80, dim=16, seed=0) -> None:
+def duplicate_heavy_split(features_dir, split="train", n_images=80, dim=16, seed=0, shuffle_texts=False) -> None:
     """Captions drawn from a small pool of phrases (with case/punctuation/space variants), so many
     images share a caption; a caption's embedding sits close to its phrase's, so duplicates are
-    the nearest candidates and the exclusions matter."""
+    the nearest candidates and the exclusions matter. `shuffle_texts`: text ids not grouped by image."""
     rng = np.random.default_rng(seed)
     phrase_emb = _unit(rng.standard_normal((len(PHRASES), dim)))
     text_image, captions, text_rows = [], [], []
@@ -67,6 +67,9 @@ def duplicate_heavy_split(features_dir, split="train", n_images=80, dim=16, seed
     text_image = np.array(text_image)
     text_emb = _unit(np.array(text_rows))
     image_emb = _unit(np.stack([text_emb[text_image == i].mean(0) for i in range(n_images)]) + 0.2 * rng.standard_normal((n_images, dim)))
+    if shuffle_texts:
+        order = rng.permutation(len(text_image))
+        text_image, text_emb, captions = text_image[order], text_emb[order], [captions[i] for i in order]
     write_features(features_dir, split, image_emb, text_emb, text_image, captions)
 
 
@@ -165,6 +168,76 @@ def test_exact_matches_brute_force(tmp_path, filters):
         assert summary["directions"][name]["short_rows"] == short
 
 
+@pytest.mark.parametrize("filters", [{}, {"twin_threshold": 0.8, "margin": 0.05}])
+def test_texts_out_of_image_order_match_brute_force(tmp_path, filters):
+    """Features whose text ids are not grouped by image (written by another tool): each image's captions are
+    then found through a sorted copy of the ids, and the exclusions and filters still match brute force."""
+    duplicate_heavy_split(tmp_path / "features", shuffle_texts=True, seed=3)
+    _, _, text_image, _ = _inputs(tmp_path / "features")
+    assert (np.diff(text_image) < 0).any()
+    cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=5, index="flat",
+                     query_chunk=9, **filters)
+    negatives.mine(cfg, progress=False)
+    reference = reference_negatives(tmp_path / "features", cfg)
+    for name in DIRECTIONS:
+        ids, scores = _as_lists(cfg.out_dir, "train", name)
+        assert ids == [list(map(int, e[0])) for e in reference[name]], name
+        for got, (_, want) in zip(scores, reference[name]):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_caption_groups_hold_four_bytes_a_text_and_match_np_unique():
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 50, 1000).astype(np.uint64)
+    text_image = np.sort(rng.integers(0, 300, 1000))
+    groups = negatives.group_captions(hashes, text_image, 300)
+    _, inverse = np.unique(hashes, return_inverse=True)
+    np.testing.assert_array_equal(groups.text_group, inverse)
+    assert groups.text_group.dtype == np.int32 and groups.image_texts is None  # grouped by image: no id copy
+    np.testing.assert_array_equal(groups.text_image(np.arange(1000)), text_image)
+    owns = groups.owns(text_image[:, None], groups.text_group[:, None])
+    assert owns.all()
+    pairs = set(zip(text_image.tolist(), inverse.tolist()))
+    images, probe = rng.integers(0, 300, 500), rng.integers(0, 50, 500)
+    np.testing.assert_array_equal(groups.owns(images, probe), [(i, g) in pairs for i, g in zip(images, probe)])
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_exclusion_slack_is_the_99th_percentile_of_the_bounds_spelled_out(shuffled):
+    """The slack is computed in blocks from two counts per group; here every query's bound is spelled out with
+    Python sets and np.quantile taken over them (images without captions included)."""
+    rng = np.random.default_rng(1)
+    num_images = 400
+    text_image = np.sort(rng.integers(0, num_images - 20, 1500))  # the last 20 images own no caption
+    hashes = rng.zipf(1.5, 1500).astype(np.uint64) % 300  # many shared captions, some twice within an image
+    if shuffled:
+        order = rng.permutation(1500)
+        text_image, hashes = text_image[order], hashes[order]
+    groups = negatives.group_captions(hashes, text_image, num_images)
+    texts_of = [[t for t in range(1500) if text_image[t] == i] for i in range(num_images)]
+    groups_of = [{int(hashes[t]) for t in texts} for texts in texts_of]
+    texts_with = {h: sum(int(x) == h for x in hashes) for h in map(int, hashes)}
+    images_with = {h: sum(h in g for g in groups_of) for h in texts_with}
+    bounds = {
+        "i2t": [sum(texts_with[h] for h in g) for g in groups_of],
+        "t2i": [images_with[int(h)] for h in hashes],
+        "i2i": [1 + sum(images_with[h] for h in g) for g in groups_of],
+        "t2t": [len(texts_of[text_image[t]]) + texts_with[int(hashes[t])] for t in range(1500)],
+    }
+    for name, values in bounds.items():
+        assert groups.slack[name] == int(np.ceil(np.quantile(values, 0.99))), name
+    small = negatives._exclusion_slack(groups, texts_per_block=37)  # many blocks give the same
+    assert small == groups.slack
+
+
+def test_histogram_quantile_equals_numpy():
+    rng = np.random.default_rng(2)
+    for size in (1, 2, 7, 100, 1001):
+        values = rng.integers(0, 30, size)
+        for q in (0.5, 0.9, 0.99):
+            assert negatives._histogram_quantile(np.bincount(values), q) == int(np.ceil(np.quantile(values, q)))
+
+
 def test_rows_are_short_only_when_the_database_is_exhausted(tmp_path):
     duplicate_heavy_split(tmp_path / "features", n_images=9)
     cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=12, index="flat", query_chunk=2)
@@ -192,6 +265,25 @@ def test_approximate_rows_fall_back_to_exact_search_before_coming_up_short(tmp_p
         assert all(max(r, default=-1) <= 0.0 for r in scores)
     assert sum(d["retried_rows"] for d in summary["directions"].values()) > 0
     assert True in searchers  # recall_sample is 0: only the fallback searches exactly
+
+
+def test_ivfpq_adds_in_blocks_whose_encoding_table_is_bounded(monkeypatch):
+    """FAISS encodes an IVF-PQ add through an (n, pq_m, 256) float32 table: the blocks keep it at 32 MB (32768 rows
+    at once made 512 MB, the peak of a whole mining run at 20k images)."""
+    added = []
+
+    class Spy(negatives.faiss.IndexIVFPQ):
+        def add(self, x):
+            added.append(len(x))
+            return super().add(x)
+
+    monkeypatch.setattr(negatives.faiss, "IndexIVFPQ", Spy)
+    rng = np.random.default_rng(0)
+    database = _unit(rng.standard_normal((5000, 64)))
+    cfg = MineConfig(pq_m=32, nlist=4)
+    index = negatives.build_index(database, "ivfpq", cfg)
+    assert index.ntotal == 5000 and sum(added) == 5000 and len(added) > 1
+    assert max(added) * cfg.pq_m * 256 * 4 <= 32 * 2**20
 
 
 def test_search_chunked_equals_one_brute_force_search():
@@ -409,6 +501,7 @@ def test_two_ranks_mine_what_one_process_mines(tmp_path):
     assert result.stdout.count("train:") == 1  # rank 0 alone reports
     manifest = json.loads((tmp_path / "two" / "train" / schema.SPLIT_MANIFEST).read_text())
     assert manifest["world_size"] == 2 and not (tmp_path / "two" / "train" / negatives.WORK_DIR).exists()
+    assert all(info["mapped"] for info in manifest["indexes"].values())  # one copy a node: every rank maps the file
     for name in DIRECTIONS:
         assert pq.read_table(store.neighbors_path(tmp_path / "two", "train", name)).equals(
             pq.read_table(store.neighbors_path(tmp_path / "one", "train", name))), name

@@ -112,21 +112,57 @@ def normalise_caption(text: str) -> str:
 
 @dataclass
 class CaptionGroups:
-    """Texts grouped by normalised caption, and which images own which groups.
+    """Texts grouped by normalised caption, and which texts (so which groups) each image owns, held in a few bytes a
+    text: the group of each text (int32) and each image's range of texts. Image i's texts are the positions
+    `image_text_offsets[i]:image_text_offsets[i + 1]` of `image_texts`, or of the text ids themselves when the texts
+    are stored grouped by image (as `dsmd extract` writes them; `image_texts` is then None)."""
 
-    `pair_keys` is the sorted set of `image_id * num_groups + group` over all texts, so "does image i
-    own a caption of group g" is one binary search."""
-
-    text_group: np.ndarray  # (M,) int64 group of each text
-    text_image: np.ndarray  # (M,) int64 image of each text
+    text_group: np.ndarray  # (M,) int32 group of each text
+    image_text_offsets: np.ndarray  # (N + 1,) int64
+    image_texts: Optional[np.ndarray]  # (M,) int64 text ids in image order; None = 0..M-1
     num_groups: int
-    pair_keys: np.ndarray  # sorted unique image * num_groups + group
-    pair_images: np.ndarray  # image of each pair, ascending
-    pair_groups: np.ndarray  # group of each pair
-    image_pair_offsets: np.ndarray  # (N+1,): pairs of image i are pair_*[offsets[i]:offsets[i+1]]
-    group_text_count: np.ndarray  # texts per group
-    group_image_count: np.ndarray  # images owning the group
-    image_caption_count: np.ndarray  # captions per image
+    slack: dict[str, int]  # per direction: the 99th percentile of the per-query exclusion bound (see initial_depth)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_text_offsets) - 1
+
+    def text_image(self, texts: np.ndarray) -> np.ndarray:
+        """The image of each text id (any shape)."""
+        texts = np.asarray(texts)
+        if self.image_texts is None:
+            return np.searchsorted(self.image_text_offsets, texts, side="right") - 1
+        return self._text_owner[texts]
+
+    @functools.cached_property
+    def _text_owner(self) -> np.ndarray:  # only for texts stored out of image order
+        owner = np.empty(len(self.text_group), dtype=np.int64)
+        owner[self.image_texts] = np.repeat(np.arange(self.num_images), np.diff(self.image_text_offsets))
+        return owner
+
+    def texts_of(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(owner, texts): every text of each of the flat `images`, with the position in `images` it belongs to."""
+        starts = self.image_text_offsets[images]
+        lengths = self.image_text_offsets[images + 1] - starts
+        total = int(lengths.sum())
+        owner = np.repeat(np.arange(len(images)), lengths)
+        positions = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
+        return owner, positions if self.image_texts is None else self.image_texts[positions]
+
+    def owns(self, images: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        """Elementwise (same shapes): image owns a caption of the group."""
+        flat_images, flat_groups = images.reshape(-1), groups.reshape(-1)
+        owner, texts = self.texts_of(flat_images)
+        hit = self.text_group[texts] == flat_groups[owner]
+        return (np.bincount(owner[hit], minlength=len(flat_images)) > 0).reshape(images.shape)
+
+    def share(self, query_images: np.ndarray, cand_images: np.ndarray) -> np.ndarray:
+        """(R, K): the candidate image owns a normalised caption that the row's query image owns too."""
+        flat_cand = cand_images.reshape(-1)
+        flat_query = np.broadcast_to(query_images[:, None], cand_images.shape).reshape(-1)
+        owner, texts = self.texts_of(flat_cand)
+        hit = self.owns(flat_query[owner], self.text_group[texts])
+        return (np.bincount(owner[hit], minlength=len(flat_cand)) > 0).reshape(cand_images.shape)
 
 
 def caption_hashes(captions: Iterable[str]) -> np.ndarray:
@@ -139,49 +175,100 @@ def caption_hashes(captions: Iterable[str]) -> np.ndarray:
     )
 
 
+def _group_ids(hashes: np.ndarray, block: int = 1 << 20) -> tuple[np.ndarray, int]:
+    """(group of each hash as int32, number of groups): np.unique's inverse, built from the sorted distinct hashes
+    block by block, without its int64 copies (at 7M captions those were ~200 MB at once)."""
+    distinct = np.sort(hashes)
+    keep = np.empty(len(distinct), dtype=bool)
+    keep[:1] = True
+    np.not_equal(distinct[1:], distinct[:-1], out=keep[1:])
+    distinct = distinct[keep]
+    del keep
+    groups = np.empty(len(hashes), dtype=np.int32)
+    for start in range(0, len(hashes), block):
+        groups[start:start + block] = np.searchsorted(distinct, hashes[start:start + block])
+    return groups, max(len(distinct), 1)
+
+
+def _histogram_quantile(histogram: np.ndarray, q: float = 0.99) -> int:
+    """ceil(np.quantile(values, q)) (its default, linear interpolation) of the non-negative integers whose counts
+    are `histogram`: the 99th percentile of a per-query bound without holding a value per query."""
+    total = int(histogram.sum())
+    if total == 0:
+        return 0
+    position = q * (total - 1)
+    below = math.floor(position)
+    cumulative = np.cumsum(histogram)
+    a, b = (float(np.searchsorted(cumulative, i, side="right")) for i in (below, min(below + 1, total - 1)))
+    t = position - below
+    value = b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t  # numpy's _lerp, term for term
+    return int(math.ceil(value))
+
+
+class _Histogram:
+    """Counts of non-negative integers, added block by block."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(1, dtype=np.int64)
+
+    def add(self, values: np.ndarray) -> None:
+        found = np.bincount(np.asarray(values, dtype=np.int64))
+        if len(found) > len(self.counts):
+            self.counts = np.pad(self.counts, (0, len(found) - len(self.counts)))
+        self.counts[:len(found)] += found
+
+
+def _image_blocks(groups: CaptionGroups, texts_per_block: int = 1 << 20):
+    """(first image, owner image of each text, the texts' groups) over the images in blocks of about
+    `texts_per_block` texts: every text once, in image order."""
+    offsets = groups.image_text_offsets
+    starts = np.searchsorted(offsets, np.arange(0, offsets[-1], texts_per_block), "right") - 1
+    bounds = np.unique(np.concatenate([[0], starts, [groups.num_images]]))
+    for first, stop in zip(bounds[:-1], bounds[1:]):
+        owner, texts = groups.texts_of(np.arange(first, stop))
+        yield first, stop, owner, groups.text_group[texts]
+
+
+def _exclusion_slack(groups: CaptionGroups, texts_per_block: int = 1 << 20) -> dict[str, int]:
+    """Per direction, the 99th percentile of an upper bound on the candidates the exclusions remove per query:
+    i2t the texts of the query image's groups; t2i the images owning the query's group; i2i 1 + the images
+    owning the query image's groups; t2t the query image's captions + the texts of its group. Two passes over
+    the images in blocks, with two int32 counts per group: nothing else is held per text."""
+    group_texts = np.zeros(groups.num_groups, dtype=np.int32)
+    group_images = np.zeros(groups.num_groups, dtype=np.int32)
+    for first, stop, owner, text_group in _image_blocks(groups, texts_per_block):
+        np.add.at(group_texts, text_group, 1)
+        pairs = np.unique(owner.astype(np.int64) * groups.num_groups + text_group)  # an image's distinct groups
+        np.add.at(group_images, pairs % groups.num_groups, 1)
+    hist = {name: _Histogram() for name in ("i2t", "t2i", "i2i", "t2t")}
+    for first, stop, owner, text_group in _image_blocks(groups, texts_per_block):
+        pairs = np.unique(owner.astype(np.int64) * groups.num_groups + text_group)
+        pair_owner, pair_group = np.divmod(pairs, groups.num_groups)
+        images = stop - first
+        hist["i2t"].add(np.bincount(pair_owner, weights=group_texts[pair_group], minlength=images))
+        hist["i2i"].add(1 + np.bincount(pair_owner, weights=group_images[pair_group], minlength=images))
+        hist["t2i"].add(group_images[text_group])
+        hist["t2t"].add(np.diff(groups.image_text_offsets[first:stop + 1])[owner] + group_texts[text_group])
+    return {name: _histogram_quantile(h.counts) for name, h in hist.items()}
+
+
 def group_captions(captions: Iterable[str] | np.ndarray, text_image: np.ndarray, num_images: int) -> CaptionGroups:
     """Texts grouped by normalised caption; `captions` are the strings or their `caption_hashes`."""
     hashes = captions if isinstance(captions, np.ndarray) else caption_hashes(captions)
-    _, text_group = np.unique(hashes, return_inverse=True)
-    text_group = text_group.astype(np.int64).reshape(-1)
-    num_groups = max(int(text_group.max(initial=-1)) + 1, 1)
-    text_image = np.asarray(text_image, dtype=np.int64)
-    pair_keys = np.unique(text_image * num_groups + text_group)
-    pair_images, pair_groups = np.divmod(pair_keys, num_groups)
-    return CaptionGroups(
+    text_group, num_groups = _group_ids(hashes)
+    del hashes
+    offsets = np.zeros(num_images + 1, dtype=np.int64)
+    np.cumsum(np.bincount(text_image, minlength=num_images), out=offsets[1:])
+    in_image_order = bool(np.all(text_image[1:] >= text_image[:-1]))
+    groups = CaptionGroups(
         text_group=text_group,
-        text_image=text_image,
+        image_text_offsets=offsets,
+        image_texts=None if in_image_order else np.argsort(text_image, kind="stable"),
         num_groups=num_groups,
-        pair_keys=pair_keys,
-        pair_images=pair_images,
-        pair_groups=pair_groups,
-        image_pair_offsets=np.searchsorted(pair_images, np.arange(num_images + 1)),
-        group_text_count=np.bincount(text_group, minlength=num_groups),
-        group_image_count=np.bincount(pair_groups, minlength=num_groups),
-        image_caption_count=np.bincount(text_image, minlength=num_images),
+        slack={},
     )
-
-
-def _isin_sorted(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
-    if len(sorted_keys) == 0:
-        return np.zeros(values.shape, dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_keys, values), len(sorted_keys) - 1)
-    return sorted_keys[pos] == values
-
-
-def _images_share_caption(groups: CaptionGroups, query_images: np.ndarray, cand_images: np.ndarray) -> np.ndarray:
-    """(R, K) bool: candidate image owns a normalised caption that the row's query image owns too."""
-    flat_cand = cand_images.reshape(-1)
-    flat_query = np.broadcast_to(query_images[:, None], cand_images.shape).reshape(-1)
-    starts = groups.image_pair_offsets[flat_cand]
-    lengths = groups.image_pair_offsets[flat_cand + 1] - starts
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(cand_images.shape, dtype=bool)
-    owner = np.repeat(np.arange(len(flat_cand)), lengths)
-    pair = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
-    hit = _isin_sorted(flat_query[owner] * groups.num_groups + groups.pair_groups[pair], groups.pair_keys)
-    return (np.bincount(owner[hit], minlength=len(flat_cand)) > 0).reshape(cand_images.shape)
+    groups.slack = _exclusion_slack(groups)
+    return groups
 
 
 # ---- index ------------------------------------------------------------------------------------
@@ -196,6 +283,18 @@ def resolve_index_kind(kind: str, database_size: int, exact_threshold: int, dim:
     if memory_budget_mb > 0 and database_size * dim * 4 > memory_budget_mb * 2**20:
         return "ivfpq"
     return "flat" if database_size < exact_threshold else "ivf"
+
+
+def memory_bytes(num_images: int, num_texts: int, dim: int, cfg: MineConfig) -> dict[str, int]:
+    """What `dsmd mine` holds that grows with the split, by part (`benchmarks/memory.py --mine-only` measures it):
+    each index as `mine.index` resolves it (flat and IVF-Flat: the float32 vectors; IVF-PQ: pq_m code bytes and an
+    8-byte id a vector; HNSW: the vectors and 2 x hnsw_m 4-byte links), and the caption groups (an int32 group a
+    text, an int64 offset an image)."""
+    def index(n: int) -> int:
+        kind = resolve_index_kind(cfg.index, n, cfg.exact_threshold, dim, cfg.memory_budget_mb)
+        return n * {"ivfpq": cfg.pq_m + 8, "hnsw": 4 * dim + 8 * cfg.hnsw_m}.get(kind, 4 * dim)
+    return {"images_index": index(num_images), "texts_index": index(num_texts),
+            "caption_groups": 4 * num_texts + 8 * (num_images + 1)}
 
 
 def _nlist(cfg: MineConfig, n: int, dim: int) -> int:
@@ -247,10 +346,19 @@ def build_index(vectors, kind: str, cfg: MineConfig) -> faiss.Index:
         index.nprobe = min(cfg.nprobe, nlist)
     else:
         raise MineError(f"mine.index must be one of {', '.join(INDEX_KINDS[1:])} here, got {kind!r}")
-    block = max(1, _DATABASE_BLOCK_FLOATS // dim)
+    block = add_block_rows(kind, dim, cfg.pq_m)
     for start in range(0, n, block):
         index.add(np.ascontiguousarray(vectors[start:start + block], dtype=np.float32))
     return index
+
+
+def add_block_rows(kind: str, dim: int, pq_m: int) -> int:
+    """Rows added to an index per call. FAISS encodes each IVF-PQ call through an (n, pq_m, 256) float32 table of
+    sub-quantizer distances: 32768 rows at pq_m 16 made a transient 512 MB, so PQ blocks are sized by that table."""
+    rows = _DATABASE_BLOCK_FLOATS // dim
+    if kind == "ivfpq":
+        rows = min(rows, _DATABASE_BLOCK_FLOATS // (pq_m * 256))
+    return max(1, rows)
 
 
 def _search_block(searcher, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -361,19 +469,18 @@ class Direction:
     queries: np.ndarray  # (n, d) float32
     database: np.ndarray  # (m, d) float32
     excluded: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (query ids (R,), cand ids (R, K)) -> bool (R, K)
-    exclusion_bound: np.ndarray  # (n,) upper bound on the candidates `excluded` can remove per query
+    slack: int  # the 99th percentile of the per-query count of candidates `excluded` can remove
     positive_score: Optional[np.ndarray] = None  # (n,) for `margin`; NaN = no positive
     twin: Optional[Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = None  # semantic twins, see _twin_rule
 
 
-def _padded_captions(text_image: np.ndarray, num_images: int) -> np.ndarray:
+def _padded_captions(groups: CaptionGroups) -> np.ndarray:
     """(N, C) the text ids of each image's captions, -1 padded."""
-    order = np.argsort(text_image, kind="stable")
-    counts = np.bincount(text_image, minlength=num_images)
-    out = np.full((num_images, max(1, int(counts.max(initial=0)))), -1, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    column = np.arange(len(order)) - np.repeat(starts, counts)
-    out[text_image[order], column] = order
+    counts = np.diff(groups.image_text_offsets)
+    out = np.full((groups.num_images, max(1, int(counts.max(initial=0)))), -1, dtype=np.int64)
+    owner, texts = groups.texts_of(np.arange(groups.num_images))
+    column = np.arange(len(owner)) - groups.image_text_offsets[owner]
+    out[owner, column] = texts
     return out
 
 
@@ -392,17 +499,17 @@ def _max_caption_cosine(text_emb: np.ndarray, query_sets: np.ndarray, cand_sets:
     return out
 
 
-def _twin_rule(text_emb: np.ndarray, text_image: np.ndarray, num_images: int, query_side: str, cand_side: str):
+def _twin_rule(text_emb: np.ndarray, groups: CaptionGroups, query_side: str, cand_side: str):
     """Semantic twins (`twin_threshold`): a candidate one of whose captions (a text candidate: the
     text itself) has teacher text-text cosine above the threshold with a caption of the query's image
     (a text query: its own image's captions, the query included). Such paraphrases of a positive
     are false negatives that exact-caption matching misses."""
     @functools.cache
-    def padded() -> np.ndarray:  # built on first use: only runs with twin_threshold set need it
-        return _padded_captions(text_image, num_images)
+    def padded() -> np.ndarray:  # built on first use: only runs with twin_threshold set need it (N x C ids)
+        return _padded_captions(groups)
 
     def sets(ids: np.ndarray, side: str) -> np.ndarray:
-        return padded()[ids] if side == "image" else padded()[text_image[ids]] if ids.ndim == 1 else ids[..., None]
+        return padded()[ids] if side == "image" else padded()[groups.text_image(ids)] if ids.ndim == 1 else ids[..., None]
 
     def rule(q: np.ndarray, c: np.ndarray, threshold: float) -> np.ndarray:
         return _max_caption_cosine(text_emb, sets(q, query_side), sets(c, cand_side)) > threshold
@@ -412,36 +519,25 @@ def _twin_rule(text_emb: np.ndarray, text_image: np.ndarray, num_images: int, qu
 
 def make_directions(image_emb: np.ndarray, text_emb: np.ndarray, groups: CaptionGroups, need_positives: bool) -> dict[str, Direction]:
     g = groups
-    n_groups = g.num_groups
 
     def i2t(q, c):
-        return _isin_sorted(q[:, None] * n_groups + g.text_group[c], g.pair_keys)
+        return g.owns(np.broadcast_to(q[:, None], c.shape), g.text_group[c])
 
     def t2i(q, c):
-        return _isin_sorted(c * n_groups + g.text_group[q][:, None], g.pair_keys)
+        return g.owns(c, np.broadcast_to(g.text_group[q][:, None], c.shape))
 
     def i2i(q, c):
-        return (c == q[:, None]) | _images_share_caption(g, q, c)
+        return (c == q[:, None]) | g.share(q, c)
 
     def t2t(q, c):
-        return (g.text_image[c] == g.text_image[q][:, None]) | (g.text_group[c] == g.text_group[q][:, None])
+        return (g.text_image(c) == g.text_image(q)[:, None]) | (g.text_group[c] == g.text_group[q][:, None])
 
-    n_images = len(image_emb)
-    texts_of_groups = np.bincount(g.pair_images, weights=g.group_text_count[g.pair_groups], minlength=n_images)
-    images_of_groups = np.bincount(g.pair_images, weights=g.group_image_count[g.pair_groups], minlength=n_images)
-    bounds = {
-        "i2t": texts_of_groups,
-        "t2i": g.group_image_count[g.text_group],
-        "i2i": 1 + images_of_groups,
-        "t2t": g.image_caption_count[g.text_image] + g.group_text_count[g.text_group],
-    }
     positives = _positive_scores(image_emb, text_emb, g) if need_positives else {}
     specs = {"i2t": (image_emb, text_emb, i2t), "t2i": (text_emb, image_emb, t2i),
              "i2i": (image_emb, image_emb, i2i), "t2t": (text_emb, text_emb, t2t)}
     sides = {"i2t": ("image", "text"), "t2i": ("text", "image"), "i2i": ("image", "image"), "t2t": ("text", "text")}
     return {
-        name: Direction(name, queries, database, rule, np.asarray(bounds[name], dtype=np.int64), positives.get(name),
-                        _twin_rule(text_emb, g.text_image, n_images, *sides[name]))
+        name: Direction(name, queries, database, rule, g.slack[name], positives.get(name), _twin_rule(text_emb, g, *sides[name]))
         for name, (queries, database, rule) in specs.items()
     }
 
@@ -455,20 +551,21 @@ def _rowwise_dot(a: np.ndarray, a_rows: np.ndarray, b: np.ndarray, b_rows: np.nd
 
 
 def _positive_scores(image_emb: np.ndarray, text_emb: np.ndarray, g: CaptionGroups) -> dict[str, np.ndarray]:
-    """The positive each `margin` is measured from (see the module docstring)."""
+    """The positive each `margin` is measured from (see the module docstring). Only the margin filters
+    need these (n,) arrays: held per query, so off by default."""
     n_images, n_texts = len(image_emb), len(text_emb)
     text_ids = np.arange(n_texts)
-    own_image = _rowwise_dot(text_emb, text_ids, image_emb, g.text_image)
+    text_image = g.text_image(text_ids)
+    own_image = _rowwise_dot(text_emb, text_ids, image_emb, text_image)
     best_caption = np.full(n_images, np.nan, dtype=np.float32)
-    np.fmax.at(best_caption, g.text_image, own_image)
+    np.fmax.at(best_caption, text_image, own_image)
     # sibling pairs (t, t') of the same image, t != t': sum of c * (c - 1) over images
-    order = np.argsort(g.text_image, kind="stable")
-    counts = g.image_caption_count
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    per_text = counts[g.text_image[order]]  # partners of each text (itself included)
+    owner, order = g.texts_of(np.arange(n_images))  # texts in image order
+    counts = np.diff(g.image_text_offsets)
+    per_text = counts[owner]  # partners of each text (itself included)
     first = np.repeat(order, per_text)
     offset_in_image = np.arange(int(per_text.sum())) - np.repeat(np.cumsum(per_text) - per_text, per_text)
-    second = order[np.repeat(starts[g.text_image[order]], per_text) + offset_in_image]
+    second = order[np.repeat(g.image_text_offsets[owner], per_text) + offset_in_image]
     keep = first != second
     best_sibling = np.ones(n_texts, dtype=np.float32)  # no sibling: the query itself, cosine 1
     if keep.any():
@@ -509,8 +606,7 @@ def _select(direction: Direction, query_ids: np.ndarray, scores: np.ndarray, ids
 
 def initial_depth(direction: Direction, cfg: MineConfig) -> int:
     """K0 = k + range_min + the 99th percentile of the per-query exclusion bound (capped at the database)."""
-    slack = int(np.ceil(np.quantile(direction.exclusion_bound, 0.99))) if len(direction.exclusion_bound) else 0
-    return int(min(len(direction.database), cfg.k + cfg.range_min + slack))
+    return int(min(len(direction.database), cfg.k + cfg.range_min + direction.slack))
 
 
 def mine_direction(direction: Direction, searcher, exact_searcher, cfg: MineConfig,
@@ -636,16 +732,26 @@ def _up_to_date(out: Path, fingerprint: str, params: dict) -> Optional[dict]:
     return manifest
 
 
-def _text_columns(features_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(text_image (M,), caption hashes (M,)) read file by file in batches: the captions are never all held."""
-    owners, hashes = [], []
-    base = store.split_dir(features_dir, split)
+def _text_columns(features_dir: Path, split: str, num_texts: int, num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """(text_image (M,) int32, caption hashes (M,) uint64) read file by file in batches into arrays of their final
+    size: the captions are never all held, and nothing is held twice."""
+    owners = np.empty(num_texts, dtype=np.int32 if num_images < 2**31 else np.int64)
+    hashes = np.empty(num_texts, dtype=np.uint64)
+    base, row = store.split_dir(features_dir, split), 0
     for entry in store.load_split_manifest(features_dir, split)["files"][schema.TEXTS_PREFIX]:
         for batch in pq.ParquetFile(base / entry["path"]).iter_batches(columns=[schema.IMAGE_ID, schema.CAPTION]):
-            owners.append(batch.column(schema.IMAGE_ID).to_numpy().astype(np.int64))
-            hashes.append(caption_hashes(batch.column(schema.CAPTION).to_pylist()))
-    return (np.concatenate(owners) if owners else np.zeros(0, np.int64),
-            np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
+            if row + batch.num_rows > num_texts:
+                raise MineError(f"{base}: more texts in its Parquet files than the {num_texts} of its manifest; "
+                                f"re-run `dsmd extract`")
+            image_ids = batch.column(schema.IMAGE_ID).to_numpy()
+            if len(image_ids) and (image_ids.min() < 0 or image_ids.max() >= num_images):
+                raise MineError(f"{base}: a text's image_id is outside 0..{num_images - 1}; re-run `dsmd extract`")
+            owners[row:row + batch.num_rows] = image_ids
+            hashes[row:row + batch.num_rows] = caption_hashes(batch.column(schema.CAPTION).to_pylist())
+            row += batch.num_rows
+    if row != num_texts:
+        raise MineError(f"{base}: {row} texts in its Parquet files, {num_texts} in its manifest; re-run `dsmd extract`")
+    return owners, hashes
 
 
 def _load_directions(features_dir: Path, split: str, cfg: MineConfig):
@@ -656,10 +762,9 @@ def _load_directions(features_dir: Path, split: str, cfg: MineConfig):
     text_emb = _checked_rows(features_dir, split, schema.TEACHER_TEXT_EMB, "text", cfg)
     if len(image_emb) == 0 or len(text_emb) == 0:
         raise MineError(f"{where}: split {split!r} has {len(image_emb)} images and {len(text_emb)} texts; nothing to mine")
-    text_image, hashes = _text_columns(features_dir, split)
-    if text_image.min() < 0 or text_image.max() >= len(image_emb):
-        raise MineError(f"{where}: a text's image_id is outside 0..{len(image_emb) - 1}; re-run `dsmd extract`")
+    text_image, hashes = _text_columns(features_dir, split, len(text_emb), len(image_emb))
     groups = group_captions(hashes, text_image, len(image_emb))
+    del text_image, hashes
     need_positives = cfg.margin is not None or cfg.relative_margin is not None
     return image_emb, text_emb, groups, make_directions(image_emb, text_emb, groups, need_positives=need_positives)
 
@@ -696,7 +801,8 @@ def current_ranks() -> Ranks:
 
 def _build_indexes(databases: dict, cfg: MineConfig, split: str, ranks: Ranks, work: Path) -> tuple[dict, dict]:
     """One index per database (images serve t2i and i2i, texts i2t and t2t): {name: (searcher, exact)}, info.
-    Under torchrun rank 0 builds each index once and writes it to `work`; the other ranks read it."""
+    Under torchrun rank 0 builds each index once and writes it to `work`; then every rank, rank 0 included, maps
+    that file (FAISS IO_FLAG_MMAP): the ranks of a node share one copy in the page cache instead of one each."""
     indexes, index_info = {}, {}
     for name, vectors in databases.items():
         kind = resolve_index_kind(cfg.index, len(vectors), cfg.exact_threshold, vectors.shape[1], cfg.memory_budget_mb)
@@ -706,10 +812,12 @@ def _build_indexes(databases: dict, cfg: MineConfig, split: str, ranks: Ranks, w
             index = build_index(vectors, kind, cfg)
             if ranks.world_size > 1:
                 atomic.atomic_write_with(path, lambda tmp, index=index: faiss.write_index(index, str(tmp)))
+                del index
         ranks.barrier()
-        if not ranks.is_main:
-            index = faiss.read_index(str(path))
-        index_info[name] = {"kind": kind, "ntotal": int(index.ntotal), "build_seconds": round(time.perf_counter() - t0, 3)}
+        if ranks.world_size > 1:
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+        index_info[name] = {"kind": kind, "ntotal": int(index.ntotal), "build_seconds": round(time.perf_counter() - t0, 3),
+                            "mapped": ranks.world_size > 1}
         if kind in ("ivf", "ivfpq"):
             index_info[name].update(nlist=int(index.nlist), nprobe=int(index.nprobe))
         log.info("%s: %s index over %d %s built in %.1fs", split, kind, index.ntotal, name, index_info[name]["build_seconds"])
