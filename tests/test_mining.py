@@ -193,6 +193,7 @@ def test_caption_groups_hold_four_bytes_a_text_and_match_np_unique():
     groups = negatives.group_captions(hashes, text_image, 300)
     _, inverse = np.unique(hashes, return_inverse=True)
     np.testing.assert_array_equal(groups.text_group, inverse)
+    np.testing.assert_array_equal(negatives._group_ids(hashes, block=7)[0], inverse)  # compacted in many blocks
     assert groups.text_group.dtype == np.int32 and groups.image_texts is None  # grouped by image: no id copy
     np.testing.assert_array_equal(groups.text_image(np.arange(1000)), text_image)
     owns = groups.owns(text_image[:, None], groups.text_group[:, None])
@@ -284,6 +285,38 @@ def test_ivfpq_adds_in_blocks_whose_encoding_table_is_bounded(monkeypatch):
     index = negatives.build_index(database, "ivfpq", cfg)
     assert index.ntotal == 5000 and sum(added) == 5000 and len(added) > 1
     assert max(added) * cfg.pq_m * 256 * 4 <= 32 * 2**20
+
+
+def test_pq_shards_search_as_one_index_and_hold_one_shard(tmp_path):
+    """IVF-PQ codes in shards on disk: the same trained quantizers, each shard a share of every list; a search maps
+    one shard at a time and gives what one index over every vector gives."""
+    rng = np.random.default_rng(0)
+    database, queries = _unit(rng.standard_normal((5000, 32))), _unit(rng.standard_normal((300, 32)))
+    cfg = MineConfig(pq_m=8, nlist=16, nprobe=4, shard_vectors=1200)
+    whole = negatives.build_index(database, "ivfpq", cfg)
+    shards = negatives.build_index(database, "ivfpq", cfg, shard_dir=tmp_path / "shards")
+    assert isinstance(shards, negatives.PQShards) and len(shards.paths) == 5 and shards.ntotal == 5000
+    want_scores, want_ids = whole.search(queries, 20)
+    got_scores, got_ids = shards.search(queries, 20)
+    np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    loaded = negatives.PQShards.load(tmp_path / "shards")  # as another rank sees them
+    assert loaded.nprobe == 4 and loaded.ntotal == 5000
+    np.testing.assert_array_equal(loaded.search(queries, 20)[1], want_ids)
+    assert negatives.build_index(database[:1000], "ivfpq", cfg, shard_dir=tmp_path / "small").__class__ is not negatives.PQShards
+
+
+def test_mining_from_pq_shards_equals_one_index(tmp_path):
+    clustered_split(tmp_path / "features", n_images=600)
+    base = {"features_dir": str(tmp_path / "features"), "k": 6, "index": "ivfpq", "pq_m": 8, "query_chunk": 64,
+            "recall_sample": 50}
+    one = negatives.mine(MineConfig(out_dir=str(tmp_path / "one"), **base), progress=False)["train"]
+    sharded = negatives.mine(MineConfig(out_dir=str(tmp_path / "sharded"), shard_vectors=500, **base), progress=False)["train"]
+    assert sharded["indexes"]["texts"]["shards"] > 1 and one["indexes"]["texts"]["shards"] == 1
+    assert sharded["mine_params"] == one["mine_params"]  # the shard size changes no result
+    for name in DIRECTIONS:
+        assert pq.read_table(store.neighbors_path(tmp_path / "sharded", "train", name)).equals(
+            pq.read_table(store.neighbors_path(tmp_path / "one", "train", name))), name
 
 
 def test_search_chunked_equals_one_brute_force_search():
@@ -490,7 +523,7 @@ def test_two_ranks_mine_what_one_process_mines(tmp_path):
     clustered_split(tmp_path / "features", n_images=700)
     params = tmp_path / "params.yaml"
     mine_cfg = {"features_dir": str(tmp_path / "features"), "k": 6, "index": "ivfpq", "pq_m": 8, "query_chunk": 64,
-                "recall_sample": 100, "threads": 1}
+                "recall_sample": 100, "threads": 1, "shard_vectors": 300}  # in shards rank 0 writes
     params.write_text(yaml.safe_dump({"mine": mine_cfg}))
     single = negatives.mine(MineConfig(out_dir=str(tmp_path / "one"), **mine_cfg), progress=False)["train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -502,6 +535,7 @@ def test_two_ranks_mine_what_one_process_mines(tmp_path):
     manifest = json.loads((tmp_path / "two" / "train" / schema.SPLIT_MANIFEST).read_text())
     assert manifest["world_size"] == 2 and not (tmp_path / "two" / "train" / negatives.WORK_DIR).exists()
     assert all(info["mapped"] for info in manifest["indexes"].values())  # one copy a node: every rank maps the file
+    assert manifest["indexes"]["texts"]["shards"] > 1 and manifest["indexes"]["images"]["shards"] > 1
     for name in DIRECTIONS:
         assert pq.read_table(store.neighbors_path(tmp_path / "two", "train", name)).equals(
             pq.read_table(store.neighbors_path(tmp_path / "one", "train", name))), name

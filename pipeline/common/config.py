@@ -265,6 +265,9 @@ class MineConfig(Section):
     hnsw_m: int = opt(32, "HNSW graph degree", at_least=1)
     ef_search: int = opt(128, "HNSW search depth", at_least=1)
     pq_m: int = opt(16, "IVF-PQ sub-quantizers", at_least=1)
+    shard_vectors: int = opt(0, "IVF-PQ vectors a shard file holds (mining maps one shard at a time, so memory holds one "
+                             "shard whatever the database size); 0 = as many as memory_budget_mb holds (no budget: "
+                             "one index in memory)", at_least=0)
     refine_factor: int = opt(20, "IVF-PQ codes only rank: it searches refine_factor * depth candidates, then re-scores "
                              "them exactly (pq_m 16, N=200k, d=256: recall@10 0.63 with 4, 0.89 with 10, 0.999 with 20; "
                              "benchmarks/mine.py)", at_least=1)

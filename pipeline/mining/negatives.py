@@ -82,7 +82,7 @@ log = logging.getLogger(__name__)
 INDEX_KINDS = tuple(m.value for m in IndexKind)
 APPROXIMATE_KINDS = ("ivf", "hnsw", "ivfpq")
 # fields of MineConfig that change no output: they are left out of the params a re-run compares
-_NON_RESULT_FIELDS = ("features_dir", "out_dir", "splits", "threads", "query_chunk", "teachers_dir")
+_NON_RESULT_FIELDS = ("features_dir", "out_dir", "splits", "threads", "query_chunk", "teachers_dir", "shard_vectors")
 _RESCORE_BLOCK_FLOATS = 1 << 21  # 8 MB of float32 per block when re-scoring IVF-PQ candidates
 _DATABASE_BLOCK_FLOATS = 1 << 23  # 32 MB of float32 per database block (index adds, exact search, checks)
 _BLOCKS_PER_WRITE = 4  # query chunks mined between two writes of a direction's output (a row group)
@@ -176,18 +176,22 @@ def caption_hashes(captions: Iterable[str]) -> np.ndarray:
 
 
 def _group_ids(hashes: np.ndarray, block: int = 1 << 20) -> tuple[np.ndarray, int]:
-    """(group of each hash as int32, number of groups): np.unique's inverse, built from the sorted distinct hashes
-    block by block, without its int64 copies (at 7M captions those were ~200 MB at once)."""
-    distinct = np.sort(hashes)
-    keep = np.empty(len(distinct), dtype=bool)
-    keep[:1] = True
-    np.not_equal(distinct[1:], distinct[:-1], out=keep[1:])
-    distinct = distinct[keep]
-    del keep
+    """(group of each hash as int32, number of groups): np.unique's inverse, from one sorted copy compacted in place
+    to the distinct hashes, block by block (np.unique's int64 copies were ~200 MB at once at 7M captions)."""
+    distinct, count, last = np.sort(hashes), 0, None
+    for start in range(0, len(distinct), block):  # the write position never passes the read one
+        piece = distinct[start:start + block]
+        new = np.empty(len(piece), dtype=bool)
+        new[0] = last is None or piece[0] != last
+        np.not_equal(piece[1:], piece[:-1], out=new[1:])
+        last, kept = piece[-1], piece[new]
+        distinct[count:count + len(kept)] = kept
+        count += len(kept)
+    distinct = distinct[:count]
     groups = np.empty(len(hashes), dtype=np.int32)
     for start in range(0, len(hashes), block):
         groups[start:start + block] = np.searchsorted(distinct, hashes[start:start + block])
-    return groups, max(len(distinct), 1)
+    return groups, max(count, 1)
 
 
 def _histogram_quantile(histogram: np.ndarray, q: float = 0.99) -> int:
@@ -255,18 +259,21 @@ def _exclusion_slack(groups: CaptionGroups, texts_per_block: int = 1 << 20) -> d
 def group_captions(captions: Iterable[str] | np.ndarray, text_image: np.ndarray, num_images: int) -> CaptionGroups:
     """Texts grouped by normalised caption; `captions` are the strings or their `caption_hashes`."""
     hashes = captions if isinstance(captions, np.ndarray) else caption_hashes(captions)
-    text_group, num_groups = _group_ids(hashes)
-    del hashes
+    return _take_groups([np.asarray(text_image), hashes], num_images)
+
+
+def _take_groups(columns: list, num_images: int) -> CaptionGroups:
+    """CaptionGroups from `[text_image, hashes]`, popped off the list as they are used: a caller that hands over its
+    only references frees each as soon as it is done with (at 7M captions 28 and 56 MB)."""
+    hashes, text_image = columns.pop(), columns.pop()
     offsets = np.zeros(num_images + 1, dtype=np.int64)
     np.cumsum(np.bincount(text_image, minlength=num_images), out=offsets[1:])
-    in_image_order = bool(np.all(text_image[1:] >= text_image[:-1]))
-    groups = CaptionGroups(
-        text_group=text_group,
-        image_text_offsets=offsets,
-        image_texts=None if in_image_order else np.argsort(text_image, kind="stable"),
-        num_groups=num_groups,
-        slack={},
-    )
+    image_texts = None if bool(np.all(text_image[1:] >= text_image[:-1])) else np.argsort(text_image, kind="stable")
+    del text_image
+    text_group, num_groups = _group_ids(hashes)
+    del hashes
+    groups = CaptionGroups(text_group=text_group, image_text_offsets=offsets, image_texts=image_texts,
+                           num_groups=num_groups, slack={})
     groups.slack = _exclusion_slack(groups)
     return groups
 
@@ -308,13 +315,14 @@ def _nlist(cfg: MineConfig, n: int, dim: int) -> int:
     return max(1, min(wanted, cap))
 
 
-def build_index(vectors, kind: str, cfg: MineConfig) -> faiss.Index:
+def build_index(vectors, kind: str, cfg: MineConfig, shard_dir: Optional[Path] = None):
     """An inner-product FAISS index over `vectors` (float32, L2-normalised; an array or UnitRows read
     from disk): `flat` (exact IndexFlatIP), `ivf` (IVF-Flat, nlist lists, nprobe probed), `hnsw`
     (HNSW-Flat, hnsw_m links, ef_search) or `ivfpq` (IVF with pq_m x 8-bit product codes; mining
     re-scores its candidates exactly). IVF quantisers train on a seeded sample of
     `train_points_per_list * nlist` vectors (at most what `memory_budget_mb` holds); vectors are added
-    in blocks, so only the index itself grows with the database."""
+    in blocks. With `shard_dir`, IVF-PQ codes beyond `memory_budget_mb` go to disk in shards (`PQShards`), so
+    nothing held grows with the database; otherwise only the index itself does."""
     n, dim = vectors.shape
     ip = faiss.METRIC_INNER_PRODUCT
     if kind == "flat":
@@ -344,12 +352,75 @@ def build_index(vectors, kind: str, cfg: MineConfig) -> faiss.Index:
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
         del sample
         index.nprobe = min(cfg.nprobe, nlist)
+        per_shard = shard_vectors(cfg)
+        if kind == "ivfpq" and shard_dir is not None and per_shard and n > per_shard:
+            return PQShards.build(index, vectors, per_shard, shard_dir, add_block_rows(kind, dim, cfg.pq_m))
     else:
         raise MineError(f"mine.index must be one of {', '.join(INDEX_KINDS[1:])} here, got {kind!r}")
     block = add_block_rows(kind, dim, cfg.pq_m)
     for start in range(0, n, block):
         index.add(np.ascontiguousarray(vectors[start:start + block], dtype=np.float32))
     return index
+
+
+def shard_vectors(cfg: MineConfig) -> int:
+    """IVF-PQ vectors a shard holds: `shard_vectors`, else `memory_budget_mb` of codes and ids (pq_m + 8 bytes a
+    vector); 0 = one index in memory."""
+    if cfg.shard_vectors > 0:
+        return cfg.shard_vectors
+    return cfg.memory_budget_mb * 2**20 // (cfg.pq_m + 8) if cfg.memory_budget_mb > 0 else 0
+
+
+class PQShards:
+    """An IVF-PQ index on disk in shards of at most `shard_vectors` vectors: one trained coarse quantizer and
+    product quantizer (held), each shard file holding its share of every inverted list. A search assigns the
+    queries to lists once, then maps one shard at a time (FAISS IO_FLAG_MMAP), scans its part of those lists and
+    lets it go, and keeps the best k of all: the result of one index holding every vector, while memory holds
+    the pages of one shard whatever the database size (the page cache keeps the files)."""
+
+    TRAINED = "trained.faiss"
+
+    def __init__(self, trained: faiss.IndexIVFPQ, paths: list[Path], ntotal: int) -> None:
+        self.trained, self.paths, self.ntotal = trained, paths, ntotal
+        self.nlist, self.nprobe = trained.nlist, trained.nprobe
+
+    @classmethod
+    def build(cls, trained: faiss.IndexIVFPQ, vectors, per_shard: int, folder: Path, block: int) -> "PQShards":
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        atomic.atomic_write_with(folder / cls.TRAINED, lambda tmp: faiss.write_index(trained, str(tmp)))
+        paths = []
+        for number, first in enumerate(range(0, len(vectors), per_shard)):
+            shard = faiss.clone_index(trained)
+            for start in range(first, min(first + per_shard, len(vectors)), block):
+                rows = np.ascontiguousarray(vectors[start:min(start + block, first + per_shard)], dtype=np.float32)
+                shard.add_with_ids(rows, np.arange(start, start + len(rows), dtype=np.int64))
+            paths.append(atomic.atomic_write_with(folder / f"shard-{number:05d}.faiss",
+                                                  lambda tmp, shard=shard: faiss.write_index(shard, str(tmp))))
+            del shard
+        return cls(trained, paths, len(vectors))
+
+    @classmethod
+    def load(cls, folder: Path) -> "PQShards":
+        """The shards another rank built (torchrun); nprobe is stored with the trained index."""
+        trained = faiss.read_index(str(folder / cls.TRAINED))
+        paths = sorted(folder.glob("shard-*.faiss"))
+        return cls(trained, paths, sum(faiss.read_index(str(p), faiss.IO_FLAG_MMAP).ntotal for p in paths))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        coarse_scores, lists = self.trained.quantizer.search(queries, self.nprobe)
+        found_scores, found_ids = [], []
+        for path in self.paths:
+            shard = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+            shard.nprobe = self.nprobe
+            scores, ids = shard.search_preassigned(queries, k, lists, coarse_scores)
+            found_scores.append(np.where(ids >= 0, scores, -np.inf))
+            found_ids.append(ids)
+            del shard  # unmapped: its pages leave this process
+        scores, ids = np.concatenate(found_scores, axis=1), np.concatenate(found_ids, axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 def add_block_rows(kind: str, dim: int, pq_m: int) -> int:
@@ -762,9 +833,7 @@ def _load_directions(features_dir: Path, split: str, cfg: MineConfig):
     text_emb = _checked_rows(features_dir, split, schema.TEACHER_TEXT_EMB, "text", cfg)
     if len(image_emb) == 0 or len(text_emb) == 0:
         raise MineError(f"{where}: split {split!r} has {len(image_emb)} images and {len(text_emb)} texts; nothing to mine")
-    text_image, hashes = _text_columns(features_dir, split, len(text_emb), len(image_emb))
-    groups = group_captions(hashes, text_image, len(image_emb))
-    del text_image, hashes
+    groups = _take_groups(list(_text_columns(features_dir, split, len(text_emb), len(image_emb))), len(image_emb))
     need_positives = cfg.margin is not None or cfg.relative_margin is not None
     return image_emb, text_emb, groups, make_directions(image_emb, text_emb, groups, need_positives=need_positives)
 
@@ -806,18 +875,19 @@ def _build_indexes(databases: dict, cfg: MineConfig, split: str, ranks: Ranks, w
     indexes, index_info = {}, {}
     for name, vectors in databases.items():
         kind = resolve_index_kind(cfg.index, len(vectors), cfg.exact_threshold, vectors.shape[1], cfg.memory_budget_mb)
-        path = work / f"{name}.faiss"
+        path, shard_dir = work / f"{name}.faiss", work / f"{name}-shards"
         t0 = time.perf_counter()
         if ranks.is_main:
-            index = build_index(vectors, kind, cfg)
-            if ranks.world_size > 1:
+            index = build_index(vectors, kind, cfg, shard_dir=shard_dir)
+            if ranks.world_size > 1 and not isinstance(index, PQShards):
                 atomic.atomic_write_with(path, lambda tmp, index=index: faiss.write_index(index, str(tmp)))
                 del index
         ranks.barrier()
         if ranks.world_size > 1:
-            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+            index = PQShards.load(shard_dir) if shard_dir.exists() else faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+        sharded = isinstance(index, PQShards)
         index_info[name] = {"kind": kind, "ntotal": int(index.ntotal), "build_seconds": round(time.perf_counter() - t0, 3),
-                            "mapped": ranks.world_size > 1}
+                            "mapped": ranks.world_size > 1 or sharded, "shards": len(index.paths) if sharded else 1}
         if kind in ("ivf", "ivfpq"):
             index_info[name].update(nlist=int(index.nlist), nprobe=int(index.nprobe))
         log.info("%s: %s index over %d %s built in %.1fs", split, kind, index.ntotal, name, index_info[name]["build_seconds"])
