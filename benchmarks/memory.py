@@ -11,8 +11,8 @@ running a teacher over 200k images would take this 2-core machine most of an hou
     .venv/bin/python benchmarks/memory.py --n 2000 --steps 5   # quick
     # what a rank holds per image, up to 100N (2M images, 7M captions, ~17 GB of scratch; ~20 minutes):
     .venv/bin/python benchmarks/memory.py --n 20000 --train-only --multiples 10 100
-    # what dsmd mine holds at 100N (IVF-PQ; nprobe 4 and refine 1 keep it near an hour on 2 cores):
-    .venv/bin/python benchmarks/memory.py --n 20000 --mine-only --multiples 100 --mine-nprobe 4 --mine-refine 1 --work W
+    # what dsmd mine holds at 100N (IVF-PQ, text codes in 3 shards; nprobe 1 and refine 1 keep it under an hour):
+    .venv/bin/python benchmarks/memory.py --n 20000 --mine-only --multiples 100 --mine-nprobe 1 --mine-refine 1 --work W
 """
 from __future__ import annotations
 
@@ -189,11 +189,14 @@ def run_stage(stage: str, params: dict, args: list[str], work: Path) -> dict:
     path = work / f"params-{time.perf_counter_ns()}.yaml"
     path.write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    result = subprocess.run([sys.executable, "-c", RUN_STAGE, stage, "--params", str(path), *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
+    log = path.with_suffix(".log")  # the stage's progress, to follow a long run (tail -f)
+    with open(log, "w") as stderr:
+        result = subprocess.run([sys.executable, "-c", RUN_STAGE, stage, "--params", str(path), *args], cwd=ROOT,
+                                env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    output = log.read_text()
     if result.returncode != 0:
-        raise SystemExit(f"{stage} failed:\n{result.stderr[-4000:]}")
-    line = result.stderr.rsplit("BENCH ", 1)[1].split("\n", 1)[0]
+        raise SystemExit(f"{stage} failed:\n{output[-4000:]}")
+    line = output.rsplit("BENCH ", 1)[1].split("\n", 1)[0]
     values = dict(item.split("=") for item in line.split())
     return {"peak_rss_mib": int(values["peak_rss_kib"]) / 1024, "seconds": float(values["seconds"])}
 

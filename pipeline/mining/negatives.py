@@ -51,6 +51,7 @@ re-run with the same fingerprint, params and output files returns at once ("up t
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import hashlib
@@ -222,7 +223,7 @@ class _Histogram:
         self.counts[:len(found)] += found
 
 
-def _image_blocks(groups: CaptionGroups, texts_per_block: int = 1 << 20):
+def _image_blocks(groups: CaptionGroups, texts_per_block: int):
     """(first image, owner image of each text, the texts' groups) over the images in blocks of about
     `texts_per_block` texts: every text once, in image order."""
     offsets = groups.image_text_offsets
@@ -233,7 +234,7 @@ def _image_blocks(groups: CaptionGroups, texts_per_block: int = 1 << 20):
         yield first, stop, owner, groups.text_group[texts]
 
 
-def _exclusion_slack(groups: CaptionGroups, texts_per_block: int = 1 << 20) -> dict[str, int]:
+def _exclusion_slack(groups: CaptionGroups, texts_per_block: int = 1 << 18) -> dict[str, int]:
     """Per direction, the 99th percentile of an upper bound on the candidates the exclusions remove per query:
     i2t the texts of the query image's groups; t2i the images owning the query's group; i2i 1 + the images
     owning the query image's groups; t2t the query image's captions + the texts of its group. Two passes over
@@ -266,10 +267,12 @@ def _take_groups(columns: list, num_images: int) -> CaptionGroups:
     """CaptionGroups from `[text_image, hashes]`, popped off the list as they are used: a caller that hands over its
     only references frees each as soon as it is done with (at 7M captions 28 and 56 MB)."""
     hashes, text_image = columns.pop(), columns.pop()
-    offsets = np.zeros(num_images + 1, dtype=np.int64)
-    np.cumsum(np.bincount(text_image, minlength=num_images), out=offsets[1:])
-    image_texts = None if bool(np.all(text_image[1:] >= text_image[:-1])) else np.argsort(text_image, kind="stable")
-    del text_image
+    in_image_order = bool(np.all(text_image[1:] >= text_image[:-1]))
+    image_texts = None if in_image_order else np.argsort(text_image, kind="stable")
+    # searched in the ids' own dtype: no int64 copy of them
+    images = np.arange(num_images + 1, dtype=text_image.dtype)
+    offsets = np.searchsorted(text_image if in_image_order else text_image[image_texts], images).astype(np.int64)
+    del text_image, images
     text_group, num_groups = _group_ids(hashes)
     del hashes
     groups = CaptionGroups(text_group=text_group, image_text_offsets=offsets, image_texts=image_texts,
@@ -490,7 +493,8 @@ class UnitRows:
 
     def __getitem__(self, index) -> np.ndarray:
         x = self.rows[index].astype(np.float32)
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+        x /= np.linalg.norm(x, axis=-1, keepdims=True)  # in place: one float32 copy of the rows, not two
+        return x
 
     def chunks(self, size: int):
         for start in range(0, len(self), size):
@@ -810,7 +814,7 @@ def _text_columns(features_dir: Path, split: str, num_texts: int, num_images: in
     hashes = np.empty(num_texts, dtype=np.uint64)
     base, row = store.split_dir(features_dir, split), 0
     for entry in store.load_split_manifest(features_dir, split)["files"][schema.TEXTS_PREFIX]:
-        for batch in pq.ParquetFile(base / entry["path"]).iter_batches(columns=[schema.IMAGE_ID, schema.CAPTION]):
+        for batch in store.read_row_groups(base / entry["path"], [schema.IMAGE_ID, schema.CAPTION]):
             if row + batch.num_rows > num_texts:
                 raise MineError(f"{base}: more texts in its Parquet files than the {num_texts} of its manifest; "
                                 f"re-run `dsmd extract`")
@@ -825,6 +829,16 @@ def _text_columns(features_dir: Path, split: str, num_texts: int, num_images: in
     return owners, hashes
 
 
+def _return_free_memory() -> None:
+    """Hand freed heap back to the system: the load's block-sized temporaries leave glibc's heap fragmented (160 MB
+    kept resident at 7M captions, measured), which every later phase would carry."""
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def _load_directions(features_dir: Path, split: str, cfg: MineConfig):
     """(image rows, text rows, caption groups, the four directions) of a features split, checked; the
     embeddings stay on disk (UnitRows)."""
@@ -834,6 +848,7 @@ def _load_directions(features_dir: Path, split: str, cfg: MineConfig):
     if len(image_emb) == 0 or len(text_emb) == 0:
         raise MineError(f"{where}: split {split!r} has {len(image_emb)} images and {len(text_emb)} texts; nothing to mine")
     groups = _take_groups(list(_text_columns(features_dir, split, len(text_emb), len(image_emb))), len(image_emb))
+    _return_free_memory()
     need_positives = cfg.margin is not None or cfg.relative_margin is not None
     return image_emb, text_emb, groups, make_directions(image_emb, text_emb, groups, need_positives=need_positives)
 
