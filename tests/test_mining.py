@@ -319,6 +319,29 @@ def test_mining_from_pq_shards_equals_one_index(tmp_path):
             pq.read_table(store.neighbors_path(tmp_path / "one", "train", name))), name
 
 
+def test_neighbour_ids_are_read_a_row_group_at_a_time(tmp_path):
+    """Writing `<direction>.ids.npy` holds one row group of the Parquet lists at a time (pyarrow's iter_batches held
+    the file's whole column from its first batch on: 300 MB at 7M lists), and gives the lists' first k ids, -1
+    padded."""
+    path = store.neighbors_path(tmp_path, "train", "t2i")
+    path.parent.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    n = 400_000
+    offsets = np.concatenate([[0], np.cumsum(rng.integers(0, 12, n))]).astype(np.int32)
+    values = rng.integers(0, 10**6, offsets[-1])
+    lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int64()))
+    scores = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.full(offsets[-1], 0.5, np.float32)))
+    pq.write_table(pa.table({schema.neighbor_key_column("t2i"): np.arange(n), schema.NEIGHBOR_IDS: lists,
+                             schema.NEIGHBOR_SCORES: scores}), path, row_group_size=4096)
+    before = pa.total_allocated_bytes()
+    held = max(pa.total_allocated_bytes() - before for _ in store._neighbor_batches(path, "t2i", 8))
+    whole = n * 8 + int(offsets[-1]) * 8  # the keys and ids of the file, decoded
+    assert held < whole / 8, (held, whole)  # 98 row groups: one at a time (~1 MB of 25 MB here)
+    ids = np.load(store.write_neighbor_rows(tmp_path, "train", "t2i", 8))
+    first = offsets[:-1, None] + np.arange(8)
+    np.testing.assert_array_equal(ids, np.where(first < offsets[1:, None], values[np.minimum(first, len(values) - 1)], -1))
+
+
 def test_search_chunked_equals_one_brute_force_search():
     rng = np.random.default_rng(0)
     database, queries = _unit(rng.standard_normal((300, 8))), _unit(rng.standard_normal((50, 8)))
