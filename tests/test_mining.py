@@ -195,6 +195,7 @@ def test_caption_groups_hold_four_bytes_a_text_and_match_np_unique():
     np.testing.assert_array_equal(groups.text_group, inverse)
     np.testing.assert_array_equal(negatives._group_ids(hashes, block=7)[0], inverse)  # compacted in many blocks
     assert groups.text_group.dtype == np.int32 and groups.image_texts is None  # grouped by image: no id copy
+    assert groups.image_text_offsets.dtype == np.int32
     np.testing.assert_array_equal(groups.text_image(np.arange(1000)), text_image)
     owns = groups.owns(text_image[:, None], groups.text_group[:, None])
     assert owns.all()

@@ -119,7 +119,7 @@ class CaptionGroups:
     are stored grouped by image (as `dsmd extract` writes them; `image_texts` is then None)."""
 
     text_group: np.ndarray  # (M,) int32 group of each text
-    image_text_offsets: np.ndarray  # (N + 1,) int64
+    image_text_offsets: np.ndarray  # (N + 1,) int32 (int64 from 2^31 texts on)
     image_texts: Optional[np.ndarray]  # (M,) int64 text ids in image order; None = 0..M-1
     num_groups: int
     slack: dict[str, int]  # per direction: the 99th percentile of the per-query exclusion bound (see initial_depth)
@@ -132,7 +132,8 @@ class CaptionGroups:
         """The image of each text id (any shape)."""
         texts = np.asarray(texts)
         if self.image_texts is None:
-            return np.searchsorted(self.image_text_offsets, texts, side="right") - 1
+            # searched in the offsets' own dtype: numpy would otherwise copy the offsets to the common one
+            return np.searchsorted(self.image_text_offsets, texts.astype(self.image_text_offsets.dtype), side="right") - 1
         return self._text_owner[texts]
 
     @functools.cached_property
@@ -227,7 +228,7 @@ def _image_blocks(groups: CaptionGroups, texts_per_block: int):
     """(first image, owner image of each text, the texts' groups) over the images in blocks of about
     `texts_per_block` texts: every text once, in image order."""
     offsets = groups.image_text_offsets
-    starts = np.searchsorted(offsets, np.arange(0, offsets[-1], texts_per_block), "right") - 1
+    starts = np.searchsorted(offsets, np.arange(0, offsets[-1], texts_per_block, dtype=offsets.dtype), "right") - 1
     bounds = np.unique(np.concatenate([[0], starts, [groups.num_images]]))
     for first, stop in zip(bounds[:-1], bounds[1:]):
         owner, texts = groups.texts_of(np.arange(first, stop))
@@ -271,7 +272,8 @@ def _take_groups(columns: list, num_images: int) -> CaptionGroups:
     image_texts = None if in_image_order else np.argsort(text_image, kind="stable")
     # searched in the ids' own dtype: no int64 copy of them
     images = np.arange(num_images + 1, dtype=text_image.dtype)
-    offsets = np.searchsorted(text_image if in_image_order else text_image[image_texts], images).astype(np.int64)
+    offsets = np.searchsorted(text_image if in_image_order else text_image[image_texts], images)
+    offsets = offsets.astype(np.int32 if len(offsets) and offsets[-1] < 2**31 else np.int64)
     del text_image, images
     text_group, num_groups = _group_ids(hashes)
     del hashes
@@ -299,12 +301,12 @@ def memory_bytes(num_images: int, num_texts: int, dim: int, cfg: MineConfig) -> 
     """What `dsmd mine` holds that grows with the split, by part (`benchmarks/memory.py --mine-only` measures it):
     each index as `mine.index` resolves it (flat and IVF-Flat: the float32 vectors; IVF-PQ: pq_m code bytes and an
     8-byte id a vector; HNSW: the vectors and 2 x hnsw_m 4-byte links), and the caption groups (an int32 group a
-    text, an int64 offset an image)."""
+    text, an int32 offset an image; int64 from 2^31 texts on)."""
     def index(n: int) -> int:
         kind = resolve_index_kind(cfg.index, n, cfg.exact_threshold, dim, cfg.memory_budget_mb)
         return n * {"ivfpq": cfg.pq_m + 8, "hnsw": 4 * dim + 8 * cfg.hnsw_m}.get(kind, 4 * dim)
     return {"images_index": index(num_images), "texts_index": index(num_texts),
-            "caption_groups": 4 * num_texts + 8 * (num_images + 1)}
+            "caption_groups": 4 * num_texts + (4 if num_texts < 2**31 else 8) * (num_images + 1)}
 
 
 def _nlist(cfg: MineConfig, n: int, dim: int) -> int:
