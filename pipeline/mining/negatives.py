@@ -155,16 +155,18 @@ class CaptionGroups:
         """Elementwise (same shapes): image owns a caption of the group."""
         flat_images, flat_groups = images.reshape(-1), groups.reshape(-1)
         owner, texts = self.texts_of(flat_images)
-        hit = self.text_group[texts] == flat_groups[owner]
-        return (np.bincount(owner[hit], minlength=len(flat_images)) > 0).reshape(images.shape)
+        return _any_of(owner, self.text_group[texts] == flat_groups[owner], images.shape)
 
     def share(self, query_images: np.ndarray, cand_images: np.ndarray) -> np.ndarray:
         """(R, K): the candidate image owns a normalised caption that the row's query image owns too."""
-        flat_cand = cand_images.reshape(-1)
         flat_query = np.broadcast_to(query_images[:, None], cand_images.shape).reshape(-1)
-        owner, texts = self.texts_of(flat_cand)
-        hit = self.owns(flat_query[owner], self.text_group[texts])
-        return (np.bincount(owner[hit], minlength=len(flat_cand)) > 0).reshape(cand_images.shape)
+        owner, texts = self.texts_of(cand_images.reshape(-1))
+        return _any_of(owner, self.owns(flat_query[owner], self.text_group[texts]), cand_images.shape)
+
+
+def _any_of(owner: np.ndarray, hit: np.ndarray, shape: tuple) -> np.ndarray:
+    """Per element of `shape`: whether any of its entries (`owner` gives each entry's flat element) is a hit."""
+    return (np.bincount(owner[hit], minlength=math.prod(shape)) > 0).reshape(shape)
 
 
 def caption_hashes(captions: Iterable[str]) -> np.ndarray:
@@ -225,14 +227,18 @@ class _Histogram:
 
 
 def _image_blocks(groups: CaptionGroups, texts_per_block: int):
-    """(first image, owner image of each text, the texts' groups) over the images in blocks of about
-    `texts_per_block` texts: every text once, in image order."""
+    """Over the images in blocks of about `texts_per_block` texts, every text once, in image order: (first image,
+    stop, each text's image within the block, each text's group, and the block's distinct (image, group) pairs as
+    image within the block and group)."""
     offsets = groups.image_text_offsets
     starts = np.searchsorted(offsets, np.arange(0, offsets[-1], texts_per_block, dtype=offsets.dtype), "right") - 1
     bounds = np.unique(np.concatenate([[0], starts, [groups.num_images]]))
     for first, stop in zip(bounds[:-1], bounds[1:]):
         owner, texts = groups.texts_of(np.arange(first, stop))
-        yield first, stop, owner, groups.text_group[texts]
+        text_group = groups.text_group[texts]
+        pair_owner, pair_group = np.divmod(np.unique(owner.astype(np.int64) * groups.num_groups + text_group),
+                                           groups.num_groups)
+        yield first, stop, owner, text_group, pair_owner, pair_group
 
 
 def _exclusion_slack(groups: CaptionGroups, texts_per_block: int = 1 << 18) -> dict[str, int]:
@@ -242,14 +248,11 @@ def _exclusion_slack(groups: CaptionGroups, texts_per_block: int = 1 << 18) -> d
     the images in blocks, with two int32 counts per group: nothing else is held per text."""
     group_texts = np.zeros(groups.num_groups, dtype=np.int32)
     group_images = np.zeros(groups.num_groups, dtype=np.int32)
-    for first, stop, owner, text_group in _image_blocks(groups, texts_per_block):
+    for _, _, _, text_group, _, pair_group in _image_blocks(groups, texts_per_block):
         np.add.at(group_texts, text_group, 1)
-        pairs = np.unique(owner.astype(np.int64) * groups.num_groups + text_group)  # an image's distinct groups
-        np.add.at(group_images, pairs % groups.num_groups, 1)
+        np.add.at(group_images, pair_group, 1)
     hist = {name: _Histogram() for name in ("i2t", "t2i", "i2i", "t2t")}
-    for first, stop, owner, text_group in _image_blocks(groups, texts_per_block):
-        pairs = np.unique(owner.astype(np.int64) * groups.num_groups + text_group)
-        pair_owner, pair_group = np.divmod(pairs, groups.num_groups)
+    for first, stop, owner, text_group, pair_owner, pair_group in _image_blocks(groups, texts_per_block):
         images = stop - first
         hist["i2t"].add(np.bincount(pair_owner, weights=group_texts[pair_group], minlength=images))
         hist["i2i"].add(1 + np.bincount(pair_owner, weights=group_images[pair_group], minlength=images))
