@@ -194,7 +194,7 @@ def format_plan(p: dict) -> str:
              f"({', '.join(f'{k} {v} img' for k, v in p['split_images'].items())}; {1 / p['extract_seconds_per_image']:.0f} img/s "
              f"a rank, {p['captions_per_image']:.1f} captions an image)",
              f"features {_size(p['features_bytes'])} on disk (teacher width {p['teacher_dim']})",
-             f"mine     {_duration(p['mine_seconds'])} (exact search), {_size(p['mine_memory_bytes'])} of indexes and caption groups"]
+             f"mine     {_duration(p['mine_seconds'])} (exact search), {_size(p['mine_memory_bytes'])} of indexes"]
     for name, s in p["students"].items():
         lines.append(f"train {name}: {_duration(s['epoch_seconds'])} an epoch ({s['steps_per_epoch']} steps of "
                      f"{s['seconds_per_step']:.2f} s), {_duration(s['run_seconds'])} for the configured run")

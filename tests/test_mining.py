@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from pipeline.common.config import ConfigError, MineConfig
 from pipeline.features import schema, store
-from pipeline.mining import negatives
+from pipeline.mining import captions, negatives
 from tests.conftest import REPO_ROOT
 from tests.fakes import write_fake_features
 
@@ -81,8 +81,8 @@ def _inputs(features_dir, split="train"):
 
 def reference_negatives(features_dir, cfg: MineConfig, split="train") -> dict:
     """Brute force: the full similarity matrix, the exclusion rules spelled out with Python sets."""
-    image_emb, text_emb, text_image, captions = _inputs(features_dir, split)
-    norm = [negatives.normalise_caption(c) for c in captions]
+    image_emb, text_emb, text_image, caption_list = _inputs(features_dir, split)
+    norm = [captions.normalise_caption(c) for c in caption_list]
     n_images, n_texts = len(image_emb), len(text_emb)
     groups_of_image = [set() for _ in range(n_images)]
     texts_of_image = [[] for _ in range(n_images)]
@@ -126,8 +126,8 @@ def reference_negatives(features_dir, cfg: MineConfig, split="train") -> dict:
 
 
 def _directions(features_dir, cfg, split="train"):
-    image_emb, text_emb, text_image, captions = _inputs(features_dir, split)
-    groups = negatives.group_captions(captions, text_image, len(image_emb))
+    image_emb, text_emb, text_image, caption_list = _inputs(features_dir, split)
+    groups = captions.group_captions(caption_list, text_image, len(image_emb))
     return negatives.make_directions(image_emb, text_emb, groups, need_positives=False).values()
 
 
@@ -137,10 +137,10 @@ def _as_lists(out_dir, split, direction):
 
 
 def test_normalise_caption():
-    assert negatives.normalise_caption("  A Dog,\tRUNNING!  ") == "a dog running"
-    assert negatives.normalise_caption("don't stop") == negatives.normalise_caption("Dont   stop.")
-    assert negatives.normalise_caption("a dog running") != negatives.normalise_caption("a dog sitting")
-    assert negatives.normalise_caption("Ｆｕｌｌ－width") == "fullwidth"
+    assert captions.normalise_caption("  A Dog,\tRUNNING!  ") == "a dog running"
+    assert captions.normalise_caption("don't stop") == captions.normalise_caption("Dont   stop.")
+    assert captions.normalise_caption("a dog running") != captions.normalise_caption("a dog sitting")
+    assert captions.normalise_caption("Ｆｕｌｌ－width") == "fullwidth"
 
 
 @pytest.mark.parametrize("filters", [
@@ -186,28 +186,72 @@ def test_texts_out_of_image_order_match_brute_force(tmp_path, filters):
             np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_caption_groups_hold_four_bytes_a_text_and_match_np_unique():
+def test_in_memory_caption_groups_own_exactly_their_captions():
     rng = np.random.default_rng(0)
     hashes = rng.integers(0, 50, 1000).astype(np.uint64)
     text_image = np.sort(rng.integers(0, 300, 1000))
-    groups = negatives.group_captions(hashes, text_image, 300)
-    _, inverse = np.unique(hashes, return_inverse=True)
-    np.testing.assert_array_equal(groups.text_group, inverse)
-    np.testing.assert_array_equal(negatives._group_ids(hashes, block=7)[0], inverse)  # compacted in many blocks
-    assert groups.text_group.dtype == np.int32 and groups.image_texts is None  # grouped by image: no id copy
-    assert groups.image_text_offsets.dtype == np.int32
+    groups = captions.group_captions(hashes, text_image, 300)
+    assert groups.image_texts is None  # grouped by image: no id copy
     np.testing.assert_array_equal(groups.text_image(np.arange(1000)), text_image)
-    owns = groups.owns(text_image[:, None], groups.text_group[:, None])
-    assert owns.all()
-    pairs = set(zip(text_image.tolist(), inverse.tolist()))
-    images, probe = rng.integers(0, 300, 500), rng.integers(0, 50, 500)
-    np.testing.assert_array_equal(groups.owns(images, probe), [(i, g) in pairs for i, g in zip(images, probe)])
+    assert groups.owns(text_image[:, None], groups.text_group[:, None]).all()
+    pairs = set(zip(text_image.tolist(), hashes.tolist()))
+    images, probe = rng.integers(0, 300, 500), rng.integers(0, 50, 500).astype(np.uint64)
+    np.testing.assert_array_equal(groups.owns(images, probe), [(i, g) in pairs for i, g in zip(images, probe.tolist())])
+
+
+def test_scattered_rows_read_like_numpy_fancy_indexing(tmp_path):
+    """Runs of nearby ids are read in one call each (here pages of 512 ids, runs of at most 2048): any ids,
+    repeated, negative, 2-D or empty, give what numpy indexing of the whole array gives."""
+    rng = np.random.default_rng(4)
+    for dtype, shape in ((np.uint64, (100_000,)), (np.int32, (5000, 3))):
+        array = rng.integers(0, 2**31, shape).astype(dtype)
+        np.save(tmp_path / "a.npy", array)
+        rows = captions.ScatteredRows(tmp_path / "a.npy")
+        for ids in (rng.integers(0, len(array), 3000), rng.integers(-len(array), len(array), (40, 7)),
+                    np.arange(0, len(array), 3), np.array([], np.int64), np.array([len(array) - 1, 0, 0])):
+            np.testing.assert_array_equal(rows[ids], array[ids])
+        np.testing.assert_array_equal(rows[10:20], array[10:20])
+        with pytest.raises(IndexError, match="a.npy"):
+            rows[np.array([len(array)])]
+
+
+def test_runs_split_at_gaps_and_spans():
+    ids = np.array([0, 1, 5, 6, 20, 21, 22, 23, 24])
+    assert captions._runs(ids, gap=4, span=100) == [(0, 4), (4, 9)]
+    assert captions._runs(ids, gap=4, span=3) == [(0, 2), (2, 4), (4, 7), (7, 9)]
+    assert captions._runs(np.array([7]), gap=1, span=1) == [(0, 1)]
+
+
+def test_mining_reads_the_caption_groups_from_disk(tmp_path, monkeypatch):
+    """Features written by `dsmd extract` (texts grouped by image): every per-id array of the caption groups is a
+    file read per block, and the groups answer as the in-memory ones do."""
+    duplicate_heavy_split(tmp_path / "features", n_images=120, seed=7)
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"))
+    disk = negatives._load_groups(tmp_path / "features", "train", *_sizes(tmp_path / "features"), cfg, negatives.Ranks(), work)
+    assert all(isinstance(a, captions.ScatteredRows) for a in (disk.text_group, disk.image_text_offsets, disk.text_images))
+    _, _, text_image, caption_list = _inputs(tmp_path / "features")
+    memory = captions.group_captions(caption_list, text_image, 120)
+    assert disk.slack == memory.slack
+    rng = np.random.default_rng(0)
+    q, c = rng.integers(0, 120, 30), rng.integers(0, 120, (30, 9))
+    np.testing.assert_array_equal(disk.share(q, c), memory.share(q, c))
+    texts = rng.integers(0, len(text_image), (30, 9))
+    np.testing.assert_array_equal(disk.owns(c, disk.text_group[texts]), memory.owns(c, memory.text_group[texts]))
+    np.testing.assert_array_equal(disk.text_image(texts), text_image[texts])
+
+
+def _sizes(features_dir):
+    manifest = store.load_split_manifest(features_dir, "train")
+    return manifest["num_texts"], manifest["num_images"]
 
 
 @pytest.mark.parametrize("shuffled", [False, True])
-def test_exclusion_slack_is_the_99th_percentile_of_the_bounds_spelled_out(shuffled):
-    """The slack is computed in blocks from two counts per group; here every query's bound is spelled out with
-    Python sets and np.quantile taken over them (images without captions included)."""
+@pytest.mark.parametrize("sample", [10_000, 150])
+def test_exclusion_slack_is_the_99th_percentile_of_the_bounds_spelled_out(shuffled, sample):
+    """Every query's bound is spelled out with Python sets and np.quantile taken over them (images without captions
+    included): over all queries, or over the seeded sample of `sample` a side when there are more."""
     rng = np.random.default_rng(1)
     num_images = 400
     text_image = np.sort(rng.integers(0, num_images - 20, 1500))  # the last 20 images own no caption
@@ -215,29 +259,24 @@ def test_exclusion_slack_is_the_99th_percentile_of_the_bounds_spelled_out(shuffl
     if shuffled:
         order = rng.permutation(1500)
         text_image, hashes = text_image[order], hashes[order]
-    groups = negatives.group_captions(hashes, text_image, num_images)
+    groups = captions.group_captions(hashes, text_image, num_images)
     texts_of = [[t for t in range(1500) if text_image[t] == i] for i in range(num_images)]
     groups_of = [{int(hashes[t]) for t in texts} for texts in texts_of]
     texts_with = {h: sum(int(x) == h for x in hashes) for h in map(int, hashes)}
     images_with = {h: sum(h in g for g in groups_of) for h in texts_with}
+    draw = np.random.default_rng(3)
+    images, texts = captions._sample(num_images, sample, draw), captions._sample(1500, sample, draw)
+    assert (len(images), len(texts)) == ((num_images, 1500) if sample > 1500 else (sample, sample))
     bounds = {
-        "i2t": [sum(texts_with[h] for h in g) for g in groups_of],
-        "t2i": [images_with[int(h)] for h in hashes],
-        "i2i": [1 + sum(images_with[h] for h in g) for g in groups_of],
-        "t2t": [len(texts_of[text_image[t]]) + texts_with[int(hashes[t])] for t in range(1500)],
+        "i2t": [sum(texts_with[h] for h in groups_of[i]) for i in images],
+        "t2i": [images_with[int(hashes[t])] for t in texts],
+        "i2i": [1 + sum(images_with[h] for h in groups_of[i]) for i in images],
+        "t2t": [len(texts_of[text_image[t]]) + texts_with[int(hashes[t])] for t in texts],
     }
+    slack = captions.exclusion_slack(groups, sample=sample, seed=3)
     for name, values in bounds.items():
-        assert groups.slack[name] == int(np.ceil(np.quantile(values, 0.99))), name
-    small = negatives._exclusion_slack(groups, texts_per_block=37)  # many blocks give the same
-    assert small == groups.slack
-
-
-def test_histogram_quantile_equals_numpy():
-    rng = np.random.default_rng(2)
-    for size in (1, 2, 7, 100, 1001):
-        values = rng.integers(0, 30, size)
-        for q in (0.5, 0.9, 0.99):
-            assert negatives._histogram_quantile(np.bincount(values), q) == int(np.ceil(np.quantile(values, q)))
+        assert slack[name] == int(np.ceil(np.quantile(values, 0.99))), name
+    assert captions.exclusion_slack(groups, sample=sample, seed=3, texts_per_block=37) == slack  # many blocks
 
 
 def test_rows_are_short_only_when_the_database_is_exhausted(tmp_path):
@@ -358,8 +397,8 @@ def test_positives_and_duplicate_captions_never_appear(tmp_path, index):
     duplicate_heavy_split(tmp_path / "features", n_images=300, seed=3)
     cfg = MineConfig(features_dir=str(tmp_path / "features"), out_dir=str(tmp_path / "neg"), k=8, index=index, query_chunk=64)
     negatives.mine(cfg, progress=False)
-    image_emb, text_emb, text_image, captions = _inputs(tmp_path / "features")
-    norm = np.array([negatives.normalise_caption(c) for c in captions])
+    image_emb, text_emb, text_image, caption_list = _inputs(tmp_path / "features")
+    norm = np.array([captions.normalise_caption(c) for c in caption_list])
     groups_of_image = [set(norm[text_image == i]) for i in range(len(image_emb))]
     violations = {name: 0 for name in DIRECTIONS}
     for q, row in enumerate(_as_lists(cfg.out_dir, "train", "i2t")[0]):

@@ -54,17 +54,15 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import faiss
 import numpy as np
@@ -77,6 +75,8 @@ from pipeline.common import atomic, names
 from pipeline.common.config import PRIMARY_TEACHER, IndexKind, MineConfig, teacher_shares
 from pipeline.common.errors import PipelineError
 from pipeline.features import schema, store
+from pipeline.mining import captions
+from pipeline.mining.captions import CaptionGroups
 
 log = logging.getLogger(__name__)
 
@@ -96,196 +96,6 @@ class MineError(PipelineError):
     """Bad mining input or options; the message names the option or the features directory."""
 
 
-# ---- captions ---------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=1)
-def _punctuation_table() -> dict[int, None]:
-    """str.translate table deleting every Unicode punctuation code point (categories P*); built once."""
-    return {cp: None for cp in range(0x110000) if unicodedata.category(chr(cp)).startswith("P")}
-
-
-def normalise_caption(text: str) -> str:
-    """NFKC, case-folded, punctuation deleted, runs of white space collapsed to one space, trimmed:
-    `"A  dog, running!"` and `"a dog running"` normalise alike."""
-    folded = unicodedata.normalize("NFKC", text).casefold().translate(_punctuation_table())
-    return " ".join(folded.split())
-
-
-@dataclass
-class CaptionGroups:
-    """Texts grouped by normalised caption, and which texts (so which groups) each image owns, held in a few bytes a
-    text: the group of each text (int32) and each image's range of texts. Image i's texts are the positions
-    `image_text_offsets[i]:image_text_offsets[i + 1]` of `image_texts`, or of the text ids themselves when the texts
-    are stored grouped by image (as `dsmd extract` writes them; `image_texts` is then None)."""
-
-    text_group: np.ndarray  # (M,) int32 group of each text
-    image_text_offsets: np.ndarray  # (N + 1,) int32 (int64 from 2^31 texts on)
-    image_texts: Optional[np.ndarray]  # (M,) int64 text ids in image order; None = 0..M-1
-    num_groups: int
-    slack: dict[str, int]  # per direction: the 99th percentile of the per-query exclusion bound (see initial_depth)
-
-    @property
-    def num_images(self) -> int:
-        return len(self.image_text_offsets) - 1
-
-    def text_image(self, texts: np.ndarray) -> np.ndarray:
-        """The image of each text id (any shape)."""
-        texts = np.asarray(texts)
-        if self.image_texts is None:
-            # searched in the offsets' own dtype: numpy would otherwise copy the offsets to the common one
-            return np.searchsorted(self.image_text_offsets, texts.astype(self.image_text_offsets.dtype), side="right") - 1
-        return self._text_owner[texts]
-
-    @functools.cached_property
-    def _text_owner(self) -> np.ndarray:  # only for texts stored out of image order
-        owner = np.empty(len(self.text_group), dtype=np.int64)
-        owner[self.image_texts] = np.repeat(np.arange(self.num_images), np.diff(self.image_text_offsets))
-        return owner
-
-    def texts_of(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(owner, texts): every text of each of the flat `images`, with the position in `images` it belongs to."""
-        starts = self.image_text_offsets[images]
-        lengths = self.image_text_offsets[images + 1] - starts
-        total = int(lengths.sum())
-        owner = np.repeat(np.arange(len(images)), lengths)
-        positions = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
-        return owner, positions if self.image_texts is None else self.image_texts[positions]
-
-    def owns(self, images: np.ndarray, groups: np.ndarray) -> np.ndarray:
-        """Elementwise (same shapes): image owns a caption of the group."""
-        flat_images, flat_groups = images.reshape(-1), groups.reshape(-1)
-        owner, texts = self.texts_of(flat_images)
-        return _any_of(owner, self.text_group[texts] == flat_groups[owner], images.shape)
-
-    def share(self, query_images: np.ndarray, cand_images: np.ndarray) -> np.ndarray:
-        """(R, K): the candidate image owns a normalised caption that the row's query image owns too."""
-        flat_query = np.broadcast_to(query_images[:, None], cand_images.shape).reshape(-1)
-        owner, texts = self.texts_of(cand_images.reshape(-1))
-        return _any_of(owner, self.owns(flat_query[owner], self.text_group[texts]), cand_images.shape)
-
-
-def _any_of(owner: np.ndarray, hit: np.ndarray, shape: tuple) -> np.ndarray:
-    """Per element of `shape`: whether any of its entries (`owner` gives each entry's flat element) is a hit."""
-    return (np.bincount(owner[hit], minlength=math.prod(shape)) > 0).reshape(shape)
-
-
-def caption_hashes(captions: Iterable[str]) -> np.ndarray:
-    """64-bit blake2b of each normalised caption: equal captions (after `normalise_caption`) get equal
-    hashes, so captions are grouped without holding the strings. Two different captions collide with
-    odds ~n^2 / 2^65: 3e-6 among 10^7 distinct captions."""
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(normalise_caption(c).encode(), digest_size=8).digest(), "little") for c in captions),
-        dtype=np.uint64,
-    )
-
-
-def _group_ids(hashes: np.ndarray, block: int = 1 << 20) -> tuple[np.ndarray, int]:
-    """(group of each hash as int32, number of groups): np.unique's inverse, from one sorted copy compacted in place
-    to the distinct hashes, block by block (np.unique's int64 copies were ~200 MB at once at 7M captions)."""
-    distinct, count, last = np.sort(hashes), 0, None
-    for start in range(0, len(distinct), block):  # the write position never passes the read one
-        piece = distinct[start:start + block]
-        new = np.empty(len(piece), dtype=bool)
-        new[0] = last is None or piece[0] != last
-        np.not_equal(piece[1:], piece[:-1], out=new[1:])
-        last, kept = piece[-1], piece[new]
-        distinct[count:count + len(kept)] = kept
-        count += len(kept)
-    distinct = distinct[:count]
-    groups = np.empty(len(hashes), dtype=np.int32)
-    for start in range(0, len(hashes), block):
-        groups[start:start + block] = np.searchsorted(distinct, hashes[start:start + block])
-    return groups, max(count, 1)
-
-
-def _histogram_quantile(histogram: np.ndarray, q: float = 0.99) -> int:
-    """ceil(np.quantile(values, q)) (its default, linear interpolation) of the non-negative integers whose counts
-    are `histogram`: the 99th percentile of a per-query bound without holding a value per query."""
-    total = int(histogram.sum())
-    if total == 0:
-        return 0
-    position = q * (total - 1)
-    below = math.floor(position)
-    cumulative = np.cumsum(histogram)
-    a, b = (float(np.searchsorted(cumulative, i, side="right")) for i in (below, min(below + 1, total - 1)))
-    t = position - below
-    value = b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t  # numpy's _lerp, term for term
-    return int(math.ceil(value))
-
-
-class _Histogram:
-    """Counts of non-negative integers, added block by block."""
-
-    def __init__(self) -> None:
-        self.counts = np.zeros(1, dtype=np.int64)
-
-    def add(self, values: np.ndarray) -> None:
-        found = np.bincount(np.asarray(values, dtype=np.int64))
-        if len(found) > len(self.counts):
-            self.counts = np.pad(self.counts, (0, len(found) - len(self.counts)))
-        self.counts[:len(found)] += found
-
-
-def _image_blocks(groups: CaptionGroups, texts_per_block: int):
-    """Over the images in blocks of about `texts_per_block` texts, every text once, in image order: (first image,
-    stop, each text's image within the block, each text's group, and the block's distinct (image, group) pairs as
-    image within the block and group)."""
-    offsets = groups.image_text_offsets
-    starts = np.searchsorted(offsets, np.arange(0, offsets[-1], texts_per_block, dtype=offsets.dtype), "right") - 1
-    bounds = np.unique(np.concatenate([[0], starts, [groups.num_images]]))
-    for first, stop in zip(bounds[:-1], bounds[1:]):
-        owner, texts = groups.texts_of(np.arange(first, stop))
-        text_group = groups.text_group[texts]
-        pair_owner, pair_group = np.divmod(np.unique(owner.astype(np.int64) * groups.num_groups + text_group),
-                                           groups.num_groups)
-        yield first, stop, owner, text_group, pair_owner, pair_group
-
-
-def _exclusion_slack(groups: CaptionGroups, texts_per_block: int = 1 << 18) -> dict[str, int]:
-    """Per direction, the 99th percentile of an upper bound on the candidates the exclusions remove per query:
-    i2t the texts of the query image's groups; t2i the images owning the query's group; i2i 1 + the images
-    owning the query image's groups; t2t the query image's captions + the texts of its group. Two passes over
-    the images in blocks, with two int32 counts per group: nothing else is held per text."""
-    group_texts = np.zeros(groups.num_groups, dtype=np.int32)
-    group_images = np.zeros(groups.num_groups, dtype=np.int32)
-    for _, _, _, text_group, _, pair_group in _image_blocks(groups, texts_per_block):
-        np.add.at(group_texts, text_group, 1)
-        np.add.at(group_images, pair_group, 1)
-    hist = {name: _Histogram() for name in ("i2t", "t2i", "i2i", "t2t")}
-    for first, stop, owner, text_group, pair_owner, pair_group in _image_blocks(groups, texts_per_block):
-        images = stop - first
-        hist["i2t"].add(np.bincount(pair_owner, weights=group_texts[pair_group], minlength=images))
-        hist["i2i"].add(1 + np.bincount(pair_owner, weights=group_images[pair_group], minlength=images))
-        hist["t2i"].add(group_images[text_group])
-        hist["t2t"].add(np.diff(groups.image_text_offsets[first:stop + 1])[owner] + group_texts[text_group])
-    return {name: _histogram_quantile(h.counts) for name, h in hist.items()}
-
-
-def group_captions(captions: Iterable[str] | np.ndarray, text_image: np.ndarray, num_images: int) -> CaptionGroups:
-    """Texts grouped by normalised caption; `captions` are the strings or their `caption_hashes`."""
-    hashes = captions if isinstance(captions, np.ndarray) else caption_hashes(captions)
-    return _take_groups([np.asarray(text_image), hashes], num_images)
-
-
-def _take_groups(columns: list, num_images: int) -> CaptionGroups:
-    """CaptionGroups from `[text_image, hashes]`, popped off the list as they are used: a caller that hands over its
-    only references frees each as soon as it is done with (at 7M captions 28 and 56 MB)."""
-    hashes, text_image = columns.pop(), columns.pop()
-    in_image_order = bool(np.all(text_image[1:] >= text_image[:-1]))
-    image_texts = None if in_image_order else np.argsort(text_image, kind="stable")
-    # searched in the ids' own dtype: no int64 copy of them
-    images = np.arange(num_images + 1, dtype=text_image.dtype)
-    offsets = np.searchsorted(text_image if in_image_order else text_image[image_texts], images)
-    offsets = offsets.astype(np.int32 if len(offsets) and offsets[-1] < 2**31 else np.int64)
-    del text_image, images
-    text_group, num_groups = _group_ids(hashes)
-    del hashes
-    groups = CaptionGroups(text_group=text_group, image_text_offsets=offsets, image_texts=image_texts,
-                           num_groups=num_groups, slack={})
-    groups.slack = _exclusion_slack(groups)
-    return groups
-
-
 # ---- index ------------------------------------------------------------------------------------
 
 def resolve_index_kind(kind: str, database_size: int, exact_threshold: int, dim: int = 0, memory_budget_mb: int = 0) -> str:
@@ -303,13 +113,12 @@ def resolve_index_kind(kind: str, database_size: int, exact_threshold: int, dim:
 def memory_bytes(num_images: int, num_texts: int, dim: int, cfg: MineConfig) -> dict[str, int]:
     """What `dsmd mine` holds that grows with the split, by part (`benchmarks/memory.py --mine-only` measures it):
     each index as `mine.index` resolves it (flat and IVF-Flat: the float32 vectors; IVF-PQ: pq_m code bytes and an
-    8-byte id a vector; HNSW: the vectors and 2 x hnsw_m 4-byte links), and the caption groups (an int32 group a
-    text, an int32 offset an image; int64 from 2^31 texts on)."""
+    8-byte id a vector; HNSW: the vectors and 2 x hnsw_m 4-byte links). The caption groups of features written by
+    `dsmd extract` are read per block (`captions.disk_groups`): nothing a text or an image is held."""
     def index(n: int) -> int:
         kind = resolve_index_kind(cfg.index, n, cfg.exact_threshold, dim, cfg.memory_budget_mb)
         return n * {"ivfpq": cfg.pq_m + 8, "hnsw": 4 * dim + 8 * cfg.hnsw_m}.get(kind, 4 * dim)
-    return {"images_index": index(num_images), "texts_index": index(num_texts),
-            "caption_groups": 4 * num_texts + (4 if num_texts < 2**31 else 8) * (num_images + 1)}
+    return {"images_index": index(num_images), "texts_index": index(num_texts)}
 
 
 def _nlist(cfg: MineConfig, n: int, dim: int) -> int:
@@ -555,11 +364,11 @@ class Direction:
 
 
 def _padded_captions(groups: CaptionGroups) -> np.ndarray:
-    """(N, C) the text ids of each image's captions, -1 padded."""
-    counts = np.diff(groups.image_text_offsets)
+    """(N, C) the text ids of each image's captions, -1 padded (held: twin_threshold is opt-in)."""
+    counts = groups.caption_counts()
     out = np.full((groups.num_images, max(1, int(counts.max(initial=0)))), -1, dtype=np.int64)
     owner, texts = groups.texts_of(np.arange(groups.num_images))
-    column = np.arange(len(owner)) - groups.image_text_offsets[owner]
+    column = np.arange(len(owner)) - (np.cumsum(counts) - counts)[owner]
     out[owner, column] = texts
     return out
 
@@ -641,11 +450,11 @@ def _positive_scores(image_emb: np.ndarray, text_emb: np.ndarray, g: CaptionGrou
     np.fmax.at(best_caption, text_image, own_image)
     # sibling pairs (t, t') of the same image, t != t': sum of c * (c - 1) over images
     owner, order = g.texts_of(np.arange(n_images))  # texts in image order
-    counts = np.diff(g.image_text_offsets)
+    counts = g.caption_counts()
     per_text = counts[owner]  # partners of each text (itself included)
     first = np.repeat(order, per_text)
     offset_in_image = np.arange(int(per_text.sum())) - np.repeat(np.cumsum(per_text) - per_text, per_text)
-    second = order[np.repeat(g.image_text_offsets[owner], per_text) + offset_in_image]
+    second = order[np.repeat((np.cumsum(counts) - counts)[owner], per_text) + offset_in_image]
     keep = first != second
     best_sibling = np.ones(n_texts, dtype=np.float32)  # no sibling: the query itself, cosine 1
     if keep.any():
@@ -812,28 +621,6 @@ def _up_to_date(out: Path, fingerprint: str, params: dict) -> Optional[dict]:
     return manifest
 
 
-def _text_columns(features_dir: Path, split: str, num_texts: int, num_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """(text_image (M,) int32, caption hashes (M,) uint64) read file by file in batches into arrays of their final
-    size: the captions are never all held, and nothing is held twice."""
-    owners = np.empty(num_texts, dtype=np.int32 if num_images < 2**31 else np.int64)
-    hashes = np.empty(num_texts, dtype=np.uint64)
-    base, row = store.split_dir(features_dir, split), 0
-    for entry in store.load_split_manifest(features_dir, split)["files"][schema.TEXTS_PREFIX]:
-        for batch in store.read_row_groups(base / entry["path"], [schema.IMAGE_ID, schema.CAPTION]):
-            if row + batch.num_rows > num_texts:
-                raise MineError(f"{base}: more texts in its Parquet files than the {num_texts} of its manifest; "
-                                f"re-run `dsmd extract`")
-            image_ids = batch.column(schema.IMAGE_ID).to_numpy()
-            if len(image_ids) and (image_ids.min() < 0 or image_ids.max() >= num_images):
-                raise MineError(f"{base}: a text's image_id is outside 0..{num_images - 1}; re-run `dsmd extract`")
-            owners[row:row + batch.num_rows] = image_ids
-            hashes[row:row + batch.num_rows] = caption_hashes(batch.column(schema.CAPTION).to_pylist())
-            row += batch.num_rows
-    if row != num_texts:
-        raise MineError(f"{base}: {row} texts in its Parquet files, {num_texts} in its manifest; re-run `dsmd extract`")
-    return owners, hashes
-
-
 def _return_free_memory() -> None:
     """Hand freed heap back to the system: the load's block-sized temporaries leave glibc's heap fragmented (160 MB
     kept resident at 7M captions, measured), which every later phase would carry."""
@@ -844,15 +631,29 @@ def _return_free_memory() -> None:
         pass
 
 
-def _load_directions(features_dir: Path, split: str, cfg: MineConfig):
+def _load_groups(features_dir: Path, split: str, num_texts: int, num_images: int, cfg: MineConfig, ranks: "Ranks",
+                 work: Path) -> CaptionGroups:
+    """The split's caption groups: read per block from disk (its lookups and the text hashes rank 0 writes to
+    `work`), or held for features whose texts are not grouped by image."""
+    lookups = store.lookups(features_dir, split)
+    if lookups is None:
+        return captions.in_memory_groups(features_dir, split, num_texts, num_images, cfg.seed)
+    hashes = work / captions.TEXT_HASHES
+    if ranks.is_main:
+        captions.write_text_hashes(features_dir, split, num_texts, num_images, hashes)
+    ranks.barrier()
+    return captions.disk_groups(lookups, hashes, cfg.seed)
+
+
+def _load_directions(features_dir: Path, split: str, cfg: MineConfig, ranks: "Ranks", work: Path):
     """(image rows, text rows, caption groups, the four directions) of a features split, checked; the
-    embeddings stay on disk (UnitRows)."""
+    embeddings and the caption groups stay on disk."""
     where = store.split_dir(features_dir, split)
     image_emb = _checked_rows(features_dir, split, schema.TEACHER_IMAGE_EMB, "image", cfg)
     text_emb = _checked_rows(features_dir, split, schema.TEACHER_TEXT_EMB, "text", cfg)
     if len(image_emb) == 0 or len(text_emb) == 0:
         raise MineError(f"{where}: split {split!r} has {len(image_emb)} images and {len(text_emb)} texts; nothing to mine")
-    groups = _take_groups(list(_text_columns(features_dir, split, len(text_emb), len(image_emb))), len(image_emb))
+    groups = _load_groups(features_dir, split, len(text_emb), len(image_emb), cfg, ranks, work)
     _return_free_memory()
     need_positives = cfg.margin is not None or cfg.relative_margin is not None
     return image_emb, text_emb, groups, make_directions(image_emb, text_emb, groups, need_positives=need_positives)
@@ -1014,14 +815,14 @@ def mine_split(cfg: MineConfig, split: str, progress: bool = True, ranks: Ranks 
         return {**current, "status": "up to date"}
 
     started = time.perf_counter()
-    image_emb, text_emb, groups, directions = _load_directions(features_dir, split, cfg)
-    load_seconds = time.perf_counter() - started
     marker = out / schema.SPLIT_MANIFEST
     if ranks.is_main:
         work.mkdir(parents=True, exist_ok=True)
         if marker.exists():
             marker.unlink()  # from here on the split's negatives are incomplete until the new manifest lands
     ranks.barrier()
+    image_emb, text_emb, groups, directions = _load_directions(features_dir, split, cfg, ranks, work)
+    load_seconds = time.perf_counter() - started
     indexes, index_info = _build_indexes({"images": image_emb, "texts": text_emb}, cfg, split, ranks, work)
     features_manifest = store.load_split_manifest(features_dir, split)
     metadata = {schema.META_KIND: "neighbors", schema.META_SPLIT: split, schema.META_FEATURES_FINGERPRINT: fingerprint,
@@ -1039,7 +840,7 @@ def mine_split(cfg: MineConfig, split: str, progress: bool = True, ranks: Ranks 
     manifest = {
         "split": split, "schema_version": schema.SCHEMA_VERSION, "features_dir": str(features_dir),
         "features_fingerprint": fingerprint, "mine_params": params, "num_images": len(image_emb),
-        "num_texts": len(text_emb), "caption_groups": groups.num_groups, "indexes": index_info, "directions": report,
+        "num_texts": len(text_emb), "exclusion_slack": groups.slack, "indexes": index_info, "directions": report,
         "files": files, "load_seconds": round(load_seconds, 3), "seconds": round(time.perf_counter() - started, 3),
         "world_size": ranks.world_size,
     }
