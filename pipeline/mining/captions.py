@@ -142,10 +142,6 @@ class CaptionGroups:
         owner, texts = self.texts_of(cand_images.reshape(-1))
         return _any_of(owner, self.owns(flat_query[owner], self.text_group[texts]), cand_images.shape)
 
-    def caption_counts(self) -> np.ndarray:
-        """(N,) the captions of every image: held, so only for the opt-in filters that hold per-query arrays."""
-        return np.diff(self.image_text_offsets[:])
-
 
 def _any_of(owner: np.ndarray, hit: np.ndarray, shape: tuple) -> np.ndarray:
     """Per element of `shape`: whether any of its entries (`owner` gives each entry's flat element) is a hit."""

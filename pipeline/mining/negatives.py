@@ -365,10 +365,11 @@ class Direction:
 
 def _padded_captions(groups: CaptionGroups) -> np.ndarray:
     """(N, C) the text ids of each image's captions, -1 padded (held: twin_threshold is opt-in)."""
-    counts = groups.caption_counts()
+    offsets = groups.image_text_offsets[:]
+    counts = np.diff(offsets)
     out = np.full((groups.num_images, max(1, int(counts.max(initial=0)))), -1, dtype=np.int64)
     owner, texts = groups.texts_of(np.arange(groups.num_images))
-    column = np.arange(len(owner)) - (np.cumsum(counts) - counts)[owner]
+    column = np.arange(len(owner)) - offsets[owner]
     out[owner, column] = texts
     return out
 
@@ -450,11 +451,12 @@ def _positive_scores(image_emb: np.ndarray, text_emb: np.ndarray, g: CaptionGrou
     np.fmax.at(best_caption, text_image, own_image)
     # sibling pairs (t, t') of the same image, t != t': sum of c * (c - 1) over images
     owner, order = g.texts_of(np.arange(n_images))  # texts in image order
-    counts = g.caption_counts()
+    offsets = g.image_text_offsets[:]
+    counts = np.diff(offsets)
     per_text = counts[owner]  # partners of each text (itself included)
     first = np.repeat(order, per_text)
     offset_in_image = np.arange(int(per_text.sum())) - np.repeat(np.cumsum(per_text) - per_text, per_text)
-    second = order[np.repeat((np.cumsum(counts) - counts)[owner], per_text) + offset_in_image]
+    second = order[np.repeat(offsets[owner], per_text) + offset_in_image]
     keep = first != second
     best_sibling = np.ones(n_texts, dtype=np.float32)  # no sibling: the query itself, cosine 1
     if keep.any():
