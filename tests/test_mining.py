@@ -242,6 +242,23 @@ def test_mining_reads_the_caption_groups_from_disk(tmp_path, monkeypatch):
     np.testing.assert_array_equal(disk.text_image(texts), text_image[texts])
 
 
+def test_caption_hashes_name_a_split_that_disagrees_with_its_manifest(tmp_path):
+    """A texts file with rows its manifest does not count, or a text whose image is not in the split, is one
+    CaptionError naming the folder, and no half-written hash file is left behind."""
+    duplicate_heavy_split(tmp_path / "features", n_images=40, seed=3)
+    num_texts, num_images = _sizes(tmp_path / "features")
+    out = tmp_path / captions.TEXT_HASHES
+    for texts, images, message in [(num_texts + 1, num_images, "in its manifest"), (num_texts - 1, num_images, "more texts"),
+                                   (num_texts, num_images - 1, "outside")]:
+        with pytest.raises(captions.CaptionError, match=message) as caught:
+            captions.write_text_hashes(tmp_path / "features", "train", texts, images, out)
+        assert str(tmp_path / "features") in str(caught.value)
+        assert list(tmp_path.glob("*.npy")) == [] and [f for f in tmp_path.iterdir() if f.name.startswith(".")] == []
+    captions.write_text_hashes(tmp_path / "features", "train", num_texts, num_images, out)
+    _, _, _, caption_list = _inputs(tmp_path / "features")
+    np.testing.assert_array_equal(np.load(out), captions.caption_hashes(caption_list))
+
+
 def _sizes(features_dir):
     manifest = store.load_split_manifest(features_dir, "train")
     return manifest["num_texts"], manifest["num_images"]
