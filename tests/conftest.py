@@ -31,3 +31,9 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     torch.save(loaded.model.state_dict(), path)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first: pytest-xdist hands tests out in collection order, and a 3-minute test
+    started last would run alone at the end while the other worker idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the rest keep their order

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import ablation  # noqa: E402
 import convergence  # noqa: E402
+import teacher_variants  # noqa: E402
 
 
 def test_convergence_joins_a_loss_split_over_processes_and_keeps_only_finished_budgets():
@@ -91,3 +92,26 @@ def test_memory_generates_a_features_split_of_any_size_that_trains_like_an_extra
     assert data.captions[int(data.captions_of(130)[1])] == "a picture 130 seen in way 1"
     assert decode_image(data.image_bytes[130]).size == decode_image(data.image_bytes[130 % 64]).size == (64, 64)
     assert data.image_bytes[130] == data.image_bytes[2] != data.image_bytes[3]  # 64 PNGs, referenced in turn
+
+
+def test_teacher_variants_join_their_parts_and_refuse_unknown_ones():
+    base = {"embed_dim": 8, "vision_cfg": {"image_size": 64, "patch_size": 8, "patch_dropout": 0.75}, "text_cfg": {}}
+    config, world_norm = teacher_variants.variant_config(base, "dropout-0.5+world-norm")
+    assert config["vision_cfg"] == {"image_size": 64, "patch_size": 8, "patch_dropout": 0.5} and world_norm
+    assert base["vision_cfg"]["patch_dropout"] == 0.75  # the base config is not changed
+    config, world_norm = teacher_variants.variant_config(base, "resnet-32")
+    assert config["vision_cfg"] == {**teacher_variants.RESNET_16, "width": 32} and not world_norm
+    assert config["text_cfg"] == base["text_cfg"] and config["embed_dim"] == 8
+    with pytest.raises(SystemExit, match="unknown variant 'wide'"):
+        teacher_variants.variant_config(base, "shipped+wide")
+
+
+def test_the_shape_probe_scores_what_a_linear_classifier_can_and_cannot_separate():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 400)
+    separable = np.eye(4)[labels] + 0.05 * rng.standard_normal((400, 4))  # the label is in the embedding
+    assert teacher_variants.linear_probe(separable, labels) == 1.0
+    noise = rng.standard_normal((400, 4))  # it is not: held-out accuracy stays near chance (0.25)
+    assert teacher_variants.linear_probe(noise, labels) < 0.4

@@ -183,7 +183,7 @@ def test_two_ranks_equal_one(tmp_path, teacher_checkpoint):
     one = subprocess.run([sys.executable, "-m", "stages.extract", *args, "--out-dir", str(tmp_path / "one")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "stages.extract", *args, "--out-dir", str(tmp_path / "two")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
