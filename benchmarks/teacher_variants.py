@@ -31,11 +31,11 @@ import torch
 from pipeline import models
 from pipeline.common import atomic, names
 from pipeline.common.config import TrainConfig, load_params
-from pipeline.evaluation.encoding import encode_images, encode_texts
+from pipeline.evaluation.encoding import encode_images, encode_split
 from pipeline.evaluation.retrieval import retrieval_metrics
 from pipeline.evaluation.zeroshot import list_tasks, load_task, student_task_metrics
 from pipeline.features import schema
-from pipeline.training import data, loop, pretrain
+from pipeline.training import loop, pretrain
 
 RESNET_16 = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 64}
 VARIANTS = {  # name -> (vision_cfg: overrides, or a whole tower with "replace"), world normalisation
@@ -92,10 +92,7 @@ def score(loaded: models.LoadedModel, features_dir: str) -> dict:
     shape = load_task(features_dir, "shape")
     image_emb = encode_images(loaded, shape.images[schema.IMAGE_BYTES].to_pylist(), 256, cpu, "shape", False)
     out["shape_probe"] = linear_probe(image_emb, shape.images[schema.LABEL].to_numpy())
-    test = data.load_shards_data(features_dir, "test", with_teacher=False, with_views=False)
-    image_emb = encode_images(loaded, test.image_bytes, 256, cpu, "test", False)
-    text_emb = encode_texts(loaded, [test.captions[i] for i in range(len(test.captions))], 256, cpu, "test", False)
-    out["rsum"] = retrieval_metrics(image_emb, text_emb, np.asarray(test.text_to_image))["rsum"]
+    out["rsum"] = retrieval_metrics(*encode_split(loaded, features_dir, "test"))["rsum"]
     return out
 
 
