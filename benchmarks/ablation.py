@@ -3,18 +3,19 @@
     python benchmarks/ablation.py [--params params.yaml] [--seeds 0 1] [--quick] [--out benchmarks/results]
 
 Recipes (each over every seed; train section of params.yaml plus the overrides shown in the JSON):
-the CLIP-only student and DSMD as configured, each at every learning rate of LR_GRID; DSMD without
-each term in turn (with the affinity term, which is off by default); each balancer mode; the other
-projection initialisation; the
-fixed (paper) hard-negative margin; hard-negative-aware batching; stored augmentation views (only
-when the features have them: `extract.views` > 0). Prints mean and standard deviation of test RSUM
-and the ratio to the CLIP-only student, and writes `ablation.json` and `ablation.png` in --out.
+the CLIP-only student and DSMD as configured, each also at the other learning rates of LR_GRID; DSMD
+without each term in turn (with the affinity term, which is off by default); each balancer mode; the
+other projection initialisation; the fixed (paper) hard-negative margin; hard-negative-aware batching;
+DSMD without its stored augmentation views (only when the features have them: `extract.views` > 0).
+Prints mean and standard deviation of test RSUM and the ratio to the CLIP-only student, and writes
+`ablation.json` and `ablation.png` in --out.
 
 Needs `dvc repro` (or extract + mine) first: it reads train.features_dir / train.negatives_dir.
-Run time on the 2-core CPU: about 95 s per student at the default 391 steps, so the 15 recipes x 2
-seeds take about 50 min (--single-core beside another sweep: about 120 s per student); --quick trains
-2 recipes x 2 seeds for 10 steps (a smoke test, in the suite). To use both cores, run two halves side
-by side (`--single-core --only ...` and `--single-core --only ... --skip CLIP-only`, each with its own
+Run time on the 2-core CPU at the default 586 steps: about 2.5 min a DSMD student, 1.5 min a CLIP-only
+one (--single-core beside another sweep: about 3 and 2.5 min), so the 18 recipes x 3 seeds take about
+75 min in two halves; --quick trains 2 recipes x 2 seeds for 10 steps (a smoke test, in the suite).
+To use both cores, run two halves side by side (`--single-core --only ...` and `--single-core --only ...
+--skip CLIP-only`, each with its own
 --out), then `--merge A/ablation.json B/ablation.json` writes their union as one table, JSON and chart. --merge also
 joins more seeds run later (`--seeds 3 4` beside a finished `--seeds 0 1 2`), as long as every recipe then has
 every seed.
@@ -32,15 +33,18 @@ from pipeline.features import store
 from students import base_config, sweep_parser, single_core, bar_chart, format_rows, jsonable, run_recipes, teacher_rsum
 
 TERMS = ("feature", "similarity", "contrastive", "hard_negative", "affinity")
-LR_GRID = (0.002, 0.004)
+LR_GRID = (0.002, 0.004, 0.008)
 
 
-def recipes(params: str) -> dict[str, dict]:
-    train = base_config(load_params(params), "dsmd")
+def recipes(params: str, views: int) -> dict[str, dict]:
+    """Recipe name -> overrides; `views`: how many stored views the train features hold (0: none)."""
+    loaded = load_params(params)
+    train, clip_lr = base_config(loaded, "dsmd"), base_config(loaded, "clip").optim.lr
     out = {"CLIP-only": {"loss": "clip", "batching": "random"}, "DSMD (default)": {"loss": "dsmd"}}
-    for lr in LR_GRID:  # both students see the same learning-rate grid
-        if lr != train.optim.lr:
+    for lr in LR_GRID:  # both students see the same learning-rate grid, each around its own tuned rate
+        if lr != clip_lr:
             out[f"CLIP-only lr {lr}"] = {"loss": "clip", "batching": "random", "optim.lr": lr}
+        if lr != train.optim.lr:
             out[f"DSMD lr {lr}"] = {"loss": "dsmd", "optim.lr": lr}
     for term in TERMS:
         if getattr(train.distill, term):
@@ -56,9 +60,15 @@ def recipes(params: str) -> dict[str, dict]:
     out[f"projection init {other_init}"] = {"loss": "dsmd", "projection_init": other_init}
     other_batching = "hard-negative-aware" if train.batching == "random" else "random"
     out[f"batching {other_batching}"] = {"loss": "dsmd", "batching": other_batching}
-    views = int(store.load_split_manifest(train.features_dir, train.split).get("views", 0) or 0)
-    out["stored views" if views else "no stored views"] = {"loss": "dsmd", "use_views": not train.use_views} if views else None
-    return {k: v for k, v in out.items() if v is not None}
+    if views:  # the DSMD student reads the stored views unless told not to; the other way round is the recipe
+        out["DSMD without stored views" if train.use_views else "DSMD with stored views"] = {
+            "loss": "dsmd", "use_views": not train.use_views}
+    return out
+
+
+def stored_views(params: str) -> int:
+    train = base_config(load_params(params), "dsmd")
+    return int(store.load_split_manifest(train.features_dir, train.split).get("views", 0) or 0)
 
 
 def main() -> None:
@@ -70,19 +80,23 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     if args.merge:
-        teacher, seeds, results = merge(args.merge, recipes(args.params))
+        teacher, seeds, results = merge(args.merge, recipes(args.params, stored_views(args.params)))
         report(results, teacher, seeds, out)
         return
     if args.single_core:
         single_core()
-    chosen = recipes(args.params)
+    views = stored_views(args.params)
+    chosen = recipes(args.params, views)
+    unknown = [name for name in (args.only or []) + args.skip if name not in chosen]
+    if unknown:  # a mistyped name would otherwise drop a recipe without a word
+        raise SystemExit(f"unknown recipe(s) {unknown}; the recipes are: {', '.join(map(repr, chosen))}")
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only or k == "CLIP-only"}
     chosen = {k: v for k, v in chosen.items() if k not in args.skip}
     if args.quick:
         chosen = {k: {**v, "optim.max_steps": 10, "optim.batch_size": 32} for k, v in list(chosen.items())[:2]}
     train = load_params(args.params).train
-    if not any("views" in name for name in chosen):
+    if not views:
         print("stored views: not run (the features have none; extract with extract.views > 0 to include them)")
     teacher = teacher_rsum(train.features_dir, "test")
     results = run_recipes(args.params, chosen, args.seeds, out / "ablation-runs", out / "ablation.partial.json")

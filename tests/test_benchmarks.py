@@ -60,6 +60,18 @@ def test_ablation_merge_joins_halves_and_later_seeds_and_refuses_a_table_over_mi
         ablation.merge([first, _ablation_part(tmp_path / "e.json", [3], {"CLIP-only": 1}, teacher=1.0)], order)
 
 
+def test_ablation_recipes_put_each_student_on_the_lr_grid_around_its_own_rate_and_name_the_views_recipe(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  optim:\n    lr: 0.004\n"
+                      "students:\n  dsmd:\n    loss: dsmd\n    optim:\n      lr: 0.008\n  baseline:\n    loss: clip\n")
+    with_views, without = ablation.recipes(str(params), 4), ablation.recipes(str(params), 0)
+    lrs = {name: recipe.get("optim.lr") for name, recipe in with_views.items() if " lr " in name}
+    # each rate of the grid once per student, never the student's own (that is its default recipe)
+    assert lrs == {"CLIP-only lr 0.002": 0.002, "CLIP-only lr 0.008": 0.008, "DSMD lr 0.002": 0.002, "DSMD lr 0.004": 0.004}
+    assert with_views["DSMD without stored views"] == {"loss": "dsmd", "use_views": False}
+    assert not any("views" in name for name in without) and set(with_views) - set(without) == {"DSMD without stored views"}
+
+
 def test_the_gpu_check_refuses_in_one_line_where_there_is_no_cuda():
     import subprocess
 
