@@ -126,7 +126,7 @@ def save_rsum_chart(fig, ax, xlabel: str, title: str, path: Path, **legend) -> N
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test RSUM (mean +/- std over seeds)")
     ax.set_title(title)
-    ax.legend(loc="lower right", **legend)
+    ax.legend(**{"loc": "best", **legend})  # "best": the least overlap with the curves and their error bars
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
