@@ -2,9 +2,10 @@
 
 Reads params.yaml and the corpus manifest, times a few real batches (the teacher on the corpus's own images and
 captions; each student's optimizer step with its loss on batches of the same images and random teacher targets of
-the teacher's width), and projects: extraction time, the features' disk size, mining's memory and time, and each
-student's time per epoch, for one process and for N ranks (ranks split the work evenly; no communication cost is
-counted, so treat the N-rank figures as a lower bound).
+the teacher's width), and projects: extraction time (each stored view is one more image through loading and the
+image tower), the features' disk size, mining's memory and time, and each student's time per epoch, for one
+process and for N ranks (ranks split the work evenly; no communication cost is counted, so treat the N-rank
+figures as a lower bound).
 """
 from __future__ import annotations
 
@@ -77,8 +78,7 @@ def _timed(fn, repeats: int) -> float:
 
 
 def time_teacher(params: Params, batches: list[Batch], device: torch.device, repeats: int) -> tuple[float, int]:
-    """(seconds per image of extraction, the teacher's width). Decoding and preprocessing run in the loader
-    workers (`extract.num_workers`) beside the towers, so a batch costs the slower of the two; with no worker, both."""
+    """(seconds per image of extraction, the teacher's width)."""
     teacher = models.load_teacher(params.teacher, device=device)
     teacher.model.eval()
     batch = batches[0]
@@ -87,17 +87,25 @@ def time_teacher(params: Params, batches: list[Batch], device: torch.device, rep
         return torch.stack([teacher.preprocess(decode_image(data)) for data in batch.encoded])
 
     pixels = prepare().to(device)
+    tokens = teacher.tokenizer(batch.captions).to(device)
 
     @torch.inference_mode()
-    def encode():
+    def encode(tower, inputs):
         with runtime.autocast(device, params.extract.precision):
-            teacher.model.encode_image(pixels)
-            teacher.model.encode_text(teacher.tokenizer(batch.captions).to(device))
+            tower(inputs)
 
-    loading, towers = _timed(prepare, repeats), _timed(encode, repeats)
-    workers = params.extract.num_workers
-    per_batch = max(towers, loading / workers) if workers > 0 else towers + loading
-    return per_batch / len(batch.encoded), teacher.embed_dim
+    seconds = {"loading": _timed(prepare, repeats), "image": _timed(lambda: encode(teacher.model.encode_image, pixels), repeats),
+               "text": _timed(lambda: encode(teacher.model.encode_text, tokens), repeats)}
+    return extraction_seconds(seconds, params.extract.views, params.extract.num_workers) / len(batch.encoded), teacher.embed_dim
+
+
+def extraction_seconds(batch_seconds: dict[str, float], views: int, workers: int) -> float:
+    """A batch's extraction time from its timed parts ("loading": decode and preprocess, "image", "text": the towers).
+    Each stored view is one more image through loading and the image tower. Loading runs in the loader workers
+    beside the towers, so a batch costs the slower of the two; with no worker, both."""
+    loading = batch_seconds["loading"] * (1 + views)
+    towers = batch_seconds["image"] * (1 + views) + batch_seconds["text"]
+    return max(towers, loading / workers) if workers > 0 else towers + loading
 
 
 def _fake_targets(cfg, size: int, dim: int, num_images: int) -> dict[str, torch.Tensor]:

@@ -45,6 +45,14 @@ def test_the_plan_times_every_student_and_scales_with_the_corpus_and_the_ranks(p
     assert two["students"]["clip"]["epoch_seconds"] == pytest.approx(3 * two["students"]["clip"]["seconds_per_step"] / 2)
 
 
+def test_each_stored_view_costs_one_more_image_through_loading_and_the_image_tower():
+    parts = {"loading": 3.0, "image": 2.0, "text": 1.0}
+    assert plan_mod.extraction_seconds(parts, views=0, workers=0) == 6.0
+    assert plan_mod.extraction_seconds(parts, views=4, workers=0) == 15.0 + 11.0  # loading 5 x 3, towers 5 x 2 + 1
+    assert plan_mod.extraction_seconds(parts, views=4, workers=3) == 11.0  # loading 15 / 3 workers hides behind the towers
+    assert plan_mod.extraction_seconds(parts, views=4, workers=1) == 15.0  # one worker: loading is the slower
+
+
 def test_mining_memory_follows_the_index_the_budget_picks():
     from pipeline.common.config import MineConfig
     from pipeline.mining import negatives
