@@ -14,20 +14,28 @@ from pathlib import Path
 from pipeline.common import atomic
 from pipeline.common.config import load_params
 
-from students import bar_chart, format_rows, jsonable, run_recipes, single_core, sweep_parser, teacher_rsum
+from students import base_config, bar_chart, format_rows, jsonable, run_recipes, single_core, sweep_parser, teacher_rsum
 
-GRID = {  # name -> overrides of the train section
-    "default": {},
-    "lr 0.001": {"optim.lr": 0.001},
-    "lr 0.004": {"optim.lr": 0.004},
-    "lr 0.008": {"optim.lr": 0.008},
-    "lr 0.016": {"optim.lr": 0.016},
-    "warmup 30": {"optim.warmup_steps": 30},
-    "warmup 100": {"optim.warmup_steps": 100},
-    "warmup 200": {"optim.warmup_steps": 200},
-    "logit scale 14.3": {"init_logit_scale": 1 / 0.07},  # open_clip's (CLIP's) initial temperature 0.07
-    "logit scale 50": {"init_logit_scale": 50.0},
-}
+LR_GRID = (0.002, 0.004, 0.008, 0.016)
+WARMUP_GRID = (30, 100, 200)
+LOGIT_SCALE_GRID = (1 / 0.07, 30.0, 50.0)  # 1 / 0.07: open_clip's (CLIP's) initial temperature 0.07
+
+
+def grid(params: str, loss: str) -> dict[str, dict]:
+    """Recipe name -> overrides of `loss`'s student: its default, then one factor at a time, each grid value that
+    differs from the student's own (so no recipe duplicates the default under another name)."""
+    own = base_config(load_params(params), loss)
+    out: dict[str, dict] = {"default": {}}
+    for lr in LR_GRID:
+        if lr != own.optim.lr:
+            out[f"lr {lr}"] = {"optim.lr": lr}
+    for steps in WARMUP_GRID:
+        if steps != own.optim.warmup_steps:
+            out[f"warmup {steps}"] = {"optim.warmup_steps": steps}
+    for scale in LOGIT_SCALE_GRID:
+        if abs(scale - own.init_logit_scale) > 1e-6:
+            out[f"logit scale {scale:.3g}"] = {"init_logit_scale": scale}
+    return out
 
 
 def main() -> None:
@@ -38,12 +46,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.single_core:
         single_core()
-    grid = {k: v for k, v in GRID.items() if not args.only or k in args.only}
+    grids = {loss: grid(args.params, loss) for loss in args.losses}
+    unknown = [name for name in args.only or [] if not any(name in g for g in grids.values())]
+    if unknown:  # a mistyped name would otherwise drop a recipe without a word
+        parser.error(f"unknown grid entries {unknown}; known: {sorted(set().union(*grids.values()))}")
+    grids = {loss: {k: v for k, v in g.items() if not args.only or k in args.only} for loss, g in grids.items()}
     seeds = args.seeds
     if args.quick:
-        grid, seeds = {k: {**v, "optim.max_steps": 10, "optim.batch_size": 32} for k, v in list(grid.items())[:2]}, seeds[:1]
+        grids = {loss: {k: {**v, "optim.max_steps": 10, "optim.batch_size": 32} for k, v in list(g.items())[:2]}
+                 for loss, g in grids.items()}
+        seeds = seeds[:1]
     recipes = {f"{loss} {name}": {"loss": loss, "val_every": 0, "live_dir": "", **({"batching": "random"} if loss == "clip" else {}),
-                                  **overrides} for loss in args.losses for name, overrides in grid.items()}
+                                  **overrides} for loss, g in grids.items() for name, overrides in g.items()}
     out = Path(args.out)
     tag = "-".join(args.losses)
     results = run_recipes(args.params, recipes, seeds, out / f"tuning-runs-{tag}", out / f"tuning.{tag}.partial.json")

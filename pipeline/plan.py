@@ -77,8 +77,8 @@ def _timed(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def time_teacher(params: Params, batches: list[Batch], device: torch.device, repeats: int) -> tuple[float, int]:
-    """(seconds per image of extraction, the teacher's width)."""
+def time_teacher(params: Params, batches: list[Batch], device: torch.device, repeats: int) -> tuple[dict[str, float], int]:
+    """(the timed parts of one batch's extraction, see extraction_seconds; the teacher's width)."""
     teacher = models.load_teacher(params.teacher, device=device)
     teacher.model.eval()
     batch = batches[0]
@@ -96,7 +96,7 @@ def time_teacher(params: Params, batches: list[Batch], device: torch.device, rep
 
     seconds = {"loading": _timed(prepare, repeats), "image": _timed(lambda: encode(teacher.model.encode_image, pixels), repeats),
                "text": _timed(lambda: encode(teacher.model.encode_text, tokens), repeats)}
-    return extraction_seconds(seconds, params.extract.views, params.extract.num_workers) / len(batch.encoded), teacher.embed_dim
+    return {name: t / len(batch.encoded) for name, t in seconds.items()}, teacher.embed_dim
 
 
 def extraction_seconds(batch_seconds: dict[str, float], views: int, workers: int) -> float:
@@ -153,16 +153,19 @@ def plan(params: Params, ranks: int = 1, repeats: int = 3) -> dict:
     manifest = load_manifest(params.extract.manifest)
     counts = {name: _num_samples(manifest, name) for name in params.extract.splits}
     batches, captions_per_image = _read_batches(manifest, params.extract.splits[0], params.extract.batch_size, 1)
-    per_image, dim = time_teacher(params, batches, device, repeats)
+    image_seconds, dim = time_teacher(params, batches, device, repeats)
+    views = {name: params.extract.views if name in params.extract.view_splits else 0 for name in counts}
+    per_image = {name: extraction_seconds(image_seconds, views[name], params.extract.num_workers) for name in counts}
     width = 2 if params.extract.embedding_dtype == "float16" else 4
     images_total = sum(counts.values())
     texts_total = images_total * captions_per_image
+    rows_total = texts_total + sum(n * (1 + views[name]) for name, n in counts.items())
     out: dict = {
         "device": str(device), "ranks": ranks, "teacher_dim": dim, "captions_per_image": captions_per_image,
-        "split_images": counts,
+        "split_images": counts, "split_views": views,
         "extract_seconds_per_image": per_image,
-        "extract_seconds": {name: n * per_image / ranks for name, n in counts.items()},
-        "features_bytes": int((2 * width * dim + ROW_OVERHEAD_BYTES) * (images_total * (1 + params.extract.views) + texts_total)),
+        "extract_seconds": {name: n * per_image[name] / ranks for name, n in counts.items()},
+        "features_bytes": int((2 * width * dim + ROW_OVERHEAD_BYTES) * rows_total),
     }
     train_images = counts.get(params.train.split, 0)
     train_texts = train_images * captions_per_image
@@ -196,11 +199,15 @@ def _size(n: float) -> str:
         n /= 1024
 
 
+def _split_line(p: dict, name: str) -> str:
+    views = f" + {p['split_views'][name]} views each" if p["split_views"][name] else ""
+    return f"{name} {p['split_images'][name]} img{views} at {1 / p['extract_seconds_per_image'][name]:.0f} img/s a rank"
+
+
 def format_plan(p: dict) -> str:
     lines = [f"on {p['device']}, {p['ranks']} rank(s) (even split, no communication counted):",
              f"extract  {_duration(sum(p['extract_seconds'].values()))}  "
-             f"({', '.join(f'{k} {v} img' for k, v in p['split_images'].items())}; {1 / p['extract_seconds_per_image']:.0f} img/s "
-             f"a rank, {p['captions_per_image']:.1f} captions an image)",
+             f"({', '.join(_split_line(p, name) for name in p['split_images'])}; {p['captions_per_image']:.1f} captions an image)",
              f"features {_size(p['features_bytes'])} on disk (teacher width {p['teacher_dim']})",
              f"mine     {_duration(p['mine_seconds'])} (exact search), {_size(p['mine_memory_bytes'])} of indexes"]
     for name, s in p["students"].items():

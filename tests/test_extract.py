@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline.common import atomic
 from pipeline.common.config import ExtractConfig, TeacherConfig
+from pipeline.common.errors import PipelineError
 from pipeline.corpus import augment
 from pipeline.features import extract as extract_mod, schema, store
 from pipeline.models import load_model
@@ -163,6 +164,18 @@ def test_views_store_parameters_that_reproduce_the_embedding(tmp_path, teacher_c
     np.testing.assert_allclose(stored, direct, atol=1e-4)
     plain = schema.embeddings_to_numpy(images[schema.TEACHER_IMAGE_EMB])[row]
     assert not np.allclose(stored[0], plain, atol=1e-3)  # a view is not the plain image
+
+
+def test_only_the_view_splits_get_views(tmp_path, teacher_checkpoint):
+    """Evaluation never reads views, and each costs a teacher pass: the test split is embedded once."""
+    manifest = write_tiny_corpus(tmp_path / "corpus", shards_per_split=1)
+    out = tmp_path / "features"
+    result = extract_mod.extract(_cfg(manifest, out, views=2), _teacher(teacher_checkpoint))
+    assert result["train"]["views"] == 2 and result["test"]["views"] == 0
+    assert schema.TEACHER_VIEW_EMB in store.read_images(out, "train").column_names
+    assert schema.TEACHER_VIEW_EMB not in store.read_images(out, "test").column_names
+    with pytest.raises(PipelineError, match="trian"):  # a typo would otherwise store no views at all
+        extract_mod.extract(_cfg(manifest, tmp_path / "typo", views=2, view_splits=["trian"]), _teacher(teacher_checkpoint))
 
 
 def test_cli_reports_bad_manifest_cleanly(tmp_path):

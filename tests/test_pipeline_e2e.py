@@ -185,7 +185,7 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
     done = _run([sys.executable, str(REPO / "benchmarks" / "tuning.py"), "--quick", "--params", "params.yaml",
                  "--losses", "clip", "--out", "bench"], project)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert list(json.loads((project / "bench" / "tuning.clip.json").read_text())["recipes"]) == ["clip default", "clip lr 0.001"]
+    assert list(json.loads((project / "bench" / "tuning.clip.json").read_text())["recipes"]) == ["clip default", "clip lr 0.002"]
     ablation = json.loads((project / "bench" / "ablation.json").read_text())["recipes"]
     assert list(ablation) == ["CLIP-only", "DSMD (default)"] and len(ablation["CLIP-only"]["runs"]) == 2
 

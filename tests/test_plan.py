@@ -19,7 +19,7 @@ def params_file(tmp_path_factory):
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump({
         "teacher": {"model": "dsmd-test-teacher", "pretrained": ""},
-        "extract": {"manifest": str(manifest), "splits": ["train", "test"], "batch_size": 8, "threads": 1},
+        "extract": {"manifest": str(manifest), "splits": ["train", "test"], "batch_size": 8, "threads": 1, "views": 2},
         "train": {"model": "dsmd-test-student", "optim": {"batch_size": 8, "epochs": 2, "threads": 1}},
         "students": {"dsmd": {"loss": "dsmd", "distill": {"queue_size": 16, "hard_negatives": 2}}, "clip": {"loss": "clip"}},
     }))
@@ -34,14 +34,16 @@ def test_the_plan_times_every_student_and_scales_with_the_corpus_and_the_ranks(p
     for student in one["students"].values():
         assert student["seconds_per_step"] > 0 and student["steps_per_epoch"] == 3  # ceil(24 / 8)
         assert student["run_seconds"] == pytest.approx(2 * student["epoch_seconds"])  # 2 epochs of 3 steps
-    assert one["extract_seconds"]["train"] == pytest.approx(24 * one["extract_seconds_per_image"])
+    assert one["split_views"] == {"train": 2, "test": 0}  # views only where students train (extract.view_splits)
+    per_image = one["extract_seconds_per_image"]
+    assert one["extract_seconds"]["train"] == pytest.approx(24 * per_image["train"]) and per_image["train"] > per_image["test"]
     # each embedding twice (Parquet and .npy) x width x 2 bytes (float16), plus the rest of each row
     texts = 48 * one["captions_per_image"]
-    assert one["features_bytes"] == int((2 * 2 * 32 + plan_mod.ROW_OVERHEAD_BYTES) * (48 + texts))
+    assert one["features_bytes"] == int((2 * 2 * 32 + plan_mod.ROW_OVERHEAD_BYTES) * (24 * 3 + 24 + texts))
     # a tiny split: exact float32 indexes (the caption groups are read from disk)
     assert one["mine_memory_bytes"] == int(4 * 32 * (24 + 24 * one["captions_per_image"]))
     two = plan_mod.plan(params, ranks=2, repeats=1)
-    assert two["extract_seconds"]["train"] == pytest.approx(24 * two["extract_seconds_per_image"] / 2)
+    assert two["extract_seconds"]["train"] == pytest.approx(24 * two["extract_seconds_per_image"]["train"] / 2)
     assert two["students"]["clip"]["epoch_seconds"] == pytest.approx(3 * two["students"]["clip"]["seconds_per_step"] / 2)
 
 

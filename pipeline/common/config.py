@@ -230,6 +230,8 @@ class ExtractConfig(Section):
     batch_size: int = opt(256, "images (and as many captions) per teacher forward pass", at_least=1)
     num_workers: int = opt(1, "DataLoader processes decoding the shards", at_least=0)
     views: int = opt(0, "augmented views of each image embedded besides the plain one", at_least=0)
+    view_splits: list[str] = opt(doc="the splits whose images get the views: the ones students train on (evaluation "
+                                 "never reads views, and each view costs a teacher pass)", factory=lambda: ["train"])
     embedding_dtype: EmbeddingDtype = opt(EmbeddingDtype.float16, "float16 or float32 storage of the embeddings")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     precision: Precision = opt(Precision.auto, "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16")

@@ -120,15 +120,16 @@ def _unbatched(chunk: _Chunk) -> _Chunk:
     return chunk
 
 
-def _run_info(teacher: LoadedModel, manifest_sha256: str, cfg: ExtractConfig) -> dict:
-    """Everything that must match for existing parts to be reused."""
+def _run_info(teacher: LoadedModel, manifest_sha256: str, cfg: ExtractConfig, views: int) -> dict:
+    """Everything that must match for existing parts to be reused; `views`: stored views per image (0 for a split
+    outside cfg.view_splits)."""
     return {
         "teacher": teacher.identity,
         "manifest_sha256": manifest_sha256,
         "embedding_dim": teacher.embed_dim,
         "embedding_dtype": cfg.embedding_dtype,
-        "views": cfg.views,
-        "view_seed": cfg.seed if cfg.views else None,
+        "views": views,
+        "view_seed": cfg.seed if views else None,
         "store_images": cfg.store_images,
         "schema_version": schema.SCHEMA_VERSION,
     }
@@ -191,12 +192,12 @@ def _write_part(
 ) -> None:
     """Embed the shard's captions, then write its images/texts part files and, last, its skip report."""
     kept = result.samples
-    dim, dtype = teacher.embed_dim, cfg.embedding_dtype
+    dim, dtype, views = teacher.embed_dim, cfg.embedding_dtype, int(meta[schema.META_VIEWS])
     image_emb = np.concatenate(result.image_embs) if result.image_embs else np.zeros((0, dim), np.float32)
     view_emb = None
-    if cfg.views:
+    if views:
         flat_views = np.concatenate(result.view_embs) if result.view_embs else np.zeros((0, dim), np.float32)
-        view_emb = flat_views.reshape(len(kept), cfg.views, dim)
+        view_emb = flat_views.reshape(len(kept), views, dim)
     # image ids are local to the shard here; _finalize offsets them into split-wide ids
     copied = cfg.store_images
     images = schema.images_table(
@@ -377,7 +378,7 @@ def extract_split(
     total = expected_samples // dist_info.world_size if expected_samples else None
     started = time.perf_counter()
     loader = DataLoader(
-        _ShardStream([(i, urls[i]) for i in todo], fields, teacher, cfg.views, cfg.seed, cfg.batch_size),
+        _ShardStream([(i, urls[i]) for i in todo], fields, teacher, info["views"], cfg.seed, cfg.batch_size),
         batch_size=None, num_workers=min(cfg.num_workers, len(todo)), collate_fn=_unbatched,
         pin_memory=device.type == "cuda", worker_init_fn=runtime.die_with_parent(),
     )
@@ -502,16 +503,19 @@ def extract(cfg: ExtractConfig, teacher_cfg: TeacherConfig, overwrite: bool = Fa
     teacher = load_teacher(teacher_cfg, device=device)
     models.check_world(teacher.identity, manifest.world, str(cfg.manifest))
     teacher.model.eval()
-    info = _run_info(teacher, manifest.sha256, cfg)
+    unknown = sorted(set(cfg.view_splits) - set(manifest.splits))
+    if cfg.views and unknown:
+        raise PipelineError(f"extract.view_splits names {unknown}, not splits of {cfg.manifest} ({sorted(manifest.splits)})")
     results = {}
     for split, spec in specs.items():
         out = store.split_dir(cfg.out_dir, split)
         if overwrite and dist_info.is_main and out.exists():
             shutil.rmtree(out)
         runtime.barrier(dist_info)
-        results[split] = extract_split(
-            split, spec.shards, manifest.fields, teacher, info, cfg, device, dist_info, spec.num_samples
-        )
+        views = cfg.views if split in cfg.view_splits else 0
+        results[split] = extract_split(split, spec.shards, manifest.fields, teacher,
+                                       _run_info(teacher, manifest.sha256, cfg, views), cfg, device, dist_info, spec.num_samples)
+    info = _run_info(teacher, manifest.sha256, cfg, views=0)  # zero-shot tasks: images and prompts, no views
     for task in tasks:
         if dist_info.is_main:
             results[f"{schema.ZEROSHOT_DIR}/{task.name}"] = extract_task(
