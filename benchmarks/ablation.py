@@ -22,15 +22,13 @@ every seed.
 """
 from __future__ import annotations
 
-import json
-import statistics
 from pathlib import Path
 
 from pipeline.common import atomic
 from pipeline.common.config import load_params
 from pipeline.features import store
 
-from students import base_config, sweep_parser, single_core, bar_chart, format_rows, jsonable, run_recipes, teacher_rsum
+from students import merge, base_config, sweep_parser, single_core, bar_chart, format_rows, jsonable, run_recipes, teacher_rsum
 
 TERMS = ("feature", "similarity", "contrastive", "hard_negative", "affinity")
 LR_GRID = (0.002, 0.004, 0.008, 0.016)
@@ -102,55 +100,6 @@ def main() -> None:
     results = run_recipes(args.params, chosen, args.seeds, out / "ablation-runs", out / "ablation.partial.json")
     report(results, teacher, args.seeds, out)
     (out / "ablation.partial.json").unlink(missing_ok=True)
-
-
-def merge(paths: list[str], order: dict[str, dict]) -> tuple[float, list[int], dict]:
-    """The union of several ablation.json files of the same features, in recipe order.
-
-    Parts may split the recipes (two halves run side by side) or the seeds (more seeds run later): a recipe's runs
-    are joined over the parts, and every recipe of the result must then have run at every seed of the union, so
-    that no mean is over fewer seeds than the table says.
-    """
-    parts = [_read_part(path) for path in paths]
-    for path, part in zip(paths[1:], parts[1:]):
-        if abs(part["teacher_rsum"] - parts[0]["teacher_rsum"]) > 1e-6:
-            raise SystemExit(f"{path}: teacher RSUM {part['teacher_rsum']} differs from {paths[0]}'s "
-                             f"{parts[0]['teacher_rsum']}; merge only runs over the same features")
-    seeds = sorted({seed for part in parts for seed in part["seeds"]})
-    runs: dict[str, dict[int, dict]] = {}
-    overrides: dict[str, dict] = {}
-    for path, part in zip(paths, parts):
-        for name, recipe in part["recipes"].items():
-            have = runs.setdefault(name, {})
-            for run in recipe["runs"]:
-                if run["seed"] in have:
-                    raise SystemExit(f"{path}: {name!r} seed {run['seed']} is also in another part; merge each run once")
-                have[run["seed"]] = run
-            overrides[name] = recipe["overrides"]
-    results = {}
-    for name in [n for n in order if n in runs] + [n for n in runs if n not in order]:
-        if sorted(runs[name]) != seeds:
-            raise SystemExit(f"{name!r} ran at seeds {sorted(runs[name])}, the merged table is over seeds {seeds}: "
-                             "run the missing seeds first")
-        values = [runs[name][seed]["rsum"] for seed in seeds]
-        results[name] = {"overrides": overrides[name], "runs": [runs[name][seed] for seed in seeds],
-                         "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    return parts[0]["teacher_rsum"], seeds, results
-
-
-def _read_part(path: str) -> dict:
-    """One ablation.json, checked: its runs are at the seeds it names."""
-    try:
-        part = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"{path}: cannot read an ablation.json here ({exc})") from None
-    if not isinstance(part, dict) or not {"seeds", "teacher_rsum", "recipes"} <= set(part):
-        raise SystemExit(f"{path}: not an ablation.json (needs seeds, teacher_rsum and recipes)")
-    for name, recipe in part["recipes"].items():
-        if sorted(run["seed"] for run in recipe["runs"]) != sorted(part["seeds"]):
-            raise SystemExit(f"{path}: {name!r} has runs at seeds {[run['seed'] for run in recipe['runs']]}, "
-                             f"the file says {part['seeds']}")
-    return part
 
 
 def report(results: dict, teacher: float, seeds: list[int], out: Path) -> None:

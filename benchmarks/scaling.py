@@ -1,15 +1,19 @@
 """Where distillation helps: DSMD against the CLIP-only student as the target train split grows.
 
-    python benchmarks/scaling.py [--params params.yaml] [--sizes 1000 2000 3500 5000] [--seeds 0 1] [--quick]
+    python benchmarks/scaling.py [--params params.yaml] [--sizes 500 1000 2000] [--seeds 0 1 2] [--quick]
 
 Each size trains both students on the first N images of the train split (`train.max_images`; mined
 negatives outside them are dropped) for the SAME number of steps as the full-size default run, so only
 the data differs. Prints mean and standard deviation of test RSUM per size, the teacher as a
 reference, and writes `scaling.json` and `scaling.png` (RSUM against size) in --out.
 
-Run time on the 2-core CPU: about 95 s per student at 390 steps: 4 sizes x 2 losses x 2 seeds take
-about 25 min (19 min with --reuse of the ablation's full-size runs); --quick runs 2 sizes x 1 seed for
-10 steps (a smoke test, in the suite).
+Sizes above the train split are clipped to it (the default world's is 2,000 images). Run time on the 2-core CPU
+at the default 586 steps: about 2.5 min a student, 3 with --single-core beside another sweep, so 2 sizes x 2
+losses x 3 seeds take about 35 min on one core, plus the full size unless --reuse finds it (the ablation's
+CLIP-only and DSMD (default) runs are the full-size points). Two halves side by side (`--sizes 500 2000 --out A`,
+`--sizes 1000 2000 --out B`, each --single-core), then `--sizes 500 1000 2000 --reuse ablation.json
+A/scaling.json B/scaling.json` trains nothing and writes their union. --quick runs 2 sizes x 1 seed for 10 steps
+(a smoke test, in the suite).
 """
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ def plot(sizes, results, teacher, path: Path) -> None:
 
 def main() -> None:
     parser = sweep_parser(__doc__, "2 sizes, 1 seed, 10 steps: a smoke test")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 3500, 5000])
+    parser.set_defaults(seeds=[0, 1, 2])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[500, 1000, 2000], help="train images (clipped to the split)")
     parser.add_argument("--reuse", nargs="*", help="ablation.json / scaling.json of the same params: runs of the same recipe, "
                                                    "steps and seeds found there (the ablation's CLIP-only and DSMD (default) "
                                                    "are the full-size points) are not trained again")

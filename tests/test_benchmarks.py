@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import ablation  # noqa: E402
 import convergence  # noqa: E402
 import teacher_variants  # noqa: E402
+import tuning  # noqa: E402
 
 
 def test_convergence_joins_a_loss_split_over_processes_and_keeps_only_finished_budgets():
@@ -72,6 +73,17 @@ def test_ablation_recipes_put_each_student_on_the_lr_grid_around_its_own_rate_an
     assert with_views["DSMD without stored views"] == {"loss": "dsmd", "use_views": False}
     assert not any("views" in name for name in without) and set(with_views) - set(without) == {"DSMD without stored views"}
 
+
+def test_the_tuning_grid_is_around_each_students_own_values_and_never_repeats_its_default(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  init_logit_scale: 30\n  optim:\n    lr: 0.008\n    warmup_steps: 100\n"
+                      "students:\n  dsmd:\n    loss: dsmd\n    optim:\n      warmup_steps: 300\n  baseline:\n    loss: clip\n")
+    clip, dsmd = tuning.grid(str(params), "clip"), tuning.grid(str(params), "dsmd")
+    assert clip["default"] == {} and "warmup 100" not in clip and clip["warmup 300"] == {"optim.warmup_steps": 300}
+    assert "warmup 300" not in dsmd and dsmd["warmup 100"] == {"optim.warmup_steps": 100}  # the DSMD student's own is 300
+    assert "lr 0.008" not in clip and "logit scale 30" not in clip and clip["logit scale 50"] == {"init_logit_scale": 50.0}
+    grid_size = len(tuning.LR_GRID) + len(tuning.WARMUP_GRID) + len(tuning.LOGIT_SCALE_GRID)
+    assert len(clip) == len(dsmd) == 1 + grid_size - 3  # the default, then every other value of each factor
 
 def test_the_gpu_check_refuses_in_one_line_where_there_is_no_cuda():
     import subprocess
