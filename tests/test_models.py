@@ -41,7 +41,7 @@ def test_an_extraction_resumed_with_other_weights_is_refused_naming_them(tmp_pat
     from pipeline.features import extract
 
     cfg = ExtractConfig()
-    info = [extract._run_info(models.load_model("dsmd-test-teacher", ""), "m", cfg) for _ in range(2)]
+    info = [extract._run_info(models.load_model("dsmd-test-teacher", ""), "m", cfg, views=0) for _ in range(2)]
     with __import__("pytest").raises(extract.ExtractMismatchError, match="teacher.weights_sha256"):
         extract._check_compatible(tmp_path / "_run.json", info[0], info[1])
     legacy = {**info[0], "teacher": {k: v for k, v in info[0]["teacher"].items() if k != "weights_sha256"}}
