@@ -154,7 +154,7 @@ def plan(params: Params, ranks: int = 1, repeats: int = 3) -> dict:
     counts = {name: _num_samples(manifest, name) for name in params.extract.splits}
     batches, captions_per_image = _read_batches(manifest, params.extract.splits[0], params.extract.batch_size, 1)
     image_seconds, dim = time_teacher(params, batches, device, repeats)
-    views = {name: params.extract.views if name in params.extract.view_splits else 0 for name in counts}
+    views = {name: params.extract.views_of(name) for name in counts}
     per_image = {name: extraction_seconds(image_seconds, views[name], params.extract.num_workers) for name in counts}
     width = 2 if params.extract.embedding_dtype == "float16" else 4
     images_total = sum(counts.values())

@@ -245,6 +245,10 @@ class ExtractConfig(Section):
     verify_min_cosine: float = opt(0.999, "cosine a re-embedded row must reach against its cached row (float16 "
                                    "storage alone keeps it above 0.9999)", above=0, at_most=1)
 
+    def views_of(self, split: str) -> int:
+        """Stored views per image of `split`: `views` in the view_splits, none elsewhere."""
+        return self.views if split in self.view_splits else 0
+
 
 @dataclass
 class MineConfig(Section):

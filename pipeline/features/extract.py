@@ -495,6 +495,9 @@ def extract(cfg: ExtractConfig, teacher_cfg: TeacherConfig, overwrite: bool = Fa
     runtime.set_threads(cfg.threads)
     manifest = load_manifest(cfg.manifest)
     specs = {split: manifest.split(split) for split in cfg.splits}  # every split checked before any work
+    unknown = sorted(set(cfg.view_splits) - set(manifest.splits))
+    if cfg.views and unknown:  # a misspelt split would otherwise store no views at all
+        raise PipelineError(f"extract.view_splits names {unknown}, not splits of {cfg.manifest} ({sorted(manifest.splits)})")
     tasks = list(manifest.classification.values()) if cfg.zeroshot else []
     if not cfg.store_images:
         _check_referencable(specs)
@@ -503,18 +506,15 @@ def extract(cfg: ExtractConfig, teacher_cfg: TeacherConfig, overwrite: bool = Fa
     teacher = load_teacher(teacher_cfg, device=device)
     models.check_world(teacher.identity, manifest.world, str(cfg.manifest))
     teacher.model.eval()
-    unknown = sorted(set(cfg.view_splits) - set(manifest.splits))
-    if cfg.views and unknown:
-        raise PipelineError(f"extract.view_splits names {unknown}, not splits of {cfg.manifest} ({sorted(manifest.splits)})")
     results = {}
     for split, spec in specs.items():
         out = store.split_dir(cfg.out_dir, split)
         if overwrite and dist_info.is_main and out.exists():
             shutil.rmtree(out)
         runtime.barrier(dist_info)
-        views = cfg.views if split in cfg.view_splits else 0
         results[split] = extract_split(split, spec.shards, manifest.fields, teacher,
-                                       _run_info(teacher, manifest.sha256, cfg, views), cfg, device, dist_info, spec.num_samples)
+                                       _run_info(teacher, manifest.sha256, cfg, cfg.views_of(split)), cfg, device, dist_info,
+                                       spec.num_samples)
     info = _run_info(teacher, manifest.sha256, cfg, views=0)  # zero-shot tasks: images and prompts, no views
     for task in tasks:
         if dist_info.is_main:
