@@ -6,7 +6,8 @@ Recipes (each over every seed; train section of params.yaml plus the overrides s
 the CLIP-only student and DSMD as configured, each also at the other learning rates of LR_GRID; DSMD
 without each term in turn (with the affinity term, which is off by default); each balancer mode; the
 other projection initialisation; the fixed (paper) hard-negative margin; hard-negative-aware batching;
-DSMD without its stored augmentation views (only when the features have them: `extract.views` > 0).
+each student with the other choice of the stored augmentation views (only when the features have them:
+`extract.views` > 0; for the CLIP-only student they are plain augmentation).
 Prints mean and standard deviation of test RSUM and the ratio to the CLIP-only student, and writes
 `ablation.json` and `ablation.png` in --out.
 
@@ -58,9 +59,12 @@ def recipes(params: str, views: int) -> dict[str, dict]:
     out[f"projection init {other_init}"] = {"loss": "dsmd", "projection_init": other_init}
     other_batching = "hard-negative-aware" if train.batching == "random" else "random"
     out[f"batching {other_batching}"] = {"loss": "dsmd", "batching": other_batching}
-    if views:  # the DSMD student reads the stored views unless told not to; the other way round is the recipe
+    if views:  # each student's other choice of the stored views is a recipe (the CLIP-only one: plain augmentation)
         out["DSMD without stored views" if train.use_views else "DSMD with stored views"] = {
             "loss": "dsmd", "use_views": not train.use_views}
+        clip = base_config(loaded, "clip")
+        out["CLIP-only without stored views" if clip.use_views else "CLIP-only with stored views"] = {
+            "loss": "clip", "batching": "random", "use_views": not clip.use_views}
     return out
 
 

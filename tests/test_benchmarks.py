@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import ablation  # noqa: E402
 import convergence  # noqa: E402
+import seeds  # noqa: E402
 import teacher_variants  # noqa: E402
 import tuning  # noqa: E402
 
@@ -31,6 +32,13 @@ def test_convergence_joins_a_loss_split_over_processes_and_keeps_only_finished_b
     lines = convergence.checks(result)
     assert lines[0].split(":")[1].strip().startswith("50.000")  # teacher / CLIP-only's best
     assert "gap 6.0 vs 3 combined std 4.2: yes" in lines[1]
+    # with the CLIP-only student's views curve, its best recipe is the baseline's best, wherever it was run
+    views = {"loss": "clip_views", "seeds": [0, 1, 2], "budgets": {"1.0": {"steps": 10, "runs": [4, 5, 6]}}}
+    result = convergence.assemble(convergence.merge(parts + [views]), teacher=100.0, default_steps=10)
+    assert result["budgets"][0]["clip_views"]["mean"] == 5.0 and result["budgets"][0]["clip"]["mean"] == 2.0
+    lines = convergence.checks(result)
+    assert lines[0].split(":")[1].strip().startswith("20.000") and "best / CLIP-only's best:    1.600" in lines[2]
+    assert convergence.overrides("clip_views", 5.0)["use_views"] is True and "use_views" not in convergence.overrides("clip", 5.0)
 
 
 def _ablation_part(path, seeds, recipes, teacher=470.0):
@@ -71,7 +79,11 @@ def test_ablation_recipes_put_each_student_on_the_lr_grid_around_its_own_rate_an
     assert lrs == {"CLIP-only lr 0.002": 0.002, "CLIP-only lr 0.008": 0.008, "CLIP-only lr 0.016": 0.016,
                    "DSMD lr 0.002": 0.002, "DSMD lr 0.004": 0.004, "DSMD lr 0.016": 0.016}
     assert with_views["DSMD without stored views"] == {"loss": "dsmd", "use_views": False}
-    assert not any("views" in name for name in without) and set(with_views) - set(without) == {"DSMD without stored views"}
+    assert with_views["CLIP-only without stored views"] == {"loss": "clip", "batching": "random", "use_views": False}
+    assert not any("views" in name for name in without)
+    assert set(with_views) - set(without) == {"DSMD without stored views", "CLIP-only without stored views"}
+    params.write_text(params.read_text() + "    use_views: false\n")  # a baseline told not to: the recipe turns them on
+    assert ablation.recipes(str(params), 4)["CLIP-only with stored views"]["use_views"] is True
 
 
 def test_the_tuning_grid_is_around_each_students_own_values_and_never_repeats_its_default(tmp_path):
@@ -84,6 +96,19 @@ def test_the_tuning_grid_is_around_each_students_own_values_and_never_repeats_it
     assert "lr 0.008" not in clip and "logit scale 30" not in clip and clip["logit scale 50"] == {"init_logit_scale": 50.0}
     grid_size = len(tuning.LR_GRID) + len(tuning.WARMUP_GRID) + len(tuning.LOGIT_SCALE_GRID)
     assert len(clip) == len(dsmd) == 1 + grid_size - 3  # the default, then every other value of each factor
+
+def test_the_seed_split_recovers_additive_init_and_data_effects():
+    import numpy as np
+
+    init, data = np.array([10.0, -4.0, -6.0]), np.array([3.0, 0.0, -3.0])
+    split = seeds.decompose(400.0 + init[:, None] + data[None, :])
+    assert split["mean"] == pytest.approx(400.0) and split["rms_interaction"] == pytest.approx(0.0, abs=1e-9)
+    assert split["std_init"] == pytest.approx(statistics.stdev(init)) and split["std_data"] == pytest.approx(3.0)
+    noisy = seeds.decompose(np.array([[1.0, 0.0], [0.0, 1.0]]))  # no row or column effect: all interaction
+    assert noisy["std_init"] == noisy["std_data"] == 0.0 and noisy["rms_interaction"] == pytest.approx(0.5)
+    assert list(seeds.recipes("clip", [0, 2])) == ["init seed 0", "init seed 2"]
+    assert seeds.recipes("dsmd", [1])["init seed 1"]["optim.init_seed"] == 1
+
 
 def test_the_gpu_check_refuses_in_one_line_where_there_is_no_cuda():
     import subprocess

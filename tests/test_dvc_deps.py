@@ -114,6 +114,6 @@ def test_each_student_is_a_stage_that_tracks_only_the_shared_section_and_its_own
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     shared = set(params["train"])
     assert not shared & {"distill", "negatives_dir", "batching", "projection_init", "loss", "out_dir"}, shared
-    # the baseline holds nothing of distillation: its loss, and only its own tuned schedule beside the shared one
+    # the baseline holds nothing of distillation: its loss, its own tuned schedule and whether it reads the views
     baseline = params["students"]["baseline"]
-    assert baseline["loss"] == "clip" and set(baseline) <= {"loss", "optim"}, baseline
+    assert baseline["loss"] == "clip" and set(baseline) <= {"loss", "optim", "use_views"}, baseline

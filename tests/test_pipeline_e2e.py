@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -186,6 +187,13 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
                  "--losses", "clip", "--out", "bench"], project)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert list(json.loads((project / "bench" / "tuning.clip.json").read_text())["recipes"]) == ["clip default", "clip lr 0.002"]
+    # the seed split, --quick: every (init seed, data seed) pair; the diagonal is the plain seeds
+    done = _run([sys.executable, str(REPO / "benchmarks" / "seeds.py"), "--quick", "--params", "params.yaml",
+                 "--loss", "clip", "--seeds", "0", "1", "--out", "bench"], project)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    seeds = json.loads((project / "bench" / "seeds.clip.json").read_text())
+    assert np.array(seeds["rsum"]).shape == (2, 2) and seeds["plain_seeds"] == [seeds["rsum"][0][0], seeds["rsum"][1][1]]
+    assert seeds["rsum"][0] != seeds["rsum"][1]  # other initial weights, other students
     ablation = json.loads((project / "bench" / "ablation.json").read_text())["recipes"]
     assert list(ablation) == ["CLIP-only", "DSMD (default)"] and len(ablation["CLIP-only"]["runs"]) == 2
 

@@ -209,6 +209,29 @@ def test_dsmd_needs_the_shards_and_clip_from_shards_ignores_the_teacher(shards_d
     assert summary["teacher_dim"] is None and not summary["projection"]
 
 
+def test_the_clip_only_student_reads_the_stored_views_only_when_told(view_shards_dirs, tmp_path):
+    """use_views means the same for both losses: the CLIP-only student sees the views as plain augmentation."""
+    losses = {}
+    for use_views in (True, False):
+        cfg = make_cfg(view_shards_dirs, tmp_path / f"views{use_views}", max_steps=3)
+        loop.train(dataclasses.replace(cfg, loss="clip", use_views=use_views))
+        losses[use_views] = [r["loss_task"] for r in read_log(cfg.out_dir)]
+    assert losses[True][0] != pytest.approx(losses[False][0], rel=1e-6)  # other pixels from the first batch on
+    with pytest.raises(loop.TrainingError, match="use_views"):  # a checkpoint of the other choice is not resumed
+        loop.train(dataclasses.replace(make_cfg(view_shards_dirs, tmp_path / "viewsTrue", max_steps=3), loss="clip",
+                                       use_views=False), resume=True)
+
+
+def test_init_seed_sets_the_initial_weights_apart_from_the_data_order(shards_dirs, tmp_path):
+    def initial(seed: int, init_seed: int) -> dict[str, torch.Tensor]:
+        cfg = make_cfg(shards_dirs, tmp_path / "out", seed=seed, init_seed=init_seed)
+        return loop.build_student(cfg, 32, torch.device("cpu"))[1].state_dict()
+
+    default, same_init, other_init = initial(1, -1), initial(5, 1), initial(1, 2)
+    assert all(torch.equal(default[k], same_init[k]) for k in default)  # -1: the weights follow optim.seed
+    assert not all(torch.equal(default[k], other_init[k]) for k in default)
+
+
 def test_saved_student_loads_with_open_clip_and_gives_the_same_embeddings(shards_dirs, tmp_path):
     cfg = make_cfg(shards_dirs, tmp_path / "out", max_steps=3)
     loop.train(cfg)

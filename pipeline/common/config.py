@@ -145,6 +145,8 @@ class OptimConfig(Section):
     precision: Precision = opt(Precision.auto, "auto, fp32, bf16 or fp16 (autocast only on a GPU)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     seed: int = opt(0, "seed of initialisation, shuffling and augmentation")
+    init_seed: int = opt(-1, "seed of the initial weights alone; -1 = seed (apart, a seed spread splits into its two causes)",
+                         at_least=-1)
     num_workers: int = opt(0, "DataLoader worker processes", at_least=0)
     threads: int = opt(0, "torch intra-op threads on CPU; 0 = torch's default", at_least=0)
     checkpoint_every: int = opt(0, "optimizer steps between resumable checkpoints; 0 = only at the end", at_least=0)
@@ -369,7 +371,8 @@ class TrainConfig(Section):
     batching: Batching = opt(Batching.random, "random, or hard-negative-aware (mined i2i neighbours beside each anchor)")
     batch_neighbours: int = opt(3, "hard-negative-aware: neighbours placed beside each anchor (whole lists of 16 fill a "
                                 "batch with near-duplicates whose captions collide)", at_least=0)
-    use_views: bool = opt(True, "re-apply stored augmentation views when the shards have them")
+    use_views: bool = opt(True, "re-apply stored augmentation views when the shards have them: distilling, with the "
+                          "teacher's embeddings of each view; the CLIP-only loss, as plain augmentation")
     projection_init: ProjectionInit = opt(ProjectionInit.orthogonal, "the student -> teacher width projection starts with "
                                           "orthonormal columns (orthogonal) or as torch's default Linear init (default)")
     init_logit_scale: float = opt(0.0, "the CLIP logit scale (1 / temperature) the student starts from; 0 = the model "

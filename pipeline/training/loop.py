@@ -100,7 +100,7 @@ class StudentWithProjection(nn.Module):
 def build_student(cfg: TrainConfig, teacher_dim: Optional[int], device: torch.device) -> tuple[models.LoadedModel, StudentWithProjection]:
     """The student from `cfg.model` / `cfg.pretrained` (seeded, so every rank and every resume
     starts from the same weights) with a projection when distilling into a different width."""
-    runtime.seed_everything(cfg.optim.seed)
+    runtime.seed_everything(cfg.optim.seed if cfg.optim.init_seed < 0 else cfg.optim.init_seed)
     loaded = models.load_model(cfg.model, cfg.pretrained, device="cpu", image_mean=cfg.image_mean, image_std=cfg.image_std)
     if cfg.init_logit_scale > 0:  # where CLIP from scratch on small batches may stall: a knob to tune
         with torch.no_grad():
@@ -510,7 +510,8 @@ def _run_identity(cfg: TrainConfig, inputs: _Inputs, ctx: StepContext) -> dict:
         "model": cfg.model, "loss": cfg.loss, "source": cfg.source, "split": cfg.split, "batching": cfg.batching,
         "batch_neighbours": cfg.batch_neighbours, "max_images": cfg.max_images, "projection_init": cfg.projection_init,
         "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std),
-        "batch_size": cfg.optim.batch_size, "seed": cfg.optim.seed, "features_fingerprint": inputs.fingerprint,
+        "batch_size": cfg.optim.batch_size, "seed": cfg.optim.seed, "init_seed": cfg.optim.init_seed, "use_views": cfg.use_views,
+        "features_fingerprint": inputs.fingerprint,
         "loss_terms": list(ctx.balancer.names),
     }
 
@@ -533,7 +534,7 @@ def _batches(cfg: TrainConfig, inputs: _Inputs, loaded, start_step: int, info: r
     """(sampler, loader): global batches as a pure function of (seed, epoch), this rank's share of each."""
     optim = cfg.optim
     dataset = data_mod.TrainingDataset(
-        inputs.data, loaded.preprocess, loaded.tokenizer, seed=optim.seed, use_views=cfg.use_views and cfg.loss == "dsmd",
+        inputs.data, loaded.preprocess, loaded.tokenizer, seed=optim.seed, use_views=cfg.use_views,
         negatives=inputs.negatives,
     )
     sampler = data_mod.GlobalBatchSampler(
