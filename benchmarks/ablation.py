@@ -13,8 +13,8 @@ Prints mean and standard deviation of test RSUM and the ratio to the CLIP-only s
 
 Needs `dvc repro` (or extract + mine) first: it reads train.features_dir / train.negatives_dir.
 Run time on the 2-core CPU at the default 586 steps: about 2.5 min a DSMD student, 1.5 min a CLIP-only
-one (--single-core beside another sweep: about 3 and 2.5 min), so the 20 recipes x 3 seeds take about
-80 min in two halves; --quick trains 2 recipes x 2 seeds for 10 steps (a smoke test, in the suite).
+one (--single-core beside another sweep: about 3 and 2.5 min), so the 23 recipes x 3 seeds take about
+95 min in two halves; --quick trains 2 recipes x 2 seeds for 10 steps (a smoke test, in the suite).
 To use both cores, run two halves side by side (`--single-core --only ...` and `--single-core --only ...
 --skip CLIP-only`, each with its own
 --out), then `--merge A/ablation.json B/ablation.json` writes their union as one table, JSON and chart. --merge also
@@ -32,7 +32,7 @@ from pipeline.features import store
 from students import merge, base_config, sweep_parser, single_core, bar_chart, format_rows, jsonable, run_recipes, teacher_rsum
 
 TERMS = ("feature", "similarity", "contrastive", "hard_negative", "affinity")
-LR_GRID = (0.002, 0.004, 0.008, 0.016)
+LR_GRID = (0.002, 0.004, 0.008, 0.016, 0.032)
 
 
 def recipes(params: str, views: int) -> dict[str, dict]:

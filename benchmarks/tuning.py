@@ -19,7 +19,7 @@ from pipeline.common.config import load_params
 
 from students import base_config, bar_chart, merge, format_rows, jsonable, run_recipes, single_core, sweep_parser, teacher_rsum
 
-LR_GRID = (0.002, 0.004, 0.008, 0.016)
+LR_GRID = (0.002, 0.004, 0.008, 0.016, 0.032)
 WARMUP_GRID = (30, 100, 200, 300, 400, 500)
 LOGIT_SCALE_GRID = (1 / 0.07, 30.0, 50.0)  # 1 / 0.07: open_clip's (CLIP's) initial temperature 0.07
 

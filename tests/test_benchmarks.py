@@ -77,7 +77,8 @@ def test_ablation_recipes_put_each_student_on_the_lr_grid_around_its_own_rate_an
     lrs = {name: recipe.get("optim.lr") for name, recipe in with_views.items() if " lr " in name}
     # each rate of the grid once per student, never the student's own (that is its default recipe)
     assert lrs == {"CLIP-only lr 0.002": 0.002, "CLIP-only lr 0.008": 0.008, "CLIP-only lr 0.016": 0.016,
-                   "DSMD lr 0.002": 0.002, "DSMD lr 0.004": 0.004, "DSMD lr 0.016": 0.016}
+                   "CLIP-only lr 0.032": 0.032, "DSMD lr 0.002": 0.002, "DSMD lr 0.004": 0.004, "DSMD lr 0.016": 0.016,
+                   "DSMD lr 0.032": 0.032}
     assert with_views["DSMD without stored views"] == {"loss": "dsmd", "use_views": False}
     assert with_views["CLIP-only without stored views"] == {"loss": "clip", "batching": "random", "use_views": False}
     assert not any("views" in name for name in without)
