@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.common import atomic
-from pipeline.common.config import load_params
+from pipeline.common.params import load_params
 from pipeline.features import store
 
 from students import merge, base_config, sweep_parser, single_core, bar_chart, format_rows, jsonable, run_recipes, teacher_rsum

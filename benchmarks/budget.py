@@ -25,7 +25,7 @@ from pathlib import Path
 import open_clip
 
 from pipeline.common import atomic
-from pipeline.common.config import load_params
+from pipeline.common.params import load_params
 
 from students import sweep_parser, jsonable, run_recipes, save_rsum_chart, single_core, teacher_rsum
 

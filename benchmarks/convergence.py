@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from pipeline.common import atomic
-from pipeline.common.config import load_params
+from pipeline.common.params import load_params
 from pipeline.training.data import total_steps
 
 from students import jsonable, run_recipe, save_rsum_chart, single_core, sweep_parser, teacher_rsum

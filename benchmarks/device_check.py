@@ -63,7 +63,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA device here (torch.cuda.is_available() is False): run this check on a GPU machine")
 
-    from pipeline.common.config import CorpusConfig, ExtractConfig, OptimConfig, TeacherConfig, TrainConfig
+    from pipeline.common.config import CorpusConfig, ExtractConfig, TeacherConfig
+
+    from pipeline.common.params import OptimConfig, TrainConfig
     from pipeline.corpus.synthetic import generate_corpus
     from pipeline.features.extract import extract
     from pipeline.training.loop import train

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.common.config import load_params  # noqa: E402
+from pipeline.common.params import load_params  # noqa: E402
 from pipeline.models import load_student  # noqa: E402
 from pipeline.common import names  # noqa: E402
 

@@ -24,7 +24,7 @@ import torchvision.transforms.functional as TF
 
 from pipeline import models
 from pipeline.common import atomic
-from pipeline.common.config import load_params
+from pipeline.common.params import load_params
 from pipeline.corpus import augment
 from pipeline.training.data import load_shards_data
 

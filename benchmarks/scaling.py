@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 
 from pipeline.common import atomic
-from pipeline.common.config import load_params
+from pipeline.common.params import load_params
 from pipeline.features import store
 from pipeline.training import data as data_mod
 

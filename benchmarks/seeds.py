@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import atomic
-from pipeline.common.config import load_params
+from pipeline.common.params import load_params
 
 from students import jsonable, run_recipes, single_core, sweep_parser, teacher_rsum
 

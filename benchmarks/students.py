@@ -15,7 +15,8 @@ import torch
 
 from pipeline import models
 from pipeline.common import atomic
-from pipeline.common.config import apply_overrides, load_params, Params, TrainConfig
+from pipeline.common.config import apply_overrides
+from pipeline.common.params import load_params, Params, TrainConfig
 from pipeline.evaluation import evaluate
 from pipeline.features import store
 from pipeline.training.loop import train

@@ -13,7 +13,7 @@ Variants (combine with "+", e.g. `resnet-16+world-norm`):
 - `dropout-0.5`: patch dropout 0.5 instead of 0.75 (twice the image tokens per training step);
 - `resnet-16`, `resnet-32`: open_clip's ModifiedResNet (layers 1-1-1-1, width 16 or 32: 1.4M or 5.3M parameters)
   instead of the ViT.
-Every run uses `teacher.pretrain.optim` with `--scenes` fresh scenes (one pass). Runs are kept in --work (a re-run
+Every run uses `pretrain.optim` with `--scenes` fresh scenes (one pass). Runs are kept in --work (a re-run
 reuses a finished one). Writes `teacher_variants.json` in --out. Needs `dvc repro` first (the test split's and the
 zero-shot tasks' features). ~11 minutes a variant at 200,000 scenes on 2 cores. --quick: 512 scenes, batch 32.
 """
@@ -30,7 +30,7 @@ import torch
 
 from pipeline import models
 from pipeline.common import atomic, names
-from pipeline.common.config import TrainConfig, load_params
+from pipeline.common.params import TrainConfig, load_params
 from pipeline.evaluation.encoding import encode_images, encode_split
 from pipeline.evaluation.retrieval import retrieval_metrics
 from pipeline.evaluation.zeroshot import list_tasks, load_task, student_task_metrics
@@ -104,7 +104,7 @@ def run_variant(params, variant: str, scenes: int, work: Path, quick: bool) -> d
     atomic.atomic_write_json(config, config_file)
     open_clip.add_model_config(str(config_file))
     mean, std = (params.train.image_mean, params.train.image_std) if world_norm else ([], [])
-    optim = params.teacher.pretrain.optim
+    optim = params.pretrain.optim
     if quick:
         optim = dataclasses.replace(optim, batch_size=32, warmup_steps=1, num_workers=0)
     run = TrainConfig(model=name, loss="clip", source="world", split="world", out_dir=str(work / variant), live_dir="",

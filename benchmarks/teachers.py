@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import atomic
-from pipeline.common.config import TeacherConfig, apply_overrides, load_params
+from pipeline.common.config import TeacherConfig, apply_overrides
+from pipeline.common.params import load_params
 from pipeline.evaluation import evaluate
 from pipeline.features import store
 from pipeline.features.added_teacher import extract_added_teacher
@@ -42,10 +43,10 @@ def make_second_teacher(params: str, work: Path, images: int, quick: bool) -> Pa
     folder = work / SECOND
     if (folder / "card.json").exists():
         return folder
-    sets = [f"pretrain.world_images={images}", "pretrain.optim.seed=1", f"pretrain.out_dir={folder}",
-            f"pretrain.work_dir={work / 'second-run'}"]
+    sets = [f"world_images={images}", "optim.seed=1", f"out_dir={folder}",
+            f"work_dir={work / 'second-run'}"]
     if quick:
-        sets += ["pretrain.optim.batch_size=32", "pretrain.optim.warmup_steps=1", "pretrain.optim.num_workers=0"]
+        sets += ["optim.batch_size=32", "optim.warmup_steps=1", "optim.num_workers=0"]
     command = [sys.executable, "-m", "stages.pretrain", "--params", params, "--resume"]
     for item in sets:
         command += ["--set", item]

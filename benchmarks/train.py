@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import models
-from pipeline.common.config import CorpusConfig, ExtractConfig, TeacherConfig, TrainConfig
+from pipeline.common.config import CorpusConfig, ExtractConfig, TeacherConfig
+from pipeline.common.params import TrainConfig
 from pipeline.corpus.augment import decode_image
 from pipeline.corpus.synthetic import generate_corpus
 from pipeline.features import extract as extract_mod

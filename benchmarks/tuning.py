@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.common import atomic
-from pipeline.common.config import load_params
+from pipeline.common.params import load_params
 
 from students import base_config, bar_chart, merge, format_rows, jsonable, run_recipes, single_core, sweep_parser, teacher_rsum
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import atomic
-from pipeline.common.config import load_params
+from pipeline.common.params import load_params
 from pipeline.corpus import synthetic
 from pipeline.features import schema, store
 from pipeline.mining import negatives

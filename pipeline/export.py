@@ -24,7 +24,7 @@ import torch
 
 from pipeline import models
 from pipeline.common import atomic, names
-from pipeline.common.config import ExportConfig
+from pipeline.common.params import ExportConfig
 from pipeline.common.errors import PipelineError
 from pipeline.corpus.augment import decode_image
 from pipeline.features import schema, store

@@ -20,7 +20,7 @@ import torch
 
 from pipeline import models
 from pipeline.common import runtime
-from pipeline.common.config import Params
+from pipeline.common.params import Params
 from pipeline.corpus.augment import decode_image, preprocess_batch
 from pipeline.corpus.manifest import load_manifest
 from pipeline.corpus.reader import iter_samples, SkipReport

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from pipeline.common.config import option_help, option_type
+from pipeline.common.config import option_help, option_type, StageOneParams
 from pipeline.common.errors import PipelineError
 
 PARAMS_HELP = "params file (YAML); the stage reads its own section. A missing default params.yaml means built-in defaults."
@@ -37,9 +37,9 @@ def set_option() -> list[str]:
     return typer.Option(None, "--set", help=SET_HELP)
 
 
-def _cli_type(section: str, key: str) -> Any:
+def _cli_type(section: str, key: str, root: type) -> Any:
     """The option's click-facing type: the key's declared type (a mode shows its choices; a list repeats)."""
-    hint = option_type(section, key)
+    hint = option_type(section, key, root)
     if hint in (str, int, float, bool) or (isinstance(hint, type) and issubclass(hint, Enum)):
         return hint
     if typing.get_origin(hint) is list and typing.get_args(hint)[0] in (str, int, float):
@@ -47,9 +47,10 @@ def _cli_type(section: str, key: str) -> Any:
     raise TypeError(f"{section}.{key}: no CLI option for a {hint}; set it with --set")
 
 
-def config_options(**sections: list[str]) -> Callable:
+def config_options(root: type = StageOneParams, **sections: list[str]) -> Callable:
     """Give a stage command one option per listed config key, declared nowhere else: its type, description,
-    range and default come from the key's one declaration in pipeline/common/config.py. The option is named
+    range and default come from the key's one declaration in `root` (stage one's sections, pipeline/common/config.py;
+    a stage-two command passes pipeline/common/params.py's Params, the whole file). The option is named
     after the key's last part (`optim.lr` -> `--lr`, a bool -> `--onnx/--no-onnx`), or "key:name" names it.
     The command receives `options={section: {key: value, or None when not given}}`, for `stage_config`."""
 
@@ -62,12 +63,12 @@ def config_options(**sections: list[str]) -> Callable:
             for spec in keys:
                 key, _, name = spec.partition(":")
                 name = name or key.rsplit(".", 1)[-1].replace("_", "-")
-                hint = _cli_type(section, key)
+                hint = _cli_type(section, key, root)
                 flag = f"--{name}/--no-{name}" if hint is bool else f"--{name}"
                 parameter = f"{section}__{key.replace('.', '__')}"
                 generated[parameter] = (section, key)
                 own.append(inspect.Parameter(parameter, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[hint],
-                                             default=typer.Option(None, flag, help=option_help(section, key))))
+                                             default=typer.Option(None, flag, help=option_help(section, key, root))))
 
         @functools.wraps(command)
         def with_options(**kwargs: Any) -> Any:

@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 
 from pipeline.common import locking
-from pipeline.common.config import section_help, stage_config
+from pipeline.common.params import Params, section_help, stage_config
 from pipeline.evaluation.evaluate import evaluate, format_table, parse_student_options
 from stages._common import break_lock_option, config_options, params_option, set_option, user_errors
 
@@ -15,7 +15,7 @@ app = typer.Typer(add_completion=False)
 
 
 @app.command(epilog=EPILOG)
-@config_options(evaluate=["features_dir", "split", "teacher_dir", "metrics_file", "plots_dir", "threads", "device",
+@config_options(Params, evaluate=["features_dir", "split", "teacher_dir", "metrics_file", "plots_dir", "threads", "device",
                           "allow_missing"])
 def main(
     params: Path = params_option(),

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from pipeline.common import locking
-from pipeline.common.config import section_help, stage_config
+from pipeline.common.params import Params, section_help, stage_config
 from pipeline.export import export
 from stages._common import break_lock_option, config_options, params_option, set_option, user_errors
 
@@ -16,7 +16,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command(epilog=EPILOG)
-@config_options(export=["student", "student_dir", "out_dir", "onnx"])
+@config_options(Params, export=["student", "student_dir", "out_dir", "onnx"])
 def main(
     params: Path = params_option(),
     break_lock: bool = break_lock_option(),

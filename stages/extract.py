@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from pipeline.common import locking
-from pipeline.common.config import load_params, section_help, stage_config
+from pipeline.common.config import read_params, section_help, stage_config
 from pipeline.corpus.reader import UNREADABLE_SHARD
 from pipeline.features.added_teacher import extract_added_teacher
 from pipeline.features.extract import extract
@@ -38,7 +38,7 @@ def main(
     with user_errors():
         cfg = stage_config(params, "extract", options["extract"], set_)
         if teacher is not None:
-            added = load_params(params).added_teacher(teacher)
+            added = read_params(params).added_teacher(teacher)
             out = Path(cfg.teachers_dir) / teacher
             with locking.hold(out, break_lock=break_lock):
                 results = extract_added_teacher(cfg, teacher, added, overwrite=overwrite)

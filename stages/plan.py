@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.common.config import load_params
+from pipeline.common.params import load_params
 from pipeline.plan import format_plan, plan
 from stages._common import params_option, user_errors
 

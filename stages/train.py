@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from pipeline.common import locking
-from pipeline.common.config import section_help, stage_config
+from pipeline.common.params import Params, section_help, stage_config
 from pipeline.training.loop import train
 from stages._common import break_lock_option, config_options, params_option, set_option, user_errors
 
@@ -17,7 +17,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command(epilog=EPILOG)
-@config_options(train=["features_dir", "negatives_dir", "out_dir", "model", "loss", "source", "manifest", "batching",
+@config_options(Params, train=["features_dir", "negatives_dir", "out_dir", "model", "loss", "source", "manifest", "batching",
                        "optim.epochs", "optim.max_steps", "optim.batch_size", "optim.lr"])
 def main(
     params: Path = params_option(),

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from pipeline.common.config import load_params, section_help, stage_config
+from pipeline.common.config import read_params, section_help, stage_config
+
 from pipeline.features.verify import verify
 from stages._common import config_options, params_option, set_option, user_errors
 
@@ -35,7 +36,7 @@ def main(
     nothing."""
     with user_errors():
         cfg = stage_config(params, "extract", options["extract"], set_)
-        teacher_cfg = (load_params(params).added_teacher(teacher) if teacher is not None
+        teacher_cfg = (read_params(params).added_teacher(teacher) if teacher is not None
                        else stage_config(params, "teacher", options["teacher"]))
         summaries = verify(cfg, teacher_cfg, seed, added=teacher)
         for summary in summaries.values():

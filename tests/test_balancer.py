@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from pipeline.common.config import BalancerConfig, ConfigError
+from pipeline.common.config import ConfigError
+
+from pipeline.common.params import BalancerConfig
 from pipeline.common.errors import PipelineError
 from pipeline.training.balancer import LossBalancer
 
@@ -125,7 +127,7 @@ def test_zero_loss_rate_and_weight_cap():
 
 
 def test_the_config_reaches_the_balancer_only_through_the_factory_and_its_modes_agree(tmp_path):
-    from pipeline.common.config import BalancerMode, DistillConfig, TrainConfig
+    from pipeline.common.params import BalancerMode, DistillConfig, TrainConfig
     from pipeline.training import balancer as balancer_mod, loop
     assert set(balancer_mod.BALANCER_MODES) == {m.value for m in BalancerMode}
     cfg = TrainConfig(distill=DistillConfig(feature=False, similarity=False, contrastive=False, hard_negative=False,

@@ -11,7 +11,9 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.common import config
-from pipeline.common.config import ConfigError, load_params, Params, stage_config, TrainConfig
+from pipeline.common import params as full
+from pipeline.common.config import ConfigError
+from pipeline.common.params import load_params, Params, stage_config, TrainConfig
 
 
 def write(tmp_path, text):
@@ -38,6 +40,21 @@ def test_a_bad_params_file_is_refused_at_load_naming_the_file_and_key(tmp_path, 
     assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
 
 
+def test_stage_one_reads_its_own_sections_and_leaves_the_rest_to_stage_two(tmp_path):
+    """Stage one builds only corpus, teacher, teachers, extract and mine (it never imports the module that types
+    the rest, tests/test_dvc_deps.py): a bad training key is stage two's error, a misspelt section is everyone's."""
+    path = write(tmp_path, "extract:\n  views: 2\ntrain:\n  optim:\n    lrr: 0.1\n")
+    read = config.read_params(path)
+    assert type(read) is config.StageOneParams and read.extract.views == 2 and not hasattr(read, "train")
+    with pytest.raises(ConfigError, match="train.optim.lrr: unknown key"):
+        load_params(path)
+    with pytest.raises(ConfigError, match="trian: unknown key"):
+        config.read_params(write(tmp_path, "trian:\n  loss: clip\n"))
+    assert config.stage_config(write(tmp_path, "mine:\n  k: 3\n"), "mine", {}).k == 3
+    with pytest.raises(AttributeError):  # stage one cannot even name a training section
+        config.stage_config(path, "train", {})
+
+
 def test_params_then_set_then_cli_options_each_override_the_one_before(tmp_path):
     path = write(tmp_path, "train:\n  batching: hard-negative-aware\n  optim:\n    lr: 0.5\n    epochs: 3\n")
     cfg = stage_config(path, "train", {"optim.epochs": None, "loss": "clip"}, ["optim.lr=0.25", "optim.epochs=4"])
@@ -49,11 +66,11 @@ def test_params_then_set_then_cli_options_each_override_the_one_before(tmp_path)
             stage_config(path, "train", {}, bad)
 
 
-OptimDefaults = config.OptimConfig()
+OptimDefaults = full.OptimConfig()
 
 
 def test_modes_given_as_strings_by_code_are_checked_on_construction():
-    assert TrainConfig(loss="clip").loss == config.LossMode.clip and type(TrainConfig().loss) is str
+    assert TrainConfig(loss="clip").loss == full.LossMode.clip and type(TrainConfig().loss) is str
     with pytest.raises(ConfigError, match=r"TrainConfig.batching: invalid value 'hna', expected one of \['random', 'hard-negative-aware'\]"):
         TrainConfig(batching="hna")
 
@@ -96,7 +113,8 @@ def test_extract_help_lists_the_keys_of_an_added_teacher():
 
 
 def test_a_student_is_the_train_section_with_its_own_entry_applied(tmp_path):
-    from pipeline.common.config import ConfigError, load_params, stage_config
+    from pipeline.common.config import ConfigError
+    from pipeline.common.params import load_params
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  optim: {lr: 0.003}\n  distill: {margin: 0.1}\n"
                       "students:\n  small: {loss: clip}\n  kd: {loss: dsmd, distill: {balancer: {mode: dynamic}}}\n")
@@ -117,8 +135,8 @@ def test_a_student_is_the_train_section_with_its_own_entry_applied(tmp_path):
 
 
 def _ranged_fields():
-    for cls in (config.CorpusConfig, config.OptimConfig, config.PretrainConfig, config.ExtractConfig, config.MineConfig,
-                config.BalancerConfig, config.DistillConfig, config.TrainConfig, config.EvaluateConfig, config.ExportConfig):
+    for cls in (config.CorpusConfig, full.OptimConfig, full.PretrainConfig, config.ExtractConfig, config.MineConfig,
+                full.BalancerConfig, full.DistillConfig, full.TrainConfig, full.EvaluateConfig, full.ExportConfig):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.metadata.get("range"):
@@ -185,7 +203,7 @@ def test_a_generated_option_reaches_the_config_and_is_checked_there(tmp_path, mo
     app = typer.Typer()
 
     @app.command()
-    @config_options(train=["optim.lr", "loss"], extract=["splits:split", "zeroshot"])
+    @config_options(Params, train=["optim.lr", "loss"], extract=["splits:split", "zeroshot"])
     def main(options: dict = None) -> None:
         seen.update(options)
 

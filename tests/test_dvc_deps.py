@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
+import inspect
 import re
+import typing
 from pathlib import Path
 
 import yaml
@@ -73,7 +76,8 @@ STAGE_ONE = ("corpus", "teacher", "extract", "extract_teacher", "mine")
 
 # Stage one (the teacher pass, paid once) may depend only on what determines its outputs: an edit to the
 # training, evaluation or export code must never make DVC re-run it.
-NOT_STAGE_ONE = ("pipeline/training/", "pipeline/evaluation/", "pipeline/export.py", "pipeline/plan.py")
+NOT_STAGE_ONE = ("pipeline/training/", "pipeline/evaluation/", "pipeline/export.py", "pipeline/plan.py",
+                 "pipeline/common/params.py")
 
 
 def _stage_two(paths: set[str]) -> set[str]:
@@ -117,3 +121,30 @@ def test_each_student_is_a_stage_that_tracks_only_the_shared_section_and_its_own
     # the baseline holds nothing of distillation: its loss, its own tuned schedule and whether it reads the views
     baseline = params["students"]["baseline"]
     assert baseline["loss"] == "clip" and set(baseline) <= {"loss", "optim", "use_views"}, baseline
+
+
+def _sections(hint: object) -> set[type]:
+    """The dataclass a type hint names (also as the values of a map) and every one its fields hold, at any depth."""
+    found = set()
+    for inner in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(inner):
+            found.add(inner)
+            for field_hint in typing.get_type_hints(inner).values():
+                found |= _sections(field_hint)
+    return found
+
+
+def test_no_option_stage_one_never_reads_is_declared_in_code_stage_one_depends_on():
+    """Every stage one stage lists the module of its own sections: an option of pretrain, train, students, evaluate
+    or export declared there (as init_seed once was) made `dvc repro` re-run the teacher pass when it was added."""
+    from pipeline.common.config import StageOneParams
+    from pipeline.common.params import Params
+
+    stage_one_code = set().union(*(code_closure(REPO / "stages" / f"{cli}.py") for cli in ("corpus", "teacher", "extract", "mine")))
+    assert "pipeline/common/config.py" in stage_one_code  # the probe works
+    later = set().union(*(_sections(hint) for name, hint in typing.get_type_hints(Params).items()
+                          if name not in {f.name for f in dataclasses.fields(StageOneParams)})) - _sections(StageOneParams)
+    assert {"TrainConfig", "OptimConfig", "EvaluateConfig", "ExportConfig", "PretrainConfig"} <= {c.__name__ for c in later}
+    for section in later:
+        where = str(Path(inspect.getsourcefile(section)).relative_to(REPO))
+        assert where not in stage_one_code, (section.__name__, where)

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from pipeline import models
 from pipeline.common import atomic, names
-from pipeline.common.config import ConfigError, EvaluateConfig
+from pipeline.common.config import ConfigError
+from pipeline.common.params import EvaluateConfig
 from pipeline.corpus.augment import decode_image
 from pipeline.evaluation import evaluate, retrieval
 from pipeline.features import schema, store

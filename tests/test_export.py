@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline import export as export_mod
-from pipeline.common.config import ExportConfig
+from pipeline.common.params import ExportConfig
 from pipeline.corpus.augment import decode_image
 from pipeline.models import load_student
 from pipeline.training import loop

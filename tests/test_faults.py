@@ -23,7 +23,8 @@ import yaml
 
 from pipeline import models
 from pipeline.common import atomic, locking, names
-from pipeline.common.config import EvaluateConfig, ExtractConfig, TeacherConfig
+from pipeline.common.config import ExtractConfig, TeacherConfig
+from pipeline.common.params import EvaluateConfig
 from pipeline.common.errors import PipelineError
 from pipeline.evaluation import evaluate
 from pipeline.features import extract as extract_mod, store
@@ -404,6 +405,27 @@ def _write_lock(folder: Path, host: str, pid: int) -> None:
     path = locking.lock_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"host": host, "pid": pid, "started": "2026-12-01T00:00:00", "command": "dsmd mine"}))
+
+
+def test_a_lock_is_never_seen_without_its_holder(tmp_path, monkeypatch):
+    """The lock appears already naming its holder (a run that read it between create and write once reported
+    "pid None"); the loser of a race leaves nothing behind."""
+    folder = tmp_path / "features"
+    seen = []
+    real_link = os.link
+
+    def link_and_look(source, target):
+        real_link(source, target)
+        seen.append(json.loads(Path(target).read_text()))  # what any other run reads from the first instant
+
+    monkeypatch.setattr(locking.os, "link", link_and_look)
+    path = locking.acquire(folder)
+    assert seen == [json.loads(path.read_text())] and seen[0]["pid"] == os.getpid()
+    monkeypatch.setattr(locking.os, "link", real_link)
+    _write_lock(folder, socket.gethostname(), os.getppid())  # a live holder: the next taker loses the race
+    with pytest.raises(locking.LockError, match=f"pid {os.getppid()}"):
+        locking.acquire(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.lock"]  # no holder file of the loser left
 
 
 def test_mine_refuses_a_live_holder_takes_over_a_dead_one_and_breaks_another_hosts_lock_only_when_told(tmp_path):

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pipeline.common.config import DistillConfig
+from pipeline.common.params import DistillConfig
 from pipeline.training.losses import (
     DISTILL_NAMES,
     Mined,
@@ -376,14 +376,14 @@ def dsmd_batch(dim=8, seed=0, requires_grad=True):
 
 def dsmd_loss_of(config: DistillConfig, dim: int) -> DSMDLoss:
     """The DSMD loss the training factory builds from `config` (plain arguments: the losses never see the config)."""
-    from pipeline.common.config import TrainConfig
+    from pipeline.common.params import TrainConfig
     from pipeline.training import loop
     dsmd, _, _ = loop.create_losses(TrainConfig(distill=config), teacher_dim=dim, total_steps=1)
     return dsmd
 
 
 def test_margin_modes_agree_with_the_config():
-    from pipeline.common.config import MarginMode
+    from pipeline.common.params import MarginMode
     from pipeline.training.losses import MARGIN_MODES
     assert set(MARGIN_MODES) == {m.value for m in MarginMode}
 

@@ -24,10 +24,9 @@ TINY_PARAMS = {
     "corpus": {"out_dir": "data/synthetic", "train_images": 192, "val_images": 32, "test_images": 48,
                "web_images": 0, "image_size": 32, "samples_per_shard": 64},
     "teacher": {"model": "dsmd-test-teacher", "pretrained": "teacher-demo/open_clip_model.safetensors",
-                "out_dir": "outputs/teachers/teacher",
-                "pretrain": {"world_images": 256, "work_dir": "teacher-run", "out_dir": "teacher-demo",
-                             "optim": {"batch_size": 32, "warmup_steps": 1, "threads": 1, "lr": 0.002,
-                                       "num_workers": 0}}},
+                "out_dir": "outputs/teachers/teacher"},
+    "pretrain": {"world_images": 256, "work_dir": "teacher-run", "out_dir": "teacher-demo",
+                 "optim": {"batch_size": 32, "warmup_steps": 1, "threads": 1, "lr": 0.002, "num_workers": 0}},
     # an added teacher (the same weights: the pipeline, not the ensemble's worth, is under test here)
     "teachers": {"second": {"model": "dsmd-test-teacher", "pretrained": "teacher-demo/open_clip_model.safetensors"}},
     "extract": {"manifest": "data/synthetic/manifest.yaml", "out_dir": "outputs/features", "batch_size": 64,
@@ -118,6 +117,14 @@ def test_dvc_pipeline_end_to_end_and_train_only_rerun(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     ran = set(re.findall(r"Running stage '([^']+)'", second.stdout))
     assert ran == {"train@dsmd", "train@baseline", "train@ensemble", "evaluate", "export"}, second.stdout
+
+    # an edit to the module that declares the training options re-runs stage two only, never the teacher pass
+    declared = project / "pipeline" / "common" / "params.py"
+    original = declared.read_text()
+    declared.write_text(original + "\n# an edited training option\n")
+    status = set(json.loads(_dvc("status", "--json", cwd=project).stdout))
+    assert status == {"train@dsmd", "train@baseline", "train@ensemble", "evaluate", "export"}, status
+    declared.write_text(original)
 
     # a changed added teacher re-runs its own extraction and the students, never the features' extraction or mining
     params["teachers"]["second"]["model"] = "dsmd-test-teacher"

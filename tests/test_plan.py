@@ -8,7 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline import plan as plan_mod
-from pipeline.common.config import load_params
+from pipeline.common.params import load_params
 from tests.tiny_corpus import write_tiny_corpus
 
 

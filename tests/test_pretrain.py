@@ -12,7 +12,8 @@ from PIL import Image, ImageFilter
 
 from pipeline import models
 from pipeline.common import atomic, names
-from pipeline.common.config import CorpusConfig, OptimConfig, PretrainConfig, TeacherConfig
+from pipeline.common.config import CorpusConfig, TeacherConfig
+from pipeline.common.params import OptimConfig, PretrainConfig
 from pipeline.corpus import synthetic
 from pipeline.models import ModelError
 from pipeline.training.pretrain import load_world_data, pretrain_teacher
@@ -60,17 +61,14 @@ def test_erode_is_pils_min_filter_pixel_for_pixel(width):
     assert np.array_equal(np.asarray(synthetic._erode(noise, width)), np.asarray(noise.filter(ImageFilter.MinFilter(2 * width + 1))))
 
 
-def _tiny_teacher(tmp_path) -> TeacherConfig:
-    optim = OptimConfig(batch_size=16, lr=0.002, warmup_steps=1, threads=1, num_workers=0, log_every=1)
-    pretrain = PretrainConfig(world_images=48, work_dir=str(tmp_path / "work"), out_dir=str(tmp_path / "demo"), optim=optim)
-    return TeacherConfig(model="dsmd-test-teacher", pretrained="", out_dir=str(tmp_path / "teacher"), pretrain=pretrain)
-
-
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
+    """The test teacher pretrained on 48 scenes: (its teacher section, the shipped folder)."""
     tmp_path = tmp_path_factory.mktemp("pretrain")
-    cfg = _tiny_teacher(tmp_path)
-    folder = pretrain_teacher(cfg, WORLD)
+    optim = OptimConfig(batch_size=16, lr=0.002, warmup_steps=1, threads=1, num_workers=0, log_every=1)
+    pretrain = PretrainConfig(world_images=48, work_dir=str(tmp_path / "work"), out_dir=str(tmp_path / "demo"), optim=optim)
+    cfg = TeacherConfig(model="dsmd-test-teacher", pretrained="", out_dir=str(tmp_path / "teacher"))
+    folder = pretrain_teacher(pretrain, cfg.model, WORLD)
     return cfg, folder
 
 

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STAGE_TWO = ("pipeline.training", "pipeline.evaluation", "pipeline.export", "pipeline.plan")
+STAGE_TWO = ("pipeline.training", "pipeline.evaluation", "pipeline.export", "pipeline.plan", "pipeline.common.params")
 
 
 def _pipeline_modules_imported_by(module: str) -> set[str]:
@@ -41,7 +41,7 @@ def test_the_folders_follow_the_data_flow():
         "common": ("pipeline.corpus", "pipeline.features", "pipeline.mining", "pipeline.training",
                    "pipeline.evaluation", "pipeline.models", "pipeline.export", "pipeline.plan"),
         "corpus": ("pipeline.features", "pipeline.mining", "pipeline.training", "pipeline.evaluation",
-                   "pipeline.models", "pipeline.export", "pipeline.plan"),
+                   "pipeline.models", "pipeline.export", "pipeline.plan", "pipeline.common.params"),
         "features": STAGE_TWO + ("pipeline.mining",),
         "mining": STAGE_TWO,
         "evaluation": ("pipeline.training", "pipeline.export", "pipeline.plan"),

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.common.config import ConfigError, ExtractConfig, Params, TeacherConfig, from_dict
+from pipeline.common.config import ConfigError, ExtractConfig, TeacherConfig, from_dict
+
+from pipeline.common.params import Params
 from pipeline.features import added_teacher, extract as extract_mod, schema, store
 from pipeline.features.extract import ExtractMismatchError
 from pipeline.models import load_model

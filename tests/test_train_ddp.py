@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from pipeline.common import names
-from pipeline.common.config import stage_config
+from pipeline.common.params import stage_config
 from pipeline.training import loop
 from tests.conftest import REPO_ROOT
 from tests.fakes import write_fake_features

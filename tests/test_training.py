@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from pipeline import models
 from pipeline.common import names
-from pipeline.common.config import DistillConfig, from_dict, OptimConfig, TrainConfig
+from pipeline.common.config import from_dict
+from pipeline.common.params import DistillConfig, OptimConfig, TrainConfig
 from pipeline.corpus.augment import decode_image
 from pipeline.training import data as data_mod, loop
 from tests.fakes import write_fake_features

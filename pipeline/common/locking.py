@@ -1,7 +1,8 @@
 """One writer per output folder: a lock file beside the folder, taken atomically, naming its holder.
 
-`<folder>.lock` (a sibling, so it never becomes part of a DVC output) is created with O_CREAT | O_EXCL, which is
-atomic on local file systems and on NFS v3+ (where `flock` may not reach across machines). It holds the host, pid,
+`<folder>.lock` (a sibling, so it never becomes part of a DVC output) is created by hard-linking a file that already
+holds its holder, which is atomic and exclusive on local file systems and on NFS (where `flock` may not reach across
+machines), and leaves no instant in which the lock exists empty. It holds the host, pid,
 start time and command of the run. A second run refuses at once, in one line naming the holder. A lock whose
 holder is dead on this host (a `kill -9`) is taken over with a warning; one from another host only with
 `--break-lock`, since its process cannot be checked from here. Under torchrun only rank 0 takes it, for all ranks.
@@ -52,12 +53,16 @@ def _read(path: Path) -> dict:
 
 
 def _try_create(path: Path, holder: dict) -> bool:
+    """Create the lock already holding its holder: written to a file of our own, then hard-linked into place
+    (atomic, and failing if the lock exists, as O_EXCL), so that no other run ever reads an empty lock."""
+    own = path.with_name(f"{path.name}.{holder['host']}.{holder['pid']}.tmp")
+    own.write_text(json.dumps(holder))
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.link(own, path)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(holder, f)
+    finally:
+        own.unlink(missing_ok=True)
     return True
 
 

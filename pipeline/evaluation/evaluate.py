@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from pipeline.common import atomic, names, runtime
-from pipeline.common.config import ConfigError, EvaluateConfig
+from pipeline.common.config import ConfigError
+from pipeline.common.params import EvaluateConfig
 from pipeline.common.errors import PipelineError
 from pipeline.evaluation import zeroshot
 from pipeline.features import store

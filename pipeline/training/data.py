@@ -21,7 +21,9 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pipeline.common.config import Batching, ConfigError
+from pipeline.common.config import ConfigError
+
+from pipeline.common.params import Batching
 from pipeline.common.errors import PipelineError
 from pipeline.corpus.augment import apply_view, CorruptImageError, decode_image, preprocess_batch
 from pipeline.features import schema, store

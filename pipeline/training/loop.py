@@ -40,7 +40,8 @@ from torch import Tensor
 
 from pipeline import models
 from pipeline.common import atomic, names, runtime
-from pipeline.common.config import ConfigError, OptimConfig, teacher_shares, to_dict, TrainConfig
+from pipeline.common.config import ConfigError, teacher_shares, to_dict
+from pipeline.common.params import OptimConfig, TrainConfig
 from pipeline.common.errors import PipelineError
 from pipeline.common.progress import progress
 from pipeline.features import store

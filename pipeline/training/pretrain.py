@@ -2,7 +2,7 @@
 
 A real teacher (ViT-L-14/openai, a LAION model) has seen ~10^5 times the student's target data; that gap is
 what distillation transfers. The demo teacher stands in for it: `teacher.model` trained with the CLIP loss by
-the students' own loop on `teacher.pretrain.world_images` fresh scenes of the synthetic world, rendered in the
+the students' own loop on `pretrain.world_images` fresh scenes of the synthetic world, rendered in the
 loader workers (no tars), then written as an open_clip `local-dir:` folder with a card. `pretrained: demo`
 resolves to that folder; the default pipeline never pretrains.
 """
@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,8 @@ from safetensors.torch import save_file
 
 from pipeline import models
 from pipeline.common import atomic, names
-from pipeline.common.config import CorpusConfig, TeacherConfig, to_dict, TrainConfig
+from pipeline.common.config import CorpusConfig, to_dict
+from pipeline.common.params import PretrainConfig, TrainConfig
 from pipeline.corpus import synthetic
 from pipeline.training import data, loop
 
@@ -35,21 +35,21 @@ def load_world_data(world: CorpusConfig, num_images: int) -> data.TrainingData:
                              f"{num_images} scenes)", image_bytes=images, captions=captions, text_to_image=text_to_image)
 
 
-def pretrain_config(cfg: TeacherConfig) -> TrainConfig:
-    """The CLIP-loss training run of the demo teacher (the baseline students' loop, source world)."""
-    return TrainConfig(model=cfg.model, loss="clip", source="world", split="world", out_dir=cfg.pretrain.work_dir,
-                       live_dir="", val_every=0, optim=dataclasses.replace(cfg.pretrain.optim))
+def pretrain_config(cfg: PretrainConfig, model: str) -> TrainConfig:
+    """The CLIP-loss training run of the demo teacher `model` (the baseline students' loop, source world)."""
+    return TrainConfig(model=model, loss="clip", source="world", split="world", out_dir=cfg.work_dir,
+                       live_dir="", val_every=0, optim=dataclasses.replace(cfg.optim))
 
 
-def pretrain_teacher(cfg: TeacherConfig, world: CorpusConfig, resume: bool = False) -> Path:
-    """Pretrain `cfg.model` on the world and write the shipped folder `cfg.pretrain.out_dir`; returns it."""
-    run = pretrain_config(cfg)
-    log.info("pretraining the demo teacher %s on %d fresh scenes of world %s v%d", cfg.model,
-             cfg.pretrain.world_images, synthetic.WORLD_NAME, synthetic.WORLD_VERSION)
-    summary = loop.train(run, resume=resume, world=load_world_data(world, cfg.pretrain.world_images))
-    trained = models.load_model(cfg.model, str(Path(run.out_dir) / names.WEIGHTS_FILE))
+def pretrain_teacher(cfg: PretrainConfig, model: str, world: CorpusConfig, resume: bool = False) -> Path:
+    """Pretrain `model` on the world and write the shipped folder `cfg.out_dir`; returns it."""
+    run = pretrain_config(cfg, model)
+    log.info("pretraining the demo teacher %s on %d fresh scenes of world %s v%d", model,
+             cfg.world_images, synthetic.WORLD_NAME, synthetic.WORLD_VERSION)
+    summary = loop.train(run, resume=resume, world=load_world_data(world, cfg.world_images))
+    trained = models.load_model(model, str(Path(run.out_dir) / names.WEIGHTS_FILE))
     card = {
-        "model": cfg.model,
+        "model": model,
         "world": synthetic.world_record(world),
         "world_seed": world.seed,
         "samples_seen": summary["steps"] * run.optim.batch_size,
@@ -57,10 +57,10 @@ def pretrain_teacher(cfg: TeacherConfig, world: CorpusConfig, resume: bool = Fal
         "wall_time_s": round(summary["wall_time_s"], 1),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads",
         "command": "dsmd pretrain --params params.yaml",
-        "config": {"teacher": to_dict(cfg), "world": {k: v for k, v in dataclasses.asdict(world).items()
+        "config": {"pretrain": to_dict(cfg), "world": {k: v for k, v in dataclasses.asdict(world).items()
                                                       if k not in synthetic.NOT_CONTENT_FIELDS}},
     }
-    return write_demo_folder(trained.model, cfg.model, Path(cfg.pretrain.out_dir), card)
+    return write_demo_folder(trained.model, model, Path(cfg.out_dir), card)
 
 
 def write_demo_folder(model: torch.nn.Module, model_name: str, out_dir: Path, card: dict) -> Path:
