@@ -39,6 +39,12 @@ def test_convergence_joins_a_loss_split_over_processes_and_keeps_only_finished_b
     lines = convergence.checks(result)
     assert lines[0].split(":")[1].strip().startswith("20.000") and "best / CLIP-only's best:    1.600" in lines[2]
     assert convergence.overrides("clip_views", 5.0)["use_views"] is True and "use_views" not in convergence.overrides("clip", 5.0)
+    # "best" is over the default budget and longer ones: a better shorter budget is not the baseline's best
+    short = {"loss": "clip", "seeds": [0, 1, 2], "budgets": {"0.5": {"steps": 5, "runs": [30, 31, 32]}}}
+    early = {"loss": "dsmd", "seeds": [0, 1, 2], "budgets": {"0.5": {"steps": 5, "runs": [1, 1, 1]}}}
+    result = convergence.assemble(convergence.merge(parts + [short, early]), teacher=100.0, default_steps=10)
+    assert [b["steps"] for b in result["budgets"]] == [5, 10]
+    assert convergence.checks(result)[0].split(":")[1].strip().startswith("50.000")
 
 
 def _ablation_part(path, seeds, recipes, teacher=470.0):
