@@ -53,6 +53,10 @@ def test_stage_one_reads_its_own_sections_and_leaves_the_rest_to_stage_two(tmp_p
     assert config.stage_config(write(tmp_path, "mine:\n  k: 3\n"), "mine", {}).k == 3
     with pytest.raises(AttributeError):  # stage one cannot even name a training section
         config.stage_config(path, "train", {})
+    old_layout = write(tmp_path, "teacher:\n  pretrain:\n    world_images: 10\n")
+    for read in (config.read_params, load_params):  # a params file of the old layout says where the keys went
+        with pytest.raises(ConfigError, match="teacher.pretrain: moved to a section of its own, `pretrain:`"):
+            read(old_layout)
 
 
 def test_params_then_set_then_cli_options_each_override_the_one_before(tmp_path):

@@ -349,6 +349,9 @@ def read_params(path: str | Path | None, root: type = StageOneParams) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if isinstance(data.get("teacher"), dict) and "pretrain" in data["teacher"]:  # the layout before the fourteenth session
+        raise ConfigError(f"{path}: teacher.pretrain: moved to a section of its own, `pretrain:` at the top level "
+                          f"(the same keys)")
     held = {f.name for f in dataclasses.fields(root)}
     data = {k: v for k, v in data.items() if k in held or k not in LATER_SECTIONS}
     try:
