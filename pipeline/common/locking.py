@@ -56,8 +56,8 @@ def _try_create(path: Path, holder: dict) -> bool:
     """Create the lock already holding its holder: written to a file of our own, then hard-linked into place
     (atomic, and failing if the lock exists, as O_EXCL), so that no other run ever reads an empty lock."""
     own = path.with_name(f"{path.name}.{holder['host']}.{holder['pid']}.tmp")
-    own.write_text(json.dumps(holder))
     try:
+        own.write_text(json.dumps(holder))  # inside the try: a full disk leaves no half-written holder file
         os.link(own, path)
     except FileExistsError:
         return False

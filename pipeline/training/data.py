@@ -22,9 +22,8 @@ import torch
 from PIL import Image
 
 from pipeline.common.config import ConfigError
-
-from pipeline.common.params import Batching
 from pipeline.common.errors import PipelineError
+from pipeline.common.params import Batching
 from pipeline.corpus.augment import apply_view, CorruptImageError, decode_image, preprocess_batch
 from pipeline.features import schema, store
 from pipeline.training.losses import MINED_DIRECTIONS
