@@ -184,9 +184,11 @@ def _random_init_expected(expected: bool):
 
 
 def load_model(model_name: str, pretrained: str = "", device: str | torch.device = "cpu",
-               image_mean: Sequence[float] = (), image_std: Sequence[float] = ()) -> LoadedModel:
+               image_mean: Sequence[float] = (), image_std: Sequence[float] = (),
+               force_patch_dropout: float | None = None) -> LoadedModel:
     """Create an open_clip model with weights from `pretrained` (already resolved, see resolve_pretrained);
-    `image_mean` / `image_std` override its input normalisation (open_clip's force_preprocess_cfg)."""
+    `image_mean` / `image_std` override its input normalisation (open_clip's force_preprocess_cfg),
+    `force_patch_dropout` its image tower's patch dropout in training (open_clip's own option)."""
     register_model_configs()
     pretrained = pretrained or ""
     if pretrained.startswith("local-dir:") or pretrained.startswith("hf-hub:"):
@@ -210,6 +212,7 @@ def load_model(model_name: str, pretrained: str = "", device: str | torch.device
             model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained or None, device=device, weights_only=True,
                 image_mean=tuple(image_mean) or None, image_std=tuple(image_std) or None,
+                force_patch_dropout=force_patch_dropout,
             )
     except (RuntimeError, ValueError, OSError, KeyError, EOFError, pickle.UnpicklingError) as exc:
         # a foreign or damaged weights file fails deep in torch/pickle: name it

@@ -21,6 +21,9 @@ app = typer.Typer(add_completion=False, help=__doc__)
 def main(
     params: Path = params_option(),
     resume: bool = typer.Option(False, "--resume/--no-resume", help="continue an interrupted pretraining from its checkpoint"),
+    unmasked_from: Optional[Path] = typer.Option(None, "--unmasked-from", help="a demo teacher folder (card.json beside "
+                                                 "its safetensors) to tune unmasked instead of pretraining anew: how the "
+                                                 "shipped teacher's tuning was run from the one shipped before it"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP + " (pretrain section; corpus.* keys set the world, teacher.model the model)"),
     options: dict = None,
 ) -> None:
@@ -31,7 +34,7 @@ def main(
         teacher = stage_config(params, "teacher", {}, _sets_of("teacher", sets))
         own = [s for s in sets if not s.startswith(("corpus.", "teacher."))]
         cfg = stage_config(params, "pretrain", options["pretrain"], own)
-        folder = pretrain_teacher(cfg, teacher.model, world, resume=resume)
+        folder = pretrain_teacher(cfg, teacher.model, world, resume=resume, unmasked_from=unmasked_from)
         typer.echo(f"demo teacher {teacher.model}: {folder} (load it with pretrained: demo, or local-dir:{folder})")
 
 

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from open_clip.transformer import PatchDropout
 from PIL import Image, ImageFilter
 
 from pipeline import models
 from pipeline.common import atomic, names
 from pipeline.common.config import CorpusConfig, TeacherConfig
-from pipeline.common.params import OptimConfig, PretrainConfig
+from pipeline.common.params import OptimConfig, PretrainConfig, UnmaskedConfig
 from pipeline.corpus import synthetic
 from pipeline.models import ModelError
-from pipeline.training.pretrain import load_world_data, pretrain_teacher
+from pipeline.training.loop import build_student
+from pipeline.training.pretrain import (load_world_data, pretrain_config, pretrain_teacher, PretrainError,
+                                       unmasked_config)
 
 WORLD = CorpusConfig(seed=5, train_images=20, val_images=0, test_images=40, web_images=0, image_size=32)
 
@@ -61,12 +65,14 @@ def test_erode_is_pils_min_filter_pixel_for_pixel(width):
     assert np.array_equal(np.asarray(synthetic._erode(noise, width)), np.asarray(noise.filter(ImageFilter.MinFilter(2 * width + 1))))
 
 
+TINY_OPTIM = OptimConfig(batch_size=16, lr=0.002, warmup_steps=1, threads=1, num_workers=0, log_every=1)
+
+
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
     """The test teacher pretrained on 48 scenes: (its teacher section, the shipped folder)."""
     tmp_path = tmp_path_factory.mktemp("pretrain")
-    optim = OptimConfig(batch_size=16, lr=0.002, warmup_steps=1, threads=1, num_workers=0, log_every=1)
-    pretrain = PretrainConfig(world_images=48, work_dir=str(tmp_path / "work"), out_dir=str(tmp_path / "demo"), optim=optim)
+    pretrain = PretrainConfig(world_images=48, work_dir=str(tmp_path / "work"), out_dir=str(tmp_path / "demo"), optim=TINY_OPTIM)
     cfg = TeacherConfig(model="dsmd-test-teacher", pretrained="", out_dir=str(tmp_path / "teacher"))
     folder = pretrain_teacher(pretrain, cfg.model, WORLD)
     return cfg, folder
@@ -86,6 +92,52 @@ def test_pretrain_ships_an_open_clip_local_dir_with_a_card(tiny_demo):
     with torch.no_grad():
         assert torch.equal(shipped.model.encode_text(tokens), trained.model.encode_text(tokens))
         assert not torch.equal(shipped.model.encode_text(tokens), fresh.model.encode_text(tokens))
+
+
+def test_world_data_is_a_window_of_the_one_stream():
+    stream = synthetic.WorldStream(WORLD, 50)
+    window = load_world_data(WORLD, 8, first=42)
+    assert window.num_images == 8 and len(window.captions) == 8 and list(window.text_to_image) == list(range(8))
+    assert np.array_equal(np.asarray(window.image_bytes[0]), np.asarray(stream.image(42)))
+    assert window.captions[7] == stream.caption(49)
+    with pytest.raises(IndexError):
+        window.image_bytes[8]
+
+
+def test_unmasked_tuning_turns_patch_dropout_off_and_only_there():
+    assert isinstance(models.load_model("dsmd-demo-teacher").model.visual.patch_dropout, PatchDropout)
+    run = unmasked_config(PretrainConfig(), "dsmd-demo-teacher", "weights.bin")
+    assert run.force_patch_dropout == 0.0 and run.pretrained == "weights.bin"
+    assert run.optim.lr == PretrainConfig().unmasked.lr != PretrainConfig().optim.lr
+    loaded, _ = build_student(dataclasses.replace(run, pretrained=""), None, torch.device("cpu"))
+    assert isinstance(loaded.model.visual.patch_dropout, torch.nn.Identity)
+    assert pretrain_config(PretrainConfig(), "dsmd-demo-teacher").force_patch_dropout is None
+
+
+def test_unmasked_tuning_continues_on_the_scenes_after_the_pretrainings(tiny_demo, tmp_path):
+    cfg, folder = tiny_demo
+    card = json.loads((folder / names.DEMO_CARD).read_text())
+    pretrain = PretrainConfig(world_images=48, work_dir=str(tmp_path / "work"), out_dir=str(tmp_path / "tuned"),
+                              optim=TINY_OPTIM, unmasked=UnmaskedConfig(images=32, lr=0.001, warmup_steps=1))
+    tuned = pretrain_teacher(pretrain, cfg.model, WORLD, unmasked_from=folder)
+    tuned_card = json.loads((tuned / names.DEMO_CARD).read_text())
+    first, second = tuned_card["phases"]
+    assert first == card["phases"][0] and first["phase"] == "pretraining" and first["samples_seen"] == 48
+    assert second == {**second, "phase": "unmasked tuning", "first_scene": 48, "samples_seen": 32, "steps": 2,
+                      "from_sha256": card["sha256"], "command": f"dsmd pretrain --params params.yaml --unmasked-from {folder}"}
+    assert tuned_card["samples_seen"] == 80 and tuned_card["sha256"] != card["sha256"]
+    # a card of before the phases (the teacher shipped until the tuning) becomes the pretraining's record
+    legacy = tmp_path / "legacy"
+    shutil.copytree(folder, legacy)
+    atomic.atomic_write_json({k: v for k, v in card.items() if k != "phases"}, legacy / names.DEMO_CARD)
+    again = pretrain_teacher(dataclasses.replace(pretrain, out_dir=str(tmp_path / "again")), cfg.model, WORLD,
+                             unmasked_from=legacy)
+    first = json.loads((again / names.DEMO_CARD).read_text())["phases"][0]
+    assert first["phase"] == "pretraining" and first["sha256"] == card["sha256"] and first["samples_seen"] == 48
+    with pytest.raises(PretrainError, match="unmasked.images > 0"):
+        pretrain_teacher(dataclasses.replace(pretrain, unmasked=UnmaskedConfig()), cfg.model, WORLD, unmasked_from=folder)
+    with pytest.raises(PretrainError, match="no card.json"):
+        pretrain_teacher(pretrain, cfg.model, WORLD, unmasked_from=tmp_path)
 
 
 def test_teacher_identity_records_the_world_and_refuses_another(tiny_demo, tmp_path):

@@ -56,6 +56,19 @@ def _pretrain_optim() -> "OptimConfig":
 
 
 @dataclass
+class UnmaskedConfig(Section):
+    """FLIP's unmasked tuning (Li et al. 2023, section 3): after pretraining with patch dropout, a short run with it off,
+    so the image tower sees whole images once, as at inference. The demo teacher's pretraining drops 3/4 of its
+    patches: the tuning lifts its retrieval most for least (docs/results.md). Every other setting is pretrain.optim's."""
+
+    KEY = "unmasked"
+
+    images: int = opt(0, "fresh scenes of the tuning, those after the pretraining's world_images; 0 = no tuning", at_least=0)
+    lr: float = opt(0.002, "peak learning rate (linear warmup, cosine decay to 0)", above=0)
+    warmup_steps: int = opt(15, "linear learning-rate warmup steps", at_least=0)
+
+
+@dataclass
 class PretrainConfig(Section):
     """`dsmd pretrain`: the demo teacher (teacher.model) pretrained on the synthetic world of the corpus section."""
 
@@ -67,6 +80,7 @@ class PretrainConfig(Section):
     out_dir: str = opt("pipeline/pretrained/dsmd-demo-teacher", "the open_clip local-dir folder written at the end "
                        "(safetensors, open_clip_config.json, card.json): where `pretrained: demo` finds it")
     optim: OptimConfig = opt(doc="the pretraining loop", factory=_pretrain_optim)
+    unmasked: UnmaskedConfig = opt(doc="FLIP's unmasked tuning after the pretraining", factory=UnmaskedConfig)
 
 
 @dataclass
@@ -151,6 +165,9 @@ class TrainConfig(Section):
     image_mean: list[float] = opt(doc="the student's input normalisation, per RGB channel in [0, 1] pixels (saved in "
                                   "its open_clip_config.json preprocess_cfg); [] = the model's (OpenAI's)", factory=list)
     image_std: list[float] = opt(doc="the student's input normalisation std, per RGB channel; [] = the model's", factory=list)
+    force_patch_dropout: Optional[float] = opt(None, "the image tower's patch dropout in training, over the model "
+                                               "config's (open_clip's force_patch_dropout; 0 = off, as in FLIP's unmasked "
+                                               "tuning); unset = the config's", at_least=0, below=1)
     max_images: int = opt(0, "> 0: train on the first max_images images of the split only; mined negatives outside "
                           "them are dropped", at_least=0)
     data_loading: DataLoading = opt(DataLoading.auto, "the teacher embeddings (source shards): memory (loaded whole), "

@@ -102,7 +102,8 @@ def build_student(cfg: TrainConfig, teacher_dim: Optional[int], device: torch.de
     """The student from `cfg.model` / `cfg.pretrained` (seeded, so every rank and every resume
     starts from the same weights) with a projection when distilling into a different width."""
     runtime.seed_everything(cfg.optim.seed if cfg.optim.init_seed < 0 else cfg.optim.init_seed)
-    loaded = models.load_model(cfg.model, cfg.pretrained, device="cpu", image_mean=cfg.image_mean, image_std=cfg.image_std)
+    loaded = models.load_model(cfg.model, cfg.pretrained, device="cpu", image_mean=cfg.image_mean, image_std=cfg.image_std,
+                               force_patch_dropout=cfg.force_patch_dropout)
     if cfg.init_logit_scale > 0:  # where CLIP from scratch on small batches may stall: a knob to tune
         with torch.no_grad():
             loaded.model.logit_scale.fill_(math.log(cfg.init_logit_scale))
