@@ -221,3 +221,11 @@ def test_a_generated_option_reaches_the_config_and_is_checked_there(tmp_path, mo
     assert refused.exit_code == 2 and "'kd' is not one of 'dsmd', 'clip'" in refused.output
     with pytest.raises(ConfigError, match=r"^train.optim.lr must be > 0, got -1.0$|optim.lr must be > 0"):
         stage_config(None, "train", {"optim.lr": -1.0})
+
+
+def test_help_shows_the_defaults_a_section_is_made_with():
+    """pretrain.optim is made by its own factory (batch 256, lr 0.004): --help shows those, not OptimConfig()'s."""
+    pretrain, train = full.section_help("pretrain"), full.section_help("train")
+    made = full.PretrainConfig().optim
+    assert f"optim.lr = {made.lr!r}:" in pretrain and f"optim.batch_size = {made.batch_size!r}:" in pretrain
+    assert f"optim.lr = {full.OptimConfig().lr!r}:" in train and made.lr != full.OptimConfig().lr

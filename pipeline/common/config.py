@@ -429,19 +429,26 @@ def option_help(section: str, dotted: str, root: type = StageOneParams) -> str:
     return f"{found.metadata['doc']}{f'; {_range_text(bounds)}' if bounds else ''} (params: {section}.{dotted})"
 
 
-def _describe(cls: type, prefix: str) -> list[str]:
+def _describe(cls: type, prefix: str, defaults: Any = None) -> list[str]:
+    """`defaults`: the instance a parent's factory makes for this section (pretrain.optim is not OptimConfig()), whose
+    values are the defaults shown."""
     hints = typing.get_type_hints(cls)
     lines = []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
             lines.append(f"{prefix}{f.name}: {f.metadata.get('doc', '')}")
-            lines += _describe(hint, f"{prefix}{f.name}.")
+            nested = getattr(defaults, f.name) if defaults is not None else (
+                f.default_factory() if f.default_factory is not MISSING else None)
+            lines += _describe(hint, f"{prefix}{f.name}.", nested)
             continue
         if f.default is MISSING and f.default_factory is MISSING:
             lines.append(f"{prefix}{f.name} = (required): {f.metadata['doc']}")
             continue
-        default = f.default if f.default is not MISSING else f.default_factory()
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not MISSING else f.default_factory()
         shown = default.value if isinstance(default, Enum) else default
         bounds = f.metadata.get("range")
         lines.append(f"{prefix}{f.name} = {shown!r}: {f.metadata['doc']}{f' ({_range_text(bounds)})' if bounds else ''}")
