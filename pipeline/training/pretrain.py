@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 from pipeline import models
 from pipeline.common import atomic, names
-from pipeline.common.errors import PipelineError
 from pipeline.common.config import CorpusConfig, to_dict
+from pipeline.common.errors import PipelineError
 from pipeline.common.params import PretrainConfig, TrainConfig
 from pipeline.corpus import synthetic
 from pipeline.training import data, loop
