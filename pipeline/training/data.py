@@ -376,6 +376,10 @@ def sample_rng(seed: int, epoch: int, image_id: int) -> np.random.Generator:
 # Captions whose tokens TrainingDataset keeps per loader worker. Each is kept packed (below): ~100 bytes for a
 # 15-token caption where the tokenizer's (77,) int64 row and its tensor took ~800, so the full cache is ~25 MiB.
 TOKEN_CACHE_TEXTS = 2**18
+# Bytes of decoded pixels TrainingDataset keeps per loader worker: a target split this small (the demo's 2,000
+# images of 64 px take 32 MiB) is decoded once, not once per epoch (PNG decoding was over a quarter of a CPU
+# batch's loading time); a larger corpus fills it with the first images drawn and decodes the rest per batch.
+IMAGE_CACHE_BYTES = 64 * 2**20
 
 
 def pack_tokens(row: torch.Tensor) -> bytes:
@@ -416,6 +420,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.negatives = negatives
         self._token_rows: dict[int, bytes] = {}  # text id -> pack_tokens
         self._token_length = 0
+        self._decoded: dict[int, Image.Image] = {}  # image id -> decoded image, up to IMAGE_CACHE_BYTES
+        self._decoded_bytes = 0
 
     def __len__(self) -> int:
         return self.data.num_images
@@ -473,6 +479,14 @@ class TrainingDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.stack([unpack_tokens(self._token_rows[t], self._token_length) for t in ids]))
 
     def _image(self, image_id: int, view: int) -> Image.Image:
+        image = self._decoded.get(image_id)
+        if image is None:
+            image = self._decode(image_id)
+        if view >= 0:
+            image = apply_view(image, self.data.view_params[image_id][view])
+        return image
+
+    def _decode(self, image_id: int) -> Image.Image:
         raw = self.data.image_bytes[image_id]
         if isinstance(raw, Image.Image):  # the world source (pipeline.pretrain) renders instead of decoding
             return raw
@@ -480,8 +494,10 @@ class TrainingDataset(torch.utils.data.Dataset):
             image = decode_image(raw)
         except CorruptImageError as exc:
             raise DataError(f"{self.data.source}: image {image_id}: {exc}") from None
-        if view >= 0:
-            image = apply_view(image, self.data.view_params[image_id][view])
+        size = image.width * image.height * 4  # PIL keeps RGB as 4 bytes a pixel
+        if self._decoded_bytes + size <= IMAGE_CACHE_BYTES:  # kept as decoded: nothing downstream modifies an image in place
+            self._decoded[image_id] = image
+            self._decoded_bytes += size
         return image
 
     def _mined(self, image_ids: np.ndarray, text_ids: np.ndarray) -> dict[str, torch.Tensor]:
