@@ -52,3 +52,24 @@ def test_the_folders_follow_the_data_flow():
         for path in files:
             bad = {m for m in _imports(path) if m.startswith(banned)}
             assert not bad, (str(path.relative_to(REPO)), sorted(bad))
+
+
+def _modules_after_console(argv: list[str]) -> tuple[str, set[str]]:
+    """What `dsmd <argv>` prints and which modules it has imported by the time it exits."""
+    code = ("import sys\nfrom stages.cli import main\nsys.argv = ['dsmd', *sys.argv[1:]]\ntry:\n    main()\n"
+            "except SystemExit:\n    pass\nprint('MODULES', ' '.join(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=REPO).stdout
+    head, _, modules = out.rpartition("MODULES ")
+    return head, set(modules.split())
+
+
+def test_the_console_imports_only_the_stage_it_runs():
+    """`dsmd <stage>` builds that stage's command alone: stage one's commands never import stage two's code, and
+    corpus and mine start without torch; `dsmd --help` still lists every stage."""
+    for stage in ("corpus", "teacher", "extract", "mine"):
+        shown, modules = _modules_after_console([stage, "--help"])
+        assert f"dsmd {stage}" in shown and "--params" in shown, stage
+        assert not {m for m in modules if m.startswith(STAGE_TWO)}, stage
+        assert ("torch" in modules) == (stage in ("teacher", "extract")), stage
+    shown, modules = _modules_after_console(["--help"])
+    assert all(stage in shown for stage in ("corpus", "extract", "train", "evaluate", "export")) and "pipeline.training.loop" in modules
