@@ -330,17 +330,16 @@ def test_cached_tokens_are_packed_and_come_back_bit_for_bit(features, student):
         assert batch[data_mod.TEXT].dtype == expected.dtype and torch.equal(batch[data_mod.TEXT], expected)
 
 
-def test_decoded_images_are_kept_up_to_the_cap_and_batches_do_not_change(features, student, monkeypatch):
-    """Images decoded once and kept give the batches of images decoded every time, epoch after epoch (views
-    re-applied to the kept image leave it as it was); past the cap the rest are decoded per batch."""
-    keys = [(epoch, i) for epoch in range(3) for i in range(40)]
+def test_prepared_images_are_kept_up_to_the_cap_and_batches_do_not_change(features, student, monkeypatch):
+    """Images prepared once (decoded, view re-applied, resized) and kept give the batches of images prepared every
+    time, epoch after epoch; past the cap the rest are prepared per batch."""
+    keys = [(epoch, i) for epoch in range(6) for i in range(40)]
     monkeypatch.setattr(data_mod, "IMAGE_CACHE_BYTES", 0)
     uncached = make_dataset(features, student, seed=2)
     expected = [uncached.__getitems__(keys[j : j + 20]) for j in range(0, len(keys), 20)]
-    assert uncached._decoded == {}
-    one_image = decode_image(uncached.data.image_bytes[0])
-    per_image = one_image.width * one_image.height * 4
-    for cap, kept in ((10**9, 40), (per_image * 15 + 1, 15)):
+    assert uncached._prepared == {}
+    variants = {(key[1], uncached.choose(*key)[1]) for key in keys}  # (view, image) pairs drawn
+    for cap in (10**9, 1):
         monkeypatch.setattr(data_mod, "IMAGE_CACHE_BYTES", cap)
         dataset = make_dataset(features, student, seed=2)
         reads = []
@@ -350,8 +349,10 @@ def test_decoded_images_are_kept_up_to_the_cap_and_batches_do_not_change(feature
         for j, want in zip(range(0, len(keys), 20), expected):
             batch = dataset.__getitems__(keys[j : j + 20])
             assert batch.keys() == want.keys() and all(torch.equal(batch[k], want[k]) for k in want)
-        assert len(dataset._decoded) == kept and dataset._decoded_bytes <= cap
-        assert len(reads) == (40 if kept == 40 else 40 + 2 * (40 - kept))  # the kept ones read once, the rest each epoch
+        assert dataset._prepared_bytes <= cap
+        # with room, each (image, view) drawn is read and prepared once; without, every draw reads it again
+        assert len(reads) == (len(variants) if cap > 1 else len(keys))
+        assert len(dataset._prepared) == (len(variants) if cap > 1 else 0)
 
 
 def test_trainable_ids_are_a_range_when_every_image_has_a_caption_else_the_int32_ids():

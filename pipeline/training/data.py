@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 from pipeline.common.config import ConfigError
 from pipeline.common.errors import PipelineError
@@ -376,10 +377,11 @@ def sample_rng(seed: int, epoch: int, image_id: int) -> np.random.Generator:
 # Captions whose tokens TrainingDataset keeps per loader worker. Each is kept packed (below): ~100 bytes for a
 # 15-token caption where the tokenizer's (77,) int64 row and its tensor took ~800, so the full cache is ~25 MiB.
 TOKEN_CACHE_TEXTS = 2**18
-# Bytes of decoded pixels TrainingDataset keeps per loader worker: a target split this small (the demo's 2,000
-# images of 64 px take 32 MiB) is decoded once, not once per epoch (PNG decoding was over a quarter of a CPU
-# batch's loading time); a larger corpus fills it with the first images drawn and decodes the rest per batch.
-IMAGE_CACHE_BYTES = 64 * 2**20
+# Bytes of prepared images (decoded, the stored view re-applied, resized: all but the trailing ToTensor +
+# Normalize) TrainingDataset keeps per loader worker. A target split this small is prepared once, not once per
+# epoch: the demo's 2,000 images x (plain + 4 views) at 64 px take 160 MiB, and decoding and resizing were over
+# half of a CPU batch's loading time. A larger corpus fills it with the first images drawn, the rest per batch.
+IMAGE_CACHE_BYTES = 256 * 2**20
 
 
 def pack_tokens(row: torch.Tensor) -> bytes:
@@ -420,8 +422,14 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.negatives = negatives
         self._token_rows: dict[int, bytes] = {}  # text id -> pack_tokens
         self._token_length = 0
-        self._decoded: dict[int, Image.Image] = {}  # image id -> decoded image, up to IMAGE_CACHE_BYTES
-        self._decoded_bytes = 0
+        # open_clip's preprocess ends in ToTensor + Normalize, run on the whole batch (preprocess_batch); what comes
+        # before them depends only on the image and its view, so its result is kept (another preprocess: nothing kept)
+        steps = list(getattr(preprocess, "transforms", ()))
+        standard = len(steps) >= 2 and isinstance(steps[-2], T.ToTensor) and isinstance(steps[-1], T.Normalize)
+        self._prepare = T.Compose(steps[:-2]) if standard else None
+        self._finish = T.Compose(steps[-2:]) if standard else preprocess
+        self._prepared: dict[tuple[int, int], Image.Image] = {}  # (image id, view) -> prepared, up to IMAGE_CACHE_BYTES
+        self._prepared_bytes = 0
 
     def __len__(self) -> int:
         return self.data.num_images
@@ -448,7 +456,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         chosen = np.array([self.choose(int(epoch), int(image_id)) for epoch, image_id in keys], dtype=np.int64).reshape(-1, 2)
         text_ids, views = chosen[:, 0], chosen[:, 1]
         batch = {
-            IMAGE: preprocess_batch(self.preprocess, [self._image(int(i), int(v)) for i, v in zip(image_ids, views)]),
+            IMAGE: preprocess_batch(self._finish, [self._prepared_image(int(i), int(v)) for i, v in zip(image_ids, views)]),
             TEXT: self._tokens(text_ids),
             IMAGE_ID: torch.from_numpy(image_ids),
             TEXT_ID: torch.from_numpy(text_ids.copy()),
@@ -478,26 +486,27 @@ class TrainingDataset(torch.utils.data.Dataset):
             self._token_rows.update(zip(missing, map(pack_tokens, rows)))
         return torch.from_numpy(np.stack([unpack_tokens(self._token_rows[t], self._token_length) for t in ids]))
 
-    def _image(self, image_id: int, view: int) -> Image.Image:
-        image = self._decoded.get(image_id)
-        if image is None:
-            image = self._decode(image_id)
-        if view >= 0:
-            image = apply_view(image, self.data.view_params[image_id][view])
-        return image
-
-    def _decode(self, image_id: int) -> Image.Image:
+    def _prepared_image(self, image_id: int, view: int) -> Image.Image:
+        """The image with its view re-applied and the preprocess up to its ToTensor: kept, or made and kept."""
+        kept = self._prepared.get((image_id, view))
+        if kept is not None:
+            return kept
         raw = self.data.image_bytes[image_id]
-        if isinstance(raw, Image.Image):  # the world source (pipeline.pretrain) renders instead of decoding
-            return raw
+        if isinstance(raw, Image.Image):  # the world source (pipeline.pretrain) renders each scene once: nothing kept
+            return raw if self._prepare is None else self._prepare(raw)
         try:
             image = decode_image(raw)
         except CorruptImageError as exc:
             raise DataError(f"{self.data.source}: image {image_id}: {exc}") from None
-        size = image.width * image.height * 4  # PIL keeps RGB as 4 bytes a pixel
-        if self._decoded_bytes + size <= IMAGE_CACHE_BYTES:  # kept as decoded: nothing downstream modifies an image in place
-            self._decoded[image_id] = image
-            self._decoded_bytes += size
+        if view >= 0:
+            image = apply_view(image, self.data.view_params[image_id][view])
+        if self._prepare is None:
+            return image
+        image = self._prepare(image)
+        size = image.width * image.height * 4 if isinstance(image, Image.Image) else 0  # PIL keeps RGB in 4 bytes a pixel
+        if size and self._prepared_bytes + size <= IMAGE_CACHE_BYTES:  # nothing downstream changes an image in place
+            self._prepared[(image_id, view)] = image
+            self._prepared_bytes += size
         return image
 
     def _mined(self, image_ids: np.ndarray, text_ids: np.ndarray) -> dict[str, torch.Tensor]:
